@@ -1,0 +1,1 @@
+"""Region presets shipped with taxamap (Natural Earth derived) and their registry."""

@@ -1,0 +1,1 @@
+"""Model resolution and the TaxaBind encoders (one module per modality)."""

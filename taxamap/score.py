@@ -1,0 +1,121 @@
+"""Scoring: cosine similarity of a query embedding with each cell's embeddings, and fusion.
+
+All embeddings are L2-normalised before any dot product. Scores are raw cosines in [-1, 1]; any
+display stretch belongs to the HTML/PNG writers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+
+#: Modalities a cell can be embedded from, in GeoTIFF band order (after the fused band).
+CELL_MODALITIES = ("location", "satellite", "environment")
+
+#: Fusion rules: "mean" averages the per-modality cosine maps; "sum" is TaxaBind's own rule
+#: (normalise the sum of the cell's normalised modality embeddings, then the cosine).
+FUSIONS = ("mean", "sum")
+DEFAULT_FUSION = "mean"
+
+
+def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """L2-normalise along ``axis`` (zero vectors stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def parse_modalities(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"location,satellite"`` -> ordered, de-duplicated list in band order; bad names raise."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in names if n not in CELL_MODALITIES]
+    if unknown or not names:
+        raise TaxamapError(
+            f"unknown modality {', '.join(unknown) or '(none)'}; choose from "
+            f"{','.join(CELL_MODALITIES)} (comma-separated)"
+        )
+    return [m for m in CELL_MODALITIES if m in names]
+
+
+def cosine(embeddings: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``embeddings`` (N, D) with ``query`` (D,); NaN rows stay NaN."""
+    q = normalize(np.asarray(query, dtype=np.float32).reshape(-1))
+    e = np.asarray(embeddings, dtype=np.float32)
+    norms = np.linalg.norm(e, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (e @ q) / norms
+    return out.astype(np.float32)
+
+
+def fuse(
+    embeddings: dict[str, np.ndarray],
+    query: np.ndarray,
+    fusion: str = DEFAULT_FUSION,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Score every cell against ``query`` for each modality and fuse.
+
+    ``embeddings`` maps modality -> (N, D) float array; a row of NaN marks a cell that modality
+    could not embed (a missing tile, open water). Fusion uses only the modalities a cell has; a
+    cell with none is NaN. Returns (fused (N,), {modality: (N,)}).
+    """
+    if fusion not in FUSIONS:
+        raise TaxamapError(f"unknown --fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
+    per = {m: cosine(e, query) for m, e in embeddings.items()}
+    if len(per) == 1:
+        only = next(iter(per.values()))
+        return only.copy(), per
+    if fusion == "mean":
+        stack = np.stack(list(per.values()))
+        with np.errstate(invalid="ignore"):
+            valid = np.isfinite(stack)
+            count = valid.sum(axis=0)
+            total = np.where(valid, stack, 0.0).sum(axis=0)
+            fused = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        return fused.astype(np.float32), per
+    # "sum": normalise(sum of normalised embeddings the cell has), then cosine with the query.
+    total = None
+    any_valid = None
+    for e in embeddings.values():
+        e = np.asarray(e, dtype=np.float32)
+        ok = np.all(np.isfinite(e), axis=1)
+        e = normalize(np.where(ok[:, None], e, 0.0))
+        total = e if total is None else total + e
+        any_valid = ok if any_valid is None else any_valid | ok
+    fused = cosine(normalize(total), query)
+    fused[~any_valid] = np.nan
+    return fused.astype(np.float32), per
+
+
+@dataclass
+class ScoreMap:
+    """Everything a writer needs: the grid, the score rasters and the provenance.
+
+    ``fused`` and each ``layers[m]`` are (height, width) float32 rasters of raw cosines with NaN
+    outside the kept cells. ``layers`` is ordered location, satellite, environment.
+    """
+
+    grid: "object"
+    fused: np.ndarray
+    layers: dict[str, np.ndarray]
+    query: str
+    prompt: str | None
+    fusion: str
+    models: dict[str, str] = field(default_factory=dict)
+    attribution: str | None = None
+    region_name: str = ""
+    region_geometry: "object | None" = None
+    slug: str = "map"
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        where = f" — {self.region_name}" if self.region_name else ""
+        return f"{self.query}{where}"
+
+    def bands(self) -> list[tuple[str, np.ndarray]]:
+        """(description, raster) in GeoTIFF band order: fused first, then each modality."""
+        return [("fused", self.fused)] + [(m, self.layers[m]) for m in self.layers]

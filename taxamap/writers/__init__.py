@@ -1,0 +1,1 @@
+"""Writers turn a :class:`taxamap.score.ScoreMap` into files users open: GeoTIFF, HTML, PNG."""
