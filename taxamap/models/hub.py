@@ -105,6 +105,20 @@ def strip_hub_prefix(repo: str) -> str:
     return repo[len("hf-hub:"):] if repo.startswith("hf-hub:") else repo
 
 
+def hf_offline() -> bool:
+    """HF_HUB_OFFLINE, read at call time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hf_cache_dir() -> str | None:
+    """The Hugging Face hub cache in effect now: HF_HUB_CACHE, else HF_HOME/hub, else default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def revision_for(repo_id: str) -> str:
     env = "TAXAMAP_REVISION_" + "".join(c if c.isalnum() else "_" for c in repo_id).upper()
     return os.environ.get(env, DEFAULT_REVISION)
@@ -149,7 +163,7 @@ def resolve(
                 found[alts[0]] = hit
         if missing:
             raise ModelFilesMissing(_missing_message(repo_id, missing, f"looked in {folder}"))
-        return ResolvedRepo(repo_id, folder, "local", found)
+        return ResolvedRepo(repo_id, folder, "local-" + fingerprint(found.values()), found)
     return _resolve_from_hub(repo_id, files, revision or revision_for(repo_id))
 
 
@@ -170,7 +184,15 @@ def _resolve_from_hub(repo_id: str, files: list[FileSpec], revision: str) -> Res
         hit = None
         for name in alts:
             try:
-                hit = Path(hf_hub_download(repo_id, name, revision=revision))
+                hit = Path(
+                    hf_hub_download(
+                        repo_id,
+                        name,
+                        revision=revision,
+                        cache_dir=hf_cache_dir(),
+                        local_files_only=hf_offline(),
+                    )
+                )
                 break
             except (EntryNotFoundError, LocalEntryNotFoundError):
                 continue
@@ -187,8 +209,7 @@ def _resolve_from_hub(repo_id: str, files: list[FileSpec], revision: str) -> Res
         else:
             found[alts[0]] = hit
     if missing:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-        where = "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache" if offline else (
+        where = "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache" if hf_offline() else (
             "not in the Hugging Face cache and the download failed"
         )
         raise ModelFilesMissing(_missing_message(repo_id, missing, where))
@@ -196,6 +217,23 @@ def _resolve_from_hub(repo_id: str, files: list[FileSpec], revision: str) -> Res
     # .../snapshots/<commit>/<file>: the folder name is the exact commit used.
     commit = any_path.parent.name if any_path.parent.parent.name == "snapshots" else revision
     return ResolvedRepo(repo_id, any_path.parent, commit, found)
+
+
+def fingerprint(paths) -> str:
+    """A short content fingerprint of local files (size + first and last MiB), so stores made
+    with one set of local weights are never reused with another."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in sorted(Path(p) for p in paths):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:12]
 
 
 def load_config(models_dir: str | os.PathLike | None = None) -> tuple[dict, str]:

@@ -1,0 +1,255 @@
+"""The ``taxamap`` command: parse options, call one library function, print results.
+
+Results (written paths, tables) go to stdout; progress and notices to stderr. A bad input ends in
+one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from taxamap import __version__
+from taxamap.errors import TaxamapError
+
+EXAMPLES_PREDICT = """examples:
+  taxamap predict --species "Cardinalis cardinalis" --region usa
+  taxamap predict --species "animalia chordata aves passeriformes cardinalidae cardinalis cardinalis" --bbox -90,30,-75,45
+  taxamap predict --image bird.jpg --region ohio --resolution 0.05 --out maps/
+  taxamap predict --species "Ursus arctos" --region canada --modalities location,environment --worldclim ~/data/worldclim
+  taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite --sat-zoom 14
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _grid_options(p: argparse.ArgumentParser) -> None:
+    from taxamap.grid import DEFAULT_RESOLUTION
+
+    g = p.add_argument_group("where")
+    g.add_argument("--region", help="preset name (usa, world, a continent, a country name or ISO-3 "
+                   "code, a US state or Canadian province name/postal code; see 'taxamap regions') "
+                   "or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS)")
+    g.add_argument("--bbox", metavar="W,S,E,N", help="lon/lat box in degrees; W > E crosses the "
+                   "antimeridian. With --region, the two are intersected")
+    g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
+                   help=f"cell size in degrees (default {DEFAULT_RESOLUTION}: the contiguous USA is "
+                   "~80k land cells)")
+    m = p.add_argument_group("what to embed")
+    m.add_argument("--modalities", default="location",
+                   help="comma list of location,satellite,environment (default: location)")
+    m.add_argument("--models", metavar="DIR", default=None,
+                   help="models folder DIR/<org>/<repo>/ (default: $TAXAMAP_MODELS, else the "
+                   "Hugging Face cache, downloading on first use)")
+    m.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
+    m.add_argument("--cache", metavar="DIR", default=None,
+                   help="cache for tiles, taxonomy answers and embedding stores (default: the user "
+                   "cache dir, or $TAXAMAP_CACHE)")
+    m.add_argument("--store", metavar="PATH", default=None,
+                   help="embedding store location (a folder or fsspec URL); default: inside --cache")
+    m.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    s = p.add_argument_group("satellite source (with --modalities ...,satellite)")
+    s.add_argument("--sat-source", default="xyz", choices=["xyz", "file", "earthengine"],
+                   help="xyz tiles (default: EOX Sentinel-2 cloudless 2020), a local raster, or "
+                   "Earth Engine")
+    s.add_argument("--sat-url", help="XYZ template with {z}/{x}/{y} (default: EOX s2cloudless-2020)")
+    s.add_argument("--sat-zoom", type=int, help="XYZ zoom level (default 14, ~10 m/px like Sentinel-2)")
+    s.add_argument("--sat-size", type=int, help="patch size in pixels around each cell (default 256)")
+    s.add_argument("--sat-file", help="raster for --sat-source file (COG, VRT, GeoTIFF; any CRS)")
+    s.add_argument("--ee-project", help="Google Cloud project for --sat-source earthengine")
+    s.add_argument("--sat-year", type=int, default=2020, help="composite year for Earth Engine (2020)")
+    s.add_argument("--workers", type=int, default=8, help="concurrent tile downloads (default 8)")
+    e = p.add_argument_group("climate source (with --modalities ...,environment)")
+    e.add_argument("--worldclim", metavar="DIR",
+                   help="folder with WorldClim 2.1 5-minute rasters ('taxamap data worldclim DIR')")
+    e.add_argument("--env-array", metavar="NPY",
+                   help="TaxaBind/SINR's pre-scaled bioclim_elevation_scaled.npy instead")
+
+
+def _grid_kwargs(args) -> dict:
+    return dict(
+        region=args.region, bbox=args.bbox, resolution=args.resolution,
+        modalities=args.modalities, models_dir=args.models, device=args.device,
+        cache_dir=args.cache, store=args.store, sat_source=args.sat_source, sat_url=args.sat_url,
+        sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_file=args.sat_file,
+        ee_project=args.ee_project, sat_year=args.sat_year, workers=args.workers,
+        worldclim=args.worldclim, env_array=args.env_array, progress=not args.no_progress,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="taxamap",
+        description="Zero-shot species-distribution maps from TaxaBind embeddings.",
+        epilog="Run 'taxamap COMMAND --help' for a command's options.\n\n" + EXAMPLES_PREDICT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"taxamap {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "predict", help="make a species-distribution map (GeoTIFF, HTML, PNG)",
+        description="Score every cell of a region against a species name or a photo and write "
+        "OUT/<slug>.tif (raw cosine similarities, band 1 fused, then one band per modality), "
+        "OUT/<slug>.html (interactive map) and OUT/<slug>.png.",
+        epilog=EXAMPLES_PREDICT, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q = p.add_argument_group("query (one of)")
+    q.add_argument("--species", help='binomial ("Cardinalis cardinalis", any case) or the full '
+                   'seven-rank string ("Animalia Chordata Aves ... Cardinalis cardinalis")')
+    q.add_argument("--image", help="photo of the species (JPEG, PNG, WebP)")
+    _grid_options(p)
+    p.add_argument("--fusion", default="mean", choices=["mean", "sum"],
+                   help="mean: average of per-modality cosine maps (default); sum: TaxaBind's "
+                   "rule, cosine with the renormalised sum of the cell's modality embeddings")
+    p.add_argument("--out", default=".", metavar="DIR", help="output folder (default: current)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "embed", help="embed a grid's cells into a store, for instant later predictions",
+        description="Compute and store the query-independent cell embeddings of a grid. "
+        "Resumable: rerun the same command after an interruption.",
+        epilog="example:\n  taxamap embed --region usa --resolution 0.05",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _grid_options(p)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("regions", help="list region presets")
+    p.add_argument("--kind", help="only this kind (world, continent, country, state, province)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("models", help="manage model weights")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", parser_class=_Parser)
+    d = msub.add_parser("download", help="fill a models folder for air-gapped machines",
+                        epilog="example:\n  taxamap models download ~/taxabind-models\n"
+                        "  taxamap predict --models ~/taxabind-models ...",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("dir", help="target folder (gets DIR/<org>/<repo>/ files)")
+    d.add_argument("--repos", help="comma list of hub repos (default: all TaxaBind repos)")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("cache", help="inspect or clear the tile cache")
+    csub = p.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
+    for name, helptext in (("info", "entries and size"), ("clear", "delete cached tiles")):
+        c = csub.add_parser(name, help=helptext)
+        c.add_argument("--cache", metavar="DIR", default=None, help="cache folder")
+        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if name == "clear":
+            c.add_argument("--source", help="only this source's tiles")
+
+    p = sub.add_parser("data", help="download reference data")
+    dsub = p.add_subparsers(dest="data_command", metavar="DATASET", parser_class=_Parser)
+    w = dsub.add_parser("worldclim", help="WorldClim 2.1 5-minute rasters (elevation + bio1-19)")
+    w.add_argument("dir", help="target folder")
+    w.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _cmd_predict(args) -> int:
+    from taxamap.pipeline import PredictRequest, log, predict
+
+    req = PredictRequest(species=args.species, image=args.image, fusion=args.fusion,
+                         out=args.out, **_grid_kwargs(args))
+    result = predict(req)
+    t = result.timings
+    log(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
+        f"write {t['write']:.1f} s)")
+    for path in result.paths.values():
+        print(path)
+    return 0
+
+
+def _cmd_embed(args) -> int:
+    from taxamap.pipeline import GridRequest, embed
+
+    cells = embed(GridRequest(**_grid_kwargs(args)))
+    for modality, store in cells.stores.items():
+        print(f"{modality}\t{store.location}\t{cells.computed_blocks[modality]} blocks computed")
+    return 0
+
+
+def _cmd_regions(args) -> int:
+    from taxamap.grids import list_regions
+
+    for info in list_regions():
+        if args.kind and info.kind != args.kind:
+            continue
+        print(f"{info.name}\t{info.kind}\t{info.code or ''}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    if args.models_command != "download":
+        raise TaxamapError("usage: taxamap models download DIR")
+    from taxamap.models.hub import download_models
+
+    repos = [r.strip() for r in args.repos.split(",")] if args.repos else None
+    for path in download_models(args.dir, repos):
+        print(path)
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from taxamap.sources.cache import cache_clear, cache_info
+
+    if args.cache_command == "info":
+        info = cache_info(args.cache)
+        for key, value in info.items():
+            print(f"{key}\t{value}")
+        return 0
+    if args.cache_command == "clear":
+        print(f"removed {cache_clear(args.cache, source=args.source)} entries")
+        return 0
+    raise TaxamapError("usage: taxamap cache info|clear")
+
+
+def _cmd_data(args) -> int:
+    if args.data_command != "worldclim":
+        raise TaxamapError("usage: taxamap data worldclim DIR")
+    from taxamap.sources.worldclim import download_worldclim
+
+    for path in download_worldclim(args.dir):
+        print(path)
+    return 0
+
+
+COMMANDS = {
+    "predict": _cmd_predict,
+    "embed": _cmd_embed,
+    "regions": _cmd_regions,
+    "models": _cmd_models,
+    "cache": _cmd_cache,
+    "data": _cmd_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = args.debug or os.environ.get("TAXAMAP_DEBUG") == "1"
+    try:
+        return COMMANDS[args.command](args)
+    except TaxamapError as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"taxamap: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("taxamap: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Choosing the torch device and CPU thread settings."""
+
+from __future__ import annotations
+
+import os
+
+from taxamap.errors import TaxamapError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is an error."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise TaxamapError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TaxamapError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device == "cpu":
+        # One intra-op thread per physical core; torch's default can oversubscribe with our
+        # fetch threads running beside it.
+        wanted = int(os.environ.get("TAXAMAP_THREADS", "0")) or (os.cpu_count() or 1)
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+    return device

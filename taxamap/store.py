@@ -1,0 +1,194 @@
+"""EmbeddingStore: per-cell embeddings of one (grid, modality, model, source) on disk, in Zarr.
+
+Layout of one store (a Zarr group; a local path or any fsspec URL):
+  emb   float16 (n_cells, dim), chunked by blocks of ``chunk_cells`` cells
+  done  uint8 (n_chunks,), one Zarr chunk per element: the completion record of each block
+  attrs key, grid definition, modality, model ref, source settings, taxamap version
+
+A block's embeddings are written first and its ``done`` element after, so a run killed at any
+moment leaves every block either recorded complete or recomputed by the next run. Rows of NaN mark
+cells the modality could not embed (missing tile, open water).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from taxamap import __version__
+from taxamap.errors import TaxamapError
+
+DEFAULT_CHUNK_CELLS = 16384
+STORE_FORMAT = 1
+
+
+def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict | None) -> str:
+    """The identity of a store: a hash over everything that changes its contents."""
+    blob = json.dumps(
+        {
+            "format": STORE_FORMAT,
+            "grid": grid_definition,
+            "modality": modality,
+            "model": model_ref,
+            "source": source or {},
+        },
+        sort_keys=True,
+        default=str,
+    ).encode()
+    return hashlib.sha1(blob).hexdigest()[:20]
+
+
+def default_store_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache>/stores``: where ``predict`` and ``embed`` keep stores unless ``--store`` is given."""
+    if cache_dir:
+        return Path(cache_dir).expanduser() / "stores"
+    if os.environ.get("TAXAMAP_CACHE"):
+        return Path(os.environ["TAXAMAP_CACHE"]).expanduser() / "stores"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("taxamap")) / "stores"
+
+
+@dataclass
+class EmbeddingStore:
+    """One modality's embeddings for one grid; open with :meth:`open`."""
+
+    group: object
+    location: str
+    key: str
+
+    @property
+    def emb(self):
+        return self.group["emb"]
+
+    @property
+    def done(self):
+        return self.group["done"]
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.emb.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[1])
+
+    @property
+    def chunk_cells(self) -> int:
+        return int(self.group.attrs["chunk_cells"])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.done.shape[0])
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @classmethod
+    def open(
+        cls,
+        location: str | os.PathLike,
+        *,
+        key: str,
+        n_cells: int,
+        dim: int,
+        attrs: dict,
+        chunk_cells: int = DEFAULT_CHUNK_CELLS,
+        must_match: bool = True,
+    ) -> "EmbeddingStore":
+        """Open the store at ``location``, creating it if absent.
+
+        An existing store whose key differs is never reused: with ``must_match`` that is an error
+        (the user named the path), otherwise it is replaced.
+        """
+        import zarr
+
+        location = str(location)
+        try:
+            group = zarr.open_group(location, mode="a")
+        except Exception as exc:
+            raise TaxamapError(f"cannot open embedding store {location}: {exc}") from exc
+        existing = group.attrs.get("key")
+        if existing is not None and existing != key:
+            if must_match:
+                raise TaxamapError(
+                    f"the store at {location} was made for other settings (grid, model or source "
+                    f"differ: key {existing} != {key}); use another --store or delete it"
+                )
+            group = zarr.open_group(location, mode="w")
+            existing = None
+        if existing is None or "emb" not in group or "done" not in group:
+            n_chunks = max(1, -(-n_cells // chunk_cells))
+            group.create_array(
+                "emb", shape=(n_cells, dim), chunks=(chunk_cells, dim), dtype="float16",
+                fill_value=np.nan, overwrite=True,
+            )
+            group.create_array(
+                "done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
+                overwrite=True,
+            )
+            meta = dict(attrs)
+            meta.update(
+                key=key, chunk_cells=chunk_cells, taxamap_version=__version__,
+                format=STORE_FORMAT, n_cells=n_cells, dim=dim,
+            )
+            # The key goes in last: a store whose creation was interrupted has no key and is
+            # recreated on the next run.
+            group.attrs.update({k: v for k, v in meta.items() if k != "key"})
+            group.attrs["key"] = key
+        return cls(group=group, location=location, key=key)
+
+    def chunk_slice(self, i: int) -> slice:
+        start = i * self.chunk_cells
+        return slice(start, min(start + self.chunk_cells, self.n_cells))
+
+    def pending_chunks(self) -> list[int]:
+        """Blocks with no completion record."""
+        done = np.asarray(self.done[:])
+        return [i for i in range(self.n_chunks) if not done[i]]
+
+    def is_complete(self) -> bool:
+        return not self.pending_chunks()
+
+    def write_chunk(self, i: int, values: np.ndarray) -> None:
+        """Write block ``i`` and then its completion record."""
+        sl = self.chunk_slice(i)
+        if values.shape != (sl.stop - sl.start, self.dim):
+            raise ValueError(f"block {i} expects {(sl.stop - sl.start, self.dim)}, got {values.shape}")
+        self.emb[sl] = values.astype(np.float16)
+        self.done[i] = 1
+
+    def read(self, rows: slice | None = None) -> np.ndarray:
+        """Embeddings as float32 (all cells, or a slice of rows)."""
+        return np.asarray(self.emb[rows if rows is not None else slice(None)], dtype=np.float32)
+
+
+def store_location(
+    root: str | os.PathLike | None,
+    grid_key: str,
+    modality: str,
+    key: str,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[str, bool]:
+    """Where a store lives, and whether the user chose it (``--store``; then keys must match).
+
+    With ``--store ROOT``: ``ROOT/<modality>``. Otherwise the cache:
+    ``<cache>/stores/<grid key>/<modality>-<key>``, so changed settings get a new store beside the
+    old one instead of overwriting it.
+    """
+    if root:
+        root = str(root)
+        sep = "" if root.endswith("/") else "/"
+        if "://" not in root:
+            Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+            root = str(Path(root).expanduser())
+        return f"{root}{sep}{modality}", True
+    base = default_store_root(cache_dir) / grid_key
+    base.mkdir(parents=True, exist_ok=True)
+    return str(base / f"{modality}-{key}"), False
