@@ -1,0 +1,491 @@
+"""Species name -> the seven-rank prompt TaxaBind's text encoder was trained on.
+
+TaxaBind was trained on iNaturalist 2021 taxonomy strings, e.g.
+``"Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"``. A user names a
+species either by that full string (used as given) or by its binomial, which is resolved:
+
+1. from the on-disk cache of earlier online answers;
+2. online, from the iNaturalist taxa API (the taxonomy TaxaBind saw), then GBIF's backbone;
+3. offline (``offline=True``, ``TAXAMAP_OFFLINE=1``, ``HF_HUB_OFFLINE=1``, or the network is down),
+   from the table shipped in ``taxamap/data/taxonomy.csv``.
+
+All HTTP goes through one :class:`TaxonomyClient`, which tests point at a local server.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import requests
+
+from taxamap import __version__
+from taxamap.errors import TaxamapError
+
+log = logging.getLogger(__name__)
+
+INATURALIST_URL = "https://api.inaturalist.org/v1"
+GBIF_URL = "https://api.gbif.org/v1"
+USER_AGENT = f"taxamap/{__version__} (+https://github.com/taxamap)"
+
+#: The seven ranks of a prompt, in order.
+RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
+
+#: First words that mark a full seven-rank string (iNaturalist's and GBIF's kingdoms).
+KINGDOMS = frozenset(
+    {"Animalia", "Plantae", "Fungi", "Chromista", "Protozoa", "Protista", "Bacteria", "Archaea",
+     "Viruses"}
+)
+
+SEVEN_RANK_HINT = '--species "Kingdom Phylum Class Order Family Genus epithet"'
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z-]*\Z")
+_TRUTHY = {"1", "true", "yes", "on"}
+
+# Where other sources file taxa differently from iNaturalist (whose taxonomy TaxaBind learned).
+# Applied to GBIF answers and to the shipped table; iNaturalist answers are taken as they are.
+#: order name -> iNaturalist's order name.
+ORDER_RENAMES: dict[str, str] = {
+    "Cetartiodactyla": "Artiodactyla",
+    "Cetacea": "Artiodactyla",  # iNaturalist: infraorder Cetacea inside order Artiodactyla
+    "Soricomorpha": "Eulipotyphla",
+    "Erinaceomorpha": "Eulipotyphla",
+    "Crocodilia": "Crocodylia",
+}
+#: bird family -> iNaturalist's order (Clements checklist), whatever the source said.
+FAMILY_ORDER: dict[str, str] = {
+    "Trochilidae": "Apodiformes",
+    "Apodidae": "Apodiformes",
+    "Hemiprocnidae": "Apodiformes",
+    "Tinamidae": "Tinamiformes",
+    "Rheidae": "Rheiformes",
+    "Casuariidae": "Casuariiformes",
+    "Dromaiidae": "Casuariiformes",
+    "Apterygidae": "Apterygiformes",
+    "Struthionidae": "Struthioniformes",
+}
+#: Reptile orders that some backbones promote to classes; iNaturalist keeps class Reptilia.
+_REPTILE_ORDERS = frozenset({"Squamata", "Testudines", "Crocodylia", "Crocodilia",
+                             "Rhynchocephalia"})
+
+
+@dataclass(frozen=True)
+class Taxon:
+    """A resolved species query.
+
+    ``prompt`` is the seven-rank string fed to the text encoder; ``source`` says where it came
+    from: "given" (the user typed all seven ranks), "inaturalist", "gbif", "table" (the shipped
+    offline table) or "cache" (an earlier online answer stored on disk).
+    """
+
+    prompt: str
+    binomial: str
+    source: str
+    common_name: str | None = None
+
+    @property
+    def ranks(self) -> dict[str, str]:
+        """The prompt split into its seven named ranks ("species" is the epithet)."""
+        return dict(zip(RANKS, self.prompt.split()))
+
+    @property
+    def slug(self) -> str:
+        """A file-name stem, e.g. "cardinalis-cardinalis"."""
+        return "-".join(self.binomial.lower().split())
+
+
+class TaxonomyServiceError(Exception):
+    """A taxonomy web service could not answer (network down, timeouts, HTTP error)."""
+
+
+class TaxonomyClient:
+    """The one place taxamap's taxonomy code talks HTTP.
+
+    Base URLs are configurable so tests (or a mirror) can stand in for iNaturalist and GBIF.
+    Requests retry with exponential backoff on 429, 5xx and timeouts only; anything else fails
+    at once, so a machine without a network falls back to the offline table quickly.
+    """
+
+    def __init__(
+        self,
+        inaturalist_url: str = INATURALIST_URL,
+        gbif_url: str = GBIF_URL,
+        *,
+        session: requests.Session | None = None,
+        timeout: tuple[float, float] = (5.0, 10.0),
+        retries: int = 2,
+        backoff: float = 0.5,
+        max_wait: float = 10.0,
+        user_agent: str = USER_AGENT,
+    ) -> None:
+        self.inaturalist_url = inaturalist_url.rstrip("/")
+        self.gbif_url = gbif_url.rstrip("/")
+        self.session = session if session is not None else requests.Session()
+        self.session.headers["User-Agent"] = user_agent
+        self.session.headers.setdefault("Accept", "application/json")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_wait = max_wait
+
+    def get_json(self, url: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET ``url`` and decode its JSON body; raise :class:`TaxonomyServiceError` on failure."""
+        last = "no attempt made"
+        for attempt in range(self.retries + 1):
+            wait = self.backoff * (2**attempt)
+            try:
+                response = self.session.get(url, params=params, timeout=self.timeout)
+            except requests.Timeout as exc:
+                last = f"timed out ({exc.__class__.__name__})"
+            except requests.RequestException as exc:
+                # Refused connections, DNS failures: retrying would only delay the fallback.
+                raise TaxonomyServiceError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+            else:
+                if response.status_code == 429 or response.status_code >= 500:
+                    last = f"HTTP {response.status_code}"
+                    wait = max(wait, _retry_after(response))
+                elif response.status_code != 200:
+                    raise TaxonomyServiceError(f"{url}: HTTP {response.status_code}")
+                else:
+                    try:
+                        return response.json()
+                    except ValueError as exc:
+                        raise TaxonomyServiceError(f"{url}: response is not JSON") from exc
+            if attempt < self.retries:
+                log.debug("taxonomy request %s failed (%s); retrying in %.2fs", url, last, wait)
+                time.sleep(min(wait, self.max_wait))
+        raise TaxonomyServiceError(f"{url}: {last} after {self.retries + 1} attempts")
+
+    def inaturalist(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET an iNaturalist API path, e.g. ``"taxa"`` or ``"taxa/9083"``."""
+        return self.get_json(f"{self.inaturalist_url}/{path.lstrip('/')}", params)
+
+    def gbif(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        """GET a GBIF API path, e.g. ``"species/match"``."""
+        return self.get_json(f"{self.gbif_url}/{path.lstrip('/')}", params)
+
+
+def _retry_after(response: requests.Response) -> float:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing user input
+
+
+def normalize_binomial(text: str) -> str:
+    """``"  cardinalis   CARDINALIS "`` -> ``"Cardinalis cardinalis"``.
+
+    Raises TaxamapError when ``text`` is not two words of letters.
+    """
+    words = _words(text)
+    if len(words) != 2:
+        raise TaxamapError(
+            f"species {text.strip()!r} is not a binomial (Genus epithet); give e.g. "
+            f'--species "Cardinalis cardinalis" or the full seven ranks: {SEVEN_RANK_HINT}'
+        )
+    return f"{words[0].capitalize()} {words[1].lower()}"
+
+
+def _words(text: str) -> list[str]:
+    if not isinstance(text, str) or not text.strip():
+        raise TaxamapError(f"species name is empty; give a binomial such as "
+                           f'--species "Cardinalis cardinalis", or {SEVEN_RANK_HINT}')
+    # iNaturalist 2021 folder names join ranks with underscores; accept them as spaces.
+    words = text.replace("_", " ").split()
+    bad = [w for w in words if not _WORD.match(w)]
+    if bad:
+        raise TaxamapError(
+            f"species {text.strip()!r} contains {bad[0]!r}: names are letters only (no digits, "
+            f'authors or punctuation), e.g. --species "Cardinalis cardinalis"'
+        )
+    return words
+
+
+def parse_seven_rank(text: str) -> Taxon | None:
+    """A full seven-rank string as a :class:`Taxon` (source "given"); None if not seven words.
+
+    Spacing and capitalisation are tidied (ranks capitalised, epithet lower case), since the
+    encoder was trained on that form; the taxonomy itself is used exactly as given.
+    """
+    words = _words(text)
+    if len(words) != 7:
+        return None
+    kingdom = words[0].capitalize()
+    if kingdom not in KINGDOMS:
+        raise TaxamapError(
+            f"species {text.strip()!r} has seven words but {words[0]!r} is not a kingdom "
+            f"({', '.join(sorted(KINGDOMS))}); use {SEVEN_RANK_HINT}"
+        )
+    ranks = [w.capitalize() for w in words[:6]] + [words[6].lower()]
+    return Taxon(prompt=" ".join(ranks), binomial=f"{ranks[5]} {ranks[6]}", source="given")
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped table
+
+
+def harmonize_ranks(ranks: Mapping[str, str]) -> dict[str, str]:
+    """Rename a source's higher ranks to iNaturalist's where they systematically differ.
+
+    ``ranks`` maps kingdom/phylum/class/order/family/genus/species names; returns a new dict.
+    """
+    out = dict(ranks)
+    if out.get("class") in _REPTILE_ORDERS:
+        out["order"] = out.get("order") or out["class"]
+        out["class"] = "Reptilia"
+    order = out.get("order")
+    if order in ORDER_RENAMES:
+        out["order"] = ORDER_RENAMES[order]
+    if out.get("class") == "Aves" and out.get("family") in FAMILY_ORDER:
+        out["order"] = FAMILY_ORDER[out["family"]]
+    return out
+
+
+def _table_text() -> str:
+    return resources.files("taxamap").joinpath("data/taxonomy.csv").read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, Taxon]:
+    rows = csv.DictReader(_table_text().splitlines())
+    table: dict[str, Taxon] = {}
+    for row in rows:
+        binomial = f"{row['genus']} {row['species']}"
+        prompt = " ".join(row[rank] for rank in RANKS)
+        table[binomial.lower()] = Taxon(prompt, binomial, "table", row.get("common_name") or None)
+    return table
+
+
+def lookup_table(binomial: str) -> Taxon | None:
+    """The shipped table's entry for ``binomial`` (any case and spacing), or None."""
+    return _table().get(normalize_binomial(binomial).lower())
+
+
+def list_table_species() -> list[str]:
+    """Every binomial in the shipped offline table, sorted."""
+    return sorted(t.binomial for t in _table().values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Online sources
+
+
+def lookup_inaturalist(binomial: str, client: TaxonomyClient) -> Taxon | None:
+    """Resolve through iNaturalist's taxa API; None when it has no such species.
+
+    The search endpoint returns ``ancestor_ids`` only, so the matched taxon is fetched by id for
+    its ``ancestors`` (each with ``rank`` and ``name``).
+    """
+    answer = client.inaturalist(
+        "taxa", {"q": binomial, "rank": "species", "is_active": "true", "per_page": 30}
+    )
+    match = _pick_inaturalist(answer.get("results") or [], binomial)
+    if match is None:
+        return None
+    ancestors = match.get("ancestors")
+    if not ancestors:
+        detail = client.inaturalist(f"taxa/{int(match['id'])}").get("results") or [{}]
+        ancestors = detail[0].get("ancestors")
+        if not ancestors and detail[0].get("ancestor_ids"):
+            ids = [i for i in detail[0]["ancestor_ids"] if i != match["id"]]
+            ancestors = client.inaturalist(f"taxa/{','.join(str(int(i)) for i in ids)}").get(
+                "results"
+            )
+    by_rank = {a.get("rank"): a.get("name") for a in ancestors or []}
+    name_words = str(match["name"]).split()
+    if len(name_words) != 2:
+        return None
+    by_rank["genus"], by_rank["species"] = name_words
+    taxon = _taxon_from_ranks(by_rank, "inaturalist", match.get("preferred_common_name"))
+    if taxon is None:
+        log.info("iNaturalist's %s lacks one of the seven ranks: %s", match["name"], by_rank)
+    return taxon
+
+
+def _pick_inaturalist(results: list[dict], binomial: str) -> dict | None:
+    wanted = binomial.lower()
+    species = [r for r in results if r.get("rank") == "species" and r.get("is_active", True)]
+    for key in ("name", "matched_term"):  # the accepted name first, then a matched synonym
+        for result in species:
+            if str(result.get(key, "")).lower() == wanted:
+                return result
+    return None
+
+
+def lookup_gbif(binomial: str, client: TaxonomyClient) -> Taxon | None:
+    """Resolve through GBIF's backbone (``/species/match``); None without a species-level match.
+
+    Exact matches and confident fuzzy ones (misspellings) are accepted; synonyms resolve to the
+    accepted species. GBIF's higher ranks are renamed to iNaturalist's (:func:`harmonize_ranks`).
+    """
+    answer = client.gbif("species/match", {"name": binomial, "strict": "false"})
+    match_type = answer.get("matchType", "NONE")
+    if match_type not in ("EXACT", "FUZZY") or not answer.get("species"):
+        return None
+    if match_type == "FUZZY" and answer.get("confidence", 0) < 90:
+        return None
+    words = str(answer["species"]).split()
+    if len(words) != 2:
+        return None
+    ranks = {rank: answer.get(rank) for rank in RANKS[:5]}
+    ranks["genus"], ranks["species"] = words
+    return _taxon_from_ranks(harmonize_ranks(ranks), "gbif", None)
+
+
+def _taxon_from_ranks(ranks: Mapping[str, Any], source: str, common: str | None) -> Taxon | None:
+    values = [ranks.get(rank) for rank in RANKS]
+    if not all(isinstance(v, str) and _WORD.match(v) for v in values):
+        return None
+    return Taxon(" ".join(values), f"{values[5]} {values[6]}", source, common or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    """``<user cache>/taxamap/taxonomy`` (platformdirs)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("taxamap")) / "taxonomy"
+
+
+def _cache_path(cache_dir: Path, binomial: str) -> Path:
+    # Binomials are validated to letters and hyphens, so this is a safe file name.
+    return cache_dir / f"{binomial.lower().replace(' ', '_')}.json"
+
+
+def _read_cache(cache_dir: Path, binomial: str) -> Taxon | None:
+    path = _cache_path(cache_dir, binomial)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        taxon = _taxon_from_ranks(dict(zip(RANKS, data["prompt"].split())), "cache",
+                                  data.get("common_name"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable taxonomy cache entry %s (%s)", path, exc)
+        return None
+    return taxon
+
+
+def _write_cache(cache_dir: Path, query: str, taxon: Taxon) -> None:
+    record = {**asdict(taxon), "query": query, "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                        time.gmtime()),
+              "taxamap": __version__}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1)
+            os.replace(tmp, _cache_path(cache_dir, query))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        # A read-only cache only costs a repeat lookup next time.
+        log.warning("could not cache taxonomy answer in %s (%s)", cache_dir, exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def offline_requested() -> bool:
+    """True when ``TAXAMAP_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
+    return any(os.environ.get(name, "").strip().lower() in _TRUTHY
+               for name in ("TAXAMAP_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def resolve_species(
+    text: str,
+    *,
+    offline: bool | None = None,
+    cache_dir: Path | None = None,
+    client: TaxonomyClient | None = None,
+) -> Taxon:
+    """Turn ``--species`` text into the seven-rank prompt.
+
+    ``text`` is a binomial (any case, any spacing) or a full seven-rank string (used as given).
+    ``offline=None`` reads ``TAXAMAP_OFFLINE`` / ``HF_HUB_OFFLINE``. Raises TaxamapError with a
+    one-line fix for malformed input and for species that cannot be resolved.
+    """
+    given = parse_seven_rank(text)
+    if given is not None:
+        return given
+    binomial = normalize_binomial(text)
+    if offline is None:
+        offline = offline_requested()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    cached = _read_cache(cache_dir, binomial)
+    if cached is not None:
+        return cached
+
+    failure = None
+    if not offline:
+        client = client if client is not None else TaxonomyClient()
+        for lookup in (lookup_inaturalist, lookup_gbif):
+            try:
+                taxon = lookup(binomial, client)
+            except TaxonomyServiceError as exc:
+                failure = str(exc)
+                log.warning("taxonomy lookup failed, trying the next source: %s", exc)
+                continue
+            except (LookupError, TypeError, ValueError, AttributeError) as exc:
+                # An answer in a shape we do not know: treat the service as unavailable.
+                failure = f"{lookup.__name__}: unexpected answer ({exc.__class__.__name__}: {exc})"
+                log.warning("taxonomy lookup failed, trying the next source: %s", failure)
+                continue
+            if taxon is not None:
+                _write_cache(cache_dir, binomial, taxon)
+                return taxon
+
+    taxon = lookup_table(binomial)
+    if taxon is not None:
+        return taxon
+    if offline:
+        where = "offline, and it is not in taxamap's built-in table"
+    elif failure:
+        where = f"the taxonomy services could not be reached ({failure}) and it is not in the " \
+                "built-in table"
+    else:
+        where = "not found in iNaturalist, GBIF or the built-in table (check the spelling)"
+    raise TaxamapError(
+        f'unknown species "{binomial}": {where}; give all seven ranks instead: {SEVEN_RANK_HINT}'
+    )
+
+
+__all__ = [
+    "GBIF_URL",
+    "INATURALIST_URL",
+    "KINGDOMS",
+    "Taxon",
+    "TaxonomyClient",
+    "TaxonomyServiceError",
+    "harmonize_ranks",
+    "list_table_species",
+    "lookup_gbif",
+    "lookup_inaturalist",
+    "lookup_table",
+    "normalize_binomial",
+    "offline_requested",
+    "parse_seven_rank",
+    "resolve_species",
+]
