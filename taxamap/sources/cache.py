@@ -1,0 +1,231 @@
+"""On-disk cache of imagery tiles and patches, shared across runs, regions and processes.
+
+Layout under the cache root (default ``<user cache dir>/taxamap/tiles``, ``--cache`` overrides)::
+
+    <root>/<source id>/source.json        what the source is (its URL template or settings)
+    <root>/<source id>/<z>/<x>/<y>.img     the bytes the server sent (JPEG/PNG), validated
+    <root>/<source id>/<z>/<x>/<y>.404     empty marker: the server said "no such tile"
+
+``source id`` is a hash of the source's identity (the URL template for XYZ sources), so two
+templates never share entries and one template's entries are found again by every run.
+
+Rules that keep the cache trustworthy: an entry is written only after its bytes decode as an
+image, through a temporary file in the same folder and ``os.replace`` (a crash never leaves a
+half-written entry under the real name); an entry that fails to decode on read is deleted and
+reported as absent, so the caller fetches it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from taxamap.errors import TaxamapError
+
+#: Suffix of a cached image and of a negative ("404") marker.
+IMAGE_SUFFIX = ".img"
+MISSING_SUFFIX = ".404"
+SOURCE_FILE = "source.json"
+
+
+class _Missing:
+    """The cache's answer for a tile the server reported as absent."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Returned by :meth:`TileCache.get` for a negative (404) entry.
+MISSING = _Missing()
+
+
+def default_cache_dir() -> Path:
+    """``<user cache dir>/taxamap/tiles`` (platformdirs; e.g. ``~/.cache/taxamap/tiles``)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("taxamap")) / "tiles"
+
+
+def resolve_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The cache root for a user-given ``--cache`` value (``None``: the default)."""
+    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+
+
+def source_id(identity: Any) -> str:
+    """Stable short id of a source: sha256 of its identity (a template string or a JSON dict)."""
+    text = identity if isinstance(identity, str) else json.dumps(identity, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def decode_image(data: bytes):
+    """Decode ``data`` fully into an RGB ``PIL.Image``; raise ``OSError``/``ValueError`` if it is not one.
+
+    ``load()`` forces the whole decode: a truncated JPEG fails here, not later in the encoder.
+    """
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class TileCache:
+    """The entries of one source under a cache root. Thread- and process-safe for get/put."""
+
+    def __init__(self, cache_dir: str | Path | None, identity: Any, label: str | None = None):
+        self.root = resolve_cache_dir(cache_dir)
+        self.identity = identity
+        self.id = source_id(identity)
+        self.dir = self.root / self.id
+        self._label = label
+        self._described = False
+
+    def _path(self, key: str, suffix: str) -> Path:
+        return self.dir / f"{key}{suffix}"
+
+    def get(self, key: str):
+        """The cached image for ``key`` (an RGB PIL image), :data:`MISSING`, or ``None`` if absent.
+
+        ``key`` is a relative path such as ``"14/8192/5461"``. A corrupt entry is deleted and
+        reported as absent, so the caller refetches it.
+        """
+        path = self._path(key, IMAGE_SUFFIX)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return MISSING if self._path(key, MISSING_SUFFIX).exists() else None
+        try:
+            return decode_image(data)
+        except (OSError, ValueError, SyntaxError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, data: bytes, *, validated: bool = False) -> None:
+        """Store image bytes for ``key``; they are decoded first unless the caller already did."""
+        if not validated:
+            decode_image(data)  # raises on bytes that are not an image: nothing is written
+        self._describe()
+        _atomic_write(self._path(key, IMAGE_SUFFIX), data)
+        self._path(key, MISSING_SUFFIX).unlink(missing_ok=True)
+
+    def put_missing(self, key: str) -> None:
+        """Remember that ``key`` does not exist on the server (so reruns send no request)."""
+        self._describe()
+        _atomic_write(self._path(key, MISSING_SUFFIX), b"")
+
+    def _describe(self) -> None:
+        if self._described:
+            return
+        meta = self.dir / SOURCE_FILE
+        if not meta.exists():
+            body = {"identity": self.identity, "label": self._label or _label_of(self.identity)}
+            _atomic_write(meta, json.dumps(body, indent=1, sort_keys=True).encode("utf-8"))
+        self._described = True
+
+
+def _label_of(identity: Any) -> str:
+    if isinstance(identity, str):
+        return identity
+    if isinstance(identity, dict):
+        return str(identity.get("url") or identity.get("kind") or json.dumps(identity, sort_keys=True))
+    return str(identity)
+
+
+def _read_source(folder: Path) -> dict:
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _count(folder: Path) -> tuple[int, int, int]:
+    """(image entries, their bytes, negative entries) under ``folder``."""
+    entries = size = missing = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.endswith(IMAGE_SUFFIX) and not name.startswith("."):
+                entries += 1
+                try:
+                    size += os.stat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass  # removed by a concurrent clear
+            elif name.endswith(MISSING_SUFFIX):
+                missing += 1
+    return entries, size, missing
+
+
+def cache_info(cache_dir: str | Path | None = None) -> dict:
+    """What ``taxamap cache info`` prints: the root, totals, and one row per source.
+
+    Returns ``{"path", "entries", "bytes", "missing", "sources": [{"id", "label", "entries",
+    "bytes", "missing"}, ...]}`` (``missing`` counts negative 404 markers).
+    """
+    root = resolve_cache_dir(cache_dir)
+    out: dict[str, Any] = {"path": str(root), "entries": 0, "bytes": 0, "missing": 0, "sources": []}
+    if not root.is_dir():
+        return out
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        entries, size, missing = _count(folder)
+        meta = _read_source(folder)
+        out["sources"].append(
+            {
+                "id": folder.name,
+                "label": meta.get("label", "?"),
+                "entries": entries,
+                "bytes": size,
+                "missing": missing,
+            }
+        )
+        out["entries"] += entries
+        out["bytes"] += size
+        out["missing"] += missing
+    return out
+
+
+def cache_clear(cache_dir: str | Path | None = None, source: str | None = None) -> int:
+    """Delete cached entries (``taxamap cache clear``); returns how many entries were removed.
+
+    ``source`` selects one source by its id (as ``cache_info`` lists it), its label, or its URL
+    template; ``None`` clears every source. An unknown ``source`` is a :class:`TaxamapError`.
+    """
+    root = resolve_cache_dir(cache_dir)
+    if not root.is_dir():
+        if source is not None:
+            raise TaxamapError(f"no cached source {source!r} in {root} (see 'taxamap cache info')")
+        return 0
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if source is not None:
+        wanted = {source, source_id(source)}
+        folders = [p for p in folders if p.name in wanted or _read_source(p).get("label") == source]
+        if not folders:
+            raise TaxamapError(f"no cached source {source!r} in {root} (see 'taxamap cache info')")
+    removed = 0
+    for folder in folders:
+        entries, _size, missing = _count(folder)
+        # Rename first so a concurrent run never sees a half-deleted source as valid entries.
+        trash = folder.with_name(f".{folder.name}.{os.getpid()}.deleting")
+        try:
+            os.replace(folder, trash)
+        except OSError:
+            trash = folder
+        shutil.rmtree(trash, ignore_errors=True)
+        removed += entries + missing
+    return removed

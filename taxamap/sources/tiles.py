@@ -1,0 +1,414 @@
+"""Satellite patches from any XYZ / WMTS-REST tile server, with an on-disk cache.
+
+The default imagery is EOX's *Sentinel-2 cloudless 2020* mosaic, the imagery TaxaBind's satellite
+encoder was trained on, served in Web Mercator (WMTS tile matrix set ``g`` = GoogleMapsCompatible,
+URL order ``{z}/{y}/{x}``: TileMatrix/TileRow/TileCol). It is CC BY-NC-SA 4.0: outputs made from it
+must carry :data:`EOX_ATTRIBUTION` and :data:`EOX_LICENSE` (the source exposes both).
+
+Defaults, and why (TaxaBind did not publish the ground size of its patches):
+
+* ``zoom = 14``: 156543 m / 2**14 = 9.55 m per pixel at the equator, the closest Web-Mercator
+  level to Sentinel-2's native 10 m (EOX's highest zoom with native detail). Lower zooms blur the
+  texture the encoder saw; higher zooms only upsample the same 10 m pixels.
+* ``size = 256`` px: the encoder's preprocessing resizes to 256 then centre-crops 224, so a 256 px
+  patch goes in without resampling. At zoom 14 it spans ~2.4 km at the equator (Web Mercator
+  shrinks the ground size by cos(latitude): ~1.7 km at 45 deg).
+
+A patch is centred on the cell centre to within half a pixel and mosaicked from every tile it
+touches (usually 2 x 2). Networking is deliberately boring: a thread pool of ``workers`` requests
+(never more in flight), one ``requests.Session`` whose pool holds ``workers`` connections,
+(connect, read) timeouts, retries with exponential backoff and full jitter on 429, 5xx, timeouts,
+connection errors and truncated/undecodable bodies (``Retry-After`` honoured, capped), no retry on
+404 (cached as a negative entry so reruns send nothing) or other 4xx, and a descriptive
+User-Agent. A tile that still fails makes the cells that need it ``None``; it is never cached.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mercantile
+import numpy as np
+
+from taxamap import __version__
+from taxamap.errors import TaxamapError
+from taxamap.sources.cache import MISSING, TileCache, decode_image
+from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
+
+#: EOX Sentinel-2 cloudless 2020, Web Mercator (the layer TaxaBind trained on).
+DEFAULT_URL = "https://tiles.maps.eox.at/wmts/1.0.0/s2cloudless-2020_3857/default/g/{z}/{y}/{x}.jpg"
+DEFAULT_ZOOM = 14
+DEFAULT_SIZE = 256
+TILE_SIZE = 256
+
+EOX_LICENSE = "CC BY-NC-SA 4.0"
+EOX_ATTRIBUTION = (
+    "Sentinel-2 cloudless - https://s2maps.eu by EOX IT Services GmbH "
+    "(Contains modified Copernicus Sentinel data {year})"
+)
+
+USER_AGENT = f"taxamap/{__version__} (zero-shot species-distribution maps; python-requests)"
+
+#: Statuses worth retrying: the server is busy or briefly broken.
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Statuses that mean "this tile does not exist": cached as a negative entry, never retried.
+ABSENT_STATUS = frozenset({404, 410})
+
+#: Latitude limit of Web Mercator tiles.
+MAX_LAT = 85.0511287798066
+
+# The Web-Mercator world square (metres), from mercantile rather than a hand-typed constant.
+_WORLD = mercantile.xy_bounds(0, 0, 0)
+
+
+def eox_metadata(url: str) -> tuple[str | None, str | None]:
+    """(attribution, licence) for an EOX s2cloudless template, (None, None) for other servers."""
+    match = re.search(r"s2cloudless-(\d{4})", url)
+    if match is None:
+        return None, None
+    # Mosaic "YYYY" is built from data of that year (the 2016 one from 2016-2017 data).
+    return EOX_ATTRIBUTION.format(year=match.group(1)), EOX_LICENSE
+
+
+def check_template(url: str) -> None:
+    """Refuse a URL template that cannot address tiles (one-line, actionable)."""
+    if "{z}" not in url or "{x}" not in url or ("{y}" not in url and "{-y}" not in url):
+        raise TaxamapError(
+            f"tile URL {url!r} needs {{z}}, {{x}} and {{y}} placeholders, "
+            "e.g. https://server/tiles/{z}/{x}/{y}.jpg"
+        )
+    if not re.match(r"^https?://", url):
+        raise TaxamapError(f"tile URL {url!r} must start with http:// or https://")
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Where a cell's patch lies in the world pixel space of one zoom level."""
+
+    x0: int  # world pixel column of the patch's left edge (may be <0 or >= world: wraps)
+    y0: int  # world pixel row of the patch's top edge
+    tx0: int  # first tile column touched (unwrapped)
+    ty0: int  # first tile row touched
+    ncols: int  # tiles across
+    nrows: int  # tiles down
+
+    def tiles(self, zoom: int) -> list[tuple[int, int, int]]:
+        """The (z, x, y) tiles to fetch, row-major, x wrapped around the antimeridian."""
+        n = 1 << zoom
+        return [
+            (zoom, (self.tx0 + c) % n, self.ty0 + r) for r in range(self.nrows) for c in range(self.ncols)
+        ]
+
+
+def plan_patch(lat: float, lon: float, zoom: int, size: int, tile_size: int = TILE_SIZE) -> PatchPlan | None:
+    """The ``size`` x ``size`` window centred on (lat, lon) at ``zoom``; None beyond Mercator's poles."""
+    if not (np.isfinite(lat) and np.isfinite(lon)) or abs(lat) >= MAX_LAT:
+        return None
+    mx, my = mercantile.xy(lon, lat)
+    world = tile_size * (1 << zoom)
+    gx = (mx - _WORLD.left) / (_WORLD.right - _WORLD.left) * world
+    gy = (_WORLD.top - my) / (_WORLD.top - _WORLD.bottom) * world
+    # Patch centre at its pixel-edge position size/2: round the origin to whole pixels (no resampling).
+    x0 = math.floor(gx - size / 2 + 0.5)
+    y0 = math.floor(gy - size / 2 + 0.5)
+    if y0 < 0 or y0 + size > world:
+        return None  # the patch would reach past the top/bottom of the map
+    tx0, ty0 = x0 // tile_size, y0 // tile_size
+    tx1, ty1 = (x0 + size - 1) // tile_size, (y0 + size - 1) // tile_size
+    return PatchPlan(x0, y0, tx0, ty0, tx1 - tx0 + 1, ty1 - ty0 + 1)
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), cap)
+
+
+class _TileFailed(Exception):
+    """A transient failure of one attempt (retry it)."""
+
+
+class XYZTileSource:
+    """Patches mosaicked from ``{z}/{x}/{y}`` tiles (see the module docstring for the behaviour).
+
+    Parameters: ``url`` template (``{z}``, ``{x}``, ``{y}`` or ``{-y}`` for TMS, optional ``{s}``
+    with ``subdomains``); ``zoom``; ``size`` of the square patch in pixels; ``cache_dir`` root of
+    the tile cache (None: user cache dir) or ``cache=False`` for none; ``workers`` parallel
+    requests; ``retries`` after the first attempt; ``backoff`` base delay in seconds (doubling per
+    retry, full jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
+    ``timeout`` (connect, read) seconds; ``session`` a ready ``requests.Session`` (the network
+    boundary; a new one by default); ``fail_fast_after``: raise if this many tiles in a row failed
+    and none ever succeeded (a wrong URL or no network, rather than a map of holes).
+    """
+
+    kind = "xyz"
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        zoom: int = DEFAULT_ZOOM,
+        size: int = DEFAULT_SIZE,
+        tile_size: int = TILE_SIZE,
+        cache_dir: str | Path | None = None,
+        cache: bool = True,
+        workers: int = DEFAULT_WORKERS,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_retry_after: float = 60.0,
+        timeout: float | tuple[float, float] = (10.0, 30.0),
+        subdomains: str = "abc",
+        session=None,
+        attribution: str | None = None,
+        license: str | None = None,
+        user_agent: str = USER_AGENT,
+        fail_fast_after: int = 32,
+    ):
+        check_template(url)
+        if not 0 <= int(zoom) <= 24:
+            raise TaxamapError(f"--sat-zoom must be between 0 and 24, got {zoom}")
+        if not 16 <= int(size) <= 4096:
+            raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
+        if int(workers) < 1:
+            raise TaxamapError(f"--workers must be at least 1, got {workers}")
+        self.url = url
+        self.zoom = int(zoom)
+        self.size = int(size)
+        self.tile_size = int(tile_size)
+        self.workers = int(workers)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_retry_after = float(max_retry_after)
+        self.timeout = timeout
+        self.subdomains = subdomains
+        self.fail_fast_after = int(fail_fast_after)
+        eox_attr, eox_lic = eox_metadata(url)
+        self.attribution = attribution if attribution is not None else eox_attr
+        self.license = license if license is not None else eox_lic
+        self.stats = SourceStats()
+        self.cache = TileCache(cache_dir, url) if cache else None
+        self._user_agent = user_agent
+        self._session = session
+        self._own_session = session is None
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: dict[tuple[int, int, int], Future] = {}
+        self._lock = threading.Lock()
+        self._ok = 0  # tiles obtained (network or cache), for the fail-fast rule
+        self._failed_in_row = 0
+        self._last_error = ""
+
+    # -- public -------------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """The settings that identify these patches (store key and provenance)."""
+        return {"kind": self.kind, "url": self.url, "zoom": self.zoom, "size": self.size,
+                "tile_size": self.tile_size}
+
+    def fetch(self, latlon) -> list:
+        """One RGB ``size`` x ``size`` PIL image per (lat, lon) row, ``None`` where missing.
+
+        Tiles shared by several cells are fetched once. At most ``4 * workers`` decoded tiles wait
+        in memory, so a long list of cells streams; the returned patches are the caller's to chunk.
+        """
+        latlon = as_latlon(latlon)
+        plans = [plan_patch(lat, lon, self.zoom, self.size, self.tile_size) for lat, lon in latlon]
+        need = [p.tiles(self.zoom) if p is not None else [] for p in plans]
+        refs = Counter(t for tiles in need for t in tiles)
+        futures: dict[tuple[int, int, int], Future] = {}
+        ahead = 4 * self.workers
+        submitted = 0
+        out: list = [None] * len(plans)
+        for i, plan in enumerate(plans):
+            while submitted < len(plans) and (submitted <= i or len(futures) < ahead):
+                for tile in need[submitted]:
+                    if tile not in futures:
+                        futures[tile] = self._tile_future(tile)
+                submitted += 1
+            if plan is not None:
+                images = [futures[t].result() for t in need[i]]
+                if all(img is not None for img in images):
+                    out[i] = self._assemble(plan, images)
+                for tile in need[i]:
+                    refs[tile] -= 1
+                    if refs[tile] == 0:
+                        del futures[tile]
+            self._check_fail_fast()
+        missing = sum(p is None for p in out)
+        self.stats.add(cells=len(out), cells_missing=missing)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker threads and close the HTTP connections."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        if self._session is not None and self._own_session:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- tiles --------------------------------------------------------------------------------
+
+    def tile_url(self, z: int, x: int, y: int) -> str:
+        """The URL of tile (z, x, y) for this template."""
+        url = self.url.replace("{z}", str(z)).replace("{x}", str(x)).replace("{y}", str(y))
+        url = url.replace("{-y}", str((1 << z) - 1 - y))
+        if "{s}" in url:
+            url = url.replace("{s}", self.subdomains[(x + y) % len(self.subdomains)])
+        return url
+
+    def _tile_future(self, tile: tuple[int, int, int]) -> Future:
+        with self._lock:
+            fut = self._inflight.get(tile)
+            if fut is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-tiles")
+                fut = self._executor.submit(self._get_tile, tile)
+                self._inflight[tile] = fut
+                fut.add_done_callback(lambda _f, t=tile: self._forget(t))
+            return fut
+
+    def _forget(self, tile) -> None:
+        with self._lock:
+            self._inflight.pop(tile, None)
+
+    def _http(self):
+        if self._session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+
+            session = requests.Session()
+            # One pooled connection per worker; block instead of opening extras beyond the bound.
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.workers, pool_block=True, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = self._user_agent
+            self._session = session
+        return self._session
+
+    def _get_tile(self, tile: tuple[int, int, int]):
+        """The decoded RGB tile, or None (absent, or still failing after retries)."""
+        z, x, y = tile
+        key = f"{z}/{x}/{y}"
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is MISSING:
+                self.stats.add(cache_hits=1, not_found=1)
+                self._note(True)
+                return None
+            if hit is not None:
+                self.stats.add(cache_hits=1)
+                self._note(True)
+                return self._check_size(hit)
+        import requests
+
+        url = self.tile_url(z, x, y)
+        session = self._http()
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.add(retries=1)
+            self.stats.add(requests=1)
+            wait = None
+            try:
+                resp = session.get(url, timeout=self.timeout)
+                status = resp.status_code
+                if status == 200:
+                    data = resp.content
+                    try:
+                        img = decode_image(data)
+                    except (OSError, ValueError, SyntaxError) as exc:
+                        raise _TileFailed(f"undecodable body ({len(data)} bytes): {exc}") from None
+                    if self.cache is not None:
+                        self.cache.put(key, data, validated=True)
+                    self.stats.add(fetched=1)
+                    self._note(True)
+                    return self._check_size(img)
+                if status in ABSENT_STATUS:
+                    if self.cache is not None:
+                        self.cache.put_missing(key)
+                    self.stats.add(not_found=1)
+                    self._note(True)
+                    return None
+                if status not in TRANSIENT_STATUS:
+                    self._note(False, f"HTTP {status} for {url}")
+                    self.stats.add(failures=1)
+                    return None
+                wait = _retry_after(resp.headers.get("Retry-After"), self.max_retry_after)
+                error = f"HTTP {status} for {url}"
+            except _TileFailed as exc:
+                error = f"{exc} for {url}"
+            except requests.RequestException as exc:  # timeouts, resets, short reads
+                error = f"{type(exc).__name__} for {url}"
+            if attempt < self.retries:
+                if wait is None:
+                    wait = random.uniform(0.0, min(self.max_backoff, self.backoff * (2**attempt)))
+                time.sleep(wait)
+        self._note(False, error)
+        self.stats.add(failures=1)
+        return None
+
+    def _check_size(self, img):
+        if img.size != (self.tile_size, self.tile_size):
+            raise TaxamapError(
+                f"tiles from {self.url} are {img.size[0]}x{img.size[1]} px, expected "
+                f"{self.tile_size}: pass tile_size={img.size[0]}"
+            )
+        return img
+
+    def _note(self, ok: bool, error: str = "") -> None:
+        with self._lock:
+            if ok:
+                self._ok += 1
+                self._failed_in_row = 0
+            else:
+                self._failed_in_row += 1
+                self._last_error = error
+
+    def _check_fail_fast(self) -> None:
+        with self._lock:
+            dead = self._ok == 0 and self._failed_in_row >= self.fail_fast_after > 0
+            error = self._last_error
+        if dead:
+            raise TaxamapError(
+                f"no satellite tile could be fetched ({self._failed_in_row} failed in a row, last: "
+                f"{error}); check --sat-url and the network, or drop the satellite modality"
+            )
+
+    def _assemble(self, plan: PatchPlan, images: list):
+        from PIL import Image
+
+        ts = self.tile_size
+        left, top = plan.x0 - plan.tx0 * ts, plan.y0 - plan.ty0 * ts
+        box = (left, top, left + self.size, top + self.size)
+        if len(images) == 1:
+            return images[0].crop(box)
+        canvas = Image.new("RGB", (plan.ncols * ts, plan.nrows * ts))
+        for k, img in enumerate(images):
+            canvas.paste(img, ((k % plan.ncols) * ts, (k // plan.ncols) * ts))
+        return canvas.crop(box)
