@@ -9,7 +9,6 @@ import os
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,7 +293,7 @@ def _zip_member(data: bytes, name: str) -> bytes:
 def test_download_resumes_and_is_idempotent(tmp_path, zips):
     target = tmp_path / "wc"
     with _Server(zips, drop_first={"wc2.1_5m_bio.zip"}) as srv:
-        paths = download_worldclim(target, base_url=srv.url, progress=False, backoff=0)
+        paths = download_worldclim(target, base_url=srv.url, progress=True, backoff=0)
         assert paths == [target / n for n in WORLDCLIM_FILES]
         bio = [rng for name, rng in srv.requests if name == "wc2.1_5m_bio.zip"]
         half = len(zips["wc2.1_5m_bio.zip"]) // 2
@@ -340,3 +339,16 @@ def test_download_errors_are_one_line(tmp_path, zips):
         with pytest.raises(TaxamapError, match="corrupt"):
             download_worldclim(tmp_path / "wc2", base_url=srv.url, progress=False, backoff=0)
     assert not [p for p in (tmp_path / "wc2").iterdir() if p.suffix in (".tif", ".zip")]
+
+
+def test_download_accepts_rasters_and_zips_placed_by_hand(tmp_path, zips):
+    target = tmp_path / "wc"
+    write_rasters(target, names=WORLDCLIM_ZIPS["wc2.1_5m_bio.zip"])  # bio unpacked by hand
+    (target / "wc2.1_5m_elev.zip").write_bytes(zips["wc2.1_5m_elev.zip"])  # zip fetched by hand
+    with _Server({}) as srv:  # serves nothing: any request would fail the download
+        download_worldclim(target, base_url=srv.url, progress=False, backoff=0)
+        assert srv.requests == []
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    assert set(manifest["files"]) == set(WORLDCLIM_FILES)
+    elev = _zip_member(zips["wc2.1_5m_elev.zip"], "wc2.1_5m_elev.tif")
+    assert (target / "wc2.1_5m_elev.tif").read_bytes() == elev

@@ -378,12 +378,32 @@ def _default_session():
 
 
 def _unpacked_ok(target: Path, manifest: dict, members: Iterable[str]) -> bool:
-    files = manifest.get("files", {})
+    """True when every member is in place: its size as recorded, or (unpacked by hand, no
+    record) a readable single-band raster, which then gets recorded."""
+    files = manifest.setdefault("files", {})
     for name in members:
         path = target / name
-        if not path.is_file() or files.get(name) != path.stat().st_size:
+        if not path.is_file():
+            return False
+        size = path.stat().st_size
+        if name in files:
+            if files[name] != size:
+                return False
+        elif _readable_raster(path):
+            files[name] = size
+        else:
             return False
     return True
+
+
+def _readable_raster(path: Path) -> bool:
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            return src.count >= 1 and src.width > 0 and src.height > 0
+    except rasterio.errors.RasterioIOError:
+        return False
 
 
 def _read_manifest(target: Path) -> dict:
@@ -527,7 +547,9 @@ def download_worldclim(
     ``<name>.part`` with a tqdm bar on stderr, resumes with an HTTP Range request after a dropped
     connection (or an interrupted earlier run), is checked against the server's size, has its
     sha256 recorded, and is unpacked through a temporary folder so no half-written raster is ever
-    visible. ``session`` is any object with a requests-style ``get(url, headers=, stream=,
+    visible. An official zip already in ``target_dir`` (downloaded by hand) is used as is, and
+    rasters already unpacked by hand are accepted when they read as rasters. ``session`` is any
+    object with a requests-style ``get(url, headers=, stream=,
     timeout=)``; the default is a ``requests.Session``.
     """
     target = Path(target_dir).expanduser()
@@ -538,6 +560,7 @@ def download_worldclim(
     manifest = _read_manifest(target)
     manifest.setdefault("zips", {})
     manifest.setdefault("files", {})
+    before = json.dumps(manifest, sort_keys=True)
     session = session if session is not None else _default_session()
     base = base_url if base_url.endswith("/") else base_url + "/"
     for zip_name, members in WORLDCLIM_ZIPS.items():
@@ -561,6 +584,8 @@ def download_worldclim(
         _atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest, indent=1))
         if not keep_zips:
             zip_path.unlink(missing_ok=True)
+    if json.dumps(manifest, sort_keys=True) != before:  # rasters found unpacked by hand
+        _atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest, indent=1))
     return [target / name for name in WORLDCLIM_FILES]
 
 
