@@ -1,0 +1,117 @@
+"""The GeoTIFF users open in QGIS: a Cloud-Optimized GeoTIFF of raw cosine scores.
+
+Band 1 is the fused score, then one band per modality in the ScoreMap's order; float32, NaN nodata,
+the grid's CRS and exact transform (pixel centres are the embedded points), internal overviews
+when the raster is larger than one block, and provenance tags. Values are never stretched.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import taxamap
+from taxamap.errors import TaxamapError
+from taxamap.writers.style import UNITS, atomic_path, imagery_credit
+
+#: Tile size of the COG. 256 keeps overviews for grids as small as the USA at 0.1 degree.
+BLOCKSIZE = 256
+
+#: Options of GDAL's COG driver. DEFLATE with the floating-point predictor is lossless.
+COG_OPTIONS = {
+    "BLOCKSIZE": str(BLOCKSIZE),
+    "COMPRESS": "DEFLATE",
+    "PREDICTOR": "YES",
+    "OVERVIEWS": "AUTO",
+    "OVERVIEW_RESAMPLING": "AVERAGE",
+    "RESAMPLING": "NEAREST",
+    "BIGTIFF": "IF_SAFER",
+}
+
+
+def _tag_key(name: str) -> str:
+    """A GDAL metadata key from a free-form name: upper case, [A-Z0-9_] only."""
+    key = "".join(c if c.isalnum() else "_" for c in str(name).upper()).strip("_")
+    return key or "UNNAMED"
+
+
+def geotiff_tags(scoremap, created: datetime | None = None) -> dict[str, str]:
+    """The dataset-level tags written into the GeoTIFF (all values are strings)."""
+    created = created or datetime.now(timezone.utc)
+    modalities = list(scoremap.layers)
+    tags = {
+        "QUERY": str(scoremap.query),
+        "PROMPT": "" if scoremap.prompt is None else str(scoremap.prompt),
+        "MODALITIES": ",".join(modalities),
+        "FUSION": str(scoremap.fusion),
+        "BANDS": ",".join(name for name, _ in scoremap.bands()),
+        "UNITS": UNITS,
+        "TAXAMAP_VERSION": taxamap.__version__,
+        "CREATED": created.replace(microsecond=0).isoformat(),
+    }
+    if scoremap.region_name:
+        tags["REGION"] = str(scoremap.region_name)
+    models = dict(scoremap.models or {})
+    for name, ref in models.items():
+        tags[f"MODEL_{_tag_key(name)}"] = str(ref)
+    if models:
+        tags["MODELS"] = "; ".join(f"{k}={v}" for k, v in models.items())
+    credit = imagery_credit(scoremap)
+    if credit:
+        tags["IMAGERY_ATTRIBUTION"], tags["IMAGERY_LICENSE"] = credit
+    for key, value in (scoremap.extra_tags or {}).items():
+        tags[str(key)] = str(value)
+    return tags
+
+
+def _check_shapes(scoremap) -> list[tuple[str, np.ndarray]]:
+    grid = scoremap.grid
+    bands = scoremap.bands()
+    for name, raster in bands:
+        if np.shape(raster) != (grid.height, grid.width):
+            raise TaxamapError(
+                f"score band {name!r} has shape {np.shape(raster)}, but the grid is "
+                f"{grid.height} x {grid.width}; build rasters with grid.to_raster"
+            )
+    return bands
+
+
+def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
+    """Write ``scoremap`` as a Cloud-Optimized GeoTIFF at ``path`` (atomically) and return it.
+
+    Band 1 is "fused", then one band per modality in ``scoremap.layers`` order, each described by
+    its name; float32 raw cosines, NaN nodata, CRS ``grid.crs``, transform ``grid.transform``.
+    Raises :class:`TaxamapError` when the folder is missing or unwritable.
+    """
+    import rasterio
+    import rasterio.shutil
+    from rasterio.io import MemoryFile
+
+    grid = scoremap.grid
+    bands = _check_shapes(scoremap)
+    profile = {
+        "driver": "GTiff",
+        "width": grid.width,
+        "height": grid.height,
+        "count": len(bands),
+        "dtype": "float32",
+        "crs": grid.crs,
+        "transform": grid.transform,
+        "nodata": float("nan"),
+    }
+    with atomic_path(path) as tmp:
+        # Build the bands in memory, then let GDAL's COG driver lay out tiles and overviews.
+        with MemoryFile() as mem:
+            with mem.open(**profile) as ds:
+                for i, (name, raster) in enumerate(bands, start=1):
+                    ds.write(np.asarray(raster, dtype=np.float32), i)
+                    ds.set_band_description(i, name)
+                    ds.set_band_unit(i, "cosine similarity")
+                    ds.update_tags(i, MODALITY=name)
+                ds.update_tags(**geotiff_tags(scoremap))
+            with mem.open() as src:
+                rasterio.shutil.copy(src, str(tmp), driver="COG", **COG_OPTIONS)
+    return Path(path)

@@ -1,0 +1,184 @@
+"""A static PNG of the score map (matplotlib, Agg): the fused map, small per-modality panels when
+there are several, a title, colour bars with units and the display stretch, the region outline and
+coastlines, and the imagery credit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+import taxamap
+from taxamap.writers.geotiff import _check_shapes
+from taxamap.writers.style import (
+    COLORMAP,
+    NODATA_COLOR,
+    STRETCH_PERCENTILE,
+    UNITS,
+    atomic_path,
+    imagery_credit,
+    stretch_of,
+)
+
+DPI = 150
+
+
+def land_geometry(bounds: tuple[float, float, float, float]):
+    """Land polygons from ``taxamap.grids.land()`` clipped to ``bounds`` (west may be < -180 and
+    east > 180: copies shifted by 360 degrees cover those), or None when no land data is available.
+    """
+    try:
+        from taxamap.grids import land  # built by the regions work; optional here
+    except ImportError:
+        return None
+    try:
+        geom = land()
+    except Exception:  # noqa: BLE001 - coastlines are decoration; a missing file must not fail a map
+        return None
+    if geom is None:
+        return None
+    import shapely
+    from shapely import affinity
+
+    west, south, east, north = bounds
+    pieces = []
+    for shift in (-360.0, 0.0, 360.0):
+        if west - shift < 180.0 and east - shift > -180.0:
+            moved = geom if shift == 0 else affinity.translate(geom, xoff=shift)
+            pieces.append(shapely.clip_by_rect(moved, west, south, east, north))
+    pieces = [p for p in pieces if not p.is_empty]
+    return shapely.union_all(pieces) if pieces else None
+
+
+def _outline_segments(geom) -> list[np.ndarray]:
+    """The boundary of a (multi)polygon or line geometry as a list of (K, 2) coordinate arrays."""
+    import shapely
+
+    if geom is None or geom.is_empty:
+        return []
+    lines = shapely.boundary(geom) if geom.geom_type in ("Polygon", "MultiPolygon",
+                                                         "GeometryCollection") else geom
+    if lines is None or lines.is_empty:
+        return []
+    return [shapely.get_coordinates(part) for part in shapely.get_parts(lines)
+            if not part.is_empty and part.geom_type in ("LineString", "LinearRing", "MultiLineString")]
+
+
+def _wrap_lon(x: float, _pos=None) -> str:
+    lon = (x + 180.0) % 360.0 - 180.0
+    return f"{180.0 if lon == -180.0 else lon:g}°"
+
+
+def _draw_map(ax, raster, grid, stretch, region, land, cmap):
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import FuncFormatter
+
+    west, south, east, north = grid.bounds
+    ax.set_facecolor(NODATA_COLOR)
+    image = ax.imshow(
+        np.ma.masked_invalid(raster),
+        extent=(west, east, south, north),
+        origin="upper",
+        interpolation="nearest",
+        cmap=cmap,
+        norm=Normalize(stretch.vmin, stretch.vmax, clip=False),
+    )
+    if land is not None:
+        ax.add_collection(LineCollection(_outline_segments(land), colors="#6b6b6b",
+                                         linewidths=0.4, zorder=3))
+    if region is not None:
+        ax.add_collection(LineCollection(_outline_segments(region), colors="#1a1a1a",
+                                         linewidths=0.8, zorder=4))
+    ax.set_xlim(west, east)
+    ax.set_ylim(south, north)
+    mid = math.radians(min(max((north + south) / 2.0, -80.0), 80.0))
+    # Equirectangular with the scale true at the middle latitude: shapes look right locally.
+    ax.set_aspect(1.0 / math.cos(mid))
+    ax.xaxis.set_major_formatter(FuncFormatter(_wrap_lon))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p=None: f"{y:g}°"))
+    ax.tick_params(labelsize=7)
+    return image
+
+
+def write_png(scoremap, path: str | os.PathLike) -> Path:
+    """Render ``scoremap`` to a PNG at ``path`` (atomically) and return the path.
+
+    The fused map is drawn large, with one small panel per modality when there are several. Each
+    map uses the display stretch of :func:`taxamap.writers.style.stretch_of` (clip below the 90th
+    percentile of its valid cells, "Greens"), stated in its colour-bar label and the footer.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    bands = _check_shapes(scoremap)
+    grid = scoremap.grid
+    west, south, east, north = grid.bounds
+    cmap = matplotlib.colormaps[COLORMAP].with_extremes(bad=NODATA_COLOR)
+    region = scoremap.region_geometry
+    land = land_geometry(grid.bounds)
+
+    mid = math.radians(min(max((north + south) / 2.0, -80.0), 80.0))
+    ratio = (north - south) / max(east - west, 1e-9) / math.cos(mid)
+    panels = bands[1:] if len(bands) > 2 else []
+    map_w = 8.0
+    map_h = min(max(map_w * ratio, 2.5), 9.0)
+    panel_h = min(max(map_w / max(len(panels), 1) * ratio, 1.6), 4.0) if panels else 0.0
+    fig_h = map_h + panel_h + 2.0
+    fig = Figure(figsize=(map_w + 2.0, fig_h), dpi=DPI, layout="constrained")
+
+    if panels:
+        gs = fig.add_gridspec(2, len(panels), height_ratios=[map_h, panel_h])
+        main_ax = fig.add_subplot(gs[0, :])
+        panel_axes = [fig.add_subplot(gs[1, i]) for i in range(len(panels))]
+    else:
+        main_ax = fig.add_subplot(1, 1, 1)
+        panel_axes = []
+
+    fused_name, fused = bands[0]
+    stretch = stretch_of(fused)
+    image = _draw_map(main_ax, fused, grid, stretch, region, land, cmap)
+    bar = fig.colorbar(image, ax=main_ax, extend="min", shrink=0.9)
+    bar.set_label(f"{fused_name} score: {UNITS}\n{stretch.describe()}", fontsize=8,
+                  parse_math=False)
+    bar.ax.tick_params(labelsize=7)
+    main_ax.set_title(f"{fused_name}" + (f" ({scoremap.fusion} of {', '.join(scoremap.layers)})"
+                                         if len(scoremap.layers) > 1 else
+                                         f" = {next(iter(scoremap.layers), '')}"),
+                      fontsize=9, parse_math=False)
+
+    for ax, (name, raster) in zip(panel_axes, panels):
+        s = stretch_of(raster)
+        im = _draw_map(ax, raster, grid, s, region, land, cmap)
+        ax.set_title(name, fontsize=8, parse_math=False)
+        b = fig.colorbar(im, ax=ax, extend="min", shrink=0.8)
+        b.ax.tick_params(labelsize=6)
+        b.set_label(f"p{STRETCH_PERCENTILE:g}–max", fontsize=6, parse_math=False)
+
+    title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
+    lines = [title]
+    if scoremap.prompt and scoremap.prompt != scoremap.query:
+        lines.append(textwrap.shorten(f"prompt: {scoremap.prompt}", 140))
+    fig.suptitle("\n".join(lines), fontsize=11, parse_math=False)
+
+    footer = [
+        f"Scores are {UNITS} (the GeoTIFF holds them unchanged). Display stretch: each map is "
+        f"clipped below the {STRETCH_PERCENTILE:g}th percentile of its valid cells (lightest "
+        "green) up to its maximum; grey = no data.",
+    ]
+    credit = imagery_credit(scoremap)
+    if credit:
+        footer.append(f"Imagery: {credit[0]} — licence: {credit[1]}")
+    footer.append(f"taxamap {taxamap.__version__}")
+    fig.supxlabel("\n".join(textwrap.fill(f, 150) for f in footer), fontsize=6.5,
+                  parse_math=False)
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)

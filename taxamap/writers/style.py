@@ -1,0 +1,198 @@
+"""Shared pieces of the writers: units, the display stretch, colouring, credits, atomic writes.
+
+The GeoTIFF holds raw cosines. Everything here that changes values (the stretch, the colour map)
+is for the PNG and HTML only, and every display that uses it states it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+
+#: What a band value is; written as a GeoTIFF tag and shown in every legend.
+UNITS = "cosine similarity, raw, [-1, 1]"
+
+#: TaxaBind's own map prototype clipped the raw cosines below their 90th percentile and drew them
+#: with matplotlib's "Greens" colour map; the PNG and HTML do the same.
+STRETCH_PERCENTILE = 90.0
+COLORMAP = "Greens"
+
+#: Colour of cells with no value (outside the region or mask) in the PNG.
+NODATA_COLOR = "#dfe3e8"
+
+#: Web Mercator's latitude limit: Leaflet cannot show anything beyond it.
+MERCATOR_MAX_LAT = 85.0511287798066
+
+#: Licences of imagery sources taxamap knows, keyed by a lower-case fragment of their attribution.
+#: EOX publishes Sentinel-2 cloudless 2018 and later under CC BY-NC-SA 4.0 (2016 was CC BY 4.0).
+KNOWN_IMAGERY_LICENSES = {
+    "s2cloudless 2016": "CC BY 4.0",
+    "sentinel-2 cloudless 2016": "CC BY 4.0",
+    "s2cloudless": "CC BY-NC-SA 4.0",
+    "sentinel-2 cloudless": "CC BY-NC-SA 4.0",
+}
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """A display stretch of one raster: values are clipped to [vmin, vmax] before colouring.
+
+    ``vmin`` is the ``percentile`` of the valid cells and ``vmax`` their maximum; ``valid`` is the
+    number of finite cells (0 means there is nothing to show).
+    """
+
+    vmin: float
+    vmax: float
+    percentile: float
+    valid: int
+
+    def describe(self) -> str:
+        """One line saying what the colours mean, for legends and footers."""
+        if self.valid == 0:
+            return "no valid cells"
+        return (
+            f"display: clipped below the {self.percentile:g}th percentile of valid cells; "
+            f"colours run {self.vmin:.3f} to {self.vmax:.3f}"
+        )
+
+
+def stretch_of(raster: np.ndarray, percentile: float = STRETCH_PERCENTILE) -> Stretch:
+    """The display stretch of ``raster``: its ``percentile`` of finite values up to its maximum."""
+    values = np.asarray(raster, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return Stretch(0.0, 1.0, percentile, 0)
+    vmin = float(np.percentile(values, percentile))
+    vmax = float(values.max())
+    if not vmax > vmin:
+        # A constant layer (or a percentile equal to the maximum) still needs a non-empty range.
+        vmax = vmin + max(abs(vmin) * 1e-6, 1e-6)
+    return Stretch(vmin, vmax, percentile, int(values.size))
+
+
+def colorize(raster: np.ndarray, stretch: Stretch, cmap: str = COLORMAP) -> np.ndarray:
+    """(H, W) floats -> (H, W, 4) uint8 RGBA with the stretch and colour map; NaN transparent."""
+    import matplotlib
+
+    colormap = matplotlib.colormaps[cmap]
+    raster = np.asarray(raster, dtype=np.float64)
+    finite = np.isfinite(raster)
+    scaled = np.clip((np.where(finite, raster, stretch.vmin) - stretch.vmin)
+                     / (stretch.vmax - stretch.vmin), 0.0, 1.0)
+    rgba = colormap(scaled, bytes=True)
+    rgba[..., 3] = np.where(finite, 255, 0)
+    return rgba
+
+
+def gradient_css(cmap: str = COLORMAP, stops: int = 11) -> str:
+    """A CSS ``linear-gradient`` (left = low, right = high) of the colour map."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    colormap = matplotlib.colormaps[cmap]
+    colors = [to_hex(colormap(i / (stops - 1))) for i in range(stops)]
+    return "linear-gradient(to right, " + ", ".join(colors) + ")"
+
+
+def imagery_credit(scoremap) -> tuple[str, str] | None:
+    """(attribution, licence) of the imagery behind the map, or None when no tiles were used.
+
+    The licence comes from ``extra_tags["IMAGERY_LICENSE"]`` (or an ``imagery_license`` attribute)
+    when the caller gave one, else from the sources taxamap knows, else says it is not stated.
+    """
+    attribution = getattr(scoremap, "attribution", None)
+    if not attribution:
+        return None
+    license_ = (getattr(scoremap, "extra_tags", None) or {}).get("IMAGERY_LICENSE") or getattr(
+        scoremap, "imagery_license", None
+    )
+    if not license_:
+        low = attribution.lower()
+        license_ = next((v for k, v in KNOWN_IMAGERY_LICENSES.items() if k in low), None)
+    return attribution, license_ or "not stated; see the imagery provider's terms"
+
+
+def mercator_y(lat: np.ndarray | float) -> np.ndarray:
+    """Web Mercator northing of ``lat`` degrees, in radians (unit sphere)."""
+    lat = np.radians(np.clip(lat, -MERCATOR_MAX_LAT, MERCATOR_MAX_LAT))
+    return np.arcsinh(np.tan(lat))
+
+
+def mercator_rows(north: float, resolution: float, height: int,
+                  max_rows: int = 4096) -> tuple[np.ndarray, float, float]:
+    """Rows of a lat/lon raster to show at evenly spaced Web Mercator northings.
+
+    Returns (source row per output row, south, north) where south/north are the latitudes the
+    output image spans (the raster's, clipped to Web Mercator's limit). Picking rows this way
+    (nearest neighbour) keeps raw cell values and NaN edges intact, unlike interpolating colours.
+    The output has enough rows that its finest source row still gets at least one output row.
+    """
+    south = north - height * resolution
+    top = min(north, MERCATOR_MAX_LAT)
+    bottom = max(south, -MERCATOR_MAX_LAT)
+    if not top > bottom:
+        raise TaxamapError("the grid lies entirely beyond Web Mercator's +/-85 degree limit; "
+                           "the HTML map cannot show it (use the GeoTIFF or PNG)")
+    y_top, y_bottom = float(mercator_y(top)), float(mercator_y(bottom))
+    # The thinnest row in Mercator is the one nearest the equator.
+    nearest_equator = 0.0 if bottom <= 0.0 <= top else min(abs(top), abs(bottom))
+    thinnest = resolution * math.pi / 180.0 / math.cos(math.radians(nearest_equator))
+    n_out = int(min(max_rows, max(1, math.ceil((y_top - y_bottom) / thinnest))))
+    n_out = max(n_out, min(height, max_rows))
+    ys = y_top - (np.arange(n_out) + 0.5) * (y_top - y_bottom) / n_out
+    lats = np.degrees(np.arctan(np.sinh(ys)))
+    rows = np.floor((north - lats) / resolution).astype(np.int64)
+    return np.clip(rows, 0, height - 1), bottom, top
+
+
+def output_path(path: str | os.PathLike) -> Path:
+    """Check that ``path`` can be written (its folder exists and is a folder) and return it."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise TaxamapError(f"cannot write {path}: folder {folder} does not exist; create it or "
+                           "choose another --out")
+    if not folder.is_dir():
+        raise TaxamapError(f"cannot write {path}: {folder} is not a folder; choose another --out")
+    if path.is_dir():
+        raise TaxamapError(f"cannot write {path}: a folder has that name; choose another --out")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it.
+
+    Readers of ``path`` see either the old file or the complete new one, never a partial write.
+    """
+    path = output_path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") \
+            from exc
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+        # mkstemp makes the file private (0600); give the result the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") \
+            from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
