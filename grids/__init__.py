@@ -1,1 +1,139 @@
-"""Region presets shipped with taxamap (Natural Earth derived) and their registry."""
+"""Region presets shipped with taxamap (Natural Earth derived) and their registry.
+
+Files in this folder (regenerate them with ``python grids/build_presets.py``):
+
+- ``index.json``: one entry per preset (name, kind, code, the file and feature that hold its
+  geometry) and the alias table that maps every accepted spelling to one preset.
+- ``countries.json.gz``, ``subdivisions.json.gz``, ``continents.json.gz``: gzipped GeoJSON
+  (EPSG:4326) of the preset outlines; QGIS opens them directly.
+- ``land.json.gz``: the land mask (Natural Earth 1:50m land), one polygon per feature.
+
+Made with Natural Earth. Free vector and raster map data @ naturalearthdata.com.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+HERE = Path(__file__).resolve().parent
+
+#: Order in which ``list_regions`` reports kinds.
+KINDS = ("world", "continent", "country", "state", "province")
+
+
+class RegionInfo(NamedTuple):
+    """One preset: ``name`` resolves back to it; ``code`` is the ISO-3 code of a country, the
+    postal code of a US state / Canadian province, the ISO 3166-2 code of other subdivisions, or
+    None; ``country`` is the ISO-3 code of the country a subdivision belongs to; ``title`` is a
+    longer display name where the name is terse (``usa``)."""
+
+    name: str
+    kind: str
+    code: Optional[str] = None
+    country: Optional[str] = None
+    title: Optional[str] = None
+
+
+def normalize_name(text: str) -> str:
+    """The lookup key of a region name: case-, accent- and punctuation-insensitive.
+
+    "São Paulo", "sao-paulo" and "SAO PAULO" all give "sao paulo"; "D.C." gives "dc".
+    """
+    text = unicodedata.normalize("NFKD", str(text))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
+    text = text.replace("&", " and ")
+    # Dots and apostrophes join their neighbours ("U.S.A." -> "usa", "Côte d'Ivoire" -> "cote divoire").
+    text = re.sub(r"[.'\u2019`]", "", text)
+    text = re.sub(r"[^0-9a-z]+", " ", text)
+    return text.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _index() -> dict:
+    with open(HERE / "index.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@functools.lru_cache(maxsize=None)
+def _features(stem: str) -> list:
+    with gzip.open(HERE / f"{stem}.json.gz", "rt", encoding="utf-8") as fh:
+        return json.load(fh)["features"]
+
+
+def list_regions() -> list[RegionInfo]:
+    """Every preset, grouped by kind (world, continents, countries, states, provinces), each
+    group sorted by name."""
+    order = {kind: i for i, kind in enumerate(KINDS)}
+    infos = [_info(e) for e in _index()["regions"]]
+    return sorted(infos, key=lambda r: (order.get(r.kind, len(order)), normalize_name(r.name)))
+
+
+def aliases() -> dict[str, str]:
+    """Every accepted normalised spelling -> the preset's name."""
+    return dict(_index()["aliases"])
+
+
+def ambiguous() -> dict[str, list[str]]:
+    """Normalised spellings that several presets claim equally -> those presets' names."""
+    return dict(_index().get("ambiguous", {}))
+
+
+def lookup(name: str) -> Optional[RegionInfo]:
+    """The preset that ``name`` (any case, accents, punctuation) denotes, or None."""
+    target = _index()["aliases"].get(normalize_name(name))
+    if target is None:
+        return None
+    return _info(_entry(target))
+
+
+def _info(entry: dict) -> RegionInfo:
+    return RegionInfo(entry["name"], entry["kind"], entry.get("code"), entry.get("country"),
+                      entry.get("title"))
+
+
+@functools.lru_cache(maxsize=1)
+def _entries() -> dict:
+    return {e["name"]: e for e in _index()["regions"]}
+
+
+def _entry(name: str) -> dict:
+    return _entries()[name]
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(name: str):
+    import shapely
+
+    entry = _entry(name)
+    if entry["kind"] == "world":
+        return shapely.box(-180.0, -90.0, 180.0, 90.0)
+    feature = _features(entry["file"])[entry["feature"]]
+    return shapely.from_geojson(json.dumps(feature["geometry"]))
+
+
+def get_region(name: str):
+    """The shapely geometry (EPSG:4326, lon/lat, not clipped to land) of preset ``name``.
+
+    Raises KeyError for an unknown name; :func:`taxamap.regions.resolve_region` turns that into a
+    user-facing error with suggestions.
+    """
+    info = lookup(name)
+    if info is None:
+        raise KeyError(name)
+    return _geometry(info.name)
+
+
+@functools.lru_cache(maxsize=1)
+def land():
+    """The land mask (Natural Earth 1:50m land) as one shapely MultiPolygon, cached."""
+    import shapely
+
+    with gzip.open(HERE / "land.json.gz", "rt", encoding="utf-8") as fh:
+        collection = shapely.from_geojson(fh.read())
+    return shapely.multipolygons(shapely.get_parts(collection))

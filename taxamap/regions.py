@@ -1,0 +1,358 @@
+"""Region names, bounding boxes and vector files -> one shapely geometry on land.
+
+A region is resolved to a :class:`Region` whose ``geometry`` is what :func:`taxamap.grid.make_grid`
+lays cells over (the region intersected with the land mask) and whose ``outline`` is the region's
+own boundary, for drawing. Coordinates are EPSG:4326 (lon, lat) degrees.
+
+Regions that cross the antimeridian (Fiji, Russia, Oceania, ``--bbox 170,-20,-170,10``) are
+expressed in one continuous longitude frame, e.g. 170..190 rather than two pieces at +/-180, so the
+grid over them is compact; the land mask is shifted into the same frame, and
+:meth:`taxamap.grid.Grid.cell_latlon` wraps longitudes back into [-180, 180).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import shapely
+
+from taxamap import grids
+from taxamap.errors import TaxamapError
+
+BBox = tuple[float, float, float, float]
+
+#: File name endings taken as vector files rather than preset names.
+VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".zip", ".fgb", ".kml", ".gml",
+                   ".geojson.gz", ".json.gz", ".shp.zip")
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """A resolved region.
+
+    ``geometry``: where cells are kept (the region, intersected with land unless
+    ``land_only=False``); ``outline``: the region's boundary before land clipping, for drawing;
+    ``bounds``: (west, south, east, north) of ``geometry`` (east may exceed 180 and west may be
+    below -180 for regions across the antimeridian); ``kind``: the preset kind, "file" or "bbox".
+    """
+
+    name: str
+    slug: str
+    geometry: object
+    outline: object
+    bounds: BBox
+    kind: str = "preset"
+
+
+def resolve_region(
+    region: Optional[str] = None,
+    bbox: Union[str, tuple, list, None] = None,
+    land_only: bool = True,
+) -> Region:
+    """Turn ``--region`` and/or ``--bbox`` into a :class:`Region`.
+
+    ``region`` is a preset name (see ``taxamap regions``; any case) or a path to a vector file
+    (GeoJSON, GeoPackage, Shapefile; any CRS, reprojected to EPSG:4326; all polygon features of
+    the first layer are unioned). ``bbox`` is "W,S,E,N" in degrees or a 4-tuple; W > E means the
+    box crosses the antimeridian. Given both, the region is the intersection of the two. With
+    ``land_only`` (default) the geometry is intersected with the Natural Earth land mask.
+    """
+    if region is None and bbox is None:
+        raise TaxamapError("give a region: --region NAME|FILE (see 'taxamap regions') or "
+                           "--bbox W,S,E,N")
+    if region is not None:
+        outline, name, slug, kind = _region_outline(str(region).strip())
+    if bbox is not None:
+        box_geom, box_slug = _bbox_geometry(bbox)
+        box_name = f"bbox {box_slug.replace('_', ',')}"
+        if region is None:
+            outline, name, slug, kind = box_geom, box_name, f"bbox_{box_slug}", "bbox"
+        else:
+            outline = _intersect_any_frame(outline, box_geom)
+            if outline.is_empty:
+                raise TaxamapError(f"--bbox {_bbox_text(bbox)} does not overlap region {name!r}; "
+                                   "use a box that covers part of it")
+            name, slug = f"{name} in {box_name}", f"{slug}_bbox_{box_slug}"
+    outline = _compact_frame(outline)
+    if land_only:
+        geometry = _on_land(outline, is_box=(region is None))
+        if geometry.is_empty:
+            raise TaxamapError(f"region {name!r} has no land; cells are kept only on land, so use "
+                               "a region or --bbox that covers some land")
+    else:
+        geometry = outline
+    return Region(name=name, slug=slug, geometry=geometry, outline=outline,
+                  bounds=tuple(float(v) for v in geometry.bounds), kind=kind)
+
+
+# --- presets and files --------------------------------------------------------------------------
+
+def _slugify(text: str) -> str:
+    return grids.normalize_name(text).replace(" ", "-") or "region"
+
+
+def _looks_like_path(text: str) -> bool:
+    lowered = text.lower()
+    return ("/" in text or "\\" in text or lowered.endswith(VECTOR_SUFFIXES)
+            or Path(text).suffix.lower() in (".shp", ".gpkg", ".geojson"))
+
+
+def _region_outline(text: str):
+    if not text:
+        raise TaxamapError("--region is empty; give a preset name (see 'taxamap regions') or a "
+                           "vector file")
+    info = None if _looks_like_path(text) else grids.lookup(text)
+    if info is not None:
+        return (_as_polygonal(grids.get_region(info.name)), info.title or info.name,
+                _slugify(info.name), info.kind)
+    path = Path(text).expanduser()
+    if path.exists():
+        return _read_vector(path), path.stem, _slugify(path.stem.split(".")[0]), "file"
+    if _looks_like_path(text):
+        raise TaxamapError(f"region file {text} not found; check the path")
+    raise TaxamapError(_unknown_message(text))
+
+
+def _unknown_message(text: str) -> str:
+    key = grids.normalize_name(text)
+    ambiguous = grids.ambiguous().get(key)
+    if ambiguous:
+        return (f"region {text!r} could mean {' or '.join(ambiguous)}; use one of those names "
+                "(run 'taxamap regions' to list presets)")
+    table = grids.aliases()
+    close = difflib.get_close_matches(key, list(table), n=8, cutoff=0.6)
+    names: list[str] = []
+    for alias in close:
+        if table[alias] not in names:
+            names.append(table[alias])
+    hint = f" (did you mean {' or '.join(repr(n) for n in names[:3])}?)" if names else ""
+    return (f"unknown region {text!r}{hint}; run 'taxamap regions' to list presets, or pass a "
+            "vector file (GeoJSON, GeoPackage, Shapefile)")
+
+
+def _read_vector(path: Path):
+    """Union of the polygons of the first layer of a vector file, reprojected to EPSG:4326."""
+    import pyogrio
+
+    try:
+        meta, _, wkb, _ = pyogrio.raw.read(path, read_geometry=True, columns=[])
+    except Exception as exc:  # pyogrio raises several GDAL-derived types; all mean "unreadable"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaxamapError(f"cannot read region file {path}: {detail}; give a GeoJSON, "
+                           "GeoPackage or Shapefile with polygons") from None
+    geoms = shapely.from_wkb([g for g in wkb if g is not None]) if wkb is not None else []
+    polygons = [p for g in geoms for p in _polygon_parts(shapely.make_valid(g))]
+    if not polygons:
+        raise TaxamapError(f"region file {path} has no polygons; give polygon features "
+                           "(points and lines do not enclose an area)")
+    geom = shapely.union_all(polygons)
+    crs = meta.get("crs")
+    if crs is None:
+        minx, miny, maxx, maxy = geom.bounds
+        if not (-360 <= minx and maxx <= 360 and -90 <= miny and maxy <= 90):
+            raise TaxamapError(f"region file {path} has no CRS and its coordinates are not "
+                               "longitude/latitude; save it with a CRS (e.g. a .prj file)")
+        return _as_polygonal(geom)
+    return _as_polygonal(_to_lonlat(geom, crs, path))
+
+
+def _to_lonlat(geom, crs: str, path: Path):
+    from pyproj import CRS, Transformer
+
+    try:
+        source = CRS.from_user_input(crs)
+    except Exception:
+        raise TaxamapError(f"region file {path} has a CRS that cannot be understood; save it "
+                           "in EPSG:4326 or another EPSG code") from None
+    if source.equals(CRS.from_epsg(4326), ignore_axis_order=True):
+        return geom
+    transformer = Transformer.from_crs(source, "EPSG:4326", always_xy=True)
+    if not source.is_geographic:
+        # Straight edges in a projected CRS are curves in lon/lat: add vertices before
+        # transforming so long edges (e.g. a box drawn in Web Mercator) keep their shape.
+        minx, miny, maxx, maxy = geom.bounds
+        step = max(maxx - minx, maxy - miny) / 256.0
+        if step > 0:
+            geom = shapely.segmentize(geom, step)
+
+    def project(xy: np.ndarray) -> np.ndarray:
+        x, y = transformer.transform(xy[:, 0], xy[:, 1])
+        return np.column_stack([x, y])
+
+    out = shapely.transform(geom, project)
+    if not np.all(np.isfinite(shapely.get_coordinates(out))):
+        raise TaxamapError(f"region file {path} has coordinates that cannot be converted to "
+                           "longitude/latitude from its CRS; check the file's CRS")
+    return shapely.make_valid(out)
+
+
+# --- bounding boxes ----------------------------------------------------------------------------
+
+_NUMBER = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*"
+
+
+def parse_bbox(bbox: Union[str, tuple, list]) -> BBox:
+    """(west, south, east, north) from "W,S,E,N" or a 4-sequence; for a box across the
+    antimeridian (W > E) east is returned as E + 360, so west < east always holds."""
+    text = _bbox_text(bbox)
+    if isinstance(bbox, str):
+        match = re.fullmatch(",".join([_NUMBER] * 4), bbox.strip())
+        if not match:
+            raise TaxamapError(f"--bbox {text!r} is not four numbers W,S,E,N in degrees, "
+                               "e.g. --bbox -125,24,-66,50")
+        values = [float(v) for v in match.groups()]
+    else:
+        try:
+            values = [float(v) for v in bbox]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) != 4:
+            raise TaxamapError(f"--bbox {text!r} is not four numbers W,S,E,N in degrees, "
+                               "e.g. --bbox -125,24,-66,50")
+    west, south, east, north = values
+    if not all(math.isfinite(v) for v in values):
+        raise TaxamapError(f"--bbox {text} has a non-finite number; give W,S,E,N in degrees")
+    if not (-90 <= south <= 90 and -90 <= north <= 90):
+        raise TaxamapError(f"--bbox {text}: latitudes must lie in [-90, 90]")
+    if south >= north:
+        raise TaxamapError(f"--bbox {text}: south ({south:g}) must be less than north "
+                           f"({north:g}); the order is W,S,E,N")
+    if not (-180 <= west <= 180 and -180 <= east <= 180):
+        raise TaxamapError(f"--bbox {text}: longitudes must lie in [-180, 180] (for a box across "
+                           "the antimeridian give W > E, e.g. 170,-20,-170,10)")
+    if west == east:
+        raise TaxamapError(f"--bbox {text}: west and east are equal; the box has no width")
+    if west > east:
+        east += 360.0
+    return (west, south, east, north)
+
+
+def _bbox_text(bbox) -> str:
+    if isinstance(bbox, str):
+        return bbox.strip()
+    try:
+        return ",".join(f"{float(v):g}" for v in bbox)
+    except (TypeError, ValueError):
+        return str(bbox)
+
+
+def _bbox_geometry(bbox):
+    west, south, east, north = parse_bbox(bbox)
+    shown_east = east - 360.0 if east > 180 else east
+    slug = "_".join(f"{v:g}" for v in (west, south, shown_east, north))
+    return shapely.box(west, south, east, north), slug
+
+
+# --- longitude frames and land -----------------------------------------------------------------
+
+def _polygon_parts(geom) -> list:
+    return [p for p in shapely.get_parts(geom) if p.geom_type == "Polygon" and not p.is_empty]
+
+
+def _as_polygonal(geom):
+    parts = _polygon_parts(geom)
+    if not parts:
+        return shapely.MultiPolygon()
+    return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+
+
+def _shift(geom, dx: float):
+    return shapely.transform(geom, lambda xy: xy + np.array([dx, 0.0]))
+
+
+def _intersect_any_frame(geom, other):
+    """``geom`` & ``other`` where either may be written in a frame shifted by 360 degrees."""
+    pieces = []
+    for k in (-1, 0, 1):
+        shifted = _shift(geom, 360.0 * k) if k else geom
+        if shapely.intersects(shifted, other):
+            pieces.extend(_polygon_parts(shapely.intersection(shifted, other)))
+    if len(pieces) > 1:
+        return _as_polygonal(shapely.union_all(pieces))
+    return _as_polygonal(shapely.MultiPolygon(pieces))
+
+
+def _compact_frame(geom):
+    """Move pieces by 360 degrees so the geometry's longitude span is as small as possible.
+
+    Natural Earth splits features at +/-180 (Fiji spans -180..180 as two pieces); shifting the
+    smaller side across gives one continuous frame (Fiji 177..182) and a compact grid.
+    """
+    minx, _, maxx, _ = geom.bounds
+    if geom.is_empty or maxx - minx <= 180 or minx < -180 or maxx > 180:
+        return geom
+    parts = _polygon_parts(geom)
+    bounds = shapely.bounds(parts)
+    order = np.argsort(bounds[:, 0])
+    # Merge the parts' longitude intervals and find the widest empty gap between them.
+    merged: list[list[float]] = []
+    for i in order:
+        lo, hi = bounds[i, 0], bounds[i, 2]
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    wrap_gap = 360.0 - (merged[-1][1] - merged[0][0])
+    gaps = [(merged[i + 1][0] - merged[i][1], merged[i][1], merged[i + 1][0])
+            for i in range(len(merged) - 1)]
+    if not gaps:
+        return geom
+    width, gap_west, gap_east = max(gaps)
+    if width <= wrap_gap + 1.0:
+        return geom
+    west_side = [p for p, b in zip(parts, bounds) if b[2] <= gap_west]
+    east_side = [p for p, b in zip(parts, bounds) if b[0] >= gap_east]
+    # Move whichever side is smaller, so most of the region keeps its usual coordinates.
+    if sum(p.area for p in west_side) <= sum(p.area for p in east_side):
+        moved = [_shift(p, 360.0) for p in west_side] + east_side
+    else:
+        moved = west_side + [_shift(p, -360.0) for p in east_side]
+    return _as_polygonal(shapely.MultiPolygon(moved))
+
+
+@functools.lru_cache(maxsize=1)
+def _land_index():
+    parts = np.asarray(shapely.get_parts(grids.land()))
+    return parts, shapely.STRtree(parts)
+
+
+def land_within(west: float, south: float, east: float, north: float):
+    """The land mask inside a box, in the box's longitude frame (the box may extend past
+    +/-180; land beyond it is the land at lon -/+ 360)."""
+    parts, tree = _land_index()
+    pieces = []
+    for k in (-1, 0, 1):
+        lo, hi = max(west - 360.0 * k, -180.0), min(east - 360.0 * k, 180.0)
+        if lo >= hi:
+            continue
+        window = shapely.box(lo, south, hi, north)
+        inside = tree.query(window, predicate="contains")
+        touching = np.setdiff1d(tree.query(window, predicate="intersects"), inside)
+        found = list(parts[inside])
+        if len(touching):
+            for clipped in shapely.intersection(parts[touching], window):
+                found.extend(_polygon_parts(clipped))
+        pieces.extend(_shift(p, 360.0 * k) if k else p for p in found)
+    if not pieces:
+        return shapely.MultiPolygon()
+    if west < -180 or east > 180:
+        # Land split at +/-180 comes back as touching pieces: dissolve them into one.
+        return _as_polygonal(shapely.union_all(pieces))
+    return shapely.MultiPolygon(pieces)
+
+
+def _on_land(outline, is_box: bool):
+    if outline.is_empty:
+        return outline
+    land = land_within(*outline.bounds)
+    if is_box or land.is_empty:
+        # land_within already clipped to the box, which is the whole region.
+        return land
+    return _as_polygonal(shapely.intersection(outline, land))
