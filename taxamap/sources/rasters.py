@@ -1,0 +1,235 @@
+"""Satellite patches cut from a local raster: any file GDAL reads (COG, VRT, GeoTIFF), any CRS.
+
+Every patch is the same Web-Mercator window the XYZ source would mosaic for that cell (``zoom``,
+``size``: see :mod:`taxamap.sources.tiles`), so a local copy of a mosaic and its tile server give
+comparable patches. Each patch is one GDAL warp of just that window (a per-cell ``WarpedVRT``): only
+the source blocks under the window are read, whatever the file's size or projection.
+
+* Bands 1-3 are red, green, blue (a 1- or 2-band file is read as grey from band 1).
+* ``uint8`` data is used as is. Any other type is stretched linearly, the same for every patch of
+  the file: ``stretch=(lo, hi)`` maps lo..hi to 0..255; ``"auto"`` (default) takes the 2nd and
+  98th percentiles of bands 1-3 together (one pair, so colour balance is kept) over a decimated
+  read of the whole file, computed once per source.
+* Resampling: ``average`` when the file is finer than the patch (no aliasing from e.g. 0.5 m aerial
+  photos), ``bilinear`` otherwise.
+* A cell whose window is not entirely covered by valid data (outside the raster, nodata, alpha 0)
+  gets ``None``: a patch is never padded with black. ``min_coverage`` < 1 relaxes this; the
+  uncovered pixels are then filled with the covered pixels' mean colour.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mercantile
+import numpy as np
+
+from taxamap.errors import TaxamapError
+from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, MAX_LAT, TILE_SIZE
+
+_WORLD = mercantile.xy_bounds(0, 0, 0)
+_EQUATOR_M_PER_DEG = 111_319.49
+
+
+def mercator_window(lat: float, lon: float, zoom: int, size: int) -> tuple[float, float, float] | None:
+    """(left, top, pixel size) in EPSG:3857 metres of the XYZ source's patch window for a cell."""
+    if not (np.isfinite(lat) and np.isfinite(lon)) or abs(lat) >= MAX_LAT:
+        return None
+    res = (_WORLD.right - _WORLD.left) / (TILE_SIZE * (1 << zoom))
+    mx, my = mercantile.xy(lon, lat)
+    # Snap like the tile mosaic does: the window starts on a whole pixel of the zoom level's grid.
+    gx = (mx - _WORLD.left) / res
+    gy = (_WORLD.top - my) / res
+    x0 = math.floor(gx - size / 2 + 0.5)
+    y0 = math.floor(gy - size / 2 + 0.5)
+    return _WORLD.left + x0 * res, _WORLD.top - y0 * res, res
+
+
+def _open(path: Path):
+    import rasterio
+
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise TaxamapError(f"cannot read satellite raster {path}: {str(exc).splitlines()[0]}") from None
+
+
+class RasterFileSource:
+    """Patches warped from a local raster (see the module docstring)."""
+
+    kind = "file"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        zoom: int = DEFAULT_ZOOM,
+        size: int = DEFAULT_SIZE,
+        workers: int = DEFAULT_WORKERS,
+        stretch: str | tuple[float, float] | None = "auto",
+        min_coverage: float = 1.0,
+        resampling: str = "auto",
+        attribution: str | None = None,
+        license: str | None = None,
+    ):
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.is_file() and not str(path).startswith("/vsi"):
+            raise TaxamapError(f"satellite raster {path} does not exist: pass an existing --sat-file")
+        if not 16 <= int(size) <= 4096:
+            raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
+        self.zoom, self.size, self.workers = int(zoom), int(size), max(1, int(workers))
+        self.min_coverage = float(min_coverage)
+        self.attribution, self.license = attribution, license
+        self.stats = SourceStats()
+        self._local = threading.local()
+        self._datasets: list = []
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        try:
+            src = self._dataset()
+            if src.crs is None:
+                raise TaxamapError(f"satellite raster {self.path} has no CRS: assign one (gdal_edit.py -a_srs)")
+            self.crs = src.crs.to_string()
+            self.count = src.count
+            self.dtype = src.dtypes[0]
+            self._bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
+            self.stretch = self._stretch(src, stretch)
+            self._resampling = self._pick_resampling(src, resampling)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- public -------------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """File identity (path, size, mtime) and the patch settings."""
+        st = os.stat(self.path)
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "bytes": st.st_size,
+            "mtime": int(st.st_mtime),
+            "crs": self.crs,
+            "zoom": self.zoom,
+            "size": self.size,
+            "stretch": None if self.stretch is None else [float(v) for v in self.stretch],
+            "resampling": self._resampling.name,
+        }
+
+    def fetch(self, latlon) -> list:
+        """One RGB ``size`` x ``size`` patch per (lat, lon) row; None outside the raster's data."""
+        latlon = as_latlon(latlon)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-raster")
+        out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
+        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
+        return out
+
+    def close(self) -> None:
+        """Close the per-thread datasets and stop the workers."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        with self._lock:
+            for ds in self._datasets:
+                ds.close()
+            self._datasets.clear()
+        self._local = threading.local()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _dataset(self):
+        # GDAL dataset handles are not thread-safe: one per worker thread.
+        ds = getattr(self._local, "ds", None)
+        if ds is None:
+            ds = _open(self.path)
+            self._local.ds = ds
+            with self._lock:
+                self._datasets.append(ds)
+        return ds
+
+    def _stretch(self, src, stretch) -> tuple[float, float] | None:
+        if stretch is None or (stretch == "auto" and src.dtypes[0] == "uint8"):
+            return None
+        if stretch != "auto":
+            lo, hi = (float(v) for v in stretch)
+            if not hi > lo:
+                raise TaxamapError(f"raster stretch needs lo < hi, got {stretch}")
+            return lo, hi
+        scale = max(1, math.ceil(max(src.width, src.height) / 1024))
+        shape = (3, max(1, src.height // scale), max(1, src.width // scale))
+        data = src.read(self._bands, out_shape=shape, masked=True)
+        values = data.compressed().astype(np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise TaxamapError(f"satellite raster {self.path} holds no valid pixels in bands 1-3")
+        lo, hi = np.percentile(values, [2.0, 98.0])
+        return float(lo), float(hi if hi > lo else lo + 1.0)
+
+    def _pick_resampling(self, src, resampling: str):
+        from rasterio.enums import Resampling
+
+        if resampling != "auto":
+            try:
+                return Resampling[resampling]
+            except KeyError:
+                raise TaxamapError(f"unknown resampling {resampling!r} (e.g. bilinear, average)") from None
+        # Source pixel size in metres (roughly: degrees are taken at the equator).
+        src_res = min(abs(src.res[0]), abs(src.res[1]))
+        if src.crs.is_geographic:
+            src_res *= _EQUATOR_M_PER_DEG
+        else:
+            src_res *= src.crs.linear_units_factor[1]
+        dst_res = (_WORLD.right - _WORLD.left) / (TILE_SIZE * (1 << self.zoom))
+        return Resampling.average if src_res < dst_res * 0.75 else Resampling.bilinear
+
+    def _patch(self, lat: float, lon: float):
+        from affine import Affine
+        from PIL import Image
+        from rasterio.vrt import WarpedVRT
+
+        window = mercator_window(lat, lon, self.zoom, self.size)
+        if window is None:
+            return None
+        left, top, res = window
+        src = self._dataset()
+        with WarpedVRT(
+            src,
+            crs="EPSG:3857",
+            transform=Affine(res, 0.0, left, 0.0, -res, top),
+            width=self.size,
+            height=self.size,
+            resampling=self._resampling,
+            add_alpha=True,
+        ) as vrt:
+            data = vrt.read(self._bands)
+            alpha = vrt.read(vrt.count)
+        valid = alpha > 0
+        coverage = float(valid.mean())
+        if coverage < self.min_coverage or coverage == 0.0:
+            self.stats.add(not_found=1)
+            return None
+        rgb = self._to_uint8(data.astype(np.float64) if self.stretch else data)
+        if not valid.all():
+            fill = rgb[:, valid].mean(axis=1).round().astype(np.uint8)
+            rgb[:, ~valid] = fill[:, None]
+        self.stats.add(fetched=1)
+        return Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), "RGB")
+
+    def _to_uint8(self, data: np.ndarray) -> np.ndarray:
+        if self.stretch is None:
+            return np.clip(data, 0, 255).astype(np.uint8)
+        lo, hi = self.stretch
+        scaled = (np.nan_to_num(data, nan=lo) - lo) * (255.0 / (hi - lo))
+        return np.clip(np.round(scaled), 0, 255).astype(np.uint8)

@@ -1,0 +1,145 @@
+"""Local raster satellite source: patches warped from GeoTIFFs in any CRS."""
+
+from __future__ import annotations
+
+import math
+
+import mercantile
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from taxamap.errors import TaxamapError
+from taxamap.sources.rasters import RasterFileSource
+from taxamap.sources.satellite import SatelliteSource, make_satellite_source
+from taxamap.sources.tiles import XYZTileSource
+from tests.tileserver import TileServer
+
+ZOOM = 8
+
+
+def write_tif(path, data, crs, transform, nodata=None):
+    bands, height, width = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=bands,
+                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata, tiled=True,
+                       blockxsize=256, blockysize=256) as dst:
+        dst.write(data)
+
+
+def test_mercator_raster_gives_the_same_patch_as_the_tile_server(tmp_path):
+    """A GeoTIFF holding exactly the server's tiles (3x3 at zoom 8) yields the XYZ source's patch."""
+    tx0, ty0 = 70, 95
+    with TileServer(fmt="png") as server:
+        mosaic = np.zeros((3, 3 * 256, 3 * 256), np.uint8)
+        for r in range(3):
+            for c in range(3):
+                mosaic[:, r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = \
+                    server.tile_image(ZOOM, tx0 + c, ty0 + r).transpose(2, 0, 1)
+        b = mercantile.xy_bounds(tx0, ty0, ZOOM)
+        res = (b.right - b.left) / 256
+        path = tmp_path / "mosaic.tif"
+        write_tif(path, mosaic, "EPSG:3857", Affine(res, 0, b.left, 0, -res, b.top))
+        # Cells whose 256 px patch stays inside the middle of the mosaic.
+        centre = mercantile.ul(tx0 + 1, ty0 + 1, ZOOM)
+        cells = np.array([[centre.lat - 0.3, centre.lng + 0.4], [centre.lat + 0.2, centre.lng + 0.9]])
+        with RasterFileSource(path, zoom=ZOOM, size=256, workers=2) as raster, \
+                XYZTileSource(server.url_template, zoom=ZOOM, size=256, cache_dir=tmp_path / "c") as tiles:
+            got, want = raster.fetch(cells), tiles.fetch(cells)
+            assert raster.describe()["resampling"] == "bilinear" and raster.stretch is None
+        for a, b_ in zip(got, want):
+            assert a.size == (256, 256) and a.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b_))
+
+
+def geographic_raster(tmp_path, dtype=np.uint8, scale=1.0):
+    """EPSG:4326 raster over lon 10..12, lat 40..42: red grows with lon, green with lat."""
+    n = 400
+    res = 2.0 / n
+    lon = 10 + (np.arange(n) + 0.5) * res
+    lat = 42 - (np.arange(n) + 0.5) * res
+    red = np.broadcast_to((lon - 10) / 2 * 250, (n, n))
+    green = np.broadcast_to(((lat - 40) / 2 * 250)[:, None], (n, n))
+    blue = np.full((n, n), 100.0)
+    data = (np.stack([red, green, blue]) * scale).astype(dtype)
+    path = tmp_path / "geo.tif"
+    write_tif(path, data, "EPSG:4326", Affine(res, 0, 10, 0, -res, 42))
+    return path
+
+
+def test_any_crs_is_warped_to_a_north_up_patch_centred_on_the_cell(tmp_path):
+    path = geographic_raster(tmp_path)
+    with RasterFileSource(path, zoom=10, size=64) as src:
+        (patch,) = src.fetch([[41.0, 11.5]])
+        rgb = np.asarray(patch).astype(float)
+        # Centre colour encodes the cell centre (lon 11.5 -> red 187.5, lat 41 -> green 125).
+        assert abs(rgb[31:33, 31:33, 0].mean() - 187.5) < 2
+        assert abs(rgb[31:33, 31:33, 1].mean() - 125.0) < 2
+        assert rgb[0, :, 1].mean() > rgb[-1, :, 1].mean()  # north is up
+        assert rgb[:, -1, 0].mean() > rgb[:, 0, 0].mean()  # east is right
+        # Ground size: 64 px at zoom 10 span 64 * 152.9 m * cos(41 deg) ~ 7.4 km ~ 0.088 deg of lon.
+        expected_red_span = 64 * 156543.03 / 2**10 * math.cos(math.radians(41)) / 111319.49 / 2 * 250
+        assert abs((rgb[32, -1, 0] - rgb[32, 0, 0]) - expected_red_span) < 2
+
+
+def test_cells_outside_or_partly_outside_are_none(tmp_path):
+    path = geographic_raster(tmp_path)
+    with RasterFileSource(path, zoom=10, size=64) as src:
+        inside, edge, outside, pole = src.fetch([[41.0, 11.0], [41.0, 10.001], [0.0, 0.0], [89.0, 11.0]])
+        assert inside is not None and edge is None and outside is None and pole is None
+        assert src.stats.cells == 4 and src.stats.cells_missing == 3
+    with RasterFileSource(path, zoom=10, size=64, min_coverage=0.4) as src:
+        (edge,) = src.fetch([[41.0, 10.001]])
+        rgb = np.asarray(edge)
+        assert rgb.min(axis=(0, 1))[2] >= 99  # uncovered half filled with the mean, not black
+
+
+def test_nodata_is_not_imagery(tmp_path):
+    data = np.full((3, 200, 200), 120, np.uint8)
+    data[:, :, :100] = 0
+    path = tmp_path / "nodata.tif"
+    write_tif(path, data, "EPSG:4326", Affine(0.01, 0, 0, 0, -0.01, 2), nodata=0)
+    with RasterFileSource(path, zoom=12, size=32) as src:
+        west, east = src.fetch([[1.0, 0.5], [1.0, 1.5]])
+        assert west is None and east is not None and np.asarray(east).min() == 120
+
+
+def test_uint16_is_stretched_consistently(tmp_path):
+    path = geographic_raster(tmp_path, dtype=np.uint16, scale=12.0)  # values 0..3000, like S2 L2A
+    with RasterFileSource(path, zoom=10, size=32, stretch=(0, 3000)) as src:
+        (patch,) = src.fetch([[41.0, 11.5]])
+        assert abs(np.asarray(patch)[16, 16, 0] - 187.5 * 12 / 3000 * 255) < 3
+        assert src.describe()["stretch"] == [0.0, 3000.0]
+    with RasterFileSource(path, zoom=10, size=32) as src:  # auto: 2-98 % of bands 1-3
+        lo, hi = src.stretch
+        assert 0 < lo < 1200 < hi < 3000
+        a, b = src.fetch([[41.0, 11.5], [41.5, 11.5]])
+        assert np.asarray(b)[16, 16, 1] > np.asarray(a)[16, 16, 1]  # same stretch for every patch
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_missing_unreadable_and_crs_less_files(tmp_path):
+    with pytest.raises(TaxamapError, match="does not exist"):
+        RasterFileSource(tmp_path / "nope.tif")
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a raster")
+    with pytest.raises(TaxamapError, match="cannot read"):
+        RasterFileSource(bad)
+    nocrs = tmp_path / "nocrs.tif"
+    with rasterio.open(nocrs, "w", driver="GTiff", width=8, height=8, count=3, dtype="uint8") as dst:
+        dst.write(np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(TaxamapError, match="no CRS"):
+        RasterFileSource(nocrs)
+
+
+def test_factory_and_describe(tmp_path):
+    path = geographic_raster(tmp_path)
+    src = make_satellite_source("file", file=path, zoom=11, size=128)
+    try:
+        assert isinstance(src, SatelliteSource)
+        d = src.describe()
+        assert d["kind"] == "file" and d["path"] == str(path.resolve()) and d["zoom"] == 11
+        assert d["bytes"] == path.stat().st_size and d["crs"] == "EPSG:4326"
+        assert src.attribution is None and src.license is None
+    finally:
+        src.close()
