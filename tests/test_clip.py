@@ -226,3 +226,14 @@ def test_load_image_errors(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(TaxamapError):
         load_image(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_autocast_close_to_fp32(models, enc):
+    gpu = load_clip(models, device="cuda")
+    assert gpu.dtype in (torch.bfloat16, torch.float16)
+    imgs = [photo(320, 200, 1), photo(180, 260, 2)]
+    for got, want in ((gpu.encode_image(imgs), enc.encode_image(imgs)),
+                      (gpu.encode_text([CARDINAL, OAK]), enc.encode_text([CARDINAL, OAK]))):
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+        assert (got * want).sum(1).min() > 0.99

@@ -1,0 +1,173 @@
+"""TaxaBind's satellite encoder (``MVRL/ecosat``): ``transformers.CLIPVisionModelWithProjection``.
+
+The architecture is built from the repo's ``config.json`` (a ``clip_vision_model`` config, or a
+full ``clip`` config whose ``vision_config`` is used) without any network access; the weights are
+read by :func:`taxamap.models.hub.load_weights` and loaded strictly, so a checkpoint that does not
+match the config is a clear error, not a silently half-random model. The embedding is
+``.image_embeds`` (512), L2-normalised here (the model does not normalise it).
+
+Tiles go through TaxaBind's training preprocessing: squash to ``sat_resize`` (256), centre-crop
+``sat_crop`` (224), ImageNet mean/std (:mod:`taxamap.models.preprocess`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+from taxamap.models import hub
+from taxamap.models.autocast import autocast, normalize_rows, resolve_device, resolve_dtype
+from taxamap.models.preprocess import build_transform, preprocess_batch, spec_from_config
+
+log = logging.getLogger(__name__)
+
+FILES = ["config.json", "model.safetensors"]
+
+#: Buffers some transformers versions saved and others rebuild; safe to drop when absent here.
+_IGNORABLE_SUFFIXES = ("position_ids",)
+
+
+class SatelliteEncoder:
+    """Satellite tiles (PIL RGB images) -> float32 (N, 512) unit-norm embeddings."""
+
+    def __init__(self, model, transform, ref: str, device, dtype=None, batch_size: int = 32,
+                 embed_dim: int = 512):
+        self.model = model
+        self.transform = transform
+        self.ref = ref
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.embed_dim = embed_dim
+
+    def __repr__(self) -> str:
+        return f"SatelliteEncoder({self.ref}, device={self.device}, dtype={self.dtype or 'float32'})"
+
+    def preprocess(self, images: Sequence):
+        """PIL images -> float tensor (N, 3, crop, crop); cheap enough to run in loader threads."""
+        return preprocess_batch(images, self.transform)
+
+    def encode(self, images: Sequence, batch_size: int | None = None) -> np.ndarray:
+        """Embed any number of tiles, ``batch_size`` at a time (default: the encoder's)."""
+        images = list(images)
+        if not images:
+            return np.zeros((0, self.embed_dim), np.float32)
+        step = int(batch_size or self.batch_size)
+        if step < 1:
+            raise TaxamapError(f"batch size must be at least 1, not {step}")
+        out = [
+            self.encode_pixels(self.preprocess(images[start:start + step]))
+            for start in range(0, len(images), step)
+        ]
+        return np.concatenate(out)
+
+    def encode_pixels(self, pixels) -> np.ndarray:
+        """Embed an already preprocessed tensor (N, 3, crop, crop) in one forward pass."""
+        import torch
+
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            embeds = self.model(pixel_values=pixels.to(self.device)).image_embeds
+        return normalize_rows(embeds.float().cpu().numpy())
+
+
+def vision_config(data: dict, path: Path):
+    """A ``CLIPVisionConfig`` from a repo's config.json dict, no network."""
+    from transformers import CLIPVisionConfig
+
+    if data.get("model_type") == "clip" or "vision_config" in data:
+        sub = dict(data.get("vision_config") or {})
+        # A full CLIP config keeps the projection size at the top level.
+        if "projection_dim" in data and "projection_dim" not in sub:
+            sub["projection_dim"] = data["projection_dim"]
+        data = sub
+    elif data.get("model_type") not in (None, "clip_vision_model"):
+        raise TaxamapError(
+            f"{path} describes a {data.get('model_type')!r} model, expected clip_vision_model"
+        )
+    data = {k: v for k, v in data.items() if k not in ("architectures", "model_type")}
+    try:
+        return CLIPVisionConfig(**data)
+    except (TypeError, ValueError) as exc:
+        raise TaxamapError(f"cannot read the CLIP vision config {path}: {exc}") from exc
+
+
+def load_state_strict(model, state: dict, weights: Path) -> None:
+    """Load ``state`` strictly; mismatches become one TaxamapError naming the first keys."""
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    dropped = [k for k in unexpected if k.endswith(_IGNORABLE_SUFFIXES)]
+    for k in dropped:
+        state.pop(k)
+    unexpected = [k for k in unexpected if k not in dropped]
+    missing = [k for k in own if k not in state]
+    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shape:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)} "
+                         f"vs config {tuple(own[k].shape)})")
+        raise TaxamapError(
+            f"weights {weights} do not match its config.json: " + "; ".join(parts)
+            + "; the repo's files are from different models or corrupt, download them again"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_satellite_encoder(
+    models_dir: str | os.PathLike | None = None,
+    device="cpu",
+    config: dict | None = None,
+    dtype=None,
+    batch_size: int = 32,
+) -> SatelliteEncoder:
+    """Load TaxaBind's satellite encoder.
+
+    ``models_dir``: a models folder (else ``TAXAMAP_MODELS``, else the Hugging Face cache);
+    ``config``: the TaxaBind entry config (read when None), naming the repo (``sat_encoder``) and
+    the preprocessing; ``device``: "cpu", "cuda" or "auto"; ``dtype``: autocast dtype on CUDA
+    (None = bf16 when supported, else fp16); CPU always runs float32. ``batch_size``: tiles per
+    forward pass in :meth:`SatelliteEncoder.encode`.
+    """
+    from transformers import CLIPVisionModelWithProjection
+
+    if config is None:
+        config, _ = hub.load_config(models_dir)
+    repo_id = hub.encoder_repo(config, "satellite")
+    repo = hub.resolve(repo_id, FILES, models_dir=models_dir)
+    config_path = repo.file("config.json")
+    weights_path = repo.file("model.safetensors")
+    vcfg = vision_config(hub.read_json(config_path), config_path)
+
+    spec = spec_from_config(config, "sat")
+    if int(vcfg.image_size) != spec.crop:
+        raise TaxamapError(
+            f"{repo_id} expects {vcfg.image_size}px tiles but the TaxaBind config crops to "
+            f"{spec.crop}px (sat_crop); the config and the model do not belong together"
+        )
+
+    model = CLIPVisionModelWithProjection(vcfg)
+    state = hub.load_weights(weights_path)
+    load_state_strict(model, state, weights_path)
+    del state
+
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    return SatelliteEncoder(
+        model=model,
+        transform=build_transform(spec),
+        ref=repo.ref,
+        device=dev,
+        dtype=resolve_dtype(dev, dtype),
+        batch_size=int(batch_size),
+        embed_dim=int(vcfg.projection_dim),
+    )
