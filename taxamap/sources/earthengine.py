@@ -1,0 +1,356 @@
+"""Satellite patches from Google Earth Engine: a yearly cloud-masked Sentinel-2 median composite.
+
+What is computed (state it in a paper's methods section as is):
+
+* Collection ``COPERNICUS/S2_SR_HARMONIZED`` (Sentinel-2 L2A surface reflectance, DN = reflectance
+  x 10000, processing-baseline offsets already removed), images acquired in ``year`` (UTC).
+* Cloud mask from the Scene Classification Layer (SCL), not QA60 (QA60 misses thin cloud and
+  shadows): keep classes 2 dark area, 4 vegetation, 5 bare, 6 water, 7 unclassified, 11 snow/ice;
+  drop 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud medium/high probability,
+  10 thin cirrus.
+* Per-pixel median of B4, B3, B2 (red, green, blue) over the kept observations, bilinear
+  resampling from the native 10 m grid.
+* Stretch to 8 bits, done here (not on the server) so it is exact and tested:
+  ``255 * clip(reflectance / 0.3, 0, 1) ** (1 / 1.2)``: reflectance 0..0.3 fills the range, a mild
+  gamma brightens mid-tones, approximating the look of EOX's Sentinel-2 cloudless mosaic (whose
+  exact processing is not published).
+* Window: the same Web-Mercator window as the XYZ source (``zoom``, ``size``; EPSG:3857 grid
+  snapped to the zoom level's pixels), fetched as NPY with ``ee.data.computePixels``. A fourth
+  band ``valid`` says where at least one clear observation exists; a patch with more than
+  ``max_invalid`` (1 %) of pixels without one is ``None`` (never a black patch).
+
+All Earth Engine calls go through one small object, :class:`EarthEngineClient`
+(``initialize(project)``, ``compute_pixels(request) -> bytes``); tests pass a fake one. Transient
+errors (429 / "Too many concurrent aggregations", 5xx, deadlines, timeouts, connection errors) are
+retried with exponential backoff and jitter; any other error stops the run with one line, since
+it would fail for every cell alike. The ``earthengine-api`` package is optional.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+from taxamap.sources.cache import MISSING, TileCache
+from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, TILE_SIZE, plan_patch
+
+COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
+RGB_BANDS = ("B4", "B3", "B2")
+VALID_BAND = "valid"
+#: SCL classes kept as clear observations (see the module docstring).
+SCL_KEEP = (2, 4, 5, 6, 7, 11)
+REFLECTANCE_SCALE = 10000.0
+REFLECTANCE_MAX = 0.3
+GAMMA = 1.2
+
+CREDENTIALS_HINT = "run 'earthengine authenticate' (and pass --ee-project ID)"
+INSTALL_HINT = "Earth Engine needs the earthengine-api package: pip install earthengine-api"
+
+_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+_TRANSIENT_TEXT = (
+    "too many concurrent", "too many requests", "rate limit", "429", "quota exceeded for quota metric",
+    "internal error", "backend error", "service unavailable", "bad gateway", "deadline",
+    "timed out", "timeout", "temporarily", "try again", "connection reset", "connection aborted",
+    "error 500", "error 502", "error 503", "error 504",
+)
+_AUTH_TEXT = (
+    "authenticate", "credential", "authoriz", "permission denied", "not registered",
+    "no project found", "project is not", "unauthenticated", "401", "403",
+)
+
+_WORLD_SPAN = 2 * 20037508.342789244  # Web-Mercator world width in metres (EPSG:3857)
+
+
+def stretch_to_uint8(dn: np.ndarray, reflectance_max: float = REFLECTANCE_MAX, gamma: float = GAMMA) -> np.ndarray:
+    """Sentinel-2 L2A DN (reflectance x 10000) to display uint8, as the module docstring states."""
+    refl = np.asarray(dn, dtype=np.float64) / REFLECTANCE_SCALE
+    unit = np.clip(refl / reflectance_max, 0.0, 1.0) ** (1.0 / gamma)
+    return np.round(unit * 255.0).astype(np.uint8)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: rate limits, server errors, deadlines, dropped connections."""
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    for holder in (exc, getattr(exc, "resp", None), getattr(exc, "response", None)):
+        for attr in ("status", "status_code", "code"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, int) and value in _TRANSIENT_STATUS:
+                return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _TRANSIENT_TEXT)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _credentials_error(exc: BaseException) -> TaxamapError:
+    return TaxamapError(f"Earth Engine credentials missing or not usable ({_first_line(exc)}): {CREDENTIALS_HINT}")
+
+
+def build_composite(ee, spec: dict):
+    """The ``ee.Image`` a composite spec describes (median of SCL-masked RGB, plus ``valid``)."""
+    year = int(spec["year"])
+    bands = list(spec["bands"])
+    keep = list(spec["scl_keep"])
+
+    def clear(img):
+        ok = img.select("SCL").remap(keep, [1] * len(keep), 0)
+        return img.select(bands).resample("bilinear").updateMask(ok)
+
+    median = (
+        ee.ImageCollection(spec["collection"])
+        .filterDate(f"{year}-01-01", f"{year + 1}-01-01")
+        .map(clear)
+        .median()
+    )
+    valid = median.select(bands[0]).mask().gt(0).unmask(0).rename(VALID_BAND)
+    return median.unmask(0).round().toUint16().addBands(valid.toUint16())
+
+
+class EarthEngineClient:
+    """The network boundary: the only object that talks to Earth Engine.
+
+    ``initialize(project)`` authenticates (``ee.Initialize``); ``compute_pixels(request)`` takes
+    a plain dict (``composite`` spec, ``grid``, ``fileFormat``, ``bandIds``), builds the image for
+    the spec once, and returns the bytes of ``ee.data.computePixels``. ``ee_module`` is the ``ee``
+    package (imported lazily when not given).
+    """
+
+    def __init__(self, ee_module=None):
+        self._ee = ee_module
+        self._images: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _module(self):
+        if self._ee is None:
+            try:
+                import ee  # optional dependency
+            except ImportError:
+                raise TaxamapError(INSTALL_HINT) from None
+            self._ee = ee
+        return self._ee
+
+    def initialize(self, project: str | None) -> None:
+        """Authenticate with the stored credentials; a missing login is a one-line TaxamapError."""
+        ee = self._module()
+        try:
+            ee.Initialize(project=project) if project else ee.Initialize()
+        except Exception as exc:  # ee raises EEException, google.auth errors, ValueError...
+            raise _credentials_error(exc) from None
+
+    def compute_pixels(self, request: dict) -> bytes:
+        """The raw bytes (NPY) of ``ee.data.computePixels`` for ``request``."""
+        ee = self._module()
+        params = dict(request)
+        spec = params.pop("composite")
+        key = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            image = self._images.get(key)
+            if image is None:
+                image = self._images[key] = build_composite(ee, spec)
+        params["expression"] = image
+        return ee.data.computePixels(params)
+
+
+def decode_npy(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """(rgb (H, W, 3) DN array, valid (H, W) bool or None) from NPY bytes (structured or plain)."""
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.dtype.names:
+        missing = [b for b in RGB_BANDS if b not in arr.dtype.names]
+        if missing:
+            raise ValueError(f"NPY lacks bands {missing}")
+        rgb = np.stack([arr[b].astype(np.float64) for b in RGB_BANDS], axis=-1)
+        valid = arr[VALID_BAND] > 0 if VALID_BAND in arr.dtype.names else None
+        return rgb, valid
+    if arr.ndim == 3 and arr.shape[-1] >= 3:
+        return arr[..., :3].astype(np.float64), (arr[..., 3] > 0 if arr.shape[-1] > 3 else None)
+    if arr.ndim == 3 and arr.shape[0] >= 3:
+        return np.moveaxis(arr[:3], 0, -1).astype(np.float64), (arr[3] > 0 if arr.shape[0] > 3 else None)
+    raise ValueError(f"unexpected NPY array shape {arr.shape}")
+
+
+class EarthEngineSource:
+    """Sentinel-2 median-composite patches from Earth Engine (see the module docstring)."""
+
+    kind = "earthengine"
+
+    def __init__(
+        self,
+        project: str | None = None,
+        *,
+        year: int = 2020,
+        zoom: int = DEFAULT_ZOOM,
+        size: int = DEFAULT_SIZE,
+        cache_dir: str | Path | None = None,
+        cache: bool = True,
+        workers: int = DEFAULT_WORKERS,
+        client: EarthEngineClient | None = None,
+        retries: int = 5,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        reflectance_max: float = REFLECTANCE_MAX,
+        gamma: float = GAMMA,
+        max_invalid: float = 0.01,
+    ):
+        if not 2017 <= int(year) <= 2100:
+            raise TaxamapError(f"--sat-year must be 2017 or later (Sentinel-2 L2A), got {year}")
+        if not 16 <= int(size) <= 1024:
+            raise TaxamapError(f"--sat-size must be between 16 and 1024 pixels for Earth Engine, got {size}")
+        self.project = project
+        self.year, self.zoom, self.size = int(year), int(zoom), int(size)
+        self.workers = max(1, int(workers))
+        self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
+        self.reflectance_max, self.gamma = float(reflectance_max), float(gamma)
+        self.max_invalid = float(max_invalid)
+        self.attribution = (
+            f"Contains modified Copernicus Sentinel data {self.year}, composited with Google Earth Engine"
+        )
+        self.license = "Copernicus Sentinel data terms (free, full and open access); Earth Engine terms of service"
+        self.stats = SourceStats()
+        self.client = client if client is not None else EarthEngineClient()
+        self.client.initialize(project)
+        self.cache = TileCache(cache_dir, self.describe(), label=f"earthengine {COLLECTION} {self.year}") \
+            if cache else None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def composite_spec(self) -> dict:
+        """The JSON description of the composite the client turns into an ``ee.Image``."""
+        return {
+            "collection": COLLECTION,
+            "year": self.year,
+            "bands": list(RGB_BANDS),
+            "cloud_mask": "SCL",
+            "scl_keep": list(SCL_KEEP),
+            "reducer": "median",
+        }
+
+    def describe(self) -> dict:
+        """Settings identifying the patches (the project is not part of the imagery)."""
+        return {
+            "kind": self.kind,
+            "collection": COLLECTION,
+            "year": self.year,
+            "cloud_mask": "SCL",
+            "scl_keep": list(SCL_KEEP),
+            "zoom": self.zoom,
+            "size": self.size,
+            "stretch": {"reflectance_max": self.reflectance_max, "gamma": self.gamma},
+        }
+
+    def request_for(self, lat: float, lon: float) -> tuple[str, dict] | None:
+        """(cache key, computePixels request) for the cell's window; None beyond Mercator's poles."""
+        plan = plan_patch(lat, lon, self.zoom, self.size, TILE_SIZE)
+        if plan is None:
+            return None
+        res = _WORLD_SPAN / (TILE_SIZE * (1 << self.zoom))
+        world_px = TILE_SIZE * (1 << self.zoom)
+        x0 = plan.x0 % world_px  # the same window east of the antimeridian
+        grid = {
+            "dimensions": {"width": self.size, "height": self.size},
+            "affineTransform": {
+                "scaleX": res, "shearX": 0.0, "translateX": -_WORLD_SPAN / 2 + x0 * res,
+                "shearY": 0.0, "scaleY": -res, "translateY": _WORLD_SPAN / 2 - plan.y0 * res,
+            },
+            "crsCode": "EPSG:3857",
+        }
+        request = {
+            "composite": self.composite_spec(),
+            "fileFormat": "NPY",
+            "bandIds": [*RGB_BANDS, VALID_BAND],
+            "grid": grid,
+        }
+        return f"{x0}/{plan.y0}", request
+
+    def fetch(self, latlon) -> list:
+        """One RGB patch per (lat, lon) row; None without clear data or after failed retries."""
+        latlon = as_latlon(latlon)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-ee")
+        out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
+        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
+        return out
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _patch(self, lat: float, lon: float):
+        from PIL import Image
+
+        planned = self.request_for(lat, lon)
+        if planned is None:
+            return None
+        key, request = planned
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is MISSING:
+                self.stats.add(cache_hits=1, not_found=1)
+                return None
+            if hit is not None:
+                self.stats.add(cache_hits=1)
+                return hit
+        data = self._compute(request)
+        if data is None:
+            return None
+        try:
+            dn, valid = decode_npy(data)
+        except (ValueError, OSError) as exc:
+            raise TaxamapError(f"Earth Engine returned an unreadable patch: {exc}") from None
+        if valid is None:
+            valid = dn.any(axis=-1)  # no mask band: all-zero DN means no observation
+        if 1.0 - float(valid.mean()) > self.max_invalid:
+            self.stats.add(not_found=1)
+            if self.cache is not None:
+                self.cache.put_missing(key)
+            return None
+        rgb = stretch_to_uint8(dn, self.reflectance_max, self.gamma)
+        if not valid.all():
+            rgb[~valid] = rgb[valid].mean(axis=0).round().astype(np.uint8)
+        img = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+        if self.cache is not None:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            self.cache.put(key, buf.getvalue(), validated=True)
+        self.stats.add(fetched=1)
+        return img
+
+    def _compute(self, request: dict) -> bytes | None:
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.add(retries=1)
+            self.stats.add(requests=1)
+            try:
+                return self.client.compute_pixels(request)
+            except TaxamapError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    text = _first_line(exc)
+                    if any(marker in text.lower() for marker in _AUTH_TEXT):
+                        raise _credentials_error(exc) from None
+                    raise TaxamapError(f"Earth Engine refused the request: {text}") from None
+            if attempt < self.retries:
+                time.sleep(random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt)))
+        self.stats.add(failures=1)
+        return None

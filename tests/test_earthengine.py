@@ -1,0 +1,185 @@
+"""Earth Engine source with a fake client at the network boundary (no earthengine-api, no network)."""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from taxamap.errors import TaxamapError
+from taxamap.sources.earthengine import (
+    EarthEngineClient,
+    EarthEngineSource,
+    is_transient,
+    stretch_to_uint8,
+)
+from taxamap.sources.satellite import SatelliteSource, make_satellite_source
+
+
+def npy_bytes(size: int, dn=(1500, 600, 3000), valid=None) -> bytes:
+    """A structured NPY array as computePixels returns it: one uint16 field per band."""
+    dtype = [("B4", "<u2"), ("B3", "<u2"), ("B2", "<u2"), ("valid", "<u2")]
+    arr = np.zeros((size, size), dtype=dtype)
+    arr["B4"], arr["B3"], arr["B2"] = dn
+    arr["valid"] = 1 if valid is None else valid
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+class FakeClient:
+    """Stands in for EarthEngineClient: records requests, replays scripted errors, returns NPY."""
+
+    def __init__(self, errors=(), valid=None, dn=(1500, 600, 3000)):
+        self.errors = list(errors)
+        self.valid = valid
+        self.dn = dn
+        self.requests: list[dict] = []
+        self.project = "unset"
+
+    def initialize(self, project):
+        self.project = project
+
+    def compute_pixels(self, request):
+        self.requests.append(request)
+        if self.errors:
+            raise self.errors.pop(0)
+        return npy_bytes(request["grid"]["dimensions"]["width"], self.dn, self.valid)
+
+
+def make(tmp_path, client, **kw):
+    opts = dict(project="my-project", zoom=12, size=64, cache_dir=tmp_path / "cache", workers=2,
+                client=client, backoff=0.001, max_backoff=0.01)
+    opts.update(kw)
+    return EarthEngineSource(**opts)
+
+
+def test_request_grid_is_the_mercator_window_centred_on_the_cell(tmp_path):
+    client = FakeClient()
+    with make(tmp_path, client, year=2021) as src:
+        (patch,) = src.fetch([[40.0, -83.0]])
+        assert client.project == "my-project"
+    assert patch is not None and patch.size == (64, 64) and patch.mode == "RGB"
+    (req,) = client.requests
+    assert req["fileFormat"] == "NPY" and req["bandIds"] == ["B4", "B3", "B2", "valid"]
+    comp = req["composite"]
+    assert comp["collection"] == "COPERNICUS/S2_SR_HARMONIZED" and comp["year"] == 2021
+    assert comp["cloud_mask"] == "SCL" and 9 not in comp["scl_keep"] and 4 in comp["scl_keep"]
+    grid = req["grid"]
+    assert grid["crsCode"] == "EPSG:3857" and grid["dimensions"] == {"width": 64, "height": 64}
+    t = grid["affineTransform"]
+    res = 156543.03392804097 / 2**12
+    assert t["scaleX"] == pytest.approx(res) and t["scaleY"] == pytest.approx(-res)
+    assert t["shearX"] == 0 and t["shearY"] == 0
+    # Centre of the window = the cell centre in Web Mercator (textbook formula), within a pixel.
+    mx = math.radians(-83.0) * 6378137.0
+    my = math.log(math.tan(math.pi / 4 + math.radians(40.0) / 2)) * 6378137.0
+    assert abs(t["translateX"] + 32 * res - mx) <= res / 2 + 1e-6
+    assert abs(t["translateY"] - 32 * res - my) <= res / 2 + 1e-6
+
+
+def test_stretch_is_the_documented_one(tmp_path):
+    with make(tmp_path, FakeClient(dn=(1500, 600, 3000))) as src:
+        (patch,) = src.fetch([[10.0, 10.0]])
+    want = [round(255 * min(v / 10000 / 0.3, 1) ** (1 / 1.2)) for v in (1500, 600, 3000)]
+    assert np.asarray(patch)[5, 5].tolist() == want == [143, 67, 255]
+    assert stretch_to_uint8(np.array([0, 4000])).tolist() == [0, 255]
+
+
+def test_transient_errors_are_retried(tmp_path):
+    class HttpError(Exception):
+        def __init__(self, status):
+            super().__init__(f"<HttpError {status}>")
+            self.resp = types.SimpleNamespace(status=status)
+
+    client = FakeClient(errors=[Exception("Too many concurrent aggregations."), HttpError(503)])
+    with make(tmp_path, client) as src:
+        (patch,) = src.fetch([[10.0, 10.0]])
+        assert patch is not None and len(client.requests) == 3
+        assert src.stats.retries == 2 and src.stats.failures == 0
+
+
+def test_still_transient_after_retries_is_none(tmp_path):
+    client = FakeClient(errors=[TimeoutError("read timed out")] * 10)
+    with make(tmp_path, client, retries=2) as src:
+        (patch,) = src.fetch([[10.0, 10.0]])
+        assert patch is None and len(client.requests) == 3 and src.stats.failures == 1
+
+
+def test_permanent_error_is_not_retried(tmp_path):
+    client = FakeClient(errors=[Exception("Image.select: Pattern 'B4' did not match any bands.")])
+    with make(tmp_path, client) as src:
+        with pytest.raises(TaxamapError, match="refused the request: Image.select"):
+            src.fetch([[10.0, 10.0]])
+    assert len(client.requests) == 1
+    assert not is_transient(Exception("User memory limit exceeded."))
+    assert is_transient(Exception("Computation timed out."))
+
+
+def test_permission_error_says_how_to_log_in(tmp_path):
+    client = FakeClient(errors=[Exception("Permission denied: caller lacks earthengine.computations.create")])
+    with make(tmp_path, client) as src, pytest.raises(TaxamapError, match="earthengine authenticate"):
+        src.fetch([[10.0, 10.0]])
+
+
+def test_missing_credentials_message(tmp_path):
+    class EEException(Exception):
+        pass
+
+    def initialize(project=None):
+        raise EEException("Please authorize access to your Earth Engine account by running\n\nearthengine authenticate")
+
+    fake_ee = types.SimpleNamespace(Initialize=initialize)
+    with pytest.raises(TaxamapError) as info:
+        make_satellite_source("earthengine", ee_project="p", client=EarthEngineClient(ee_module=fake_ee),
+                              cache_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "run 'earthengine authenticate'" in message and "--ee-project" in message
+
+
+def test_missing_package_message(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ee", None)  # makes `import ee` fail like an absent package
+    with pytest.raises(TaxamapError, match="pip install earthengine-api"):
+        EarthEngineSource(project="p", cache_dir=tmp_path)
+
+
+def test_cells_without_clear_data_are_none_and_remembered(tmp_path):
+    valid = np.ones((64, 64), np.uint16)
+    valid[:10] = 0  # 16 % of the window never had a clear observation
+    client = FakeClient(valid=valid)
+    with make(tmp_path, client) as src:
+        assert src.fetch([[10.0, 10.0]]) == [None]
+        assert src.stats.not_found == 1
+        assert src.fetch([[10.0, 10.0]]) == [None] and len(client.requests) == 1
+
+
+def test_second_run_makes_no_request(tmp_path):
+    cells = np.array([[10.0, 10.0], [-5.0, 120.0], [89.9, 0.0]])
+    client = FakeClient()
+    with make(tmp_path, client) as src:
+        first = src.fetch(cells)
+    assert first[2] is None and len(client.requests) == 2
+    again = FakeClient()
+    with make(tmp_path, again) as src:
+        second = src.fetch(cells)
+        assert src.stats.cache_hits == 2
+    assert again.requests == []
+    for a, b in zip(first[:2], second[:2]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_describe_and_factory(tmp_path):
+    src = make_satellite_source("earthengine", ee_project="p", year=2019, client=FakeClient(), cache_dir=tmp_path)
+    assert isinstance(src, SatelliteSource)
+    d = src.describe()
+    assert d["kind"] == "earthengine" and d["year"] == 2019 and d["zoom"] == 14 and d["size"] == 256
+    assert d["stretch"] == {"reflectance_max": 0.3, "gamma": 1.2}
+    assert "Copernicus Sentinel data 2019" in src.attribution
+    with pytest.raises(TaxamapError, match="sat-year"):
+        make_satellite_source("earthengine", year=2014, client=FakeClient(), cache_dir=tmp_path)
+    src.close()
