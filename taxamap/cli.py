@@ -54,6 +54,10 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     m.add_argument("--store", metavar="PATH", default=None,
                    help="embedding store location (a folder or fsspec URL); default: inside --cache")
     m.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    m.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="embed blocks on a Dask cluster: a scheduler address (tcp://host:8786) "
+                   "or local[:N] for a LocalCluster of N processes; the store must be reachable "
+                   "by every worker")
     s = p.add_argument_group("satellite source (with --modalities ...,satellite)")
     s.add_argument("--sat-source", default="xyz", choices=["xyz", "file", "earthengine"],
                    help="xyz tiles (default: EOX Sentinel-2 cloudless 2020), a local raster, or "
@@ -80,6 +84,7 @@ def _grid_kwargs(args) -> dict:
         sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_file=args.sat_file,
         ee_project=args.ee_project, sat_year=args.sat_year, workers=args.workers,
         worldclim=args.worldclim, env_array=args.env_array, progress=not args.no_progress,
+        dask=args.dask,
     )
 
 
@@ -104,12 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("query (one of)")
     q.add_argument("--species", help='binomial ("Cardinalis cardinalis", any case) or the full '
                    'seven-rank string ("Animalia Chordata Aves ... Cardinalis cardinalis")')
+    q.add_argument("--species-file", metavar="FILE",
+                   help="many species: one name per line, or a CSV with a 'species' column; all "
+                   "prompts are embedded in one batch and one map is written per species")
     q.add_argument("--image", help="photo of the species (JPEG, PNG, WebP)")
+    q.add_argument("--audio", help="recording of the species (WAV, FLAC, MP3, OGG)")
     _grid_options(p)
     p.add_argument("--fusion", default="mean", choices=["mean", "sum"],
                    help="mean: average of per-modality cosine maps (default); sum: TaxaBind's "
                    "rule, cosine with the renormalised sum of the cell's modality embeddings")
     p.add_argument("--out", default=".", metavar="DIR", help="output folder (default: current)")
+    p.add_argument("--stack", action="store_true",
+                   help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
+                   "instead of files per species")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -156,12 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_predict(args) -> int:
     from taxamap.pipeline import PredictRequest, log, predict
 
-    req = PredictRequest(species=args.species, image=args.image, fusion=args.fusion,
+    req = PredictRequest(species=args.species, image=args.image, audio=args.audio,
+                         species_file=args.species_file, stack=args.stack, fusion=args.fusion,
                          out=args.out, **_grid_kwargs(args))
+    if args.stack and not args.species_file:
+        raise TaxamapError("--stack needs --species-file")
     result = predict(req)
     t = result.timings
     log(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
-        f"write {t['write']:.1f} s)")
+        f"score {t['score']:.1f} s, write {t['write']:.1f} s)")
+    if len(result.summary) > 1:
+        log(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
+        for row in result.summary:
+            log(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} {row['mean']:>7.3f}")
     for path in result.paths.values():
         print(path)
     return 0
@@ -231,9 +250,26 @@ COMMANDS = {
 }
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--bbox -84,39,-82,41`` would read as an unknown option to argparse: join it as
+    ``--bbox=-84,39,-82,41`` so users need not remember the '=' form."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--bbox", "--resolution") and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and len(argv[i + 1]) > 1 and (argv[i + 1][1].isdigit() or argv[i + 1][1] == "."):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if not args.command:
         parser.print_help(sys.stderr)
         return 2

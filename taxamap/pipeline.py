@@ -52,6 +52,7 @@ class GridRequest:
     worldclim: str | None = None
     env_array: str | None = None
     progress: bool = True
+    dask: str | None = None
 
 
 @dataclass
@@ -60,9 +61,23 @@ class PredictRequest(GridRequest):
 
     species: str | None = None
     image: str | None = None
+    audio: str | None = None
+    species_file: str | None = None
+    stack: bool = False
     fusion: str = DEFAULT_FUSION
     out: str = "."
     formats: tuple[str, ...] = ("tif", "html", "png")
+
+
+@dataclass
+class Query:
+    """One thing to map: its embedding, the prompt it came from, a label and a file slug."""
+
+    vector: np.ndarray
+    prompt: str | None
+    label: str
+    slug: str
+    source: str
 
 
 @dataclass
@@ -71,7 +86,8 @@ class PredictResult:
     n_cells: int
     prompt: str | None
     timings: dict[str, float]
-    scoremap: ScoreMap
+    scoremap: ScoreMap | None
+    summary: list[dict] = field(default_factory=list)
 
 
 def slugify(text: str) -> str:
@@ -177,7 +193,14 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict, device: str) -> Cell
             pending = len(store.pending_chunks())
             if pending < store.n_chunks:
                 log(f"resuming {modality}: {pending} of {store.n_chunks} blocks left in {location}")
-            computed[modality] = engine.embed_to_store(latlon, embedder, store, progress=req.progress)
+            if req.dask:
+                from taxamap.distributed import embed_on_dask
+
+                computed[modality] = embed_on_dask(req, config, modality, store, latlon)
+            else:
+                computed[modality] = engine.embed_to_store(
+                    latlon, embedder, store, progress=req.progress
+                )
         if embedder.attribution:
             attribution, license_ = embedder.attribution, embedder.license
         stores[modality] = store
@@ -185,31 +208,92 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict, device: str) -> Cell
     return CellEmbeddings(stores, refs, attribution, license_, computed)
 
 
-def embed_query(req: PredictRequest, config: dict, device: str):
-    """The query embedding (512,), its prompt, a label, a file slug and the encoder ref."""
+def read_species_file(path: str | os.PathLike) -> list[str]:
+    """Names from a text file (one per line, '#' comments) or a CSV with a ``species`` column."""
+    import csv
+
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise TaxamapError(f"cannot read --species-file {path}: {exc.strerror or exc}") from exc
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if lines and "species" in [c.strip().lower() for c in next(csv.reader([lines[0]]))]:
+        rows = list(csv.DictReader(lines))
+        key = next(k for k in rows[0].keys() if k and k.strip().lower() == "species") if rows else None
+        names = [r[key].strip() for r in rows if key and r.get(key) and r[key].strip()]
+    else:
+        names = [ln.strip() for ln in lines]
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise TaxamapError(f"--species-file {path} names no species (one per line, or a CSV "
+                           "with a 'species' column)")
+    return names
+
+
+def embed_queries(req: PredictRequest, config: dict, device: str) -> tuple[list[Query], str]:
+    """Embed the request's query or queries; returns them and the query encoder's ref.
+
+    Every species prompt goes through the text encoder in one batch.
+    """
+    given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
+    if len(given) != 1:
+        raise TaxamapError(
+            "give exactly one query: --species NAME, --species-file FILE, --image PATH or --audio PATH"
+        )
+    if req.audio:
+        from taxamap.models.audio import embed_audio_query
+
+        vector, ref = embed_audio_query(req.audio, req.models_dir, device=device, config=config)
+        name = Path(req.audio).name
+        return [Query(np.asarray(vector), None, f"sound {name}", slugify(Path(name).stem), "audio")], ref
     from taxamap.models.clip import load_clip
 
-    if bool(req.species) == bool(req.image):
-        raise TaxamapError("give exactly one query: --species NAME or --image PATH")
-    if req.species:
-        from taxamap.taxonomy import resolve_species
+    if req.image:
+        from taxamap.models.preprocess import load_image
 
-        taxon = resolve_species(req.species, cache_dir=req.cache_dir and Path(req.cache_dir) / "taxonomy")
-        log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
+        image = load_image(req.image)
         clip = load_clip(req.models_dir, device=device, config=config)
-        q = clip.encode_text([taxon.prompt])[0]
-        return q, taxon.prompt, taxon.binomial, slugify(taxon.binomial), clip.ref
-    from taxamap.models.preprocess import load_image
+        name = Path(req.image).name
+        vector = clip.encode_image([image])[0]
+        return [Query(vector, None, f"image {name}", slugify(Path(name).stem), "image")], clip.ref
+    from taxamap.taxonomy import resolve_species
 
-    image = load_image(req.image)
+    names = [req.species] if req.species else read_species_file(req.species_file)
+    cache = Path(req.cache_dir).expanduser() / "taxonomy" if req.cache_dir else None
+    taxa = []
+    for name in names:
+        taxon = resolve_species(name, cache_dir=cache)
+        log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
+        taxa.append(taxon)
     clip = load_clip(req.models_dir, device=device, config=config)
-    q = clip.encode_image([image])[0]
-    stem = Path(req.image).stem
-    return q, None, f"image {Path(req.image).name}", slugify(stem), clip.ref
+    vectors = clip.encode_text([t.prompt for t in taxa])
+    queries = [
+        Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source) for v, t in zip(vectors, taxa)
+    ]
+    return queries, clip.ref
+
+
+def score_stores(stores: dict, queries: np.ndarray, fusion: str, block_cells: int = 65536):
+    """Fused and per-modality scores (S, N) for all queries, streaming the stores block by block so
+    memory holds one block of embeddings however large the grid."""
+    from taxamap.score import fuse_many
+
+    n = next(iter(stores.values())).n_cells
+    s = queries.shape[0]
+    fused = np.empty((s, n), dtype=np.float32)
+    per = {m: np.empty((s, n), dtype=np.float32) for m in stores}
+    for start in range(0, n, block_cells):
+        rows = slice(start, min(start + block_cells, n))
+        f, p = fuse_many({m: st.read(rows) for m, st in stores.items()}, queries, fusion)
+        fused[:, rows] = f
+        for m in per:
+            per[m][:, rows] = p[m]
+    return fused, per
 
 
 def predict(req: PredictRequest) -> PredictResult:
-    """Make the map for one query and write its files; returns their paths."""
+    """Make the map(s) for the request's query or queries and write the files."""
     from taxamap.devices import pick_device
     from taxamap.models.hub import load_config
 
@@ -230,34 +314,59 @@ def predict(req: PredictRequest) -> PredictResult:
     timings["cells"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    q, prompt, label, slug, query_ref = embed_query(req, config, device)
+    queries, query_ref = embed_queries(req, config, device)
     timings["query"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    embeddings = {m: s.read() for m, s in cells.stores.items()}
-    fused, per = fuse(embeddings, q, req.fusion)
+    fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]), req.fusion)
     timings["score"] = time.perf_counter() - t
 
     models = {"config": config_ref, "query": query_ref, **cells.model_refs}
-    scoremap = ScoreMap(
-        grid=grid,
-        fused=grid.to_raster(fused),
-        layers={m: grid.to_raster(v) for m, v in per.items()},
-        query=label,
-        prompt=prompt,
-        fusion=req.fusion,
-        models=models,
-        attribution=cells.attribution,
-        region_name=region.name,
-        region_geometry=getattr(region, "outline", None) or region.geometry,
-        slug=slug,
-        extra_tags={"imagery_license": cells.license} if cells.license else {},
-    )
+    outline = getattr(region, "outline", None) or region.geometry
     t = time.perf_counter()
-    paths = write_outputs(scoremap, out_dir, req.formats)
+    paths: dict[str, Path] = {}
+    summary, last = [], None
+    for i, query in enumerate(queries):
+        scoremap = ScoreMap(
+            grid=grid,
+            fused=grid.to_raster(fused[i]),
+            layers={m: grid.to_raster(v[i]) for m, v in per.items()},
+            query=query.label,
+            prompt=query.prompt,
+            fusion=req.fusion,
+            models=models,
+            attribution=cells.attribution,
+            region_name=region.name,
+            region_geometry=outline,
+            slug=query.slug,
+            extra_tags={"imagery_license": cells.license} if cells.license else {},
+        )
+        files = {} if req.stack else write_outputs(scoremap, out_dir, req.formats)
+        for ext, path in files.items():
+            paths[f"{query.slug}.{ext}"] = path
+        valid = fused[i][np.isfinite(fused[i])]
+        summary.append({
+            "species": query.label, "taxonomy": query.source,
+            "max": float(valid.max()) if valid.size else float("nan"),
+            "mean": float(valid.mean()) if valid.size else float("nan"),
+            "files": ", ".join(str(p) for p in files.values()),
+        })
+        last = scoremap
+    if req.stack:
+        from taxamap.writers.geotiff import write_stack
+
+        stem = slugify(Path(req.species_file).stem) if req.species_file else queries[0].slug
+        path = write_stack(
+            last, [(q.label, grid.to_raster(fused[i])) for i, q in enumerate(queries)],
+            out_dir / f"{stem}-stack.tif", prompts=[q.prompt or q.label for q in queries],
+        )
+        paths["stack.tif"] = path
+        for row in summary:
+            row["files"] = str(path)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return PredictResult(paths, grid.n_cells, prompt, timings, scoremap)
+    return PredictResult(paths, grid.n_cells, queries[0].prompt, timings,
+                         last if len(queries) == 1 else None, summary)
 
 
 def write_outputs(scoremap: ScoreMap, out_dir: Path, formats=("tif", "html", "png")) -> dict[str, Path]:

@@ -51,43 +51,56 @@ def cosine(embeddings: np.ndarray, query: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def fuse_many(
+    embeddings: dict[str, np.ndarray],
+    queries: np.ndarray,
+    fusion: str = DEFAULT_FUSION,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Score cells against several queries at once: one matrix product per modality.
+
+    ``embeddings`` maps modality -> (N, D) float array; a row of NaN marks a cell that modality
+    could not embed (a missing tile, open water). ``queries`` is (S, D). Fusion uses only the
+    modalities a cell has; a cell with none is NaN. Returns (fused (S, N), {modality: (S, N)}).
+    """
+    if fusion not in FUSIONS:
+        raise TaxamapError(f"unknown --fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
+    q = normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+    per: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    unit: dict[str, np.ndarray] = {}
+    for m, e in embeddings.items():
+        e = np.asarray(e, dtype=np.float32)
+        ok = np.all(np.isfinite(e), axis=1)
+        u = normalize(np.where(ok[:, None], e, 0.0))
+        scores = (u @ q.T).T  # (S, N)
+        scores[:, ~ok] = np.nan
+        per[m], valid[m], unit[m] = scores, ok, u
+    if len(per) == 1:
+        only = next(iter(per.values()))
+        return only.copy(), per
+    any_valid = np.logical_or.reduce(list(valid.values()))
+    if fusion == "mean":
+        stack = np.stack(list(per.values()))  # (M, S, N)
+        finite = np.isfinite(stack)
+        count = finite.sum(axis=0)
+        total = np.where(finite, stack, 0.0).sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fused = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    else:
+        # TaxaBind's rule: normalise(sum of the normalised embeddings the cell has) . q
+        fused = (normalize(sum(unit.values())) @ q.T).T
+        fused[:, ~any_valid] = np.nan
+    return fused.astype(np.float32), per
+
+
 def fuse(
     embeddings: dict[str, np.ndarray],
     query: np.ndarray,
     fusion: str = DEFAULT_FUSION,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Score every cell against ``query`` for each modality and fuse.
-
-    ``embeddings`` maps modality -> (N, D) float array; a row of NaN marks a cell that modality
-    could not embed (a missing tile, open water). Fusion uses only the modalities a cell has; a
-    cell with none is NaN. Returns (fused (N,), {modality: (N,)}).
-    """
-    if fusion not in FUSIONS:
-        raise TaxamapError(f"unknown --fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
-    per = {m: cosine(e, query) for m, e in embeddings.items()}
-    if len(per) == 1:
-        only = next(iter(per.values()))
-        return only.copy(), per
-    if fusion == "mean":
-        stack = np.stack(list(per.values()))
-        with np.errstate(invalid="ignore"):
-            valid = np.isfinite(stack)
-            count = valid.sum(axis=0)
-            total = np.where(valid, stack, 0.0).sum(axis=0)
-            fused = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        return fused.astype(np.float32), per
-    # "sum": normalise(sum of normalised embeddings the cell has), then cosine with the query.
-    total = None
-    any_valid = None
-    for e in embeddings.values():
-        e = np.asarray(e, dtype=np.float32)
-        ok = np.all(np.isfinite(e), axis=1)
-        e = normalize(np.where(ok[:, None], e, 0.0))
-        total = e if total is None else total + e
-        any_valid = ok if any_valid is None else any_valid | ok
-    fused = cosine(normalize(total), query)
-    fused[~any_valid] = np.nan
-    return fused.astype(np.float32), per
+    """:func:`fuse_many` for one query (D,): returns (fused (N,), {modality: (N,)})."""
+    fused, per = fuse_many(embeddings, np.asarray(query).reshape(1, -1), fusion)
+    return fused[0], {m: v[0] for m, v in per.items()}
 
 
 @dataclass

@@ -125,9 +125,10 @@ class EmbeddingStore:
             existing = None
         if existing is None or "emb" not in group or "done" not in group:
             n_chunks = max(1, -(-n_cells // chunk_cells))
+            # Uncompressed: embeddings barely compress, and a warm query reads them all.
             group.create_array(
                 "emb", shape=(n_cells, dim), chunks=(chunk_cells, dim), dtype="float16",
-                fill_value=np.nan, overwrite=True,
+                fill_value=np.nan, overwrite=True, compressors=None,
             )
             group.create_array(
                 "done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
@@ -143,6 +144,16 @@ class EmbeddingStore:
             group.attrs.update({k: v for k, v in meta.items() if k != "key"})
             group.attrs["key"] = key
         return cls(group=group, location=location, key=key)
+
+    @classmethod
+    def open_existing(cls, location: str | os.PathLike, key: str) -> "EmbeddingStore":
+        """Open a store another process created (Dask workers); its key must match."""
+        import zarr
+
+        group = zarr.open_group(str(location), mode="r+")
+        if group.attrs.get("key") != key:
+            raise TaxamapError(f"the store at {location} does not have key {key}")
+        return cls(group=group, location=str(location), key=key)
 
     def chunk_slice(self, i: int) -> slice:
         start = i * self.chunk_cells

@@ -1,0 +1,95 @@
+"""Scale-out on Dask: blocks of a grid embedded on distributed workers, written straight to the
+shared store (a path every worker can reach, or an fsspec URL).
+
+Each worker builds its modality's encoder and source once (cached per process) and runs the very
+same ``prepare`` + ``compute`` as a single-process run on the same blocks, so the store it leaves
+equals the local one (float16 values; any difference is float rounding from thread counts).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+
+_EMBEDDERS: dict = {}
+
+
+def open_client(address: str):
+    """``local`` or ``local:N`` starts a LocalCluster of N single-threaded processes; anything else
+    is a scheduler address (``tcp://host:8786``). Returns (client, cluster or None)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise TaxamapError("--dask needs dask.distributed: pip install 'dask[distributed]'") from exc
+    if address == "local" or address.startswith("local:"):
+        try:
+            n = int(address.split(":", 1)[1]) if ":" in address else (os.cpu_count() or 1)
+        except ValueError as exc:
+            raise TaxamapError(f"--dask {address!r}: use local or local:N (N workers)") from exc
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster), cluster
+    try:
+        return Client(address, timeout="20s"), None
+    except OSError as exc:
+        raise TaxamapError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+
+
+def _embed_block(req, config: dict, modality: str, location: str, key: str, block_id: int,
+                 latlon: np.ndarray) -> int:
+    """Runs on a worker: embed one block and commit it to the store."""
+    import torch
+
+    from taxamap.devices import pick_device
+    from taxamap.pipeline import _modality_embedder
+    from taxamap.store import EmbeddingStore
+
+    cache_key = (modality, key)
+    embedder = _EMBEDDERS.get(cache_key)
+    if embedder is None:
+        device = pick_device(req.device)
+        try:
+            from distributed import get_worker
+
+            # One intra-op thread per worker thread: workers already fill the cores.
+            torch.set_num_threads(max(1, get_worker().state.nthreads))
+        except (ImportError, ValueError):
+            pass
+        embedder = _modality_embedder(modality, req, config, device)
+        _EMBEDDERS[cache_key] = embedder
+    store = EmbeddingStore.open_existing(location, key)
+    values = np.asarray(embedder.compute(embedder.prepare(latlon)), dtype=np.float32)
+    store.write_chunk(block_id, values)
+    return block_id
+
+
+def embed_on_dask(req, config: dict, modality: str, store, latlon: np.ndarray) -> int:
+    """Submit every unfinished block of ``store`` to the cluster; returns how many were computed."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    client, cluster = open_client(req.dask)
+    try:
+        todo = store.pending_chunks()
+        futures = []
+        for i in todo:
+            sl = store.chunk_slice(i)
+            futures.append(client.submit(
+                _embed_block, req, config, modality, store.location, store.key, i,
+                np.ascontiguousarray(latlon[sl]), pure=False, key=f"taxamap-{store.key}-{i}",
+            ))
+        bar = tqdm(total=len(todo), desc=f"embedding {modality} on dask", unit="block",
+                   disable=not req.progress, file=sys.stderr)
+        for future in as_completed(futures):
+            future.result()  # re-raises a worker's error here
+            bar.update(1)
+        bar.close()
+        return len(todo)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

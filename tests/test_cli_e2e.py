@@ -1,0 +1,174 @@
+"""`taxamap` end to end, as a user runs it: a subprocess, tiny models in the released layouts,
+no network. The GeoTIFF is checked against an independent computation at its pixel centres."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from tests import reference
+
+PROMPT = "Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"
+BBOX = "-84,39,-82,41"
+
+
+def run(args, env_extra=None, cwd=None, timeout=300):
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TAXAMAP_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "taxamap.cli", *args], capture_output=True, text=True, env=env,
+        cwd=cwd, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, models_dir):
+    out = tmp_path_factory.mktemp("out")
+    cache = tmp_path_factory.mktemp("cache")
+    proc = run(["predict", "--species", "  cardinalis CARDINALIS ", "--bbox", BBOX,
+                "--resolution", "0.1", "--models", str(models_dir), "--out", str(out),
+                "--cache", str(cache), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    return out, cache, proc
+
+
+def test_predict_writes_three_files_and_prints_paths(predicted):
+    out, _, proc = predicted
+    printed = proc.stdout.split()
+    names = sorted(Path(p).name for p in printed)
+    assert names == ["cardinalis-cardinalis.html", "cardinalis-cardinalis.png",
+                     "cardinalis-cardinalis.tif"]
+    assert all(Path(p).is_file() for p in printed)
+    assert PROMPT in proc.stderr  # the prompt used is printed
+    assert "400 cells" in proc.stderr
+    assert not list(out.glob(".*"))  # no temporary leftovers
+
+
+def test_geotiff_contract_and_values(predicted, models_dir):
+    out, _, _ = predicted
+    with rasterio.open(out / "cardinalis-cardinalis.tif") as ds:
+        assert ds.crs.to_epsg() == 4326
+        assert ds.count == 2 and ds.descriptions == ("fused", "location")
+        assert ds.dtypes == ("float32", "float32")
+        t = ds.transform
+        assert (t.a, t.e, t.c, t.f) == pytest.approx((0.1, -0.1, -84.0, 41.0))
+        assert (ds.width, ds.height) == (20, 20)
+        tags = ds.tags()
+        band1 = ds.read(1)
+        band2 = ds.read(2)
+    assert tags["PROMPT"] == PROMPT if "PROMPT" in tags else tags.get("prompt") == PROMPT
+    lowered = {k.lower(): v for k, v in tags.items()}
+    assert lowered["fusion"] == "mean"
+    assert "location" in lowered["modalities"]
+    assert any("MVRL/ecogeo@local-" in v for v in tags.values())
+    assert any("MVRL/taxabind-vit-b-16@local-" in v for v in tags.values())
+    assert np.array_equal(band1, band2, equal_nan=True)  # one modality: fused == location
+    # Independent computation at the pixel centres.
+    rows, cols = np.mgrid[0:20, 0:20]
+    lon = -84.0 + (cols + 0.5) * 0.1
+    lat = 41.0 - (rows + 0.5) * 0.1
+    latlon = np.stack([lat.ravel(), lon.ravel()], axis=1)
+    emb = reference.location_embeddings(models_dir / "MVRL/ecogeo/model.safetensors", latlon)
+    q = reference.clip_text_embedding(models_dir / "MVRL/taxabind-vit-b-16", PROMPT)
+    expected = (emb @ q).reshape(20, 20)
+    valid = np.isfinite(band1)
+    assert valid.sum() > 300  # Ohio/Indiana/Kentucky: land everywhere but the Ohio river edge
+    # float16 storage of the embeddings bounds the error at ~1e-3.
+    assert np.abs(band1[valid] - expected[valid]).max() < 2e-3
+    assert np.all(np.abs(band1[valid]) <= 1.0)
+
+
+def test_second_query_reuses_the_store(predicted, models_dir, tmp_path):
+    _, cache, _ = predicted
+    proc = run(["embed", "--bbox", BBOX, "--resolution", "0.1", "--models", str(models_dir),
+                "--cache", str(cache), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    assert "0 blocks computed" in proc.stdout
+
+
+def test_hf_cache_layout_offline(tmp_path, models_dir):
+    """No --models: the tiny repos sit in a Hugging Face cache and HF_HUB_OFFLINE=1 is set."""
+    hub = tmp_path / "hf" / "hub"
+    commit = "f" * 40
+    for repo in ("MVRL/taxabind-config", "MVRL/ecogeo", "MVRL/taxabind-vit-b-16"):
+        org, name = repo.split("/")
+        base = hub / f"models--{org}--{name}"
+        shutil.copytree(models_dir / repo, base / "snapshots" / commit)
+        (base / "refs").mkdir(parents=True)
+        (base / "refs" / "main").write_text(commit)
+    proc = run(["predict", "--species", "Cardinalis cardinalis", "--bbox", "-83,40,-82.5,40.5",
+                "--resolution", "0.1", "--out", str(tmp_path / "o"), "--no-progress"],
+               env_extra={"HF_HOME": str(tmp_path / "hf"), "TAXAMAP_CACHE": str(tmp_path / "c")})
+    assert proc.returncode == 0, proc.stderr
+    with rasterio.open(tmp_path / "o" / "cardinalis-cardinalis.tif") as ds:
+        assert any(f"MVRL/ecogeo@{commit}" in v for v in ds.tags().values())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--region", "atlantis"], "taxamap regions"),
+        (["--bbox", "-80,45,-85,40"], "bbox"),
+        (["--bbox", "-84,39,-82,41", "--resolution", "0"], "resolution"),
+        (["--bbox", "-84,39,-82,41", "--resolution", "-1"], "resolution"),
+        (["--region", "world", "--resolution", "0.0005"], "resolution"),
+        (["--bbox", "-84,39,-82,41", "--modalities", "sonar"], "modality"),
+    ],
+)
+def test_bad_grid_inputs_one_line_exit_2(tmp_path, models_dir, args, needle):
+    out = tmp_path / "o"
+    proc = run(["predict", "--species", "Cardinalis cardinalis", "--models", str(models_dir),
+                "--out", str(out), *args])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert needle in lines[0].lower()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_query_inputs(tmp_path, models_dir):
+    base = ["predict", "--bbox", "-83,40,-82.5,40.5", "--models", str(models_dir)]
+    cases = [
+        (["--species", "Nonexistus imaginarius"], "Kingdom Phylum"),
+        (["--image", str(tmp_path / "missing.jpg")], "missing.jpg"),
+        (["--species", "Cardinalis cardinalis", "--models", str(tmp_path / "empty")], "taxamap models download"),
+    ]
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg at all")
+    cases.append((["--image", str(tmp_path / "bad.jpg")], "bad.jpg"))
+    for extra, needle in cases:
+        out = tmp_path / f"o{len(extra)}{abs(hash(extra[-1])) % 1000}"
+        proc = run([*base, "--out", str(out), *extra])
+        assert proc.returncode == 2, (extra, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert lines and needle.lower() in lines[-1].lower(), (extra, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert not list(out.glob("*.tif")) if out.exists() else True
+
+
+def test_unwritable_out(tmp_path, models_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run(["predict", "--species", "Cardinalis cardinalis", "--bbox", "-83,40,-82.5,40.5",
+                "--models", str(models_dir), "--out", str(blocker / "sub")])
+    assert proc.returncode == 2 and "--out" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_has_examples():
+    proc = run(["predict", "--help"])
+    assert proc.returncode == 0
+    assert "examples:" in proc.stdout and "--species" in proc.stdout and "--fusion" in proc.stdout
+
+
+def test_regions_lists_presets():
+    proc = run(["regions"])
+    assert proc.returncode == 0
+    names = {line.split("\t")[0].lower() for line in proc.stdout.splitlines()}
+    assert {"usa", "world", "ohio", "france"} <= names
