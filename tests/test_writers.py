@@ -8,9 +8,7 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -64,7 +62,8 @@ def _scoremap(geometry=REGION, resolution=0.5, modalities=("location", "satellit
         query=query,
         prompt="Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis",
         fusion="mean",
-        models={m: f"MVRL/eco{m}@{'0123abcd' * 5}" for m in modalities} | {"text": "MVRL/taxabind-vit-b-16@deadbeef"},
+        models={m: f"MVRL/eco{m}@{'0123abcd' * 5}" for m in modalities}
+        | {"text": "MVRL/taxabind-vit-b-16@deadbeef"},
         attribution=attribution,
         region_name="Iberia & co",
         region_geometry=geometry,
@@ -237,6 +236,23 @@ def test_png_is_a_sensible_image(tmp_path, modalities):
     if len(modalities) > 1:
         # The per-modality panels below hold green pixels too.
         assert _green_pixels(rgb[int(h * 0.62): int(h * 0.92)]) > 100
+
+
+def test_coastlines_are_clipped_lines_and_wrap_across_the_antimeridian():
+    grids = pytest.importorskip("taxamap.grids")
+    if not hasattr(grids, "land"):
+        pytest.skip("taxamap.grids.land() is not available")
+    from taxamap.writers.png import coastlines
+
+    # Fiji straddles 180; Tonga and Samoa lie at -175..-171, i.e. 185..189 in this grid's frame.
+    lines = coastlines((170.0, -20.0, 190.0, -10.0))
+    assert lines is not None and lines.geom_type == "MultiLineString"
+    xy = shapely.get_coordinates(lines)
+    assert xy[:, 0].min() >= 170.0 and xy[:, 0].max() <= 190.0
+    assert xy[:, 1].min() >= -20.0 and xy[:, 1].max() <= -10.0
+    assert (xy[:, 0] > 183.0).any() and (xy[:, 0] < 180.0).any()
+    # Open ocean: nothing to draw, and no clip frame drawn either.
+    assert coastlines((-140.0, -40.0, -130.0, -30.0)) is None
 
 
 def test_png_across_the_antimeridian(tmp_path):

@@ -57,7 +57,7 @@ def _data_uri(rgba: np.ndarray) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", optimize=True)
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -69,7 +69,8 @@ def _title_html(scoremap) -> str:
     where = f" — {_esc(scoremap.region_name)}" if scoremap.region_name else ""
     prompt = ""
     if scoremap.prompt and scoremap.prompt != scoremap.query:
-        prompt = f'<br><span style="font-size:11px;color:#444">prompt: {_esc(scoremap.prompt)}</span>'
+        prompt = ('<br><span style="font-size:11px;color:#444">'
+                  f"prompt: {_esc(scoremap.prompt)}</span>")
     return (
         '<div id="taxamap-title" style="position:fixed;top:10px;left:50%;'
         "transform:translateX(-50%);z-index:1000;background:rgba(255,255,255,.92);"

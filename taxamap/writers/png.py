@@ -27,31 +27,35 @@ from taxamap.writers.style import (
 DPI = 150
 
 
-def land_geometry(bounds: tuple[float, float, float, float]):
-    """Land polygons from ``taxamap.grids.land()`` clipped to ``bounds`` (west may be < -180 and
-    east > 180: copies shifted by 360 degrees cover those), or None when no land data is available.
+def coastlines(bounds: tuple[float, float, float, float]):
+    """Coastlines (boundaries of ``taxamap.grids.land()``) clipped to ``bounds``, or None when no
+    land data is available. ``west`` may be below -180 and ``east`` above 180: copies of the
+    coastline shifted by 360 degrees cover those parts.
     """
     try:
-        from taxamap.grids import land  # built by the regions work; optional here
+        from taxamap.grids import land  # Natural Earth land shipped with the region presets
     except ImportError:
         return None
     try:
         geom = land()
-    except Exception:  # noqa: BLE001 - coastlines are decoration; a missing file must not fail a map
+    except Exception:  # noqa: BLE001 - coastlines are decoration; never fail a map over them
         return None
-    if geom is None:
+    if geom is None or geom.is_empty:
         return None
     import shapely
     from shapely import affinity
 
     west, south, east, north = bounds
+    # Clip lines, not polygons: a clipped polygon's boundary would draw the clip frame too.
+    lines = shapely.boundary(geom)
     pieces = []
     for shift in (-360.0, 0.0, 360.0):
         if west - shift < 180.0 and east - shift > -180.0:
-            moved = geom if shift == 0 else affinity.translate(geom, xoff=shift)
+            moved = lines if shift == 0 else affinity.translate(lines, xoff=shift)
             pieces.append(shapely.clip_by_rect(moved, west, south, east, north))
-    pieces = [p for p in pieces if not p.is_empty]
-    return shapely.union_all(pieces) if pieces else None
+    parts = [line for piece in pieces for line in shapely.get_parts(piece)
+             if line.geom_type == "LineString" and not line.is_empty]
+    return shapely.MultiLineString(parts) if parts else None
 
 
 def _outline_segments(geom) -> list[np.ndarray]:
@@ -60,12 +64,15 @@ def _outline_segments(geom) -> list[np.ndarray]:
 
     if geom is None or geom.is_empty:
         return []
-    lines = shapely.boundary(geom) if geom.geom_type in ("Polygon", "MultiPolygon",
-                                                         "GeometryCollection") else geom
-    if lines is None or lines.is_empty:
-        return []
-    return [shapely.get_coordinates(part) for part in shapely.get_parts(lines)
-            if not part.is_empty and part.geom_type in ("LineString", "LinearRing", "MultiLineString")]
+    out = []
+    for part in shapely.get_parts(geom):
+        if part.geom_type == "Polygon":
+            out.extend(_outline_segments(shapely.boundary(part)))
+        elif part.geom_type in ("LineString", "LinearRing") and not part.is_empty:
+            out.append(shapely.get_coordinates(part))
+        elif part.geom_type.startswith("Multi") or part.geom_type == "GeometryCollection":
+            out.extend(_outline_segments(part))
+    return out
 
 
 def _wrap_lon(x: float, _pos=None) -> str:
@@ -122,7 +129,7 @@ def write_png(scoremap, path: str | os.PathLike) -> Path:
     west, south, east, north = grid.bounds
     cmap = matplotlib.colormaps[COLORMAP].with_extremes(bad=NODATA_COLOR)
     region = scoremap.region_geometry
-    land = land_geometry(grid.bounds)
+    land = coastlines(grid.bounds)
 
     mid = math.radians(min(max((north + south) / 2.0, -80.0), 80.0))
     ratio = (north - south) / max(east - west, 1e-9) / math.cos(mid)
