@@ -339,7 +339,7 @@ def predict(req: PredictRequest) -> PredictResult:
             region_name=region.name,
             region_geometry=outline,
             slug=query.slug,
-            extra_tags={"imagery_license": cells.license} if cells.license else {},
+            extra_tags={"IMAGERY_LICENSE": cells.license} if cells.license else {},
         )
         files = {} if req.stack else write_outputs(scoremap, out_dir, req.formats)
         for ext, path in files.items():

@@ -172,3 +172,25 @@ def test_regions_lists_presets():
     assert proc.returncode == 0
     names = {line.split("\t")[0].lower() for line in proc.stdout.splitlines()}
     assert {"usa", "world", "ohio", "france"} <= names
+
+
+def test_species_file_maps_each_species_and_stack(tmp_path, models_dir):
+    species = tmp_path / "birds.csv"
+    species.write_text("species,notes\nCardinalis cardinalis,red\nCyanocitta cristata,blue\n"
+                       "Cardinalis cardinalis,dup\n")
+    common = ["--bbox=-83,40,-82,41", "--resolution", "0.1", "--models", str(models_dir),
+              "--cache", str(tmp_path / "c"), "--no-progress"]
+    proc = run(["predict", "--species-file", str(species), "--out", str(tmp_path / "each"), *common])
+    assert proc.returncode == 0, proc.stderr
+    tifs = sorted(p.name for p in (tmp_path / "each").glob("*.tif"))
+    assert tifs == ["cardinalis-cardinalis.tif", "cyanocitta-cristata.tif"]
+    assert "Cyanocitta cristata" in proc.stderr  # summary table
+    proc = run(["predict", "--species-file", str(species), "--stack", "--out", str(tmp_path / "st"),
+                *common])
+    assert proc.returncode == 0, proc.stderr
+    with rasterio.open(tmp_path / "st" / "birds-stack.tif") as ds:
+        assert ds.descriptions == ("Cardinalis cardinalis", "Cyanocitta cristata")
+        stacked = ds.read()
+    with rasterio.open(tmp_path / "each" / "cyanocitta-cristata.tif") as ds:
+        assert np.array_equal(stacked[1], ds.read(1), equal_nan=True)
+    assert not np.array_equal(stacked[0], stacked[1], equal_nan=True)

@@ -79,19 +79,13 @@ def _check_shapes(scoremap) -> list[tuple[str, np.ndarray]]:
     return bands
 
 
-def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
-    """Write ``scoremap`` as a Cloud-Optimized GeoTIFF at ``path`` (atomically) and return it.
-
-    Band 1 is "fused", then one band per modality in ``scoremap.layers`` order, each described by
-    its name; float32 raw cosines, NaN nodata, CRS ``grid.crs``, transform ``grid.transform``.
-    Raises :class:`TaxamapError` when the folder is missing or unwritable.
-    """
+def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, str],
+               band_tags: list[dict] | None = None) -> Path:
+    """Write float32 ``bands`` over ``grid`` as a COG at ``path``, atomically."""
     import rasterio
     import rasterio.shutil
     from rasterio.io import MemoryFile
 
-    grid = scoremap.grid
-    bands = _check_shapes(scoremap)
     profile = {
         "driver": "GTiff",
         "width": grid.width,
@@ -110,8 +104,40 @@ def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
                     ds.write(np.asarray(raster, dtype=np.float32), i)
                     ds.set_band_description(i, name)
                     ds.set_band_unit(i, "cosine similarity")
-                    ds.update_tags(i, MODALITY=name)
-                ds.update_tags(**geotiff_tags(scoremap))
+                    ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
+                ds.update_tags(**tags)
             with mem.open() as src:
                 rasterio.shutil.copy(src, str(tmp), driver="COG", **COG_OPTIONS)
     return Path(path)
+
+
+def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
+    """Write ``scoremap`` as a Cloud-Optimized GeoTIFF at ``path`` (atomically) and return it.
+
+    Band 1 is "fused", then one band per modality in ``scoremap.layers`` order, each described by
+    its name; float32 raw cosines, NaN nodata, CRS ``grid.crs``, transform ``grid.transform``.
+    Raises :class:`TaxamapError` when the folder is missing or unwritable.
+    """
+    bands = _check_shapes(scoremap)
+    return _write_cog(path, scoremap.grid, bands, geotiff_tags(scoremap))
+
+
+def write_stack(scoremap, bands: list[tuple[str, np.ndarray]], path: str | os.PathLike,
+                prompts: list[str] | None = None) -> Path:
+    """One GeoTIFF with a fused-score band per species (``taxamap predict --stack``).
+
+    ``scoremap`` supplies the grid and provenance (modalities, fusion, models); each band is
+    described by its species and tagged with its prompt.
+    """
+    grid = scoremap.grid
+    for name, raster in bands:
+        if np.shape(raster) != (grid.height, grid.width):
+            raise TaxamapError(f"stack band {name!r} does not match the grid")
+    tags = geotiff_tags(scoremap)
+    tags["QUERY"] = "; ".join(name for name, _ in bands)
+    tags["PROMPT"] = "; ".join(prompts or [])
+    tags["BANDS"] = ",".join(name for name, _ in bands)
+    tags["STACK"] = "fused score per species"
+    band_tags = [{"SPECIES": name, "PROMPT": (prompts or [""] * len(bands))[i]}
+                 for i, (name, _) in enumerate(bands)]
+    return _write_cog(path, grid, bands, tags, band_tags)
