@@ -1,0 +1,572 @@
+"""How good is a map? Presence/background metrics per band of a taxamap GeoTIFF.
+
+:func:`evaluate_map` extracts every band's value at the presence points and at background points
+(given, or sampled uniformly over the map's valid cells) and reports, per band (the fused score
+and each modality, named by the band descriptions):
+
+* ROC-AUC and average precision, presence = 1 and background = 0 (computed here with numpy; ties
+  are handled as scikit-learn does: one ROC/PR point per distinct value);
+* the threshold maximising the true skill statistic, TSS = sensitivity + specificity - 1, where
+  cells with ``value >= threshold`` are predicted present, and that TSS;
+* the continuous Boyce index (Hirzel et al. 2006, Ecological Modelling 199:142-152): a window of
+  :data:`BOYCE_WINDOW` of the value range slides over the range in :data:`BOYCE_STEPS` steps; in
+  each window the predicted/expected ratio F = (share of presences) / (share of background) is
+  computed (windows without background are skipped), and the index is the Spearman rank
+  correlation between F and the window centre. Near +1: presences concentrate where the map is
+  high; near 0: no better than random; negative: the map points the wrong way.
+
+Values are read at the nearest pixel (the pixel that contains the point). Points outside the map,
+or on a NaN (nodata) pixel of a band, are counted and reported per band, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+
+#: Default number of background cells sampled when no background is given (as Maxent does).
+DEFAULT_N_BACKGROUND = 10_000
+#: Boyce window width as a fraction of the value range, and the number of window positions.
+BOYCE_WINDOW = 0.1
+BOYCE_STEPS = 100
+
+
+# --- reading a map and extracting values --------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class MapRaster:
+    """All bands of a map in memory: ``values`` (bands, height, width) float32, NaN = nodata."""
+
+    path: Path
+    values: np.ndarray = field(repr=False)
+    names: list[str]
+    transform: Any
+    crs: Any
+    tags: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def height(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.values.shape[2])
+
+    def band_index(self, band: int | str) -> int:
+        """0-based index of ``band``: a 1-based number or a band description ("fused")."""
+        if isinstance(band, str) and not band.strip().isdigit():
+            lowered = [n.lower() for n in self.names]
+            if band.strip().lower() in lowered:
+                return lowered.index(band.strip().lower())
+            raise TaxamapError(f"{self.path.name} has no band {band!r}; its bands are "
+                               f"{', '.join(self.names)} (or give a number 1..{len(self.names)})")
+        number = int(band)
+        if not 1 <= number <= len(self.names):
+            raise TaxamapError(f"{self.path.name} has {len(self.names)} bands; give --band "
+                               f"1..{len(self.names)} or a name ({', '.join(self.names)})")
+        return number - 1
+
+    def pixel_of(self, latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, inside) of the pixels containing (lat, lon) points; ``inside`` False for
+        points off the map (their rows/cols are 0)."""
+        latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+        x, y = _lonlat_to_map(latlon[:, 1], latlon[:, 0], self.crs)
+        rows, cols, inside = self._rowcol(x, y)
+        if _is_geographic(self.crs):
+            # Grids across the antimeridian run past +/-180: try the point one turn over.
+            for shift in (360.0, -360.0):
+                retry = ~inside & np.isfinite(x)
+                if not retry.any():
+                    break
+                r2, c2, in2 = self._rowcol(x[retry] + shift, y[retry])
+                idx = np.flatnonzero(retry)[in2]
+                rows[idx], cols[idx], inside[idx] = r2[in2], c2[in2], True
+        return rows, cols, inside
+
+    def _rowcol(self, x: np.ndarray, y: np.ndarray):
+        with np.errstate(invalid="ignore"):
+            colf, rowf = _apply(~self.transform, x, y)
+            inside = (np.isfinite(colf) & np.isfinite(rowf) & (colf >= 0) & (rowf >= 0)
+                      & (colf < self.width) & (rowf < self.height))
+        rows = np.where(inside, np.floor(np.where(inside, rowf, 0)), 0).astype(np.int64)
+        cols = np.where(inside, np.floor(np.where(inside, colf, 0)), 0).astype(np.int64)
+        return rows, cols, inside
+
+    def extract(self, latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values (bands, N) with NaN where off the map or nodata, inside (N,) bool)."""
+        rows, cols, inside = self.pixel_of(latlon)
+        values = self.values[:, rows, cols].astype(np.float64)
+        values[:, ~inside] = np.nan
+        return values, inside
+
+    def cell_centres(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(N, 2) (lat, lon) of pixel centres, in EPSG:4326."""
+        x, y = _apply(self.transform, np.asarray(cols) + 0.5, np.asarray(rows) + 0.5)
+        lon, lat = _map_to_lonlat(x, y, self.crs)
+        return np.column_stack([lat, lon])
+
+
+def _apply(t, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An affine transform applied to coordinate arrays."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f
+
+
+def read_map(path: str | os.PathLike) -> MapRaster:
+    """Read a taxamap GeoTIFF (or any single/multi-band raster) with its band names.
+
+    Band names are the band descriptions ("fused", "location", ...), else "band<i>". Pixels equal
+    to the raster's nodata value, and non-finite pixels, become NaN.
+    """
+    import rasterio
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TaxamapError(f"map {path} not found; give the .tif written by taxamap predict")
+    try:
+        with rasterio.open(path) as ds:
+            values = ds.read(out_dtype="float32")
+            nodata = ds.nodata
+            names = [d if d else f"band{i}" for i, d in enumerate(ds.descriptions, start=1)]
+            transform, crs, tags = ds.transform, ds.crs, ds.tags()
+    except rasterio.errors.RasterioError as exc:
+        raise TaxamapError(f"cannot read map {path}: {exc}; give a GeoTIFF") from None
+    if nodata is not None and not math.isnan(nodata):
+        values[values == np.float32(nodata)] = np.nan
+    values[~np.isfinite(values)] = np.nan
+    if crs is None:
+        raise TaxamapError(f"map {path} has no CRS; taxamap maps are EPSG:4326")
+    return MapRaster(path, values, names, transform, crs, tags)
+
+
+def _is_geographic(crs) -> bool:
+    return bool(getattr(crs, "is_geographic", False))
+
+
+def _is_wgs84(crs) -> bool:
+    from pyproj import CRS
+
+    return CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs).equals(
+        CRS.from_epsg(4326), ignore_axis_order=True)
+
+
+def _lonlat_to_map(lon: np.ndarray, lat: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
+    if _is_wgs84(crs):
+        return lon.copy(), lat.copy()
+    from pyproj import Transformer
+
+    t = Transformer.from_crs("EPSG:4326", crs.to_wkt(), always_xy=True)
+    x, y = t.transform(lon, lat, errcheck=False)
+    return np.asarray(x, float), np.asarray(y, float)
+
+
+def _map_to_lonlat(x: np.ndarray, y: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
+    if _is_wgs84(crs):
+        return (x + 180.0) % 360.0 - 180.0, y
+    from pyproj import Transformer
+
+    t = Transformer.from_crs(crs.to_wkt(), "EPSG:4326", always_xy=True)
+    lon, lat = t.transform(x, y, errcheck=False)
+    return np.asarray(lon, float), np.asarray(lat, float)
+
+
+def sample_background(
+    raster: MapRaster, n: int = DEFAULT_N_BACKGROUND, seed: int = 0, band: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample up to ``n`` distinct valid cells (non-NaN in ``band``, 0-based) uniformly.
+
+    Returns (values (bands, M), latlon (M, 2) of the cell centres); M = min(n, valid cells).
+    """
+    valid = np.flatnonzero(np.isfinite(raster.values[band]).ravel())
+    if valid.size == 0:
+        raise TaxamapError(f"map {raster.path} has no valid cells to sample background from")
+    rng = np.random.default_rng(seed)
+    take = valid if n >= valid.size else np.sort(rng.choice(valid, size=int(n), replace=False))
+    rows, cols = np.divmod(take, raster.width)
+    values = raster.values[:, rows, cols].astype(np.float64)
+    return values, raster.cell_centres(rows, cols)
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def _as_scores(presence: np.ndarray, background: np.ndarray):
+    pos = np.asarray(presence, dtype=np.float64).ravel()
+    neg = np.asarray(background, dtype=np.float64).ravel()
+    return pos, neg
+
+
+def binary_curve(presence: np.ndarray, background: np.ndarray):
+    """Cumulative (true positives, false positives, thresholds), one entry per distinct value,
+    thresholds decreasing: predicting "present" for ``value >= thresholds[i]`` finds ``tps[i]``
+    presences and ``fps[i]`` background points."""
+    pos, neg = _as_scores(presence, background)
+    scores = np.concatenate([pos, neg])
+    labels = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    # The last index of each run of equal scores: tied values enter the curve together.
+    ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(labels)[ends]
+    fps = (ends + 1) - tps
+    return tps, fps, scores[ends]
+
+
+def roc_curve(presence: np.ndarray, background: np.ndarray):
+    """(false positive rate, true positive rate, thresholds), starting at (0, 0) with an
+    infinite threshold."""
+    tps, fps, thresholds = binary_curve(presence, background)
+    if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
+        return np.array([0.0]), np.array([0.0]), np.array([np.inf])
+    fpr = np.r_[0.0, fps / fps[-1]]
+    tpr = np.r_[0.0, tps / tps[-1]]
+    return fpr, tpr, np.r_[np.inf, thresholds]
+
+
+def roc_auc(presence: np.ndarray, background: np.ndarray) -> float:
+    """Area under the ROC curve (trapezoids between distinct values: ties count one half)."""
+    pos, neg = _as_scores(presence, background)
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    fpr, tpr, _ = roc_curve(pos, neg)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def average_precision(presence: np.ndarray, background: np.ndarray) -> float:
+    """Average precision: sum over distinct values of (recall gain) x (precision there)."""
+    pos, neg = _as_scores(presence, background)
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    tps, fps, _ = binary_curve(pos, neg)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def max_tss(presence: np.ndarray, background: np.ndarray) -> tuple[float, float, float, float]:
+    """(threshold, TSS, sensitivity, specificity) at the threshold that maximises TSS.
+
+    Cells with ``value >= threshold`` are predicted present. Of equally good thresholds the
+    highest is returned (the tightest range).
+    """
+    pos, neg = _as_scores(presence, background)
+    if pos.size == 0 or neg.size == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    tps, fps, thresholds = binary_curve(pos, neg)
+    sensitivity = tps / pos.size
+    specificity = 1.0 - fps / neg.size
+    tss = sensitivity + specificity - 1.0
+    best = int(np.argmax(tss))
+    return (float(thresholds[best]), float(tss[best]), float(sensitivity[best]),
+            float(specificity[best]))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
+    ends = np.r_[starts[1:], x.size]
+    mean_rank = (starts + ends - 1) / 2.0 + 1.0
+    ranks = np.empty(x.size)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.size < 2:
+        return math.nan
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = math.sqrt(float(np.sum(ra * ra)) * float(np.sum(rb * rb)))
+    return float(np.sum(ra * rb) / denominator) if denominator > 0 else math.nan
+
+
+def boyce_curve(
+    presence: np.ndarray, background: np.ndarray, window: float = BOYCE_WINDOW,
+    steps: int = BOYCE_STEPS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(window centres, predicted/expected ratios) of the continuous Boyce index.
+
+    Windows span ``window`` x (value range) and start at ``steps`` evenly spaced positions from
+    the lowest to the highest value (presences and background together); both ends are inclusive.
+    Windows holding no background are left out (their ratio is undefined).
+    """
+    pos, neg = _as_scores(presence, background)
+    if pos.size == 0 or neg.size == 0:
+        return np.empty(0), np.empty(0)
+    lo = min(pos.min(), neg.min())
+    hi = max(pos.max(), neg.max())
+    width = (hi - lo) * float(window)
+    if width <= 0:
+        return np.empty(0), np.empty(0)
+    starts = np.linspace(lo, hi - width, int(steps))
+    stops = starts + width
+    pos_sorted, neg_sorted = np.sort(pos), np.sort(neg)
+
+    def share(sorted_values: np.ndarray) -> np.ndarray:
+        inside = (np.searchsorted(sorted_values, stops, side="right")
+                  - np.searchsorted(sorted_values, starts, side="left"))
+        return inside / sorted_values.size
+
+    predicted, expected = share(pos_sorted), share(neg_sorted)
+    keep = expected > 0
+    return (starts + width / 2.0)[keep], predicted[keep] / expected[keep]
+
+
+def boyce_index(
+    presence: np.ndarray, background: np.ndarray, window: float = BOYCE_WINDOW,
+    steps: int = BOYCE_STEPS,
+) -> float:
+    """The continuous Boyce index: Spearman correlation of :func:`boyce_curve`'s ratios with
+    the window centres, in [-1, 1]; NaN when it is undefined (fewer than two windows)."""
+    centres, ratios = boyce_curve(presence, background, window, steps)
+    return spearman(centres, ratios)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class BandEvaluation:
+    """Metrics of one band. ``presence_nodata`` / ``background_nodata``: points on the map but on
+    a NaN pixel of this band (left out of its metrics)."""
+
+    name: str
+    n_presence: int
+    n_background: int
+    presence_nodata: int
+    background_nodata: int
+    auc: float
+    average_precision: float
+    tss: float
+    tss_threshold: float
+    sensitivity: float
+    specificity: float
+    boyce: float
+    presence_values: np.ndarray = field(repr=False)
+    background_values: np.ndarray = field(repr=False)
+
+    def roc_curve(self):
+        """(fpr, tpr, thresholds) of this band."""
+        return roc_curve(self.presence_values, self.background_values)
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("name", "n_presence", "n_background", "presence_nodata", "background_nodata",
+                "auc", "average_precision", "tss", "tss_threshold", "sensitivity",
+                "specificity", "boyce")
+        return {k: _json_value(getattr(self, k)) for k in keys}
+
+
+@dataclass(eq=False)
+class EvaluationResult:
+    """Per-band metrics of a map against presences and background.
+
+    ``presence_given``: presence points passed in; ``presence_outside``: of those, off the map
+    (no band could use them); ``background``: "given" or "sampled"; ``background_given``: the
+    number of background points passed in or sampled; ``background_outside``: given background
+    points off the map.
+    """
+
+    map_path: str
+    bands: list[BandEvaluation]
+    presence_given: int
+    presence_outside: int
+    background: str
+    background_given: int
+    background_outside: int
+    seed: int | None
+    boyce_window: float = BOYCE_WINDOW
+    boyce_steps: int = BOYCE_STEPS
+
+    def band(self, name: str) -> BandEvaluation:
+        """The metrics of the band named ``name`` ("fused", "location", ...)."""
+        for b in self.bands:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "map": self.map_path,
+            "presence": {"given": self.presence_given, "outside_map": self.presence_outside},
+            "background": {"source": self.background, "given": self.background_given,
+                           "outside_map": self.background_outside, "seed": self.seed},
+            "boyce": {"window_fraction": self.boyce_window, "steps": self.boyce_steps},
+            "threshold_rule": "value >= threshold is predicted present",
+            "bands": [b.to_dict() for b in self.bands],
+        }
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON (NaN as null), atomically; returns the path."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        return _write_atomic(Path(path), text.encode("utf-8"))
+
+    def format_table(self) -> str:
+        return format_table(self)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def evaluate_map(
+    map_path: str | os.PathLike,
+    presences: np.ndarray,
+    background: np.ndarray | None = None,
+    n_background: int = DEFAULT_N_BACKGROUND,
+    seed: int = 0,
+    bands: Sequence[int | str] | None = None,
+) -> EvaluationResult:
+    """Evaluate every band (or ``bands``) of the map at ``map_path``.
+
+    ``presences``, ``background``: (N, 2) (lat, lon) degrees. Without ``background``, up to
+    ``n_background`` distinct cells are drawn uniformly (with ``seed``) from the cells valid in
+    band 1, and their centres are used. See the module docstring for the metrics.
+    """
+    raster = read_map(map_path)
+    presences = _latlon(presences, "presences")
+    if presences.shape[0] == 0:
+        raise TaxamapError("no presence points to evaluate against; check the occurrence file")
+    pres_values, pres_inside = raster.extract(presences)
+    if not pres_inside.any():
+        raise TaxamapError(f"none of the {len(presences)} presence points falls on the map "
+                           f"{raster.path.name}; check that the occurrences are in the map's "
+                           "region (and latitude/longitude are not swapped)")
+    if background is None:
+        back_values, _ = sample_background(raster, n_background, seed)
+        back_inside = np.ones(back_values.shape[1], dtype=bool)
+        source, used_seed = "sampled", seed
+    else:
+        background = _latlon(background, "background")
+        back_values, back_inside = raster.extract(background)
+        source, used_seed = "given", None
+    indices = (range(len(raster.names)) if bands is None
+               else [raster.band_index(b) for b in bands])
+    results = []
+    for i in indices:
+        p_all, b_all = pres_values[i], back_values[i]
+        p_ok, b_ok = np.isfinite(p_all), np.isfinite(b_all)
+        p, b = p_all[p_ok], b_all[b_ok]
+        threshold, tss, sens, spec = max_tss(p, b)
+        results.append(BandEvaluation(
+            name=raster.names[i], n_presence=int(p.size), n_background=int(b.size),
+            presence_nodata=int((pres_inside & ~p_ok).sum()),
+            background_nodata=int((back_inside & ~b_ok).sum()),
+            auc=roc_auc(p, b), average_precision=average_precision(p, b), tss=tss,
+            tss_threshold=threshold, sensitivity=sens, specificity=spec,
+            boyce=boyce_index(p, b), presence_values=p, background_values=b,
+        ))
+    return EvaluationResult(
+        map_path=str(raster.path), bands=results, presence_given=int(len(presences)),
+        presence_outside=int((~pres_inside).sum()), background=source,
+        background_given=int(back_values.shape[1]),
+        background_outside=int((~back_inside).sum()), seed=used_seed,
+    )
+
+
+def _latlon(points: Any, what: str) -> np.ndarray:
+    arr = np.asarray(points, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise TaxamapError(f"{what} must be an (N, 2) array of (lat, lon) degrees")
+    return arr
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def format_table(result: EvaluationResult) -> str:
+    """A plain-text table of the metrics (one row per band) with the point counts above it."""
+    lines = [f"map: {result.map_path}"]
+    lines.append(f"presences: {result.presence_given} given, {result.presence_outside} outside "
+                 "the map")
+    if result.background == "sampled":
+        lines.append(f"background: {result.background_given} cells sampled uniformly from the "
+                     f"map's valid cells (seed {result.seed})")
+    else:
+        lines.append(f"background: {result.background_given} given, "
+                     f"{result.background_outside} outside the map")
+    header = ("band", "presences", "background", "nodata p/b", "AUC", "AP", "max TSS",
+              "threshold", "Boyce")
+    rows = [header]
+    for b in result.bands:
+        rows.append((b.name, str(b.n_presence), str(b.n_background),
+                     f"{b.presence_nodata}/{b.background_nodata}", _fmt(b.auc),
+                     _fmt(b.average_precision), _fmt(b.tss), _fmt(b.tss_threshold, 4),
+                     _fmt(b.boyce)))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_roc(result: EvaluationResult, path: str | os.PathLike) -> Path:
+    """Write a PNG with one ROC curve per band (AUC in the legend), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5.0), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="random (AUC 0.5)")
+    for b in result.bands:
+        fpr, tpr, _ = b.roc_curve()
+        if fpr.size < 2:
+            continue
+        ax.plot(fpr, tpr, linewidth=1.6, label=f"{b.name} (AUC {_fmt(b.auc)})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.005)
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(f"ROC: {Path(result.map_path).name}", fontsize=10)
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = _png_bytes(fig)
+    return _write_atomic(Path(path), buffer)
+
+
+def _png_bytes(fig) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another path") \
+            from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
