@@ -1,0 +1,85 @@
+"""Issue 3's user story end to end: location + satellite (a loopback XYZ server) + environment
+(synthetic WorldClim rasters with the official names), fused; a rerun makes no request."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+
+from tests.tileserver import TileServer
+from tests.worldclim_fixtures import write_rasters
+
+BBOX = "-83,40,-82,40.6"  # Ohio: 60 cells at 0.1 deg
+
+
+def run(args, tmp_path, timeout=600):
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TAXAMAP_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+                "TAXAMAP_CACHE": str(tmp_path / "cache")})
+    return subprocess.run([sys.executable, "-m", "taxamap.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def worldclim(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wc")
+    write_rasters(folder, height=36, width=72)
+    return folder
+
+
+@pytest.mark.parametrize("fusion", ["mean", "sum"])
+def test_three_modalities_fused_and_cached(tmp_path, models_dir, worldclim, fusion):
+    with TileServer(latency=0.0, faults={(12, 1104, 1542): 404}) as server:
+        args = ["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
+                "--resolution", "0.1", "--modalities", "location,satellite,environment",
+                "--fusion", fusion, "--models", str(models_dir), "--worldclim", str(worldclim),
+                "--sat-url", server.url_template, "--sat-zoom", "12", "--sat-size", "64",
+                "--workers", "4", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
+                "--no-progress"]
+        first = run(args, tmp_path)
+        assert first.returncode == 0, first.stderr
+        assert server.requests > 0
+        server.reset_counters()
+        second = run(args + ["--out", str(tmp_path / "o2")], tmp_path)
+        assert second.returncode == 0, second.stderr
+        assert server.requests == 0  # tiles and embeddings both come from the caches
+    with rasterio.open(tmp_path / "o" / "cardinalis-cardinalis.tif") as ds:
+        assert ds.descriptions == ("fused", "location", "satellite", "environment")
+        bands = ds.read()
+        tags = {k.lower(): v for k, v in ds.tags().items()}
+    assert tags["fusion"] == fusion
+    assert "MVRL/ecosat@local-" in tags["models"] and "MVRL/ecoclim@local-" in tags["models"]
+    fused, loc, sat, env = bands
+    valid = np.isfinite(loc)
+    assert valid.sum() == 60
+    # The cell at (40.55, -82.95) sits in tile 12/1104/1542, which the server answers 404: its
+    # satellite value is missing (NaN), never a black-image embedding, and fusion skips it.
+    assert np.isnan(sat[0, 0]) and np.isfinite(loc[0, 0]) and np.isfinite(env[0, 0])
+    assert 40 <= np.isfinite(sat[valid]).sum() < 60
+    if fusion == "mean":
+        assert fused[0, 0] == pytest.approx((loc[0, 0] + env[0, 0]) / 2, abs=1e-5)
+    if fusion == "mean":
+        stack = np.stack([loc, sat, env])
+        expected = np.nanmean(np.where(np.isfinite(stack), stack, np.nan), axis=0)
+        assert np.allclose(fused[valid], expected[valid], atol=1e-5)
+    else:
+        assert np.isfinite(fused[valid]).all()
+        assert not np.allclose(fused[valid], loc[valid], atol=1e-3)
+    with rasterio.open(tmp_path / "o2" / "cardinalis-cardinalis.tif") as ds:
+        assert np.array_equal(ds.read(), bands, equal_nan=True)
+    html = (tmp_path / "o" / "cardinalis-cardinalis.html").read_text()
+    for name in ("fused", "location", "satellite", "environment"):
+        assert name in html
+
+
+def test_environment_without_climate_data_is_one_line(tmp_path, models_dir):
+    proc = run(["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
+                "--modalities", "location,environment", "--models", str(models_dir),
+                "--out", str(tmp_path / "o")], tmp_path)
+    assert proc.returncode == 2
+    assert "--worldclim" in proc.stderr and "Traceback" not in proc.stderr
