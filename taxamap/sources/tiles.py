@@ -157,7 +157,8 @@ class XYZTileSource:
     retry, full jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
     ``timeout`` (connect, read) seconds; ``session`` a ready ``requests.Session`` (the network
     boundary; a new one by default); ``fail_fast_after``: raise if this many tiles in a row failed
-    and none ever succeeded (a wrong URL or no network, rather than a map of holes).
+    and none ever succeeded (a wrong URL or no network, rather than a map of holes); ``prefetch``
+    tiles requested ahead of the cell being assembled (see :meth:`fetch`).
     """
 
     kind = "xyz"
@@ -183,6 +184,7 @@ class XYZTileSource:
         license: str | None = None,
         user_agent: str = USER_AGENT,
         fail_fast_after: int = 32,
+        prefetch: int | None = None,
     ):
         check_template(url)
         if not 0 <= int(zoom) <= 24:
@@ -203,6 +205,7 @@ class XYZTileSource:
         self.timeout = timeout
         self.subdomains = subdomains
         self.fail_fast_after = int(fail_fast_after)
+        self.prefetch = max(64, 16 * self.workers) if prefetch is None else max(1, int(prefetch))
         eox_attr, eox_lic = eox_metadata(url)
         self.attribution = attribution if attribution is not None else eox_attr
         self.license = license if license is not None else eox_lic
@@ -228,15 +231,18 @@ class XYZTileSource:
     def fetch(self, latlon) -> list:
         """One RGB ``size`` x ``size`` PIL image per (lat, lon) row, ``None`` where missing.
 
-        Tiles shared by several cells are fetched once. At most ``4 * workers`` decoded tiles wait
-        in memory, so a long list of cells streams; the returned patches are the caller's to chunk.
+        Tiles shared by several cells are fetched once. At most ``prefetch`` tiles (default
+        ``max(64, 16 * workers)``, ~200 KB each decoded) are requested ahead of the cell being
+        assembled: enough that one tile waiting out a Retry-After does not idle the other workers,
+        few enough that a long list of cells streams. The returned patches are the caller's to chunk.
+        Thread-safe: concurrent calls share the workers and never fetch a tile twice.
         """
         latlon = as_latlon(latlon)
         plans = [plan_patch(lat, lon, self.zoom, self.size, self.tile_size) for lat, lon in latlon]
         need = [p.tiles(self.zoom) if p is not None else [] for p in plans]
         refs = Counter(t for tiles in need for t in tiles)
         futures: dict[tuple[int, int, int], Future] = {}
-        ahead = 4 * self.workers
+        ahead = self.prefetch
         submitted = 0
         out: list = [None] * len(plans)
         for i, plan in enumerate(plans):
