@@ -1,0 +1,154 @@
+"""Range products: thresholds -> binary range GeoTIFF and polygons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+
+from taxamap.errors import TaxamapError
+from taxamap.evaluate import evaluate_map
+from taxamap.ranges import parse_rule, range_outline, threshold_map
+from tests.test_evaluate import centres, write_map
+
+WEST, NORTH, RES, HEIGHT, WIDTH = -10.0, 50.0, 0.25, 40, 60
+
+
+@pytest.fixture
+def score_map(tmp_path):
+    """Smooth blobs plus noise (raw-cosine-like values), NaN outside an ellipse ("land")."""
+    rng = np.random.default_rng(0)
+    lat, lon = centres(WEST, NORTH, RES, HEIGHT, WIDTH)
+    fused = (0.3 * np.exp(-((lat - 45) ** 2 + (lon + 5) ** 2) / 4.0)
+             + 0.25 * np.exp(-((lat - 42) ** 2 + (lon - 1) ** 2) / 2.0)
+             + rng.normal(0, 0.03, lat.shape))
+    land = ((lat - 45) / 5.5) ** 2 + ((lon + 2.5) / 8) ** 2 < 1
+    fused[~land] = np.nan
+    location = fused[::-1].copy()
+    return write_map(tmp_path / "map.tif", {"fused": fused, "location": location},
+                     WEST, NORTH, RES)
+
+
+def read_band(path):
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.profile, ds.tags(), ds.descriptions
+
+
+def read_polygons(path):
+    meta, _, wkb, fields = pyogrio.raw.read(path)
+    geoms = shapely.from_wkb(wkb) if wkb is not None else np.array([])
+    return meta, geoms, dict(zip(meta["fields"], fields))
+
+
+def test_value_rule_raster_polygons_and_tags(tmp_path, score_map):
+    result = threshold_map(score_map, "value:0.15", out_dir=tmp_path / "out")
+    assert result.threshold == 0.15 and result.band == "fused"
+    binary, profile, tags, descriptions = read_band(result.raster_path)
+    with rasterio.open(score_map) as src:
+        values = src.read(1)
+        assert profile["transform"] == src.transform and profile["crs"] == src.crs
+        assert (profile["width"], profile["height"]) == (src.width, src.height)
+    assert profile["dtype"] == "uint8" and profile["nodata"] == 255
+    valid = np.isfinite(values)
+    np.testing.assert_array_equal(binary[~valid], 255)
+    np.testing.assert_array_equal(binary[valid], (values[valid] >= 0.15).astype(np.uint8))
+    assert result.n_in_range == int((values[valid] >= 0.15).sum()) > 20
+    assert result.n_valid == int(valid.sum())
+    assert tags["RULE"] == "value:0.15" and float(tags["THRESHOLD"]) == 0.15
+    assert tags["SOURCE_MAP"] == "map.tif" and descriptions == ("range",)
+
+    meta, geoms, fields = read_polygons(result.polygons_path)
+    assert meta["crs"] == "EPSG:4326"
+    assert len(geoms) >= 2 and shapely.is_valid(geoms).all()
+    union = shapely.union_all(geoms)
+    lat, lon = centres(WEST, NORTH, RES, HEIGHT, WIDTH)
+    in_range = binary == 1
+    assert shapely.covers(union, shapely.points(lon[in_range], lat[in_range])).all()
+    # Simplified, so the outline hugs the cells: few out-of-range centres inside it.
+    outside = shapely.contains(union, shapely.points(lon[binary == 0], lat[binary == 0]))
+    assert outside.sum() < 0.1 * in_range.sum()
+    # Areas: geodesic, close to the area of the in-range cells on a sphere.
+    r = 6371.0088
+    lat_top = np.radians(lat + RES / 2)
+    lat_bottom = np.radians(lat - RES / 2)
+    cell_km2 = r * r * math.radians(RES) * (np.sin(lat_top) - np.sin(lat_bottom))
+    expected = float(cell_km2[in_range].sum())
+    assert result.area_km2 == pytest.approx(expected, rel=0.08)
+    assert fields["area_km2"].sum() == pytest.approx(result.area_km2)
+    assert list(fields["area_km2"]) == sorted(fields["area_km2"], reverse=True)
+    assert set(fields["rule"]) == {"value:0.15"}
+    # range_outline gives the same geometry, without writing files.
+    outline = range_outline(score_map, "value:0.15")
+    assert outline.geom_type == "MultiPolygon"
+    assert shapely.equals_exact(shapely.normalize(outline), shapely.normalize(union), 1e-9)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["map_range.gpkg",
+                                                                    "map_range.tif"]
+
+
+def test_percentile_rule_keeps_about_ten_percent(tmp_path, score_map):
+    result = threshold_map(score_map, "percentile:90")
+    assert result.raster_path.parent == score_map.parent  # default: next to the map
+    share = result.n_in_range / result.n_valid
+    assert abs(share - 0.10) < 1.0 / result.n_valid + 1e-9
+    # By name: the location band is another surface.
+    other = threshold_map(score_map, "percentile:90", band="location", stem="loc")
+    assert other.band == "location" and other.raster_path.name == "loc_range.tif"
+    assert other.threshold != result.threshold or other.n_in_range == result.n_in_range
+
+
+def test_maxtss_rule_uses_the_evaluation_threshold(tmp_path, score_map):
+    rng = np.random.default_rng(2)
+    lat = rng.normal(45, 1.0, 80)
+    lon = rng.normal(-5, 1.0, 80)
+    occ = tmp_path / "occ.csv"
+    occ.write_text("latitude,longitude\n" + "".join(f"{a},{b}\n" for a, b in zip(lat, lon)))
+    result = threshold_map(score_map, f"maxtss:{occ}", out_dir=tmp_path / "o", seed=3)
+    expected = evaluate_map(score_map, np.column_stack([lat, lon]), seed=3).band("fused")
+    assert result.threshold == expected.tss_threshold
+    binary, _, tags, _ = read_band(result.raster_path)
+    assert tags["RULE"] == f"maxtss:{occ}"
+    # A bare "maxtss" takes the occurrences argument (array or file).
+    again = threshold_map(score_map, "maxtss", out_dir=tmp_path / "p", seed=3,
+                          occurrences=np.column_stack([lat, lon]))
+    assert again.threshold == result.threshold
+
+
+def test_empty_range_and_bad_rules(tmp_path, score_map):
+    result = threshold_map(score_map, "value:5", out_dir=tmp_path)
+    binary, _, _, _ = read_band(result.raster_path)
+    assert set(np.unique(binary)) == {0, 255} and result.area_km2 == 0.0
+    _, geoms, _ = read_polygons(result.polygons_path)
+    assert len(geoms) == 0
+    for bad in ("top10", "percentile:150", "value:abc", "percentile:", ""):
+        with pytest.raises(TaxamapError) as err:
+            parse_rule(bad)
+        assert "percentile:P" in str(err.value) and "maxtss:OCC_FILE" in str(err.value)
+    with pytest.raises(TaxamapError, match="needs occurrences"):
+        threshold_map(score_map, "maxtss", out_dir=tmp_path)
+    with pytest.raises(TaxamapError, match="no band 'satellite'"):
+        threshold_map(score_map, "value:0.1", out_dir=tmp_path, band="satellite")
+    assert parse_rule(" Percentile:95 ").value == 95.0
+
+
+def test_projected_map_polygons_come_out_in_wgs84(tmp_path):
+    from pyproj import Transformer
+
+    # 10 km cells in California Albers (EPSG:3310); in range: a block of 6 x 8 cells.
+    values = np.zeros((20, 20), dtype=np.float32)
+    values[5:11, 4:12] = 1.0
+    values[0, :] = np.nan
+    path = write_map(tmp_path / "albers.tif", {"fused": values}, -100_000.0, 100_000.0,
+                     10_000.0, crs="EPSG:3310")
+    result = threshold_map(path, "value:0.5")
+    meta, geoms, fields = read_polygons(result.polygons_path)
+    assert meta["crs"] == "EPSG:4326" and len(geoms) == 1
+    rows, cols = np.nonzero(values == 1.0)
+    x = -100_000.0 + (cols + 0.5) * 10_000.0
+    y = 100_000.0 - (rows + 0.5) * 10_000.0
+    lon, lat = Transformer.from_crs("EPSG:3310", "EPSG:4326", always_xy=True).transform(x, y)
+    assert shapely.covers(geoms[0], shapely.points(lon, lat)).all()
+    assert fields["area_km2"][0] == pytest.approx(48 * 100.0, rel=0.01)  # equal-area source
