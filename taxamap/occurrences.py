@@ -243,7 +243,8 @@ def _read_text(path: Path, handle: io.TextIOBase, wanted: list[str], need_label:
         header = next(csv.reader([header_line], delimiter=delimiter))
         columns = _coordinate_columns(header)
         if columns is None:
-            shown = ", ".join(h.strip() for h in header[:12]) + (", ..." if len(header) > 12 else "")
+            shown = ", ".join(h.strip() for h in header[:12])
+            shown += ", ..." if len(header) > 12 else ""
             raise TaxamapError(f"occurrence file {path} has no coordinate columns (found: "
                                f"{shown}); name them {ACCEPTED_COLUMNS_TEXT}")
         label_at = _label_index(header, wanted) if need_label else None
