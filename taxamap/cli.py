@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean: average of per-modality cosine maps (default); sum: TaxaBind's "
                    "rule, cosine with the renormalised sum of the cell's modality embeddings")
     p.add_argument("--out", default=".", metavar="DIR", help="output folder (default: current)")
+    r = p.add_argument_group("range products and overlays")
+    r.add_argument("--threshold", metavar="RULE",
+                   help="also write a binary range GeoTIFF and polygons (GeoPackage) cut at RULE: "
+                   "percentile:90 | value:0.25 | maxtss:OCC_FILE; the outline is drawn on the HTML")
+    r.add_argument("--occurrences", metavar="FILE",
+                   help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
+                   "GeoJSON) shown as clustered markers on the HTML map")
+    r.add_argument("--self-contained", action="store_true",
+                   help="one HTML file that renders with no internet (needs taxamap[offline])")
     p.add_argument("--stack", action="store_true",
                    help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
                    "instead of files per species")
@@ -132,6 +141,56 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _grid_options(p)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce)",
+        description="Per band of MAP (fused and each modality): ROC-AUC, average precision, the "
+        "threshold maximising TSS and that TSS, and the continuous Boyce index. Points outside "
+        "the map or on nodata are counted and reported.",
+        epilog="examples:\n  taxamap evaluate cardinalis-cardinalis.tif --occurrences gbif.csv\n"
+        "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("map", help="a GeoTIFF written by taxamap predict")
+    p.add_argument("--occurrences", required=True, metavar="FILE",
+                   help="presences: CSV (lat/lon, latitude/longitude or GBIF's decimalLatitude/"
+                   "decimalLongitude), GeoPackage, Shapefile or GeoJSON in any CRS")
+    p.add_argument("--background", metavar="FILE", help="absence/background points (default: "
+                   "sampled uniformly over the map's valid cells)")
+    p.add_argument("--presence-column", metavar="COL", help="one file with a 1/0 column COL "
+                   "holding both presences (1) and background (0)")
+    p.add_argument("--n-background", type=int, default=10000, help="sampled background size")
+    p.add_argument("--seed", type=int, default=0, help="background sampling seed (default 0)")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--roc", metavar="PNG", help="also write ROC curves (PNG)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "threshold", help="cut a map into a binary range GeoTIFF and polygons",
+        epilog="examples:\n  taxamap threshold map.tif --rule percentile:90\n"
+        "  taxamap threshold map.tif --rule maxtss:gbif.csv --out ranges/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("map", help="a GeoTIFF written by taxamap predict")
+    p.add_argument("--rule", default="percentile:90",
+                   help="percentile:P | value:V | maxtss:OCC_FILE (default percentile:90)")
+    p.add_argument("--band", default="1", help="band number or name (default 1 = fused)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the map's folder)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "occurrences", help="download GBIF occurrences of a species in a region (needs internet)",
+        epilog='example:\n  taxamap occurrences --species "Cardinalis cardinalis" --region ohio '
+        "--out cardinal.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--species", required=True, help="binomial")
+    p.add_argument("--region", help="preset name or vector file")
+    p.add_argument("--bbox", metavar="W,S,E,N", help="lon/lat box")
+    p.add_argument("--out", required=True, metavar="FILE", help="CSV to write")
+    p.add_argument("--limit", type=int, default=5000, help="most records to fetch (default 5000)")
+    p.add_argument("--cache", metavar="DIR", default=None, help="cache folder")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("regions", help="list region presets")
@@ -170,7 +229,8 @@ def _cmd_predict(args) -> int:
 
     req = PredictRequest(species=args.species, image=args.image, audio=args.audio,
                          species_file=args.species_file, stack=args.stack, fusion=args.fusion,
-                         out=args.out, **_grid_kwargs(args))
+                         out=args.out, threshold=args.threshold, occurrences=args.occurrences,
+                         self_contained=args.self_contained, **_grid_kwargs(args))
     if args.stack and not args.species_file:
         raise TaxamapError("--stack needs --species-file")
     result = predict(req)
@@ -240,7 +300,49 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from taxamap.evaluate import evaluate_files
+
+    result = evaluate_files(
+        args.map, args.occurrences, background=args.background,
+        presence_column=args.presence_column, n_background=args.n_background, seed=args.seed,
+        json_path=args.json, roc_path=args.roc,
+    )
+    from taxamap.evaluate import format_table
+
+    print(format_table(result))
+    return 0
+
+
+def _cmd_threshold(args) -> int:
+    from taxamap.ranges import threshold_map
+
+    band = int(args.band) if args.band.isdigit() else args.band
+    result = threshold_map(args.map, args.rule, args.out, band=band)
+    print(result.paths["raster"])
+    print(result.paths["polygons"])
+    print(f"threshold {result.threshold:.4f}: {result.n_in_range:,} of {result.n_valid:,} cells, "
+          f"{result.area_km2:,.0f} km2", file=sys.stderr)
+    return 0
+
+
+def _cmd_occurrences(args) -> int:
+    from taxamap.occurrences import download_occurrences
+    from taxamap.regions import resolve_region
+
+    region = resolve_region(args.region, args.bbox, land_only=False)
+    result = download_occurrences(args.species, region.outline, args.out, limit=args.limit,
+                                  cache_dir=args.cache)
+    print(result.path)
+    print(f"{result.n_records:,} records of {result.count:,} for {result.scientific_name}"
+          + (" (truncated at --limit)" if result.truncated else ""), file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
+    "evaluate": _cmd_evaluate,
+    "threshold": _cmd_threshold,
+    "occurrences": _cmd_occurrences,
     "predict": _cmd_predict,
     "embed": _cmd_embed,
     "regions": _cmd_regions,

@@ -570,3 +570,36 @@ def _write_atomic(path: Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def evaluate_files(
+    map_path: str | os.PathLike,
+    occurrences: str | os.PathLike,
+    *,
+    background: str | os.PathLike | None = None,
+    presence_column: str | None = None,
+    n_background: int = DEFAULT_N_BACKGROUND,
+    seed: int = 0,
+    json_path: str | os.PathLike | None = None,
+    roc_path: str | os.PathLike | None = None,
+) -> EvaluationResult:
+    """``taxamap evaluate``: read the point files, evaluate every band, write the optional JSON
+    and ROC figure. ``presence_column`` reads presences and background from one labelled file."""
+    from taxamap.occurrences import read_labelled_points, read_points
+
+    if presence_column:
+        presences, given_background = read_labelled_points(occurrences, presence_column)
+        if background is None:
+            background_points = given_background
+        else:
+            background_points = read_points(background)
+    else:
+        presences = read_points(occurrences)
+        background_points = read_points(background) if background else None
+    result = evaluate_map(map_path, presences, background_points, n_background=n_background,
+                          seed=seed)
+    if json_path:
+        result.to_json(json_path)
+    if roc_path:
+        plot_roc(result, roc_path)
+    return result

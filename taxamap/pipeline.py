@@ -67,6 +67,9 @@ class PredictRequest(GridRequest):
     fusion: str = DEFAULT_FUSION
     out: str = "."
     formats: tuple[str, ...] = ("tif", "html", "png")
+    threshold: str | None = None
+    occurrences: str | None = None
+    self_contained: bool = False
 
 
 @dataclass
@@ -300,6 +303,10 @@ def predict(req: PredictRequest) -> PredictResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
+    if req.threshold:
+        from taxamap.ranges import parse_rule
+
+        parse_rule(req.threshold)  # a bad rule fails before any long work
     out_dir = check_out_dir(req.out)
     device = pick_device(req.device)
     config, config_ref = load_config(req.models_dir)
@@ -309,18 +316,24 @@ def predict(req: PredictRequest) -> PredictResult:
         f"({grid.width} x {grid.height} grid)")
     timings["grid"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
-    cells = embed_cells(req, grid, config, device)
-    timings["cells"] = time.perf_counter() - t
-
+    # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
     queries, query_ref = embed_queries(req, config, device)
     timings["query"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    cells = embed_cells(req, grid, config, device)
+    timings["cells"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]), req.fusion)
     timings["score"] = time.perf_counter() - t
 
+    occurrences = None
+    if req.occurrences:
+        from taxamap.occurrences import read_points
+
+        occurrences = read_points(req.occurrences)
     models = {"config": config_ref, "query": query_ref, **cells.model_refs}
     outline = getattr(region, "outline", None) or region.geometry
     t = time.perf_counter()
@@ -341,7 +354,10 @@ def predict(req: PredictRequest) -> PredictResult:
             slug=query.slug,
             extra_tags={"IMAGERY_LICENSE": cells.license} if cells.license else {},
         )
-        files = {} if req.stack else write_outputs(scoremap, out_dir, req.formats)
+        files = {} if req.stack else write_outputs(
+            scoremap, out_dir, req.formats, threshold=req.threshold, occurrences=occurrences,
+            self_contained=req.self_contained,
+        )
         for ext, path in files.items():
             paths[f"{query.slug}.{ext}"] = path
         valid = fused[i][np.isfinite(fused[i])]
@@ -369,16 +385,50 @@ def predict(req: PredictRequest) -> PredictResult:
                          last if len(queries) == 1 else None, summary)
 
 
-def write_outputs(scoremap: ScoreMap, out_dir: Path, formats=("tif", "html", "png")) -> dict[str, Path]:
-    """Write the requested files for ``scoremap`` into ``out_dir`` (each atomically)."""
-    from taxamap.writers.geotiff import write_geotiff
-    from taxamap.writers.html import write_html
-    from taxamap.writers.png import write_png
+def write_outputs(
+    scoremap: ScoreMap,
+    out_dir: Path,
+    formats=("tif", "html", "png"),
+    *,
+    threshold: str | None = None,
+    occurrences: np.ndarray | None = None,
+    self_contained: bool = False,
+) -> dict[str, Path]:
+    """Write the requested files for ``scoremap`` into ``out_dir`` (each atomically).
 
-    writers = {"tif": write_geotiff, "html": write_html, "png": write_png}
-    paths = {}
-    for ext in formats:
-        paths[ext] = writers[ext](scoremap, out_dir / f"{scoremap.slug}.{ext}")
+    With ``threshold`` the binary range GeoTIFF and polygons are written beside the map and the
+    range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it.
+    """
+    from taxamap.writers.geotiff import write_geotiff
+
+    paths: dict[str, Path] = {}
+    range_geometry = None
+    if "tif" in formats or threshold:
+        paths["tif"] = write_geotiff(scoremap, out_dir / f"{scoremap.slug}.tif")
+    if threshold:
+        from taxamap.ranges import threshold_map
+
+        result = threshold_map(paths["tif"], threshold, out_dir, occurrences=occurrences)
+        paths["range.tif"] = result.paths["raster"]
+        paths["range.gpkg"] = result.paths["polygons"]
+        range_geometry = result.geometry
+        log(f"range ({threshold}): threshold {result.threshold:.4f}, {result.n_in_range:,} of "
+            f"{result.n_valid:,} cells, {result.area_km2:,.0f} km2")
+    if "html" in formats:
+        from taxamap.writers.html import write_html
+
+        extras = {}
+        if occurrences is not None:
+            extras["occurrences"] = occurrences
+        if range_geometry is not None:
+            extras["range_geometry"] = range_geometry
+        if self_contained:
+            extras["self_contained"] = True
+        paths["html"] = write_html(scoremap, out_dir / f"{scoremap.slug}.html", **extras)
+    if "png" in formats:
+        from taxamap.writers.png import write_png
+
+        paths["png"] = write_png(scoremap, out_dir / f"{scoremap.slug}.png")
     return paths
 
 

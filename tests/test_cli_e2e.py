@@ -194,3 +194,30 @@ def test_species_file_maps_each_species_and_stack(tmp_path, models_dir):
     with rasterio.open(tmp_path / "each" / "cyanocitta-cristata.tif") as ds:
         assert np.array_equal(stacked[1], ds.read(1), equal_nan=True)
     assert not np.array_equal(stacked[0], stacked[1], equal_nan=True)
+
+
+def test_evaluate_and_threshold_commands(predicted, tmp_path):
+    out, _, _ = predicted
+    tif = out / "cardinalis-cardinalis.tif"
+    occ = tmp_path / "occ.csv"
+    rng = np.random.default_rng(1)
+    lat, lon = rng.uniform(39.05, 40.95, 40), rng.uniform(-83.95, -82.05, 40)
+    occ.write_text("decimalLatitude\tdecimalLongitude\n" + "".join(
+        f"{a:.4f}\t{b:.4f}\n" for a, b in zip(lat, lon)) + "10.0\t10.0\n")
+    proc = run(["evaluate", str(tif), "--occurrences", str(occ), "--json", str(tmp_path / "m.json"),
+                "--roc", str(tmp_path / "roc.png"), "--n-background", "200"])
+    assert proc.returncode == 0, proc.stderr
+    assert "fused" in proc.stdout and "location" in proc.stdout and "auc" in proc.stdout.lower()
+    import json
+
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert (tmp_path / "roc.png").stat().st_size > 1000
+    assert "1" in json.dumps(metrics)  # the point outside the map is counted, not dropped
+    proc = run(["threshold", str(tif), "--rule", "percentile:80", "--out", str(tmp_path / "r")])
+    assert proc.returncode == 0, proc.stderr
+    with rasterio.open(tmp_path / "r" / "cardinalis-cardinalis_range.tif") as ds:
+        binary = ds.read(1)
+    assert set(np.unique(binary)) <= {0, 1, 255} and (binary == 1).sum() > 0
+    assert (tmp_path / "r" / "cardinalis-cardinalis_range.gpkg").is_file()
+    bad = run(["threshold", str(tif), "--rule", "top:5"])
+    assert bad.returncode == 2 and "percentile" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,152 @@
+"""GPU benchmark (run when a GPU is lent): satellite encoder tiles/s in bf16 and its fraction of
+the measured bf16 GEMM rate, location points/s, and end-to-end cells/s through the engine.
+
+    python benchmarks/gpu.py            # or: bash benchmarks/gpu.sh (also runs the CUDA tests)
+
+Weights are random at the released sizes (ViT-B/16 CLIP vision tower as MVRL/ecosat; GeoCLIP
+location MLPs as MVRL/ecogeo): speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import gemm_flops, machine  # noqa: E402
+
+VIT_B16 = {
+    "model_type": "clip_vision_model", "architectures": ["CLIPVisionModelWithProjection"],
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "image_size": 224, "patch_size": 16, "projection_dim": 512,
+    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "num_channels": 3,
+}
+
+
+def sync():
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def timed(fn, repeats=5):
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def vit_flops_per_tile(cfg=VIT_B16) -> float:
+    """Matmul FLOPs of one ViT forward (patch embed, attention, MLP, projection)."""
+    tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
+    d, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    patch = 2 * (tokens - 1) * (3 * cfg["patch_size"] ** 2) * d
+    per_layer = 2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d \
+        + 2 * 2 * tokens * d * f
+    return patch + layers * per_layer + 2 * d * cfg["projection_dim"]
+
+
+def write_satellite_repo(folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(VIT_B16))
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**{k: v for k, v in VIT_B16.items()
+                                                              if k not in ("model_type", "architectures")}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"))
+    del torch
+
+
+def write_location_repo(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tests.tiny.location import state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"dim": 512, "encoded_size": 256,
+                                                    "input_size": 2, "sigma": [1, 16, 256]}))
+    save_file(state_dict(0, encoded=256, hidden=1024), str(folder / "model.safetensors"))
+
+
+class SyntheticPatches:
+    """An imagery source that makes patches in memory (no network): for timing the engine."""
+
+    attribution = None
+    license = None
+
+    def __init__(self, size=256):
+        rng = np.random.default_rng(0)
+        from PIL import Image
+
+        self.tiles = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+                      for _ in range(16)]
+
+    def fetch(self, latlon):
+        return [self.tiles[i % 16] for i in range(len(latlon))]
+
+    def describe(self):
+        return {"kind": "synthetic"}
+
+
+def main() -> None:
+    import torch
+
+    from taxamap import engine
+    from taxamap.models.location import load_location_encoder
+    from taxamap.models.satellite import load_satellite_encoder
+
+    rows = []
+    bf16 = gemm_flops(8192, device="cuda", dtype=torch.bfloat16)
+    fp32 = gemm_flops(8192, device="cuda", dtype=torch.float32)
+    rows.append(("bf16 GEMM 8192^3", f"{bf16 / 1e12:.0f} TFLOP/s"))
+    rows.append(("fp32 GEMM 8192^3 (TF32 per torch default)", f"{fp32 / 1e12:.0f} TFLOP/s"))
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp)
+        write_satellite_repo(models / "MVRL" / "ecosat")
+        write_location_repo(models / "MVRL" / "ecogeo")
+        sat = load_satellite_encoder(models, device="cuda")
+        flops = vit_flops_per_tile()
+        rows.append(("ViT-B/16 GFLOP per tile", f"{flops / 1e9:.1f}"))
+        for batch in (64, 256, 512):
+            pixels = torch.randn(batch, 3, 224, 224, device="cuda")
+            t = timed(lambda: sat.encode_pixels(pixels))
+            rate = batch / t
+            rows.append((f"satellite encoder bf16, batch {batch} (pixels on GPU)",
+                         f"{rate:.0f} tiles/s = {rate * flops / bf16:.0%} of bf16 GEMM"))
+        loc = load_location_encoder(models, device="cuda")
+        loc.batch_size = 65536
+        latlon = np.c_[np.random.uniform(-90, 90, 500_000), np.random.uniform(-180, 180, 500_000)]
+        t = timed(lambda: loc.encode(latlon), repeats=3)
+        rows.append(("location encoder fp32 (500k points, incl. host copies)",
+                     f"{len(latlon) / t:,.0f} pts/s"))
+        source = SyntheticPatches()
+        cells = latlon[:4096]
+        emb = engine.satellite_embedder(sat, source)
+        t = time.perf_counter()
+        engine.embed_in_memory(cells, emb, block_cells=512, progress=False)
+        t = time.perf_counter() - t
+        rows.append(("engine end-to-end satellite (PIL preprocessing on CPU)",
+                     f"{len(cells) / t:,.0f} cells/s"))
+    print(f"machine: {machine()}")
+    for name, value in rows:
+        print(f"{name:<58} {value}")
+
+
+if __name__ == "__main__":
+    main()
