@@ -1,5 +1,8 @@
 """An interactive HTML map (folium/Leaflet): one image overlay per band in a layer control, the
-region outline, a colour legend with units and the display stretch, the imagery credit, a title.
+region outline, a colour legend with units and the display stretch, the imagery credit, a title;
+optionally occurrence points (clustered markers) and a range outline, and a self-contained variant
+that embeds Leaflet (from an installed package, see :mod:`taxamap.writers.assets`) and draws
+Natural Earth land instead of web tiles, so it opens with no internet.
 
 Leaflet shows images in Web Mercator, so each overlay's rows are re-picked at evenly spaced
 Mercator northings before encoding; stretching a lat/lon raster over its bounds would misplace
@@ -80,7 +83,8 @@ def _title_html(scoremap) -> str:
     )
 
 
-def _legend_html(scoremap, stretches: list[tuple[str, Stretch]]) -> str:
+def _legend_html(scoremap, stretches: list[tuple[str, Stretch]], extras: str = "",
+                 footer: str = "") -> str:
     rows = "".join(
         f"<tr><td>{_esc(name)}</td><td style='text-align:right'>"
         + (f"{s.vmin:.3f} – {s.vmax:.3f}" if s.valid else "no valid cells")
@@ -91,7 +95,7 @@ def _legend_html(scoremap, stretches: list[tuple[str, Stretch]]) -> str:
     imagery = (f"<div style='margin-top:4px'>Imagery: {_esc(credit[0])} (licence: "
                f"{_esc(credit[1])})</div>" if credit else "")
     return (
-        '<div id="taxamap-legend" style="position:fixed;bottom:24px;left:12px;z-index:1000;'
+        '<div id="taxamap-legend" style="position:fixed;bottom:56px;left:12px;z-index:1000;'
         "background:rgba(255,255,255,.94);padding:8px 10px;border-radius:4px;"
         'box-shadow:0 1px 4px rgba(0,0,0,.3);font:12px/1.35 sans-serif;max-width:330px">'
         f"<b>Score</b>: {_esc(UNITS)}"
@@ -104,28 +108,236 @@ def _legend_html(scoremap, stretches: list[tuple[str, Stretch]]) -> str:
         f"<table style='margin-top:4px;font-size:11px'>{rows}</table>"
         "<div style='font-size:11px;color:#555'>The GeoTIFF holds the raw, unstretched values."
         "</div>"
-        f"{imagery}"
+        f"{extras}{imagery}{footer}"
         f"<div style='font-size:10px;color:#777'>taxamap {_esc(taxamap.__version__)}</div>"
         "</div>"
     )
 
 
-def write_html(scoremap, path: str | os.PathLike) -> Path:
+# ---------------------------------------------------------------- extra layers
+
+LAND_NAME = "land (Natural Earth)"
+OCCURRENCES_NAME = "occurrences"
+RANGE_NAME = "range outline"
+
+#: Colours of the offline base (sea behind, land on top) and of the extra layers. Orange points
+#: and a purple outline stay distinct from the green score ramp and from each other.
+SEA_COLOR = "#d5e3ec"
+LAND_FILL = "#f3f0e8"
+LAND_LINE = "#9a9a9a"
+RANGE_COLOR = "#7b3294"
+POINT_FILL = "#ff7f00"
+POINT_LINE = "#5a2d00"
+
+#: Deepest zoom; web tiles stop near here, and a coarse score grid has nothing finer to show.
+MAX_ZOOM = 18
+
+# Panes keep the drawing order fixed however layers are toggled: land under the scores, the
+# scores under the outlines (overlayPane, 400), points and clusters above everything.
+_LAND_PANE = ("taxamap-land", 250)
+_SCORE_PANE = ("taxamap-scores", 350)
+
+
+def _frame_shift(x: float, west: float, east: float) -> float:
+    """The multiple of 360 that moves longitude ``x`` nearest the middle of [west, east]."""
+    return 360.0 * round(((west + east) / 2.0 - x) / 360.0)
+
+
+def _to_frame(geom, west: float, east: float):
+    """``geom`` with each part moved by whole turns so it lies in the map's longitude frame
+    (a grid across the antimeridian runs e.g. 170..190; GeoJSON sources use -180..180)."""
+    import shapely
+    from shapely import affinity
+
+    parts = []
+    for part in shapely.get_parts(geom):
+        lo, _, hi, _ = part.bounds
+        shift = _frame_shift((lo + hi) / 2.0, west, east)
+        parts.append(affinity.translate(part, xoff=shift) if shift else part)
+    if len(parts) == 1:
+        return parts[0]
+    if all(p.geom_type == "Polygon" for p in parts):
+        return shapely.multipolygons(parts)
+    return shapely.GeometryCollection(parts)
+
+
+def _feature_collection(geom) -> dict:
+    from shapely.geometry import mapping
+
+    return {"type": "FeatureCollection",
+            "features": [{"type": "Feature", "properties": {}, "geometry": mapping(geom)}]}
+
+
+def land_context(bounds: tuple[float, float, float, float], tolerance: float):
+    """Natural Earth land (``taxamap.grids.land()``) clipped to ``bounds`` (west, south, east,
+    north; west < -180 or east > 180 allowed: shifted copies fill those parts), simplified by
+    ``tolerance`` degrees; None when there is no land there or no land data."""
+    try:
+        from taxamap.grids import land
+
+        geom = land()
+    except Exception:  # noqa: BLE001 - context only; never fail a map over it
+        return None
+    if geom is None or geom.is_empty:
+        return None
+    import shapely
+    from shapely import affinity
+
+    west, south, east, north = bounds
+    pieces = []
+    for shift in (-360.0, 0.0, 360.0):
+        if west - shift < 180.0 and east - shift > -180.0:
+            moved = geom if shift == 0 else affinity.translate(geom, xoff=shift)
+            pieces.append(shapely.clip_by_rect(moved, west, south, east, north))
+    polys = [p for piece in pieces for p in shapely.get_parts(piece)
+             if p.geom_type == "Polygon" and not p.is_empty]
+    if not polys:
+        return None
+    out = shapely.simplify(shapely.multipolygons(polys), tolerance, preserve_topology=True)
+    return None if out.is_empty else out
+
+
+def _view_bounds(grid) -> tuple[float, float, float, float]:
+    """The grid's bounds with a margin (so panning a little still shows context), clipped to
+    Web Mercator's latitudes."""
+    from taxamap.writers.style import MERCATOR_MAX_LAT
+
+    south = grid.north - grid.height * grid.resolution
+    east = grid.west + grid.width * grid.resolution
+    margin = max(5.0, 0.5 * max(east - grid.west, grid.north - south))
+    return (grid.west - margin, max(south - margin, -MERCATOR_MAX_LAT),
+            east + margin, min(grid.north + margin, MERCATOR_MAX_LAT))
+
+
+def _occurrence_points(occurrences) -> tuple[np.ndarray, int]:
+    """(N, 2) (lat, lon) rows with finite coordinates, and how many rows were dropped."""
+    from taxamap.errors import TaxamapError
+
+    try:
+        pts = np.asarray(occurrences, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TaxamapError("occurrences must be an (N, 2) array of (lat, lon) degrees") from None
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise TaxamapError(f"occurrences must be an (N, 2) array of (lat, lon) degrees; got shape "
+                           f"{pts.shape}")
+    ok = np.isfinite(pts).all(axis=1)
+    if (np.abs(pts[ok, 0]) > 90.0).any():
+        raise TaxamapError("occurrence latitudes must lie in [-90, 90]; are the columns in "
+                           "(lon, lat) order? pass (lat, lon)")
+    return pts[ok], int((~ok).sum())
+
+
+# Leaflet code run per occurrence row [lat, lon-in-map-frame]; the popup shows lon in -180..180.
+_POINT_CALLBACK = """function (row) {
+    var lon = ((row[1] + 540) %% 360) - 180;
+    var marker = L.circleMarker(new L.LatLng(row[0], row[1]), {
+        radius: 5, weight: 1, color: "%s", fillColor: "%s", fillOpacity: 0.95});
+    marker.bindPopup("occurrence<br>lat " + row[0].toFixed(5) + ", lon " + lon.toFixed(5));
+    return marker;
+}""" % (POINT_LINE, POINT_FILL)
+
+_CLUSTER_ICON = """function (cluster) {
+    var n = cluster.getChildCount();
+    var size = n < 10 ? 28 : (n < 100 ? 34 : 42);
+    return L.divIcon({html: "<div><span>" + n + "</span></div>",
+                      className: "marker-cluster taxamap-cluster",
+                      iconSize: new L.Point(size, size)});
+}"""
+
+_CLUSTER_CSS = f"""<style>
+.marker-cluster.taxamap-cluster {{ background: {POINT_FILL}66; border-radius: 50%; }}
+.marker-cluster.taxamap-cluster div {{ width: calc(100% - 8px); height: calc(100% - 8px); margin: 4px;
+  border-radius: 50%; background: {POINT_FILL}; color: #fff; display: flex;
+  align-items: center; justify-content: center; font: bold 12px sans-serif; }}
+.marker-cluster.taxamap-cluster span {{ line-height: 1; }}
+</style>"""
+
+
+def _extras_legend(n_points: int | None, dropped: int, range_state: str | None,
+                   range_label: str | None) -> str:
+    rows = []
+    if n_points is not None:
+        note = f" ({dropped} without coordinates not shown)" if dropped else ""
+        rows.append(
+            f"<div><span style='display:inline-block;width:10px;height:10px;border-radius:50%;"
+            f"background:{POINT_FILL};border:1px solid {POINT_LINE};margin-right:5px;"
+            f"vertical-align:middle'></span>occurrences: {n_points}{note}, clustered</div>")
+    if range_state is not None:
+        label = f" ({_esc(range_label)})" if range_label else ""
+        text = "range outline" if range_state == "drawn" else "range: no cell reaches the threshold"
+        rows.append(
+            f"<div><span style='display:inline-block;width:16px;height:0;border-top:3px solid "
+            f"{RANGE_COLOR};margin-right:5px;vertical-align:middle'></span>{text}{label}</div>")
+    return f"<div style='margin-top:4px'>{''.join(rows)}</div>" if rows else ""
+
+
+def _offline_footer(libraries) -> str:
+    libs = ", ".join(f"{_esc(lib.name)} {_esc(lib.version)} ({_esc(lib.license)})"
+                     for lib in libraries)
+    return ("<div style='font-size:10px;color:#555;margin-top:4px'>Offline map: land from Natural "
+            f"Earth (public domain); map library {libs}, embedded in this file (licence notices "
+            "in the page source).</div>")
+
+
+def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
+               range_geometry=None, range_label: str | None = None,
+               self_contained: bool = False) -> Path:
     """Write ``scoremap`` as an interactive folium map at ``path`` (atomically); return the path.
 
     One image overlay per band ("fused" shown, each modality toggleable in the layer control),
     the region outline, a legend stating units and the display stretch, and the imagery credit.
+
+    ``occurrences``: (N, 2) (lat, lon) degrees, drawn as clustered markers with lat/lon popups in
+    their own layer (rows with NaN are skipped and counted in the legend).
+    ``range_geometry``: a shapely geometry in EPSG:4326 (e.g. :func:`taxamap.ranges.range_outline`)
+    drawn as an outline in its own layer; ``range_label`` (e.g. the threshold rule) names it.
+    ``self_contained``: embed Leaflet and the marker-cluster plugin from the installed
+    ``taxamap[offline]`` packages (TaxamapError naming them when missing), drop the web basemap
+    and draw Natural Earth land instead, so the one file renders with no network.
     """
     import folium
     import shapely
-    from shapely.geometry import mapping
+    from folium.plugins import FastMarkerCluster
+
+    from taxamap.errors import TaxamapError
+    from taxamap.writers import assets
 
     bands = _check_shapes(scoremap)
     grid = scoremap.grid
     credit = imagery_credit(scoremap)
+    # Fail before any work when the offline assets are missing.
+    libraries = assets.offline_libraries() if self_contained else None
+    points, dropped = (_occurrence_points(occurrences) if occurrences is not None
+                       else (None, 0))
+    if range_geometry is not None and not isinstance(range_geometry, shapely.Geometry):
+        raise TaxamapError("range_geometry must be a shapely geometry in EPSG:4326 (lon, lat)")
+    east = grid.west + grid.width * grid.resolution
 
     m = folium.Map(tiles=None, control_scale=True)
-    folium.TileLayer("OpenStreetMap", name="basemap (OpenStreetMap)").add_to(m)
+    # Without a tile layer the map has no zoom limit, which the cluster plugin refuses.
+    m.options["max_zoom"] = MAX_ZOOM
+    if self_contained:
+        # Only Leaflet itself (plus the cluster plugin's own files) is used; folium's jQuery,
+        # Bootstrap and icon fonts serve features this map does not draw.
+        m.default_js = [js for js in m.default_js if js[0] == "leaflet"]
+        m.default_css = [css for css in m.default_css if css[0] == "leaflet_css"]
+        m.get_root().header.add_child(folium.Element(
+            f"<style>.folium-map.leaflet-container {{ background: {SEA_COLOR}; }}</style>"))
+    else:
+        folium.TileLayer("OpenStreetMap", name="basemap (OpenStreetMap)").add_to(m)
+    for pane, z in (_LAND_PANE, _SCORE_PANE):
+        folium.map.CustomPane(pane, z_index=z, pointer_events=False).add_to(m)
+
+    if self_contained:
+        view = _view_bounds(grid)
+        land = land_context(view, tolerance=max(east - grid.west, 1.0) / 1500.0)
+        if land is not None:
+            folium.GeoJson(
+                _feature_collection(land), name=LAND_NAME, pane=_LAND_PANE[0],
+                interactive=False, attribution="Land: Natural Earth",
+                style_function=lambda _f: {"color": LAND_LINE, "weight": 0.8,
+                                           "fillColor": LAND_FILL, "fillOpacity": 1.0},
+            ).add_to(m)
 
     stretches = []
     bounds = None
@@ -141,6 +353,7 @@ def write_html(scoremap, path: str | os.PathLike) -> Path:
             opacity=OVERLAY_OPACITY,
             pixelated=True,
             show=(i == 0),
+            pane=_SCORE_PANE[0],
             **options,
         ).add_to(m)
 
@@ -148,13 +361,38 @@ def write_html(scoremap, path: str | os.PathLike) -> Path:
     if region is not None and not region.is_empty:
         # Cells are the map's resolution; a finer outline only makes the page heavier.
         simple = shapely.simplify(region, grid.resolution / 4.0, preserve_topology=True)
-        feature = {"type": "FeatureCollection",
-                   "features": [{"type": "Feature", "properties": {}, "geometry": mapping(simple)}]}
         folium.GeoJson(
-            feature,
+            _feature_collection(simple),
             name=OUTLINE_NAME,
             style_function=lambda _f: {"color": "#222222", "weight": 1.5, "fill": False},
         ).add_to(m)
+
+    range_state = None
+    if range_geometry is not None:
+        range_state = "empty" if range_geometry.is_empty else "drawn"
+        if range_state == "drawn":
+            outline = _to_frame(shapely.simplify(range_geometry, grid.resolution / 4.0,
+                                                 preserve_topology=True), grid.west, east)
+            label = f"{RANGE_NAME} ({range_label})" if range_label else RANGE_NAME
+            folium.GeoJson(
+                _feature_collection(outline),
+                name=_esc(label),
+                style_function=lambda _f: {"color": RANGE_COLOR, "weight": 2.5, "fill": False},
+            ).add_to(m)
+
+    if points is not None and len(points):
+        lon = points[:, 1] + 360.0 * np.round(((grid.west + east) / 2.0 - points[:, 1]) / 360.0)
+        # Five decimals is about a metre: plenty for a marker, and it keeps the page small.
+        data = np.round(np.column_stack([points[:, 0], lon]), 5).tolist()
+        FastMarkerCluster(
+            data,
+            callback=_POINT_CALLBACK,
+            name=f"{OCCURRENCES_NAME} ({len(points)})",
+            icon_create_function=_CLUSTER_ICON,
+            showCoverageOnHover=False,
+            chunkedLoading=True,
+        ).add_to(m)
+        m.get_root().header.add_child(folium.Element(_CLUSTER_CSS))
 
     folium.LayerControl(collapsed=False).add_to(m)
     m.fit_bounds(bounds)
@@ -163,9 +401,18 @@ def write_html(scoremap, path: str | os.PathLike) -> Path:
     title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
     root.header.add_child(folium.Element(f"<title>taxamap: {_esc(title)}</title>"))
     root.html.add_child(folium.Element(_title_html(scoremap)))
-    root.html.add_child(folium.Element(_legend_html(scoremap, stretches)))
+    extras = _extras_legend(None if points is None else len(points), dropped, range_state,
+                            range_label)
+    footer = _offline_footer(libraries) if libraries else ""
+    root.html.add_child(folium.Element(_legend_html(scoremap, stretches, extras, footer)))
 
     page = root.render()
+    if self_contained:
+        page = assets.inline_assets(page, libraries)
+        left = assets.external_urls(page)
+        if left:
+            raise TaxamapError(f"--self-contained page still loads {left[0]}; this is a taxamap "
+                               "bug, please report it (or write the map without --self-contained)")
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return Path(path)
