@@ -32,6 +32,11 @@ class CellEmbedder:
     attribution: str | None = None
     license: str | None = None
     stats: dict = field(default_factory=dict)
+    #: Cells per prepare/compute step. Stores commit larger blocks; a block is streamed through
+    #: in batches so that e.g. only a few hundred decoded tiles are in memory at once.
+    batch_cells: int = 16384
+    #: Threads running ``prepare`` ahead of ``compute`` (fetching, decoding, preprocessing).
+    workers: int = 1
 
 
 def location_embedder(encoder) -> CellEmbedder:
@@ -45,26 +50,39 @@ def location_embedder(encoder) -> CellEmbedder:
     )
 
 
-def satellite_embedder(encoder, source) -> CellEmbedder:
-    """Cells whose patch could not be fetched get a NaN row, never a black-image embedding."""
+def satellite_embedder(encoder, source, batch_cells: int | None = None, workers: int = 4) -> CellEmbedder:
+    """Cells whose patch could not be fetched get a NaN row, never a black-image embedding.
 
-    def compute(patches) -> np.ndarray:
-        out = np.full((len(patches), 512), np.nan, dtype=np.float32)
+    Fetching and preprocessing (resize, crop, normalise) run in ``prepare`` threads; only the
+    forward pass runs in ``compute``, so the encoder's device never waits on PIL.
+    """
+
+    def prepare(latlon):
+        patches = source.fetch(latlon)
         ok = [i for i, p in enumerate(patches) if p is not None]
+        pixels = encoder.preprocess([patches[i] for i in ok]) if ok else None
+        return len(patches), ok, pixels
+
+    def compute(prepared) -> np.ndarray:
+        n, ok, pixels = prepared
+        out = np.full((n, encoder.embed_dim), np.nan, dtype=np.float32)
         if ok:
-            out[ok] = encoder.encode([patches[i] for i in ok])
+            out[ok] = encoder.encode_pixels(pixels)
         return out
 
-    emb = CellEmbedder(
+    on_gpu = str(getattr(encoder, "device", "cpu")).startswith("cuda")
+    return CellEmbedder(
         modality="satellite",
         model_ref=encoder.ref,
         source=source.describe(),
-        prepare=source.fetch,
+        prepare=prepare,
         compute=compute,
+        dim=encoder.embed_dim,
         attribution=getattr(source, "attribution", None),
         license=getattr(source, "license", None),
+        batch_cells=batch_cells or (512 if on_gpu else 64),
+        workers=workers,
     )
-    return emb
 
 
 def environment_embedder(encoder, features) -> CellEmbedder:
@@ -93,39 +111,57 @@ def run_blocks(
     sink: Callable[[int, np.ndarray], None],
     *,
     progress: bool = True,
-    prefetch: int = 2,
-    workers: int = 1,
     already_done: int = 0,
 ) -> None:
-    """Embed each (block id, cell slice) and hand the result to ``sink(block_id, emb)``."""
+    """Embed each (block id, cell slice) and hand the whole block to ``sink(block_id, emb)``.
+
+    Blocks are cut into batches of ``embedder.batch_cells``; up to ``workers + 1`` batches are
+    prepared ahead in threads while the current one is computed. A block's result is handed over
+    only when all its batches are done, so a store commits whole blocks.
+    """
     total = latlon.shape[0]
     bar = _progress(total, f"embedding {embedder.modality}", progress)
     bar.update(already_done)
+    step = max(1, int(embedder.batch_cells))
+    batches = [
+        (block_id, sl, slice(start, min(start + step, sl.stop)))
+        for block_id, sl in blocks
+        for start in range(sl.start, sl.stop, step)
+    ]
+    workers = max(1, int(embedder.workers))
     queue: deque = deque()
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="taxamap-prep") as pool:
-        pending = iter(blocks)
+    buffers: dict[int, np.ndarray] = {}
+    remaining = {block_id: sl.stop - sl.start for block_id, sl in blocks}
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taxamap-prep") as pool:
+        pending = iter(batches)
 
         def submit_next() -> bool:
             nxt = next(pending, None)
             if nxt is None:
                 return False
-            block_id, sl = nxt
-            queue.append((block_id, sl, pool.submit(embedder.prepare, latlon[sl])))
+            block_id, sl, part = nxt
+            queue.append((block_id, sl, part, pool.submit(embedder.prepare, latlon[part])))
             return True
 
-        for _ in range(max(1, prefetch)):
+        for _ in range(workers + 1):
             if not submit_next():
                 break
         try:
             while queue:
-                block_id, sl, future = queue.popleft()
+                block_id, sl, part, future = queue.popleft()
                 inputs = future.result()
                 submit_next()
                 emb = np.asarray(embedder.compute(inputs), dtype=np.float32)
-                sink(block_id, emb)
-                bar.update(sl.stop - sl.start)
+                buf = buffers.get(block_id)
+                if buf is None:
+                    buf = buffers[block_id] = np.empty((sl.stop - sl.start, emb.shape[1]), np.float32)
+                buf[part.start - sl.start:part.stop - sl.start] = emb
+                remaining[block_id] -= part.stop - part.start
+                if remaining[block_id] == 0:
+                    sink(block_id, buffers.pop(block_id))
+                bar.update(part.stop - part.start)
         finally:
-            for _, _, future in queue:
+            for *_, future in queue:
                 future.cancel()
             bar.close()
 

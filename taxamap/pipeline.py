@@ -122,7 +122,13 @@ def build_grid(req: GridRequest):
     return region, grid
 
 
-def _modality_embedder(modality: str, req: GridRequest, config: dict, device: str):
+#: On CUDA, compile the satellite encoder when at least this many cells are to be embedded (the
+#: ~25 s compile pays for itself at ~11 k vs ~8 k tiles/s on an H100).
+COMPILE_MIN_CELLS = 200_000
+
+
+def _modality_embedder(modality: str, req: GridRequest, config: dict, device: str,
+                       n_cells: int = 0):
     from taxamap import engine
 
     if modality == "location":
@@ -140,7 +146,10 @@ def _modality_embedder(modality: str, req: GridRequest, config: dict, device: st
             file=req.sat_file, ee_project=req.ee_project, year=req.sat_year,
             cache_dir=req.cache_dir, workers=req.workers,
         )
-        encoder = load_satellite_encoder(req.models_dir, device=device, config=config)
+        encoder = load_satellite_encoder(
+            req.models_dir, device=device, config=config,
+            compile=device.startswith("cuda") and n_cells >= COMPILE_MIN_CELLS,
+        )
         return engine.satellite_embedder(encoder, source)
     if modality == "environment":
         from taxamap.models.environment import load_environment_encoder
@@ -177,7 +186,7 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict, device: str) -> Cell
     stores, refs, computed = {}, {}, {}
     attribution = license_ = None
     for modality in req.modalities:
-        embedder = _modality_embedder(modality, req, config, device)
+        embedder = _modality_embedder(modality, req, config, device, grid.n_cells)
         key = store_key(grid.definition(), modality, embedder.model_ref, embedder.source)
         location, chosen = store_location(req.store, grid.key(), modality, key, req.cache_dir)
         store = EmbeddingStore.open(
