@@ -358,6 +358,137 @@ def test_html_across_the_antimeridian(tmp_path):
     assert "[[-20.0, 170.0], [-10.0, 190.0]]" in page  # bounds as Leaflet gets them
 
 
+def _cluster_data(page: str) -> list[list[float]]:
+    match = re.search(r"var data = (\[.*?\]\]);", page, re.DOTALL)
+    assert match, "no FastMarkerCluster data in the page"
+    return json.loads(match.group(1))
+
+
+def test_html_occurrences_and_range_outline(tmp_path):
+    sm = _scoremap(modalities=("location",))
+    occ = np.array([[40.123456789, -3.5], [41.0, -4.25], [np.nan, 1.0], [38.5, 0.75]])
+    rng = shapely.box(-6.0, 38.0, -1.0, 42.0)
+    page = write_html(sm, tmp_path / "occ.html", occurrences=occ, range_geometry=rng,
+                      range_label="percentile:90").read_text()
+    # Own layers in the layer control, named with the count and the rule.
+    assert re.search(r'"occurrences \(3\)"\s*:\s*fast_marker_cluster_\w+', page)
+    assert re.search(r'"range outline \(percentile:90\)"\s*:\s*geo_json_\w+', page)
+    # Clustered: one marker-cluster group holding the finite rows, rounded to ~1 m.
+    assert "L.markerClusterGroup(" in page
+    assert _cluster_data(page) == [[40.12346, -3.5], [41.0, -4.25], [38.5, 0.75]]
+    assert "bindPopup(" in page and "toFixed(5)" in page  # popups give lat/lon
+    # The outline's corners, and the legend's account of what is drawn and what was dropped.
+    for corner in ("[-6.0, 38.0]", "[-1.0, 42.0]"):
+        assert corner in page
+    assert "occurrences: 3 (1 without coordinates not shown)" in page
+    assert "range outline (percentile:90)" in page
+
+
+def test_html_empty_range_is_stated_not_drawn(tmp_path):
+    sm = _scoremap(modalities=("location",))
+    page = write_html(sm, tmp_path / "e.html", range_geometry=shapely.MultiPolygon(),
+                      occurrences=np.empty((0, 2))).read_text()
+    assert "no cell reaches the threshold" in page
+    assert "range outline" not in page and "L.markerClusterGroup(" not in page
+
+
+def test_html_antimeridian_occurrences_and_range_follow_the_grid(tmp_path):
+    sm = _scoremap(geometry=shapely.box(170.0, -20.0, 190.0, -10.0), modalities=("location",))
+    # GeoJSON-style inputs: longitudes in -180..180 on both sides of the antimeridian.
+    occ = np.array([[-17.5, 178.25], [-15.0, -178.5]])
+    rng = shapely.MultiPolygon([shapely.box(175.0, -16.0, 180.0, -12.0),
+                                shapely.box(-180.0, -16.0, -176.0, -12.0)])
+    page = write_html(sm, tmp_path / "fiji.html", occurrences=occ,
+                      range_geometry=rng).read_text()
+    assert _cluster_data(page) == [[-17.5, 178.25], [-15.0, 181.5]]
+    # The popup maps 181.5 back to -178.5.
+    assert "% 360) - 180" in page
+    assert "[184.0, -16.0]" in page and "[-176.0" not in page
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((3, 3)), "shape"),
+    (np.array([[120.0, 10.0]]), r"\(lon, lat\)"),
+    ("nonsense", "array"),
+])
+def test_html_bad_occurrences_raise_and_write_nothing(tmp_path, scoremap, bad, match):
+    with pytest.raises(TaxamapError, match=match):
+        write_html(scoremap, tmp_path / "bad.html", occurrences=bad)
+    with pytest.raises(TaxamapError, match="shapely"):
+        write_html(scoremap, tmp_path / "bad.html", range_geometry=[[0, 0], [1, 1]])
+    assert not list(tmp_path.iterdir())
+
+
+def _need_offline_assets() -> None:
+    for module in ("xstatic.pkg.leaflet", "xstatic.pkg.leaflet_markercluster"):
+        pytest.importorskip(module, reason="offline assets: pip install 'taxamap[offline]'")
+
+
+@pytest.fixture(scope="module")
+def offline_page(tmp_path_factory) -> str:
+    _need_offline_assets()
+    sm = _scoremap(modalities=("location", "satellite"), query=EVIL)
+    path = write_html(sm, tmp_path_factory.mktemp("offline") / "map.html",
+                      occurrences=np.array([[40.0, -3.0], [41.0, -2.0]]),
+                      range_geometry=shapely.box(-6.0, 38.0, -1.0, 42.0), self_contained=True)
+    return path.read_text(encoding="utf-8")
+
+
+def test_self_contained_html_needs_no_network(offline_page):
+    from taxamap.writers.assets import external_urls
+
+    page = offline_page
+    assert external_urls(page) == []
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.IGNORECASE)
+    assert not re.search(r"<link[^>]*rel=.?stylesheet", page, re.IGNORECASE)
+    # Leaflet and the cluster plugin are inside, with their CSS images as data URIs.
+    assert "Leaflet 1.9" in page and "L.MarkerClusterGroup=L.FeatureGroup.extend" in page
+    assert ".leaflet-control-layers-toggle" in page and "url(images/" not in page
+    assert ".marker-cluster-small" in page
+    # No web basemap; Natural Earth land instead, under the scores.
+    assert "tile_layer_" not in page and "openstreetmap" not in page.lower()
+    assert re.search(r'"land \(Natural Earth\)"\s*:\s*geo_json_\w+', page)
+    assert '"pane": "taxamap-land"' in page
+    # folium's jQuery/Bootstrap/icon fonts are not needed and not embedded.
+    assert "jquery" not in page.lower() and "bootstrap" not in page.lower()
+    # Escaping still holds, and every overlay is still there.
+    assert EVIL not in page and len(re.findall(r"L\.imageOverlay\(", page)) == 3
+
+
+def test_self_contained_html_carries_the_licences(offline_page):
+    comment = re.search(r"<!--\s*Third-party software embedded in this file:(.*?)-->",
+                        offline_page, re.DOTALL)
+    assert comment, "no licence notice"
+    notice = comment.group(1)
+    assert "Leaflet 1.9.3 (BSD-2-Clause)" in notice and "XStatic-Leaflet" in notice
+    assert "Vladimir Agafonkin" in notice and "Redistributions in binary form" in notice
+    assert "Leaflet.markercluster" in notice and "(MIT)" in notice and "David Leaver" in notice
+    assert "Natural Earth" in offline_page  # visible attribution of the land layer
+
+
+def test_self_contained_without_the_package_says_what_to_install(tmp_path, scoremap,
+                                                                  monkeypatch):
+    import sys
+
+    # None in sys.modules makes the import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "xstatic.pkg.leaflet", None)
+    with pytest.raises(TaxamapError, match=r"pip install 'taxamap\[offline\]'") as err:
+        write_html(scoremap, tmp_path / "map.html", self_contained=True)
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_inline_assets_refuses_what_it_cannot_embed():
+    _need_offline_assets()
+    from taxamap.writers.assets import inline_assets
+
+    page = inline_assets('<html><head><script src="https://cdn.example/leaflet@9/dist/leaflet.js">'
+                         "</script></head></html>")
+    assert "https://cdn.example" not in page and "Leaflet 1.9" in page
+    with pytest.raises(TaxamapError, match="no offline copy"):
+        inline_assets('<head><script src="https://cdn.example/jquery.min.js"></script></head>')
+
+
 # ---------------------------------------------------------------- stretch
 
 

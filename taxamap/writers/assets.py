@@ -176,7 +176,8 @@ def inline_assets(page: str, libraries: list[Library] | None = None) -> str:
     def script(match: re.Match) -> str:
         lib, path = lookup(match.group("url"))
         text = _script_text(path.read_text(encoding="utf-8"))
-        return f"<script>/* {path.name}: {lib.name} {lib.version}, {lib.license} */\n{text}\n</script>"
+        banner = f"/* {path.name}: {lib.name} {lib.version}, {lib.license} */"
+        return f"<script>{banner}\n{text}\n</script>"
 
     def link(match: re.Match) -> str:
         tag = match.group(0)

@@ -246,8 +246,8 @@ _CLUSTER_ICON = """function (cluster) {
 
 _CLUSTER_CSS = f"""<style>
 .marker-cluster.taxamap-cluster {{ background: {POINT_FILL}66; border-radius: 50%; }}
-.marker-cluster.taxamap-cluster div {{ width: calc(100% - 8px); height: calc(100% - 8px); margin: 4px;
-  border-radius: 50%; background: {POINT_FILL}; color: #fff; display: flex;
+.marker-cluster.taxamap-cluster div {{ width: calc(100% - 8px); height: calc(100% - 8px);
+  margin: 4px; border-radius: 50%; background: {POINT_FILL}; color: #fff; display: flex;
   align-items: center; justify-content: center; font: bold 12px sans-serif; }}
 .marker-cluster.taxamap-cluster span {{ line-height: 1; }}
 </style>"""
