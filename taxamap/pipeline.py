@@ -431,6 +431,7 @@ def write_outputs(
             extras["occurrences"] = occurrences
         if range_geometry is not None:
             extras["range_geometry"] = range_geometry
+            extras["range_label"] = threshold
         if self_contained:
             extras["self_contained"] = True
         paths["html"] = write_html(scoremap, out_dir / f"{scoremap.slug}.html", **extras)

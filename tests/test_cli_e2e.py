@@ -221,3 +221,20 @@ def test_evaluate_and_threshold_commands(predicted, tmp_path):
     assert (tmp_path / "r" / "cardinalis-cardinalis_range.gpkg").is_file()
     bad = run(["threshold", str(tif), "--rule", "top:5"])
     assert bad.returncode == 2 and "percentile" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_predict_with_threshold_occurrences_self_contained(tmp_path, models_dir):
+    pytest.importorskip("xstatic.pkg.leaflet")
+    occ = tmp_path / "occ.csv"
+    occ.write_text("lat,lon\n40.2,-82.9\n40.4,-82.6\n40.7,-82.3\n")
+    proc = run(["predict", "--species", "Cardinalis cardinalis", "--bbox=-83,40,-82,41",
+                "--resolution", "0.1", "--models", str(models_dir), "--out", str(tmp_path / "o"),
+                "--cache", str(tmp_path / "c"), "--threshold", "percentile:90", "--occurrences",
+                str(occ), "--self-contained", "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "o"
+    assert (out / "cardinalis-cardinalis_range.tif").is_file()
+    assert (out / "cardinalis-cardinalis_range.gpkg").is_file()
+    html = (out / "cardinalis-cardinalis.html").read_text()
+    assert "occurrences (3)" in html and "percentile:90" in html
+    assert "<script src=\"http" not in html and "unpkg.com" not in html.split("-->", 1)[-1]
