@@ -54,6 +54,13 @@ def default_store_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(user_cache_dir("taxamap")) / "stores"
 
 
+def _storage_options(location: str) -> dict:
+    """fsspec options for URL locations: local ``file://`` stores need their folders made."""
+    if location.startswith("file://"):
+        return {"storage_options": {"auto_mkdir": True}}
+    return {}
+
+
 @dataclass
 class EmbeddingStore:
     """One modality's embeddings for one grid; open with :meth:`open`."""
@@ -111,7 +118,7 @@ class EmbeddingStore:
 
         location = str(location)
         try:
-            group = zarr.open_group(location, mode="a")
+            group = zarr.open_group(location, mode="a", **_storage_options(location))
         except Exception as exc:
             raise TaxamapError(f"cannot open embedding store {location}: {exc}") from exc
         existing = group.attrs.get("key")
@@ -121,7 +128,7 @@ class EmbeddingStore:
                     f"the store at {location} was made for other settings (grid, model or source "
                     f"differ: key {existing} != {key}); use another --store or delete it"
                 )
-            group = zarr.open_group(location, mode="w")
+            group = zarr.open_group(location, mode="w", **_storage_options(location))
             existing = None
         if existing is None or "emb" not in group or "done" not in group:
             n_chunks = max(1, -(-n_cells // chunk_cells))
@@ -150,7 +157,7 @@ class EmbeddingStore:
         """Open a store another process created (Dask workers); its key must match."""
         import zarr
 
-        group = zarr.open_group(str(location), mode="r+")
+        group = zarr.open_group(str(location), mode="r+", **_storage_options(str(location)))
         if group.attrs.get("key") != key:
             raise TaxamapError(f"the store at {location} does not have key {key}")
         return cls(group=group, location=str(location), key=key)

@@ -84,3 +84,13 @@ def test_store_blocks_resume_and_key_guard(tmp_path):
     replaced = EmbeddingStore.open(tmp_path / "s", key=other, n_cells=10, dim=4, attrs=attrs,
                                    chunk_cells=4, must_match=False)
     assert replaced.pending_chunks() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_store_at_fsspec_url(tmp_path, scheme):
+    url = f"file://{tmp_path}/s/location" if scheme == "file" else f"memory://taxamap-test-{id(tmp_path)}/location"
+    store = EmbeddingStore.open(url, key="k", n_cells=10, dim=4, attrs={}, chunk_cells=4)
+    store.write_chunk(2, np.ones((2, 4), np.float32))
+    again = EmbeddingStore.open_existing(url, "k")
+    assert again.pending_chunks() == [0, 1]
+    assert np.allclose(again.read()[8:], 1.0)
