@@ -204,3 +204,30 @@ def test_evaluation(tmp_path, notebook_env):
         pres, back = read_labelled_points(sample)
         again = evaluate_map(folder / "ariolimax-buttoni.tif", pres, back)
         assert again.band("fused").auc == pytest.approx(fused["auc"], abs=1e-6)
+
+
+def test_evaluation_fallback_points_without_elapid(tmp_path, monkeypatch):
+    """The evaluation notebook's data cell, run as if elapid were not installed, writes and reads
+    its stand-in CSV (points on California's land, background left to sampling)."""
+    import types
+
+    from taxamap.regions import resolve_region
+
+    nb = nbformat.read(NOTEBOOKS / "03_evaluation.ipynb", as_version=4)
+    source = next(c.source for c in nb.cells
+                  if c.cell_type == "code" and 'find_spec("elapid")' in c.source)
+    no_elapid = types.SimpleNamespace(util=types.SimpleNamespace(find_spec=lambda name: None))
+    namespace = {"importlib": no_elapid, "Path": Path, "np": np}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(
+        "from taxamap.occurrences import read_labelled_points, read_points\n" + source,
+        "03_evaluation.ipynb", "exec"), namespace)
+    assert (tmp_path / "demo_occurrences.csv").is_file()
+    presences = namespace["presences"]
+    assert namespace["background"] is None
+    assert presences.shape == (300, 2)
+    import shapely
+
+    california = resolve_region("California", None).geometry
+    inside = shapely.contains_xy(california, presences[:, 1], presences[:, 0])
+    assert inside.mean() > 0.9  # mostly on land: a usable sample for evaluate_map
