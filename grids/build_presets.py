@@ -230,7 +230,9 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
         for alt in (p.get("name_alt") or "").split("|"):
             claim(alt, P_SUBDIVISION_ALT, name)
         if country == "USA" and p["postal"] not in ("AK", "HI"):
-            lower48.append(geom)
+            # Dissolve the unsimplified states: states simplified one by one no longer share
+            # their borders exactly, and their union keeps cracks along them.
+            lower48.append(shapely.make_valid(shapely.from_geojson(json.dumps(f["geometry"]))))
     if len(lower48) != 49:
         raise SystemExit(f"expected 48 states + DC for the usa preset, found {len(lower48)}")
     usa = _clean(shapely.union_all(lower48, grid_size=1e-5), tolerance)

@@ -520,9 +520,6 @@ def format_table(result: EvaluationResult) -> str:
 
 def plot_roc(result: EvaluationResult, path: str | os.PathLike) -> Path:
     """Write a PNG with one ROC curve per band (AUC in the legend), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 5.0), dpi=120)

@@ -120,8 +120,6 @@ def write_png(scoremap, path: str | os.PathLike) -> Path:
     percentile of its valid cells, "Greens"), stated in its colour-bar label and the footer.
     """
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     bands = _check_shapes(scoremap)
