@@ -237,3 +237,29 @@ def test_template_checks_and_defaults(tmp_path):
         make_satellite_source("file")
     with pytest.raises(TaxamapError, match="--workers"):
         make_satellite_source("xyz", workers=0, cache_dir=tmp_path)
+
+
+def test_unwritable_cache_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    with TileServer() as server, make_source(server, tmp_path) as src:
+        with pytest.raises(TaxamapError, match="cannot write the tile cache"):
+            src.fetch([[1.0, 1.0]])
+
+
+def test_concurrent_fetch_calls_share_tiles(tmp_path):
+    import threading
+
+    cells = np.column_stack([np.linspace(40, 40.2, 30), np.linspace(-83, -82.8, 30)])
+    with TileServer(latency=0.01) as server, make_source(server, tmp_path, zoom=9, workers=3) as src:
+        results = {}
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, src.fetch(cells))) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        assert len(results) == 3 and all(p is not None for r in results.values() for p in r)
+        assert max(server.by_tile.values()) == 1  # no tile requested twice across the calls
+        # Cache hits finish before their callbacks are attached: must not deadlock either.
+        again = src.fetch(cells)
+        assert all(p is not None for p in again)

@@ -76,15 +76,28 @@ def decode_image(data: bytes):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise TaxamapError(
+            f"cannot write the tile cache at {path.parent} ({exc.strerror or exc}): "
+            "free some space or pass --cache DIR"
+        ) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the folder itself is unusable; nothing was written there
 
 
 class TileCache:
@@ -110,8 +123,11 @@ class TileCache:
         path = self._path(key, IMAGE_SUFFIX)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
-            return MISSING if self._path(key, MISSING_SUFFIX).exists() else None
+        except OSError:  # absent, or an unreadable cache: either way, fetch it (put says why)
+            try:
+                return MISSING if self._path(key, MISSING_SUFFIX).exists() else None
+            except OSError:
+                return None
         try:
             return decode_image(data)
         except (OSError, ValueError, SyntaxError):

@@ -216,7 +216,8 @@ class XYZTileSource:
         self._own_session = session is None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: dict[tuple[int, int, int], Future] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: add_done_callback runs _forget at once, in this thread, if the tile is done.
+        self._lock = threading.RLock()
         self._ok = 0  # tiles obtained (network or cache), for the fail-fast rule
         self._failed_in_row = 0
         self._last_error = ""
