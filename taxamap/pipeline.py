@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -127,18 +128,50 @@ def build_grid(req: GridRequest):
 COMPILE_MIN_CELLS = 200_000
 
 
-def _modality_embedder(modality: str, req: GridRequest, config: dict, device: str,
-                       n_cells: int = 0):
+@dataclass
+class ModalityPlan:
+    """What identifies a modality's embeddings (model ref, source settings), known without
+    loading any weights, and how to build its :class:`~taxamap.engine.CellEmbedder` when cells
+    actually need embedding."""
+
+    modality: str
+    model_ref: str
+    source: dict
+    build: Callable[[], object]
+    attribution: str | None = None
+    license: str | None = None
+    stats: object | None = None
+
+
+_NOTICES_SHOWN: set[str] = set()
+
+
+def _licence_notice(attribution: str | None, license_: str | None) -> None:
+    """Say once per process which imagery licence the outputs inherit."""
+    if license_ and license_ not in _NOTICES_SHOWN:
+        _NOTICES_SHOWN.add(license_)
+        log(f"imagery: {attribution} -- licence {license_}. Maps made from it carry this notice "
+            "(GeoTIFF tags, HTML attribution, PNG footer); non-commercial licences apply to them.")
+
+
+def _modality_plan(modality: str, req: GridRequest, config: dict, device: str,
+                   n_cells: int = 0) -> ModalityPlan:
     from taxamap import engine
+    from taxamap.models import hub
+
+    def ref_of(encoder: str, files) -> str:
+        return hub.resolve(hub.encoder_repo(config, encoder), files, models_dir=req.models_dir).ref
 
     if modality == "location":
-        from taxamap.models.location import load_location_encoder
+        from taxamap.models.location import LOCATION_FILES, load_location_encoder
 
-        return engine.location_embedder(
-            load_location_encoder(req.models_dir, device=device, config=config)
+        return ModalityPlan(
+            modality, ref_of("location", LOCATION_FILES), {"kind": "coordinates"},
+            lambda: engine.location_embedder(
+                load_location_encoder(req.models_dir, device=device, config=config)),
         )
     if modality == "satellite":
-        from taxamap.models.satellite import load_satellite_encoder
+        from taxamap.models.satellite import FILES, load_satellite_encoder
         from taxamap.sources.satellite import make_satellite_source
 
         source = make_satellite_source(
@@ -146,12 +179,18 @@ def _modality_embedder(modality: str, req: GridRequest, config: dict, device: st
             file=req.sat_file, ee_project=req.ee_project, year=req.sat_year,
             cache_dir=req.cache_dir, workers=req.workers,
         )
-        encoder = load_satellite_encoder(
-            req.models_dir, device=device, config=config,
-            compile=device.startswith("cuda") and n_cells >= COMPILE_MIN_CELLS,
+        return ModalityPlan(
+            modality, ref_of("satellite", FILES), source.describe(),
+            lambda: engine.satellite_embedder(load_satellite_encoder(
+                req.models_dir, device=device, config=config,
+                compile=device.startswith("cuda") and n_cells >= COMPILE_MIN_CELLS,
+            ), source),
+            attribution=getattr(source, "attribution", None),
+            license=getattr(source, "license", None),
+            stats=getattr(source, "stats", None),
         )
-        return engine.satellite_embedder(encoder, source)
     if modality == "environment":
+        from taxamap.models.environment import FILES as ENV_FILES
         from taxamap.models.environment import load_environment_encoder
         from taxamap.sources.worldclim import WorldClimFeatures
 
@@ -161,9 +200,18 @@ def _modality_embedder(modality: str, req: GridRequest, config: dict, device: st
                 "with 'taxamap data worldclim DIR') or --env-array bioclim_elevation_scaled.npy"
             )
         features = WorldClimFeatures(req.worldclim, env_array=req.env_array)
-        encoder = load_environment_encoder(req.models_dir, device=device, config=config)
-        return engine.environment_embedder(encoder, features)
+        return ModalityPlan(
+            modality, ref_of("environment", ENV_FILES), features.describe(),
+            lambda: engine.environment_embedder(
+                load_environment_encoder(req.models_dir, device=device, config=config), features),
+        )
     raise TaxamapError(f"unknown modality {modality!r}")
+
+
+def _modality_embedder(modality: str, req: GridRequest, config: dict, device: str,
+                       n_cells: int = 0):
+    """Build the embedder of ``modality`` (loads its encoder)."""
+    return _modality_plan(modality, req, config, device, n_cells).build()
 
 
 @dataclass
@@ -177,8 +225,23 @@ class CellEmbeddings:
     computed_blocks: dict[str, int]
 
 
+def _complete_store(location: str, key: str):
+    """The store at ``location`` if it exists, has ``key`` and is complete; else None."""
+    from taxamap.store import EmbeddingStore
+
+    try:
+        store = EmbeddingStore.open_existing(location, key)
+    except Exception:  # absent, half-created or another key: the full path below decides
+        return None
+    return store if store.is_complete() else None
+
+
 def embed_cells(req: GridRequest, grid: Grid, config: dict, device: str) -> CellEmbeddings:
-    """Make sure every modality's store for ``grid`` is complete (computing only missing blocks)."""
+    """Make sure every modality's store for ``grid`` is complete (computing only missing blocks).
+
+    A complete store is used without loading its encoder at all: a warm query touches no weights
+    but the query encoder's.
+    """
     from taxamap import engine
     from taxamap.store import EmbeddingStore, store_key, store_location
 
@@ -186,24 +249,25 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict, device: str) -> Cell
     stores, refs, computed = {}, {}, {}
     attribution = license_ = None
     for modality in req.modalities:
-        embedder = _modality_embedder(modality, req, config, device, grid.n_cells)
-        key = store_key(grid.definition(), modality, embedder.model_ref, embedder.source)
+        plan = _modality_plan(modality, req, config, device, grid.n_cells)
+        key = store_key(grid.definition(), modality, plan.model_ref, plan.source)
         location, chosen = store_location(req.store, grid.key(), modality, key, req.cache_dir)
-        store = EmbeddingStore.open(
-            location, key=key, n_cells=grid.n_cells, dim=embedder.dim,
-            attrs={
-                "grid": grid.definition(), "modality": modality, "model": embedder.model_ref,
-                "source": embedder.source,
-            },
-            must_match=chosen,
-        )
-        if store.is_complete():
+        store = _complete_store(location, key)
+        _licence_notice(plan.attribution, plan.license)
+        if store is not None:
             computed[modality] = 0
         else:
+            embedder = plan.build()
+            store = EmbeddingStore.open(
+                location, key=key, n_cells=grid.n_cells, dim=embedder.dim,
+                attrs={"grid": grid.definition(), "modality": modality, "model": plan.model_ref,
+                       "source": plan.source},
+                must_match=chosen,
+            )
             if latlon is None:
                 latlon = grid.cell_latlon()
             pending = len(store.pending_chunks())
-            if pending < store.n_chunks:
+            if 0 < pending < store.n_chunks:
                 log(f"resuming {modality}: {pending} of {store.n_chunks} blocks left in {location}")
             if req.dask:
                 from taxamap.distributed import embed_on_dask
@@ -213,10 +277,16 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict, device: str) -> Cell
                 computed[modality] = engine.embed_to_store(
                     latlon, embedder, store, progress=req.progress
                 )
-        if embedder.attribution:
-            attribution, license_ = embedder.attribution, embedder.license
+            missing = getattr(plan.stats, "cells_missing", 0) if plan.stats is not None else 0
+            if missing:
+                asked = getattr(plan.stats, "cells", 0)
+                log(f"{modality}: {missing:,} of {asked:,} cells had no imagery (not found, or "
+                    "still failing after retries); they are NaN in that band and fused over the "
+                    "other modalities")
+        if plan.attribution:
+            attribution, license_ = plan.attribution, plan.license
         stores[modality] = store
-        refs[modality] = embedder.model_ref
+        refs[modality] = plan.model_ref
     return CellEmbeddings(stores, refs, attribution, license_, computed)
 
 

@@ -43,6 +43,7 @@ def test_three_modalities_fused_and_cached(tmp_path, models_dir, worldclim, fusi
                 "--no-progress"]
         first = run(args, tmp_path)
         assert first.returncode == 0, first.stderr
+        assert "had no imagery" in first.stderr  # the 404 tile is counted in the summary
         assert server.requests > 0
         server.reset_counters()
         second = run(args + ["--out", str(tmp_path / "o2")], tmp_path)
@@ -83,3 +84,18 @@ def test_environment_without_climate_data_is_one_line(tmp_path, models_dir):
                 "--out", str(tmp_path / "o")], tmp_path)
     assert proc.returncode == 2
     assert "--worldclim" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_default_imagery_is_eox_and_its_licence_is_announced_once(models_dir, capsys):
+    from taxamap import pipeline
+    from taxamap.models.hub import DEFAULT_CONFIG
+
+    req = pipeline.GridRequest(models_dir=str(models_dir), modalities=["satellite"])
+    plan = pipeline._modality_plan("satellite", req, DEFAULT_CONFIG, "cpu")
+    assert "s2maps.eu" in plan.attribution and "CC BY-NC-SA 4.0" in plan.license
+    assert "s2cloudless-2020" in str(plan.source)
+    pipeline._NOTICES_SHOWN.clear()
+    pipeline._licence_notice(plan.attribution, plan.license)
+    pipeline._licence_notice(plan.attribution, plan.license)
+    err = capsys.readouterr().err
+    assert err.count("CC BY-NC-SA 4.0") == 1

@@ -53,6 +53,9 @@ def _build_network(num_inputs: int, num_filts: int, depth: int, dropout: float =
     return ResidualFCNet()
 
 
+#: The files of the released repo (MVRL/ecoclim).
+FILES = ["config.json", "model.safetensors"]
+
 class EnvironmentEncoder:
     """Climate features ``(N, num_inputs)`` -> L2-normalised embeddings ``(N, 512)``."""
 
@@ -110,7 +113,7 @@ def load_environment_encoder(
     """
     if config is None:
         config, _ = load_config(models_dir)
-    repo = resolve(encoder_repo(config, "environment"), ["config.json", "model.safetensors"],
+    repo = resolve(encoder_repo(config, "environment"), FILES,
                    models_dir=models_dir)
     net_config = read_json(repo.file("config.json"))
     try:

@@ -225,6 +225,8 @@ class EarthEngineSource:
         self.cache = TileCache(cache_dir, self.describe(), label=f"earthengine {COLLECTION} {self.year}") \
             if cache else None
         self._executor: ThreadPoolExecutor | None = None
+        # The engine calls fetch from several prepare threads at once: one pool, made once.
+        self._executor_lock = threading.Lock()
 
     def composite_spec(self) -> dict:
         """The JSON description of the composite the client turns into an ``ee.Image``."""
@@ -277,8 +279,9 @@ class EarthEngineSource:
     def fetch(self, latlon) -> list:
         """One RGB patch per (lat, lon) row; None without clear data or after failed retries."""
         latlon = as_latlon(latlon)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-ee")
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-ee")
         out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
         self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
         return out

@@ -90,6 +90,8 @@ class RasterFileSource:
         self._datasets: list = []
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        # The engine calls fetch from several prepare threads at once: one pool, made once.
+        self._executor_lock = threading.Lock()
         try:
             src = self._dataset()
             if src.crs is None:
@@ -124,8 +126,9 @@ class RasterFileSource:
     def fetch(self, latlon) -> list:
         """One RGB ``size`` x ``size`` patch per (lat, lon) row; None outside the raster's data."""
         latlon = as_latlon(latlon)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-raster")
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-raster")
         out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
         self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
         return out
