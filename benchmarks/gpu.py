@@ -167,13 +167,19 @@ def main() -> None:
         add(("location encoder fp32 (500k points, incl. host copies)",
                      f"{len(latlon) / t:,.0f} pts/s"))
         source = SyntheticPatches()
-        cells = latlon[:4096]
+        cells = latlon[:8192]
         emb = engine.satellite_embedder(sat, source)
+        engine.embed_in_memory(cells[:1024], emb, block_cells=1024, progress=False)
         t = time.perf_counter()
-        engine.embed_in_memory(cells, emb, block_cells=512, progress=False)
+        engine.embed_in_memory(cells, emb, block_cells=4096, progress=False)
         t = time.perf_counter() - t
-        add(("engine end-to-end satellite (PIL preprocessing on CPU)",
-                     f"{len(cells) / t:,.0f} cells/s"))
+        add((f"engine end-to-end satellite ({emb.workers} prepare threads, batch {emb.batch_cells})",
+             f"{len(cells) / t:,.0f} cells/s"))
+        loc_emb = engine.location_embedder(loc)
+        t = time.perf_counter()
+        engine.embed_in_memory(latlon, loc_emb, block_cells=65536, progress=False)
+        t = time.perf_counter() - t
+        add(("engine end-to-end location (500k cells)", f"{len(latlon) / t:,.0f} cells/s"))
     print(f"machine: {machine()}")
     import os
 

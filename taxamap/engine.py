@@ -8,6 +8,7 @@ compute, and holds one block of inputs and outputs at a time: memory stays flat 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,8 @@ def location_embedder(encoder) -> CellEmbedder:
     )
 
 
-def satellite_embedder(encoder, source, batch_cells: int | None = None, workers: int = 4) -> CellEmbedder:
+def satellite_embedder(encoder, source, batch_cells: int | None = None,
+                       workers: int | None = None) -> CellEmbedder:
     """Cells whose patch could not be fetched get a NaN row, never a black-image embedding.
 
     Fetching and preprocessing (resize, crop, normalise) run in ``prepare`` threads; only the
@@ -81,7 +83,9 @@ def satellite_embedder(encoder, source, batch_cells: int | None = None, workers:
         attribution=getattr(source, "attribution", None),
         license=getattr(source, "license", None),
         batch_cells=batch_cells or (512 if on_gpu else 64),
-        workers=workers,
+        # Decoding and resizing tiles is CPU work that releases the GIL: one thread per core
+        # (up to 8) keeps a GPU fed; on a small CPU the encoder itself is the bottleneck.
+        workers=workers or max(2, min(8, os.cpu_count() or 1)),
     )
 
 

@@ -67,14 +67,16 @@ def fuse_many(
     q = normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
     per: dict[str, np.ndarray] = {}
     valid: dict[str, np.ndarray] = {}
-    unit: dict[str, np.ndarray] = {}
+    norms: dict[str, np.ndarray] = {}
     for m, e in embeddings.items():
         e = np.asarray(e, dtype=np.float32)
-        ok = np.all(np.isfinite(e), axis=1)
-        u = normalize(np.where(ok[:, None], e, 0.0))
-        scores = (u @ q.T).T  # (S, N)
+        # One pass for the norms; a NaN row (a cell this modality could not embed) has a NaN norm.
+        n = np.sqrt(np.einsum("ij,ij->i", e, e))
+        ok = np.isfinite(n) & (n > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores = (e @ q.T).T / n  # (S, N)
         scores[:, ~ok] = np.nan
-        per[m], valid[m], unit[m] = scores, ok, u
+        per[m], valid[m], norms[m] = scores, ok, n
     if len(per) == 1:
         only = next(iter(per.values()))
         return only.copy(), per
@@ -88,7 +90,11 @@ def fuse_many(
             fused = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     else:
         # TaxaBind's rule: normalise(sum of the normalised embeddings the cell has) . q
-        fused = (normalize(sum(unit.values())) @ q.T).T
+        total = np.zeros((any_valid.shape[0], q.shape[1]), dtype=np.float32)
+        for m, e in embeddings.items():
+            ok = valid[m]
+            total[ok] += np.asarray(e, dtype=np.float32)[ok] / norms[m][ok, None]
+        fused = (normalize(total) @ q.T).T
         fused[:, ~any_valid] = np.nan
     return fused.astype(np.float32), per
 
