@@ -174,6 +174,9 @@ def test_encode_text_equals_load_clip(tiny_models):
     # Batching and order do not change a prompt's embedding.
     np.testing.assert_allclose(fast.encode_text([OAK]), ours[1:2], atol=1e-6)
     np.testing.assert_allclose(fast.encode_text(CARDINAL), ours[0:1], atol=1e-6)
+    # Small batches (prompts regrouped by token length) put every row back in its place.
+    small = load_text_encoder(tiny_models, config=dict(DEFAULT_CONFIG), batch_size=4)
+    np.testing.assert_allclose(small.encode_text(prompts), ours, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -532,12 +532,17 @@ class TextEncoder:
                 raise TaxamapError(f"text prompt must be a non-empty string, got {p!r}")
         if not prompts:
             return np.zeros((0, self.embed_dim), np.float32)
-        out = []
+        ids = self.tokenize(prompts)
+        # Batch prompts of similar token length together: the tower drops the padding after the
+        # longest prompt of a batch, so a few long prompts do not slow down all the short ones.
+        order = np.argsort(ids.argmax(axis=1), kind="stable")
+        out = np.empty((len(prompts), self.embed_dim), np.float32)
         with torch.inference_mode():
             for start in range(0, len(prompts), self.batch_size):
-                ids = torch.from_numpy(self.tokenize(prompts[start:start + self.batch_size]))
-                out.append(self.tower(ids.to(self.device)).float().cpu().numpy())
-        return normalize_rows(np.concatenate(out))
+                rows = order[start:start + self.batch_size]
+                batch = torch.from_numpy(ids[rows]).to(self.device)
+                out[rows] = self.tower(batch).float().cpu().numpy()
+        return normalize_rows(out)
 
     encode = encode_text
 
