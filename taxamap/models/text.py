@@ -297,8 +297,6 @@ def text_spec(raw: dict, where: str = CONFIG_FILE) -> dict:
         elif key == "reduction_mask":
             if value:
                 raise unsupported(f"tokenizer_kwargs.reduction_mask={value!r}")
-        elif key == "context_length":
-            continue
         else:
             raise unsupported(f"tokenizer_kwargs.{key}")
 
