@@ -131,7 +131,7 @@ def main() -> None:
             pixels = torch.randn(batch, 3, 224, 224, device="cuda")
             t = timed(lambda: sat.encode_pixels(pixels))
             rate = batch / t
-            add((f"satellite encoder as shipped (autocast), batch {batch}",
+            add((f"satellite encoder as shipped (bf16 weights), batch {batch}",
                          f"{rate:.0f} tiles/s = {rate * flops / bf16:.0%} of bf16 GEMM"))
         # Variants to pick the production setting: weights cast to bf16 (no per-op autocast
         # casts), and the same under torch.compile.

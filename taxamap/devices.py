@@ -27,3 +27,22 @@ def pick_device(device: str = "auto") -> str:
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
     return device
+
+
+def lazy_device(device: str = "auto"):
+    """A callable that resolves ``device`` with :func:`pick_device` on first use and remembers it.
+
+    Importing torch costs about a second; a warm query whose cells are stored never needs it. A
+    bad name is still reported up front.
+    """
+    name = (device or "auto").lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise TaxamapError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+    chosen: list[str] = []
+
+    def get() -> str:
+        if not chosen:
+            chosen.append(pick_device(name))
+        return chosen[0]
+
+    return get

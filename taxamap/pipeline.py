@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from taxamap.errors import TaxamapError
+from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION, Grid, make_grid
 from taxamap.score import DEFAULT_FUSION, ScoreMap, fuse, parse_modalities
 
@@ -154,8 +154,9 @@ def _licence_notice(attribution: str | None, license_: str | None) -> None:
             "(GeoTIFF tags, HTML attribution, PNG footer); non-commercial licences apply to them.")
 
 
-def _modality_plan(modality: str, req: GridRequest, config: dict, device: str,
+def _modality_plan(modality: str, req: GridRequest, config: dict, device: Callable[[], str],
                    n_cells: int = 0) -> ModalityPlan:
+    """``device`` is called only when an encoder is built: a warm query never imports torch."""
     from taxamap import engine
     from taxamap.models import hub
 
@@ -168,7 +169,7 @@ def _modality_plan(modality: str, req: GridRequest, config: dict, device: str,
         return ModalityPlan(
             modality, ref_of("location", LOCATION_FILES), {"kind": "coordinates"},
             lambda: engine.location_embedder(
-                load_location_encoder(req.models_dir, device=device, config=config)),
+                load_location_encoder(req.models_dir, device=device(), config=config)),
         )
     if modality == "satellite":
         from taxamap.models.satellite import FILES, load_satellite_encoder
@@ -182,8 +183,8 @@ def _modality_plan(modality: str, req: GridRequest, config: dict, device: str,
         return ModalityPlan(
             modality, ref_of("satellite", FILES), source.describe(),
             lambda: engine.satellite_embedder(load_satellite_encoder(
-                req.models_dir, device=device, config=config,
-                compile=device.startswith("cuda") and n_cells >= COMPILE_MIN_CELLS,
+                req.models_dir, device=device(), config=config,
+                compile=device().startswith("cuda") and n_cells >= COMPILE_MIN_CELLS,
             ), source),
             attribution=getattr(source, "attribution", None),
             license=getattr(source, "license", None),
@@ -203,7 +204,7 @@ def _modality_plan(modality: str, req: GridRequest, config: dict, device: str,
         return ModalityPlan(
             modality, ref_of("environment", ENV_FILES), features.describe(),
             lambda: engine.environment_embedder(
-                load_environment_encoder(req.models_dir, device=device, config=config), features),
+                load_environment_encoder(req.models_dir, device=device(), config=config), features),
         )
     raise TaxamapError(f"unknown modality {modality!r}")
 
@@ -211,7 +212,7 @@ def _modality_plan(modality: str, req: GridRequest, config: dict, device: str,
 def _modality_embedder(modality: str, req: GridRequest, config: dict, device: str,
                        n_cells: int = 0):
     """Build the embedder of ``modality`` (loads its encoder)."""
-    return _modality_plan(modality, req, config, device, n_cells).build()
+    return _modality_plan(modality, req, config, lambda: device, n_cells).build()
 
 
 @dataclass
@@ -236,7 +237,8 @@ def _complete_store(location: str, key: str):
     return store if store.is_complete() else None
 
 
-def embed_cells(req: GridRequest, grid: Grid, config: dict, device: str) -> CellEmbeddings:
+def embed_cells(req: GridRequest, grid: Grid, config: dict,
+                device: Callable[[], str]) -> CellEmbeddings:
     """Make sure every modality's store for ``grid`` is complete (computing only missing blocks).
 
     A complete store is used without loading its encoder at all: a warm query touches no weights
@@ -313,7 +315,8 @@ def read_species_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def embed_queries(req: PredictRequest, config: dict, device: str) -> tuple[list[Query], str]:
+def embed_queries(req: PredictRequest, config: dict,
+                  device: Callable[[], str]) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
     Every species prompt goes through the text encoder in one batch.
@@ -326,16 +329,15 @@ def embed_queries(req: PredictRequest, config: dict, device: str) -> tuple[list[
     if req.audio:
         from taxamap.models.audio import embed_audio_query
 
-        vector, ref = embed_audio_query(req.audio, req.models_dir, device=device, config=config)
+        vector, ref = embed_audio_query(req.audio, req.models_dir, device=device(), config=config)
         name = Path(req.audio).name
         return [Query(np.asarray(vector), None, f"sound {name}", slugify(Path(name).stem), "audio")], ref
-    from taxamap.models.clip import load_clip
-
     if req.image:
+        from taxamap.models.clip import load_clip
         from taxamap.models.preprocess import load_image
 
         image = load_image(req.image)
-        clip = load_clip(req.models_dir, device=device, config=config)
+        clip = load_clip(req.models_dir, device=device(), config=config)
         name = Path(req.image).name
         vector = clip.encode_image([image])[0]
         return [Query(vector, None, f"image {name}", slugify(Path(name).stem), "image")], clip.ref
@@ -348,35 +350,84 @@ def embed_queries(req: PredictRequest, config: dict, device: str) -> tuple[list[
         taxon = resolve_species(name, cache_dir=cache)
         log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
         taxa.append(taxon)
-    clip = load_clip(req.models_dir, device=device, config=config)
-    vectors = clip.encode_text([t.prompt for t in taxa])
+    text = _text_encoder(req, config, device)
+    vectors = text.encode_text([t.prompt for t in taxa])
     queries = [
         Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source) for v, t in zip(vectors, taxa)
     ]
-    return queries, clip.ref
+    return queries, text.ref
+
+
+def _text_encoder(req: PredictRequest, config: dict, device: Callable[[], str]):
+    """taxamap's own text tower (loads only the text weights, never imports open_clip: ~0.3 s
+    instead of ~3 s); open_clip's full model for configurations it does not cover."""
+    from taxamap.models.text import load_text_encoder
+
+    # One prompt is microseconds of compute: run it on the CPU (NumPy, no torch import) unless
+    # the user named a GPU.
+    where = "cpu" if (req.device or "auto").lower() in ("auto", "cpu") else device()
+    try:
+        return load_text_encoder(req.models_dir, device=where, config=config)
+    except ModelFilesMissing:
+        raise
+    except TaxamapError as exc:
+        from taxamap.models.clip import load_clip
+
+        log(f"text encoder: using open_clip ({exc})")
+        return load_clip(req.models_dir, device=where, config=config)
 
 
 def score_stores(stores: dict, queries: np.ndarray, fusion: str, block_cells: int = 65536):
     """Fused and per-modality scores (S, N) for all queries, streaming the stores block by block so
-    memory holds one block of embeddings however large the grid."""
+    memory holds a couple of blocks of embeddings however large the grid. The next block is read
+    in a thread while the current one is scored."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from taxamap.score import fuse_many
 
     n = next(iter(stores.values())).n_cells
     s = queries.shape[0]
     fused = np.empty((s, n), dtype=np.float32)
     per = {m: np.empty((s, n), dtype=np.float32) for m in stores}
-    for start in range(0, n, block_cells):
+    starts = list(range(0, n, block_cells))
+
+    def read(start: int) -> dict:
         rows = slice(start, min(start + block_cells, n))
-        f, p = fuse_many({m: st.read(rows) for m, st in stores.items()}, queries, fusion)
-        fused[:, rows] = f
-        for m in per:
-            per[m][:, rows] = p[m]
+        return {m: st.read(rows) for m, st in stores.items()}
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="taxamap-read") as pool:
+        nxt = pool.submit(read, starts[0])
+        for i, start in enumerate(starts):
+            block = nxt.result()
+            if i + 1 < len(starts):
+                nxt = pool.submit(read, starts[i + 1])
+            rows = slice(start, min(start + block_cells, n))
+            f, p = fuse_many(block, queries, fusion)
+            fused[:, rows] = f
+            for m in per:
+                per[m][:, rows] = p[m]
     return fused, per
+
+
+def _warm_up_writers() -> None:
+    """Import the writers' heavy libraries in the background while the query is embedded and the
+    cells scored (they are needed last; ~1 s of imports overlaps with work)."""
+    import threading
+
+    def load() -> None:
+        try:
+            import folium  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+            import rasterio  # noqa: F401
+        except Exception:  # the writers will report a real problem themselves
+            pass
+
+    threading.Thread(target=load, name="taxamap-warm-up", daemon=True).start()
 
 
 def predict(req: PredictRequest) -> PredictResult:
     """Make the map(s) for the request's query or queries and write the files."""
-    from taxamap.devices import pick_device
+    from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
     timings: dict[str, float] = {}
@@ -387,7 +438,8 @@ def predict(req: PredictRequest) -> PredictResult:
 
         parse_rule(req.threshold)  # a bad rule fails before any long work
     out_dir = check_out_dir(req.out)
-    device = pick_device(req.device)
+    _warm_up_writers()
+    device = lazy_device(req.device)
     config, config_ref = load_config(req.models_dir)
 
     region, grid = build_grid(req)
@@ -514,11 +566,11 @@ def write_outputs(
 
 def embed(req: GridRequest) -> CellEmbeddings:
     """``taxamap embed``: fill the stores for a grid without making a map."""
-    from taxamap.devices import pick_device
+    from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
     req.modalities = parse_modalities(req.modalities)
-    device = pick_device(req.device)
+    device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)
     log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg")
