@@ -171,6 +171,12 @@ def test_encode_text_equals_load_clip(tiny_models):
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
     assert np.abs(ours[0] - ours[1]).max() > 0.05  # different prompts, different embeddings
     assert fast.ref == slow.ref and fast.device.type == "cpu" and fast.embed_dim == 512
+    assert fast.backend == "numpy" and str(fast.device) == "cpu"
+    # The torch backend gives the same vectors.
+    via_torch = load_text_encoder(tiny_models, config=dict(DEFAULT_CONFIG), backend="torch")
+    assert via_torch.backend == "torch" and via_torch.device.type == "cpu"
+    np.testing.assert_allclose(via_torch.encode_text(prompts), ours, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(via_torch.encode_text(prompts), ref, atol=1e-5, rtol=0)
     # Batching and order do not change a prompt's embedding.
     np.testing.assert_allclose(fast.encode_text([OAK]), ours[1:2], atol=1e-6)
     np.testing.assert_allclose(fast.encode_text(CARDINAL), ours[0:1], atol=1e-6)
@@ -191,21 +197,86 @@ def test_encode_text_equals_load_clip(tiny_models):
 )
 def test_supported_variants_equal_open_clip(tmp_path, text_updates, model_updates):
     folder = write_variant(tmp_path / REPO, text_updates, model_updates, seed=3)
-    fast = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG))
     slow = load_clip(tmp_path, config=dict(DEFAULT_CONFIG))
     prompts = [CARDINAL, OAK, "x", TEXTS[-2]]
-    ours = fast.encode_text(prompts)
-    assert ours.shape == (4, model_updates.get("embed_dim", 512))
-    np.testing.assert_allclose(ours, slow.encode_text(prompts), atol=1e-5, rtol=0)
+    ref = slow.encode_text(prompts)
+    for backend in ("numpy", "torch"):
+        fast = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG), backend=backend)
+        assert fast.backend == backend
+        ours = fast.encode_text(prompts)
+        assert ours.shape == (4, model_updates.get("embed_dim", 512)) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0, err_msg=backend)
+        # Regrouped small batches (padding trimmed per batch) give the same rows.
+        small = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG), backend=backend, batch_size=1)
+        np.testing.assert_allclose(small.encode_text(prompts), ours, atol=1e-6, rtol=0, err_msg=backend)
     assert folder.is_dir()
 
 
 def test_bin_weights_fallback(tmp_path):
     write_variant(tmp_path / REPO, {}, bin_weights=True, seed=5)
-    fast = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG))
     slow = load_clip(tmp_path, config=dict(DEFAULT_CONFIG))
-    np.testing.assert_allclose(fast.encode_text([CARDINAL, OAK]), slow.encode_text([CARDINAL, OAK]),
-                               atol=1e-5, rtol=0)
+    ref = slow.encode_text([CARDINAL, OAK])
+    for backend in ("numpy", "torch"):
+        fast = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG), backend=backend)
+        np.testing.assert_allclose(fast.encode_text([CARDINAL, OAK]), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_safetensors(tmp_path, dtype):
+    """A checkpoint saved in bf16/fp16 loads as float32 on both backends (NumPy has no bf16)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_repo(tmp_path, REPO, seed=2)
+    path = folder / "open_clip_model.safetensors"
+    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+             for k, v in load_file(str(path)).items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    a = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG), backend="numpy")
+    b = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG), backend="torch")
+    key = "transformer.resblocks.0.attn.in_proj_weight"
+    assert a.tower.state[key].dtype == np.float32
+    np.testing.assert_array_equal(a.tower.state[key], b.tower.state[key].numpy())
+    np.testing.assert_array_equal(a.tower.state[key], state[key].float().numpy())
+    np.testing.assert_allclose(a.encode_text(TEXTS[:6]), b.encode_text(TEXTS[:6]), atol=1e-5, rtol=0)
+
+
+def test_backend_choice(tiny_models):
+    cfg = dict(DEFAULT_CONFIG)
+    assert load_text_encoder(tiny_models, device="auto", config=cfg).backend == "numpy"
+    assert load_text_encoder(tiny_models, device=None, config=cfg).backend == "numpy"
+    assert load_text_encoder(tiny_models, device=torch.device("cpu"), config=cfg).backend == "numpy"
+    with pytest.raises(TaxamapError, match="CPU only"):
+        load_text_encoder(tiny_models, device="cuda", config=cfg, backend="numpy")
+    with pytest.raises(TaxamapError, match="unknown text backend"):
+        load_text_encoder(tiny_models, config=cfg, backend="jax")
+    if not torch.cuda.is_available():  # device="cuda" means torch, which then says there is no GPU
+        with pytest.raises(TaxamapError, match="no CUDA GPU"):
+            load_text_encoder(tiny_models, device="cuda", config=cfg)
+
+
+def test_gelu_is_exact_with_and_without_scipy(monkeypatch):
+    from taxamap.models import text
+
+    x = np.linspace(-12, 12, 4001, dtype=np.float32).reshape(1, -1)
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    text._erf.cache_clear()
+    np.testing.assert_allclose(text._gelu(x.copy()), ref, atol=1e-6, rtol=1e-6)
+    monkeypatch.setitem(sys.modules, "scipy.special", None)  # "import scipy.special" now fails
+    text._erf.cache_clear()
+    try:
+        out = text._gelu(x.copy())
+        fallback = text._erf()
+    finally:
+        text._erf.cache_clear()
+    monkeypatch.undo()
+    from scipy.special import erf
+
+    assert fallback is not erf  # the standard-library path really ran
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
+    q = text._quick_gelu(x.copy())
+    np.testing.assert_allclose(q, (torch.from_numpy(x) * torch.sigmoid(1.702 * torch.from_numpy(x))).numpy(),
+                               atol=1e-6, rtol=1e-6)
 
 
 def test_bad_prompts_and_empty_batch(tiny_models):
@@ -224,9 +295,10 @@ def test_subnormal_weights_are_flushed(tmp_path):
     state = load_file(str(path))
     state["transformer.resblocks.0.mlp.c_fc.weight"][0, :4] = 1e-40
     save_file(state, str(path))
-    enc = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG))
-    w = enc.tower.state["transformer.resblocks.0.mlp.c_fc.weight"]
-    assert (w[0, :4] == 0).all()
+    for backend in ("numpy", "torch"):
+        enc = load_text_encoder(tmp_path, config=dict(DEFAULT_CONFIG), backend=backend)
+        w = enc.tower.state["transformer.resblocks.0.mlp.c_fc.weight"]
+        assert (w[0, :4] == 0).all() and (w[0, 4:] != 0).all(), backend
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,3 +375,19 @@ def test_encode_text_never_imports_open_clip(tiny_models):
     assert out.returncode == 0, out.stderr
     open_clip_loaded, transformers_loaded, _seconds = out.stdout.split()
     assert open_clip_loaded == "False" and transformers_loaded == "False"
+
+
+def test_numpy_backend_never_imports_torch(tiny_models):
+    script = (
+        "import sys\n"
+        "from taxamap.models.text import load_text_encoder\n"
+        f"enc = load_text_encoder({str(tiny_models)!r}, backend='numpy')\n"
+        f"v = enc.encode_text([{CARDINAL!r}, {OAK!r}])\n"
+        "assert v.shape == (2, 512) and abs(float((v[0] ** 2).sum()) - 1) < 1e-5, v.shape\n"
+        "print(enc.backend, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["numpy", "[]"], out.stdout

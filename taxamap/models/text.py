@@ -12,6 +12,9 @@ text cleaning, pre-tokenisation regex, byte-to-unicode table, BPE merges read fr
 ``bpe_simple_vocab_16e6.txt.gz`` file shipped in the installed open_clip package (located without
 importing it), start/end tokens, truncation that keeps the end token, zero padding.
 
+Two backends run that math: NumPy (the CPU default) never imports torch, which alone costs
+1-2 s of process start-up, most of a warm ``taxamap predict``; torch serves GPUs. Both are float32.
+
 Configs this module does not reproduce exactly (Hugging Face text towers, CoCa, custom attention
 blocks, ...) raise a one-line :class:`TaxamapError`; callers then fall back to ``load_clip``.
 Results equal ``load_clip(...).encode_text`` to float32 rounding (~1e-6) on CPU; on CUDA this path
@@ -23,9 +26,11 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+import json
 import logging
 import os
 import string
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -59,6 +64,9 @@ _FALSY_KEYS = {"hf_model_name", "hf_tokenizer_name", "embed_cls", "final_ln_afte
                "act_kwargs", "norm_kwargs", "qk_norm", "scaled_cosine_attn", "scale_heads",
                "scale_attn_inner", "scale_attn", "scale_fc"}
 _POOL_TYPES = ("argmax", "eos", "first", "last", "none")
+#: open_clip's LayerNorm eps (torch.nn.LayerNorm default; text_cfg.norm_kwargs is refused).
+_LN_EPS = 1e-5
+BACKENDS = ("auto", "numpy", "torch")
 _CLEAN_TYPES = ("lower", "whitespace", "canonicalize")
 
 
@@ -369,33 +377,36 @@ def _prefix(names, where: Path) -> str:
                        "the file is not an open_clip checkpoint, download it again")
 
 
-def load_text_weights(path: str | os.PathLike, spec: dict) -> dict:
+def load_text_weights(path: str | os.PathLike, spec: dict, backend: str = "torch") -> dict:
     """Read only the text tower's tensors from a safetensors (or ``.bin``) checkpoint, check their
-    shapes against ``spec`` and flush subnormals. Returns {CLIP key: float32 tensor}."""
-    import torch
-
+    shapes against ``spec`` and flush subnormals. Returns {CLIP key: float32 array}: torch tensors
+    for ``backend="torch"``, NumPy arrays for ``"numpy"`` (safetensors files are then read without
+    importing torch; only the rare ``.bin`` fallback needs it)."""
+    if backend not in ("numpy", "torch"):
+        raise TaxamapError(f"unknown text backend {backend!r}; use numpy or torch")
     path = Path(path)
     wanted = _tower_keys(spec)
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            framework = "np" if backend == "numpy" else "pt"
+            with safe_open(str(path), framework=framework, device="cpu") as f:
                 names = set(f.keys())
                 prefix = _prefix(names, path)
-                state = {k: f.get_tensor(prefix + k) for k in wanted if prefix + k in names}
+                state = {}
+                for k in wanted:
+                    if prefix + k not in names:
+                        continue
+                    if backend == "numpy" and f.get_slice(prefix + k).get_dtype() == "BF16":
+                        state[k] = _read_bf16(path, prefix + k)  # NumPy has no bfloat16
+                    else:
+                        state[k] = f.get_tensor(prefix + k)
         else:
-            try:
-                full = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                full = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(full, dict) and isinstance(full.get("state_dict"), dict):
-                full = full["state_dict"]
-            if not isinstance(full, dict):
-                raise TaxamapError(f"{path} does not hold a state dict")
-            prefix = _prefix(full.keys(), path)
-            state = {k: full[prefix + k].clone() for k in wanted if prefix + k in full}
-            del full
+            state = _load_bin(path, wanted)
+            if backend == "numpy":
+                state = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                         for k, v in state.items()}
     except TaxamapError:
         raise
     except Exception as exc:  # corrupt or truncated files come in many exception types
@@ -413,9 +424,63 @@ def load_text_weights(path: str | os.PathLike, spec: dict) -> dict:
                          f"vs config {wanted[k]})")
         raise TaxamapError(f"weights {path} do not match {CONFIG_FILE}: " + "; ".join(parts)
                            + "; the repo's files are from different models or corrupt, download them again")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    hub.flush_subnormals(state)
+    if backend == "numpy":
+        state = {k: np.require(v, np.float32, "CW") for k, v in state.items()}
+        _flush_subnormals_np(state)
+    else:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        hub.flush_subnormals(state)
     return state
+
+
+def _read_bf16(path: Path, name: str) -> np.ndarray:
+    """One bfloat16 tensor of a safetensors file as float32 (bf16 is the top half of a float32).
+
+    The format: an 8-byte little-endian header size, a JSON header giving each tensor's dtype,
+    shape and byte range relative to the end of the header, then the data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(size))[name]
+        begin, end = entry["data_offsets"]
+        f.seek(8 + size + begin)
+        raw = np.frombuffer(f.read(end - begin), dtype="<u2")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+
+
+def _load_bin(path: Path, wanted: dict) -> dict:
+    """The text tensors of a pickled ``.bin`` state dict (``weights_only``: no code runs)."""
+    import torch
+
+    try:
+        full = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+        full = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(full, dict) and isinstance(full.get("state_dict"), dict):
+        full = full["state_dict"]
+    if not isinstance(full, dict):
+        raise TaxamapError(f"{path} does not hold a state dict")
+    prefix = _prefix(full.keys(), path)
+    state = {k: full[prefix + k].clone() for k in wanted if prefix + k in full}
+    del full
+    return state
+
+
+def _flush_subnormals_np(state: dict) -> int:
+    """NumPy twin of :func:`taxamap.models.hub.flush_subnormals` (which imports torch): zero
+    float32 values with 0 < |x| < tiny in place, as they make CPU matmuls several times slower."""
+    tiny = np.finfo(np.float32).tiny
+    count = 0
+    for value in state.values():
+        if value.size:
+            # Zeros also pass |x| < tiny; setting them to 0 changes nothing, so one test suffices.
+            small = np.abs(value) < tiny
+            if small.any():
+                n = int(np.count_nonzero(value[small]))
+                value[small] = 0
+                count += n
+    if count:
+        log.debug("flushed %d subnormal weights to zero", count)
+    return count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,29 +562,174 @@ class TextTower:
 
     __call__ = forward
 
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """int64 (B, L) token ids (NumPy) -> float32 (B, embed_dim) NumPy rows."""
+        import torch
+
+        device = next(iter(self.state.values())).device
+        with torch.inference_mode():
+            return self.forward(torch.from_numpy(ids).to(device)).float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class CpuDevice:
+    """``.device`` of a NumPy-backed encoder: reads like ``torch.device("cpu")`` (``.type``,
+    ``str``) without importing torch."""
+
+    type: str = "cpu"
+    index: None = None
+
+    def __str__(self) -> str:
+        return self.type
+
+
+def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = np.mean(np.square(centred), axis=-1, keepdims=True)
+    return centred / np.sqrt(var + np.float32(_LN_EPS)) * weight + bias
+
+
+def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    # ``weight.T`` is a view: BLAS reads it transposed, no copy.
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+@lru_cache(maxsize=1)
+def _erf():
+    """A vectorised exact erf: SciPy's ufunc, else the standard library's applied per element
+    (slow but exact; an approximate erf would move embeddings away from open_clip's)."""
+    try:
+        from scipy.special import erf
+    except ImportError:  # scipy is a taxamap dependency; keep results exact without it
+        import math
+
+        scalar = np.frompyfunc(math.erf, 1, 1)
+        return lambda x: scalar(x).astype(np.float32)
+    return erf
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU, as ``torch.nn.GELU()``: x * (1 + erf(x / sqrt 2)) / 2."""
+    out = _erf()(x * np.float32(1.0 / np.sqrt(2.0))).astype(np.float32, copy=False)
+    out += 1.0
+    out *= 0.5
+    out *= x
+    return out
+
+
+def _quick_gelu(x: np.ndarray) -> np.ndarray:
+    """open_clip's QuickGELU: x * sigmoid(1.702 x)."""
+    with np.errstate(over="ignore"):  # exp overflows to inf for very negative x: the result is -0
+        return x / (1.0 + np.exp(np.float32(-1.702) * x))
+
+
+def _pool_positions(tokens: np.ndarray, spec: dict) -> np.ndarray | None:
+    """Per row, the token position the pooled vector is read from (None for "last"/"none")."""
+    pool = spec["pool_type"]
+    if pool == "argmax":
+        return tokens.argmax(axis=-1)
+    if pool == "eos":
+        return (tokens == spec["eos_id"]).argmax(axis=-1)
+    if pool == "first":
+        return np.zeros(tokens.shape[0], dtype=np.int64)
+    return None
+
+
+class NumpyTextTower:
+    """The same forward pass as :class:`TextTower`, in float32 NumPy: CPU only, and no torch
+    import (which costs more than embedding a prompt)."""
+
+    def __init__(self, spec: dict, state: dict):
+        self.spec = spec
+        self.state = state
+
+    def forward(self, tokens: np.ndarray) -> np.ndarray:
+        """int64 (B, L) token ids -> float32 (B, embed_dim) unit-norm embeddings."""
+        s, p = self.spec, self.state
+        tokens = np.asarray(tokens)
+        width, heads = s["width"], s["heads"]
+        head_dim = width // heads
+        pool = s["pool_type"]
+        pos = _pool_positions(tokens, s)
+        if s["causal"] and pos is not None:
+            # Causal attention: positions after the pooled token (padding) cannot change it.
+            length = int(pos.max()) + 1
+        else:
+            length = tokens.shape[1]
+        batch = tokens.shape[0]
+        # Rows are (prompt, position) pairs, so every Linear is one 2-D GEMM.
+        x = p["token_embedding.weight"][tokens[:, :length].reshape(-1)]
+        x = (x.reshape(batch, length, width) + p["positional_embedding"][:length]).reshape(-1, width)
+        if s["causal"]:
+            mask = np.triu(np.full((length, length), -np.inf, np.float32), k=1)
+        scale = np.float32(1.0 / np.sqrt(head_dim))
+        act = _quick_gelu if s["quick_gelu"] else _gelu
+        for i in range(s["layers"]):
+            b = f"transformer.resblocks.{i}."
+            h = _layer_norm(x, p[b + "ln_1.weight"], p[b + "ln_1.bias"])
+            qkv = _linear(h, p[b + "attn.in_proj_weight"], p[b + "attn.in_proj_bias"])
+            q, k, v = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+            scores = (q * scale) @ k.transpose(0, 1, 3, 2)  # (B, heads, L, L)
+            if s["causal"]:
+                scores += mask
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            a = (scores @ v).transpose(0, 2, 1, 3).reshape(-1, width)
+            a = _linear(a, p[b + "attn.out_proj.weight"], p[b + "attn.out_proj.bias"])
+            x = x + (a * p[b + "ls_1.gamma"] if s["layer_scale"] else a)
+            h = _layer_norm(x, p[b + "ln_2.weight"], p[b + "ln_2.bias"])
+            h = act(_linear(h, p[b + "mlp.c_fc.weight"], p[b + "mlp.c_fc.bias"]))
+            h = _linear(h, p[b + "mlp.c_proj.weight"], p[b + "mlp.c_proj.bias"])
+            x = x + (h * p[b + "ls_2.gamma"] if s["layer_scale"] else h)
+        x = x.reshape(batch, length, width)
+        rows = np.arange(batch)
+        if pos is not None:
+            x = x[rows, pos]
+        elif pool == "last":
+            x = x[:, -1]
+        else:
+            raise TaxamapError("text_cfg.pool_type 'none' gives one vector per token, not per prompt; "
+                               "use taxamap.models.clip.load_clip for this model")
+        # LayerNorm is per token, so applying it after pooling gives the same vectors, cheaper.
+        x = _layer_norm(x, p["ln_final.weight"], p["ln_final.bias"])
+        if s["projection"] == "matrix":
+            x = x @ p["text_projection"]
+        elif s["projection"] == "linear":
+            x = _linear(x, p["text_projection.weight"], p["text_projection.bias"])
+        x = x.astype(np.float32, copy=False)
+        norms = np.linalg.norm(x, axis=-1, keepdims=True)
+        return x / np.maximum(norms, np.float32(1e-12))
+
+    __call__ = forward
+    embed = forward
+
 
 class TextEncoder:
     """Prompt embeddings in TaxaBind's shared space (float32, unit-norm rows), open_clip-free."""
 
-    def __init__(self, tower: TextTower, tokenizer: ClipTokenizer, ref: str, device,
+    def __init__(self, tower: TextTower | NumpyTextTower, tokenizer: ClipTokenizer, ref: str, device,
                  batch_size: int = 256):
         self.tower = tower
         self.tokenizer = tokenizer
         self.ref = ref
         self.device = device
+        self.backend = "numpy" if isinstance(tower, NumpyTextTower) else "torch"
         self.embed_dim = int(tower.spec["embed_dim"])
-        self.batch_size = int(batch_size)
+        self.batch_size = max(1, int(batch_size))
 
     def __repr__(self) -> str:
-        return f"TextEncoder({self.ref}, device={self.device})"
+        return f"TextEncoder({self.ref}, device={self.device}, backend={self.backend})"
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return self.tokenizer.tokenize(list(prompts))
 
     def encode_text(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Embed prompts (plain seven-rank strings) -> float32 (N, embed_dim), unit-norm rows."""
-        import torch
-
         from taxamap.models.autocast import normalize_rows
 
         if isinstance(prompts, str):
@@ -535,14 +745,26 @@ class TextEncoder:
         # longest prompt of a batch, so a few long prompts do not slow down all the short ones.
         order = np.argsort(ids.argmax(axis=1), kind="stable")
         out = np.empty((len(prompts), self.embed_dim), np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(prompts), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                batch = torch.from_numpy(ids[rows]).to(self.device)
-                out[rows] = self.tower(batch).float().cpu().numpy()
+        for start in range(0, len(prompts), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            out[rows] = self.tower.embed(ids[rows])
         return normalize_rows(out)
 
     encode = encode_text
+
+
+def _pick_backend(backend: str, device) -> str:
+    if backend not in BACKENDS:
+        raise TaxamapError(f"unknown text backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    name = "auto" if device is None else str(device).lower()
+    if backend == "auto":
+        # One prompt is milliseconds of CPU work; importing torch costs 1-2 s. "auto" stays on the
+        # CPU here on purpose: a GPU only pays off for large prompt batches, so ask for it by name.
+        return "numpy" if name in ("cpu", "auto") else "torch"
+    if backend == "numpy" and name not in ("cpu", "auto"):
+        raise TaxamapError(f"the numpy text backend runs on the CPU only, not {device}; "
+                           "use backend='torch' or device='cpu'")
+    return backend
 
 
 def load_text_encoder(
@@ -550,15 +772,17 @@ def load_text_encoder(
     device="cpu",
     config: dict | None = None,
     batch_size: int = 256,
+    backend: str = "auto",
 ) -> TextEncoder:
     """Load TaxaBind's CLIP text encoder from the clip repo's files, without open_clip.
 
     Same file resolution as :func:`taxamap.models.clip.load_clip` (so ``.ref`` is the same);
-    ``config`` is the TaxaBind entry config (read when None). Raises TaxamapError for configs it
-    does not reproduce exactly, so callers can fall back to ``load_clip``.
+    ``config`` is the TaxaBind entry config (read when None). ``backend``: ``"numpy"`` (CPU, never
+    imports torch), ``"torch"`` (any device), or ``"auto"``: numpy when ``device`` is ``"cpu"`` or
+    ``"auto"``/None, torch otherwise. Raises TaxamapError for configs it does not reproduce
+    exactly, so callers can fall back to ``load_clip``.
     """
-    from taxamap.models.autocast import resolve_device
-
+    chosen = _pick_backend(backend, device)
     if config is None:
         config, _ = hub.load_config(models_dir)
     repo_id = hub.encoder_repo(config, "clip")
@@ -571,7 +795,12 @@ def load_text_encoder(
             f"{config_path}: text vocab_size {spec['vocab_size']} is smaller than the CLIP tokenizer's "
             f"{tokenizer.vocab_size}; the model does not use open_clip's default tokenizer"
         )
-    state = load_text_weights(repo.file(WEIGHT_FILES[0]), spec)
+    state = load_text_weights(repo.file(WEIGHT_FILES[0]), spec, backend=chosen)
+    if chosen == "numpy":
+        return TextEncoder(NumpyTextTower(spec, state), tokenizer, ref=repo.ref, device=CpuDevice(),
+                           batch_size=batch_size)
+    from taxamap.models.autocast import resolve_device
+
     dev = resolve_device(device)
     tower = TextTower(spec, state).to(dev)
     return TextEncoder(tower, tokenizer, ref=repo.ref, device=dev, batch_size=batch_size)
