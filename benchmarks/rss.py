@@ -9,7 +9,6 @@ through the store should keep the peak nearly flat as the grid grows.
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -20,7 +20,7 @@ import numpy as np
 
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION, Grid, make_grid
-from taxamap.score import DEFAULT_FUSION, ScoreMap, fuse, parse_modalities
+from taxamap.score import DEFAULT_FUSION, ScoreMap, parse_modalities
 
 
 def log(message: str) -> None:

@@ -5,7 +5,6 @@ made by the page (its own update/account pings, which fail to resolve, are ignor
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess

@@ -4,7 +4,6 @@ no network. The GeoTIFF is checked against an independent computation at its pix
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,14 +95,11 @@ def test_second_query_reuses_the_store(predicted, models_dir, tmp_path):
 
 def test_hf_cache_layout_offline(tmp_path, models_dir):
     """No --models: the tiny repos sit in a Hugging Face cache and HF_HUB_OFFLINE=1 is set."""
-    hub = tmp_path / "hf" / "hub"
+    from tests.tiny import write_hf_cache
+
     commit = "f" * 40
     for repo in ("MVRL/taxabind-config", "MVRL/ecogeo", "MVRL/taxabind-vit-b-16"):
-        org, name = repo.split("/")
-        base = hub / f"models--{org}--{name}"
-        shutil.copytree(models_dir / repo, base / "snapshots" / commit)
-        (base / "refs").mkdir(parents=True)
-        (base / "refs" / "main").write_text(commit)
+        write_hf_cache(tmp_path / "hf" / "hub", repo, commit, source=models_dir / repo)
     proc = run(["predict", "--species", "Cardinalis cardinalis", "--bbox", "-83,40,-82.5,40.5",
                 "--resolution", "0.1", "--out", str(tmp_path / "o"), "--no-progress"],
                env_extra={"HF_HOME": str(tmp_path / "hf"), "TAXAMAP_CACHE": str(tmp_path / "c")})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.models.clip import load_clip
 from taxamap.models.hub import DEFAULT_CONFIG
 from taxamap.models.preprocess import build_transform, load_image, spec_from_config
+from tests import tiny
 from tests.tiny import write_repo
 
 REPO = "MVRL/taxabind-vit-b-16"
@@ -45,17 +45,7 @@ def photo(w=320, h=200, seed=0) -> Image.Image:
 
 def write_hf_cache(cache: Path, repo: str, commit: str = COMMIT, seed: int = 0) -> Path:
     """A Hugging Face hub cache holding ``repo`` at ``commit`` with refs/main pointing at it."""
-    base = cache / ("models--" + repo.replace("/", "--"))
-    snap = base / "snapshots" / commit
-    tmp = cache / "_tmp_write" / repo
-    write_repo(cache / "_tmp_write", repo, seed=seed)
-    snap.mkdir(parents=True, exist_ok=True)
-    for f in tmp.iterdir():
-        shutil.copy(f, snap / f.name)
-    (base / "refs").mkdir(parents=True, exist_ok=True)
-    (base / "refs" / "main").write_text(commit)
-    shutil.rmtree(cache / "_tmp_write")
-    return snap
+    return tiny.write_hf_cache(cache, repo, commit, seed=seed)
 
 
 @pytest.fixture(scope="module")

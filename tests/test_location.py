@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from taxamap.models.hub import load_weights
-from taxamap.models.location import LocationEncoder, equal_earth, load_location_encoder
+from taxamap.models.location import equal_earth, load_location_encoder
 
 # The points that break careless implementations: poles, the antimeridian, (0, 0), swapped axes.
 EDGE_POINTS = [
@@ -118,17 +118,10 @@ def test_missing_weights_offline_says_how_to_fix(tmp_path):
 
 def test_hf_cache_layout_offline(tmp_path, monkeypatch):
     """The same tiny files, laid out as a Hugging Face cache snapshot, load with HF_HUB_OFFLINE."""
-    from tests.tiny import write_repo
+    from tests.tiny import write_hf_cache
 
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_cache = tmp_path / "hub" / "models--MVRL--ecogeo"
-    snap = repo_cache / "snapshots" / commit
-    write_repo(tmp_path / "src", "MVRL/ecogeo")
-    snap.mkdir(parents=True)
-    for f in (tmp_path / "src/MVRL/ecogeo").iterdir():
-        (snap / f.name).write_bytes(f.read_bytes())
-    (repo_cache / "refs").mkdir()
-    (repo_cache / "refs" / "main").write_text(commit)
+    write_hf_cache(tmp_path / "hub", "MVRL/ecogeo", commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     enc = load_location_encoder()

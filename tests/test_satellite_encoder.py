@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from torchvision import transforms
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.models.hub import DEFAULT_CONFIG
 from taxamap.models.satellite import load_satellite_encoder
+from tests import tiny
 from tests.tiny import write_repo
 
 REPO = "MVRL/ecosat"
@@ -42,17 +42,7 @@ def independent_pixels(images):
 
 def write_hf_cache(cache: Path, repo: str, commit: str = COMMIT, seed: int = 0) -> Path:
     """A Hugging Face hub cache holding ``repo`` at ``commit`` with refs/main pointing at it."""
-    base = cache / ("models--" + repo.replace("/", "--"))
-    snap = base / "snapshots" / commit
-    staging = cache.parent / "_staging"
-    src = write_repo(staging, repo, seed=seed)
-    snap.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        shutil.copy(f, snap / f.name)
-    (base / "refs").mkdir(parents=True, exist_ok=True)
-    (base / "refs" / "main").write_text(commit)
-    shutil.rmtree(staging)
-    return snap
+    return tiny.write_hf_cache(cache, repo, commit, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -301,23 +301,7 @@ def load_state_strict(model, state: dict, weights: Path) -> None:
     naming the first few, never a silently half-random model."""
     own = model.state_dict()
     state = _fit_state(state, own)
-    unexpected = [k for k in state if k not in own and not k.endswith(_REBUILT_SUFFIXES)]
-    missing = [k for k in own if k not in state and not k.endswith(_REBUILT_SUFFIXES)]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)} "
-                         f"vs config {tuple(own[k].shape)})")
-        raise TaxamapError(
-            f"weights {weights} do not match its config.json: " + "; ".join(parts)
-            + "; the repo's files are from different models or corrupt, download them again"
-        )
+    hub.check_state(own, state, weights, _REBUILT_SUFFIXES)
     state = {k: v for k, v in state.items() if k in own}
     model.load_state_dict(state, strict=False)
 

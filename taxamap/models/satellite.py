@@ -114,27 +114,9 @@ def vision_config(data: dict, path: Path):
 def load_state_strict(model, state: dict, weights: Path) -> None:
     """Load ``state`` strictly; mismatches become one TaxamapError naming the first keys."""
     own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    dropped = [k for k in unexpected if k.endswith(_IGNORABLE_SUFFIXES)]
-    for k in dropped:
+    for k in [k for k in state if k not in own and k.endswith(_IGNORABLE_SUFFIXES)]:
         state.pop(k)
-    unexpected = [k for k in unexpected if k not in dropped]
-    missing = [k for k in own if k not in state]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)} "
-                         f"vs config {tuple(own[k].shape)})")
-        raise TaxamapError(
-            f"weights {weights} do not match its config.json: " + "; ".join(parts)
-            + "; the repo's files are from different models or corrupt, download them again"
-        )
+    hub.check_state(own, state, weights)
     model.load_state_dict(state, strict=True)
 
 

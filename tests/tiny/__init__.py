@@ -53,3 +53,22 @@ def write_models_dir(root: Path, repos: list[str] | None = None, seed: int = 0) 
 
 def write_json(path: Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2))
+
+
+def write_hf_cache(hub_dir: Path, repo: str, commit: str, seed: int = 0,
+                   source: Path | None = None) -> Path:
+    """Lay ``repo``'s tiny files out as a Hugging Face hub cache (``models--org--name/snapshots/
+    <commit>/`` plus ``refs/main``) under ``hub_dir``; copies from ``source`` if given."""
+    import shutil
+    import tempfile
+
+    base = Path(hub_dir) / ("models--" + repo.replace("/", "--"))
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        src = Path(source) if source is not None else write_repo(Path(staging), repo, seed=seed)
+        for f in src.iterdir():
+            shutil.copy(f, snap / f.name)
+    (base / "refs").mkdir(parents=True, exist_ok=True)
+    (base / "refs" / "main").write_text(commit)
+    return snap
