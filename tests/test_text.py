@@ -377,17 +377,36 @@ def test_encode_text_never_imports_open_clip(tiny_models):
     assert open_clip_loaded == "False" and transformers_loaded == "False"
 
 
-def test_numpy_backend_never_imports_torch(tiny_models):
+@pytest.mark.parametrize("source", ["models_dir", "hf_cache"])
+def test_numpy_backend_never_imports_torch(tiny_models, tmp_path, source):
+    """Module import, file resolution (models folder or offline Hugging Face cache), weight load
+    and encoding all run without torch."""
+    import shutil
+
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    if source == "models_dir":
+        where = str(tiny_models)
+    else:
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        cache = tmp_path / "hf" / "models--MVRL--taxabind-vit-b-16"
+        shutil.copytree(tiny_models / REPO, cache / "snapshots" / commit)
+        (cache / "refs").mkdir()
+        (cache / "refs" / "main").write_text(commit)
+        env.update(HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+        env.pop("TAXAMAP_MODELS", None)
+        where = None
     script = (
         "import sys\n"
         "from taxamap.models.text import load_text_encoder\n"
-        f"enc = load_text_encoder({str(tiny_models)!r}, backend='numpy')\n"
+        f"enc = load_text_encoder({where!r}, backend='numpy')\n"
         f"v = enc.encode_text([{CARDINAL!r}, {OAK!r}])\n"
         "assert v.shape == (2, 512) and abs(float((v[0] ** 2).sum()) - 1) < 1e-5, v.shape\n"
-        "print(enc.backend, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n"
+        "print(enc.backend, enc.ref, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])\n"
     )
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["numpy", "[]"], out.stdout
+    backend, ref, torch_modules = out.stdout.split()
+    assert backend == "numpy" and torch_modules == "[]", out.stdout
+    if source == "hf_cache":
+        assert ref == f"{REPO}@{commit}"
