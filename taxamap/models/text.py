@@ -398,8 +398,13 @@ def load_text_weights(path: str | os.PathLike, spec: dict, backend: str = "torch
                 for k in wanted:
                     if prefix + k not in names:
                         continue
-                    if backend == "numpy" and f.get_slice(prefix + k).get_dtype() == "BF16":
+                    dtype = f.get_slice(prefix + k).get_dtype() if backend == "numpy" else None
+                    if dtype == "BF16":
                         state[k] = _read_bf16(path, prefix + k)  # NumPy has no bfloat16
+                    elif dtype == "F32" and k == "token_embedding.weight":
+                        # 40 % of the tower, of which a prompt uses a few rows: map it, read
+                        # only those rows (their subnormals are flushed as they are gathered).
+                        state[k] = _map_tensor(path, prefix + k)
                     else:
                         state[k] = f.get_tensor(prefix + k)
         else:
@@ -425,26 +430,42 @@ def load_text_weights(path: str | os.PathLike, spec: dict, backend: str = "torch
         raise TaxamapError(f"weights {path} do not match {CONFIG_FILE}: " + "; ".join(parts)
                            + "; the repo's files are from different models or corrupt, download them again")
     if backend == "numpy":
-        state = {k: np.require(v, np.float32, "CW") for k, v in state.items()}
-        _flush_subnormals_np(state)
+        state = {k: v if isinstance(v, np.memmap) else np.require(v, np.float32, "CW")
+                 for k, v in state.items()}
+        _flush_subnormals_np({k: v for k, v in state.items() if not isinstance(v, np.memmap)})
     else:
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         hub.flush_subnormals(state)
     return state
 
 
-def _read_bf16(path: Path, name: str) -> np.ndarray:
-    """One bfloat16 tensor of a safetensors file as float32 (bf16 is the top half of a float32).
+def _tensor_location(path: Path, name: str) -> tuple[int, int, list]:
+    """(file offset, byte size, shape) of one tensor of a safetensors file.
 
     The format: an 8-byte little-endian header size, a JSON header giving each tensor's dtype,
     shape and byte range relative to the end of the header, then the data."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         entry = json.loads(f.read(size))[name]
-        begin, end = entry["data_offsets"]
-        f.seek(8 + size + begin)
-        raw = np.frombuffer(f.read(end - begin), dtype="<u2")
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+    begin, end = entry["data_offsets"]
+    return 8 + size + begin, end - begin, list(entry["shape"])
+
+
+def _read_bf16(path: Path, name: str) -> np.ndarray:
+    """One bfloat16 tensor of a safetensors file as float32 (bf16 is the top half of a float32)."""
+    offset, nbytes, shape = _tensor_location(path, name)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = np.frombuffer(f.read(nbytes), dtype="<u2")
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+
+
+def _map_tensor(path: Path, name: str) -> np.ndarray:
+    """One float32 tensor of a safetensors file, memory-mapped read-only (pages load on use)."""
+    offset, nbytes, shape = _tensor_location(path, name)
+    if nbytes != 4 * int(np.prod(shape)):
+        raise TaxamapError(f"{path}: tensor {name} has {nbytes} bytes for shape {shape}; the file is corrupt")
+    return np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=tuple(shape))
 
 
 def _load_bin(path: Path, wanted: dict) -> dict:
@@ -670,7 +691,10 @@ class NumpyTextTower:
             length = tokens.shape[1]
         batch = tokens.shape[0]
         # Rows are (prompt, position) pairs, so every Linear is one 2-D GEMM.
-        x = p["token_embedding.weight"][tokens[:, :length].reshape(-1)]
+        x = np.take(p["token_embedding.weight"], tokens[:, :length].reshape(-1), axis=0)
+        x = np.asarray(x, dtype=np.float32)
+        if isinstance(p["token_embedding.weight"], np.memmap):  # not flushed at load
+            x[np.abs(x) < np.finfo(np.float32).tiny] = 0
         x = (x.reshape(batch, length, width) + p["positional_embedding"][:length]).reshape(-1, width)
         if s["causal"]:
             mask = np.triu(np.full((length, length), -np.inf, np.float32), k=1)
