@@ -350,7 +350,7 @@ def embed_queries(req: PredictRequest, config: dict,
         taxon = resolve_species(name, cache_dir=cache)
         log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
         taxa.append(taxon)
-    text = _text_encoder(req, config, device)
+    text = _text_encoder(req, config, device, n_prompts=len(taxa))
     vectors = text.encode_text([t.prompt for t in taxa])
     queries = [
         Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source) for v, t in zip(vectors, taxa)
@@ -358,7 +358,12 @@ def embed_queries(req: PredictRequest, config: dict,
     return queries, text.ref
 
 
-def _text_encoder(req: PredictRequest, config: dict, device: Callable[[], str]):
+#: Above this many prompts torch's faster kernels repay its ~1 s import; below, NumPy wins.
+TORCH_TEXT_MIN_PROMPTS = 200
+
+
+def _text_encoder(req: PredictRequest, config: dict, device: Callable[[], str],
+                  n_prompts: int = 1):
     """taxamap's own text tower (loads only the text weights, never imports open_clip: ~0.3 s
     instead of ~3 s); open_clip's full model for configurations it does not cover."""
     from taxamap.models.text import load_text_encoder
@@ -366,8 +371,9 @@ def _text_encoder(req: PredictRequest, config: dict, device: Callable[[], str]):
     # One prompt is microseconds of compute: run it on the CPU (NumPy, no torch import) unless
     # the user named a GPU.
     where = "cpu" if (req.device or "auto").lower() in ("auto", "cpu") else device()
+    backend = "torch" if n_prompts >= TORCH_TEXT_MIN_PROMPTS else "auto"
     try:
-        return load_text_encoder(req.models_dir, device=where, config=config)
+        return load_text_encoder(req.models_dir, device=where, config=config, backend=backend)
     except ModelFilesMissing:
         raise
     except TaxamapError as exc:
