@@ -279,13 +279,16 @@ def _cmd_models(args) -> int:
 def _cmd_cache(args) -> int:
     from taxamap.sources.cache import cache_clear, cache_info
 
+    from taxamap.paths import cache_subdir
+
+    tiles = cache_subdir("tiles", args.cache)
     if args.cache_command == "info":
-        info = cache_info(args.cache)
+        info = cache_info(tiles)
         for key, value in info.items():
             print(f"{key}\t{value}")
         return 0
     if args.cache_command == "clear":
-        print(f"removed {cache_clear(args.cache, source=args.source)} entries")
+        print(f"removed {cache_clear(tiles, source=args.source)} entries")
         return 0
     raise TaxamapError("usage: taxamap cache info|clear")
 
@@ -331,8 +334,10 @@ def _cmd_occurrences(args) -> int:
     from taxamap.regions import resolve_region
 
     region = resolve_region(args.region, args.bbox, land_only=False)
+    from taxamap.paths import cache_subdir
+
     result = download_occurrences(args.species, region.outline, args.out, limit=args.limit,
-                                  cache_dir=args.cache)
+                                  cache_dir=cache_subdir("occurrences", args.cache))
     print(result.path)
     print(f"{result.n_records:,} records of {result.count:,} for {result.scientific_name}"
           + (" (truncated at --limit)" if result.truncated else ""), file=sys.stderr)

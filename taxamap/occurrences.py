@@ -410,11 +410,9 @@ class DownloadResult:
 
 def default_cache_dir() -> Path:
     """``$TAXAMAP_CACHE/occurrences``, else ``<user cache dir>/taxamap/occurrences``."""
-    if os.environ.get("TAXAMAP_CACHE"):
-        return Path(os.environ["TAXAMAP_CACHE"]).expanduser() / "occurrences"
-    import platformdirs
+    from taxamap.paths import cache_subdir
 
-    return Path(platformdirs.user_cache_dir("taxamap")) / "occurrences"
+    return cache_subdir("occurrences")
 
 
 def default_client():

@@ -20,6 +20,7 @@ import numpy as np
 
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION, Grid, make_grid
+from taxamap.paths import cache_subdir
 from taxamap.score import DEFAULT_FUSION, ScoreMap, parse_modalities
 
 
@@ -178,7 +179,7 @@ def _modality_plan(modality: str, req: GridRequest, config: dict, device: Callab
         source = make_satellite_source(
             req.sat_source, url=req.sat_url, zoom=req.sat_zoom, size=req.sat_size,
             file=req.sat_file, ee_project=req.ee_project, year=req.sat_year,
-            cache_dir=req.cache_dir, workers=req.workers,
+            cache_dir=cache_subdir("tiles", req.cache_dir), workers=req.workers,
         )
         return ModalityPlan(
             modality, ref_of("satellite", FILES), source.describe(),
@@ -344,7 +345,7 @@ def embed_queries(req: PredictRequest, config: dict,
     from taxamap.taxonomy import resolve_species
 
     names = [req.species] if req.species else read_species_file(req.species_file)
-    cache = Path(req.cache_dir).expanduser() / "taxonomy" if req.cache_dir else None
+    cache = cache_subdir("taxonomy", req.cache_dir)
     taxa = []
     for name in names:
         taxon = resolve_species(name, cache_dir=cache)
@@ -446,6 +447,8 @@ def predict(req: PredictRequest) -> PredictResult:
     out_dir = check_out_dir(req.out)
     _warm_up_writers()
     device = lazy_device(req.device)
+    if (req.device or "auto").lower() not in ("auto", "cpu"):
+        device()  # a GPU the user named must exist before any work starts
     config, config_ref = load_config(req.models_dir)
 
     region, grid = build_grid(req)

@@ -45,13 +45,9 @@ def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict
 
 def default_store_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``<cache>/stores``: where ``predict`` and ``embed`` keep stores unless ``--store`` is given."""
-    if cache_dir:
-        return Path(cache_dir).expanduser() / "stores"
-    if os.environ.get("TAXAMAP_CACHE"):
-        return Path(os.environ["TAXAMAP_CACHE"]).expanduser() / "stores"
-    from platformdirs import user_cache_dir
+    from taxamap.paths import cache_subdir
 
-    return Path(user_cache_dir("taxamap")) / "stores"
+    return cache_subdir("stores", cache_dir)
 
 
 def _storage_options(location: str) -> dict:

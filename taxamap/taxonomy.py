@@ -359,10 +359,10 @@ def _taxon_from_ranks(ranks: Mapping[str, Any], source: str, common: str | None)
 
 
 def default_cache_dir() -> Path:
-    """``<user cache>/taxamap/taxonomy`` (platformdirs)."""
-    import platformdirs
+    """``<cache root>/taxonomy``: ``$TAXAMAP_CACHE/taxonomy``, else the user cache dir's."""
+    from taxamap.paths import cache_subdir
 
-    return Path(platformdirs.user_cache_dir("taxamap")) / "taxonomy"
+    return cache_subdir("taxonomy")
 
 
 def _cache_path(cache_dir: Path, binomial: str) -> Path:

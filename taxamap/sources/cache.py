@@ -46,10 +46,10 @@ MISSING = _Missing()
 
 
 def default_cache_dir() -> Path:
-    """``<user cache dir>/taxamap/tiles`` (platformdirs; e.g. ``~/.cache/taxamap/tiles``)."""
-    import platformdirs
+    """``<cache root>/tiles``: ``$TAXAMAP_CACHE/tiles``, else e.g. ``~/.cache/taxamap/tiles``."""
+    from taxamap.paths import cache_subdir
 
-    return Path(platformdirs.user_cache_dir("taxamap")) / "tiles"
+    return cache_subdir("tiles")
 
 
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path:

@@ -602,5 +602,6 @@ def _download_with_retries(session, url: str, part: Path, *, progress: bool, ret
                     "same command again to resume"
                 ) from exc
             delay = backoff * (2 ** attempt)
-            log.warning("download of %s interrupted (%s); resuming in %.1f s", url, exc, delay)
+            log.warning("download of %s interrupted (%s); resuming in %.1f s", url,
+                        type(exc).__name__, delay)
             time.sleep(delay)
