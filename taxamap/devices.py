@@ -21,9 +21,12 @@ def pick_device(device: str = "auto") -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TaxamapError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     if device == "cpu":
-        # One intra-op thread per physical core; torch's default can oversubscribe with our
-        # fetch threads running beside it.
-        wanted = int(os.environ.get("TAXAMAP_THREADS", "0")) or (os.cpu_count() or 1)
+        # One intra-op thread per (logical) core, or TAXAMAP_THREADS.
+        raw = os.environ.get("TAXAMAP_THREADS", "0")
+        try:
+            wanted = int(raw) or (os.cpu_count() or 1)
+        except ValueError as exc:
+            raise TaxamapError(f"TAXAMAP_THREADS={raw!r} is not a whole number") from exc
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
     return device

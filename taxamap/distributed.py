@@ -61,9 +61,15 @@ def _embed_block(req, config: dict, modality: str, location: str, key: str, bloc
             pass
         embedder = _modality_embedder(modality, req, config, device)
         _EMBEDDERS[cache_key] = embedder
+    from taxamap.engine import run_blocks
+
     store = EmbeddingStore.open_existing(location, key)
-    values = np.asarray(embedder.compute(embedder.prepare(latlon)), dtype=np.float32)
-    store.write_chunk(block_id, values)
+
+    def sink(_: int, values: np.ndarray, complete: bool) -> None:
+        store.write_chunk(block_id, values, complete)
+
+    # The same batching as a local run: a satellite block streams through in small batches.
+    run_blocks(latlon, embedder, [(block_id, slice(0, latlon.shape[0]))], sink, progress=False)
     return block_id
 
 

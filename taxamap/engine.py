@@ -38,6 +38,9 @@ class CellEmbedder:
     batch_cells: int = 16384
     #: Threads running ``prepare`` ahead of ``compute`` (fetching, decoding, preprocessing).
     workers: int = 1
+    #: How many cells of a prepared batch failed for a reason a rerun may fix (a tile still failing
+    #: after retries). A block with such cells is written but not recorded complete.
+    failures: Callable[[Any], int] | None = None
 
 
 def location_embedder(encoder) -> CellEmbedder:
@@ -60,13 +63,16 @@ def satellite_embedder(encoder, source, batch_cells: int | None = None,
     """
 
     def prepare(latlon):
-        patches = source.fetch(latlon)
+        if hasattr(source, "fetch_status"):
+            patches, failed = source.fetch_status(latlon)
+        else:
+            patches, failed = source.fetch(latlon), []
         ok = [i for i, p in enumerate(patches) if p is not None]
         pixels = encoder.preprocess([patches[i] for i in ok]) if ok else None
-        return len(patches), ok, pixels
+        return len(patches), ok, pixels, sum(failed)
 
     def compute(prepared) -> np.ndarray:
-        n, ok, pixels = prepared
+        n, ok, pixels, _ = prepared
         out = np.full((n, encoder.embed_dim), np.nan, dtype=np.float32)
         if ok:
             out[ok] = encoder.encode_pixels(pixels)
@@ -82,6 +88,7 @@ def satellite_embedder(encoder, source, batch_cells: int | None = None,
         dim=encoder.embed_dim,
         attribution=getattr(source, "attribution", None),
         license=getattr(source, "license", None),
+        failures=lambda prepared: prepared[3],
         batch_cells=batch_cells or (512 if on_gpu else 64),
         # Decoding and resizing tiles is CPU work that releases the GIL: one thread per core
         # (up to 8) keeps a GPU fed; on a small CPU the encoder itself is the bottleneck.
@@ -112,12 +119,14 @@ def run_blocks(
     latlon: np.ndarray,
     embedder: CellEmbedder,
     blocks: list[tuple[int, slice]],
-    sink: Callable[[int, np.ndarray], None],
+    sink: Callable[[int, np.ndarray, bool], None],
     *,
     progress: bool = True,
     already_done: int = 0,
-) -> None:
-    """Embed each (block id, cell slice) and hand the whole block to ``sink(block_id, emb)``.
+) -> int:
+    """Embed each (block id, cell slice) and hand the whole block to
+    ``sink(block_id, emb, complete)``; returns how many cells failed (see
+    :attr:`CellEmbedder.failures`). ``complete`` is False for a block holding such cells.
 
     Blocks are cut into batches of ``embedder.batch_cells``; up to ``workers + 1`` batches are
     prepared ahead in threads while the current one is computed. A block's result is handed over
@@ -136,6 +145,7 @@ def run_blocks(
     queue: deque = deque()
     buffers: dict[int, np.ndarray] = {}
     remaining = {block_id: sl.stop - sl.start for block_id, sl in blocks}
+    failed = {block_id: 0 for block_id, _ in blocks}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taxamap-prep") as pool:
         pending = iter(batches)
 
@@ -155,6 +165,8 @@ def run_blocks(
                 block_id, sl, part, future = queue.popleft()
                 inputs = future.result()
                 submit_next()
+                if embedder.failures is not None:
+                    failed[block_id] += int(embedder.failures(inputs))
                 emb = np.asarray(embedder.compute(inputs), dtype=np.float32)
                 buf = buffers.get(block_id)
                 if buf is None:
@@ -162,12 +174,13 @@ def run_blocks(
                 buf[part.start - sl.start:part.stop - sl.start] = emb
                 remaining[block_id] -= part.stop - part.start
                 if remaining[block_id] == 0:
-                    sink(block_id, buffers.pop(block_id))
+                    sink(block_id, buffers.pop(block_id), failed[block_id] == 0)
                 bar.update(part.stop - part.start)
         finally:
             for *_, future in queue:
                 future.cancel()
             bar.close()
+    return sum(failed.values())
 
 
 def embed_to_store(
@@ -184,8 +197,14 @@ def embed_to_store(
         return 0
     blocks = [(i, store.chunk_slice(i)) for i in todo]
     done_cells = store.n_cells - sum(sl.stop - sl.start for _, sl in blocks) if chunks is None else 0
-    run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
-               already_done=done_cells)
+    failed = run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
+                        already_done=done_cells)
+    if failed:
+        from taxamap.pipeline import log
+
+        log(f"{embedder.modality}: {failed:,} cells failed to fetch and are NaN in this map; their "
+            "blocks are left unfinished in the store, so running the same command again retries "
+            "them (fetched tiles come from the cache)")
     return len(blocks)
 
 
@@ -201,7 +220,7 @@ def embed_in_memory(
     out = np.empty((n, embedder.dim), dtype=np.float32)
     blocks = [(i, slice(s, min(s + block_cells, n))) for i, s in enumerate(range(0, n, block_cells))]
 
-    def sink(block_id: int, emb: np.ndarray) -> None:
+    def sink(block_id: int, emb: np.ndarray, complete: bool = True) -> None:
         sl = blocks[block_id][1]
         out[sl] = emb
 

@@ -436,6 +436,8 @@ def evaluate_map(
     ``n_background`` distinct cells are drawn uniformly (with ``seed``) from the cells valid in
     band 1, and their centres are used. See the module docstring for the metrics.
     """
+    if int(n_background) < 1:
+        raise TaxamapError(f"--n-background must be at least 1, not {n_background}")
     raster = read_map(map_path)
     presences = _latlon(presences, "presences")
     if presences.shape[0] == 0:

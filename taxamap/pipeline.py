@@ -332,7 +332,9 @@ def embed_queries(req: PredictRequest, config: dict,
 
         vector, ref = embed_audio_query(req.audio, req.models_dir, device=device(), config=config)
         name = Path(req.audio).name
-        return [Query(np.asarray(vector), None, f"sound {name}", slugify(Path(name).stem), "audio")], ref
+        # Prefixed: an output named like the input would overwrite the user's recording.
+        slug = "sound-" + slugify(Path(name).stem)
+        return [Query(np.asarray(vector), None, f"sound {name}", slug, "audio")], ref
     if req.image:
         from taxamap.models.clip import load_clip
         from taxamap.models.preprocess import load_image
@@ -341,14 +343,19 @@ def embed_queries(req: PredictRequest, config: dict,
         clip = load_clip(req.models_dir, device=device(), config=config)
         name = Path(req.image).name
         vector = clip.encode_image([image])[0]
-        return [Query(vector, None, f"image {name}", slugify(Path(name).stem), "image")], clip.ref
+        # Prefixed: `--image bird.png` must never be overwritten by the map bird.png.
+        slug = "image-" + slugify(Path(name).stem)
+        return [Query(vector, None, f"image {name}", slug, "image")], clip.ref
     from taxamap.taxonomy import resolve_species
 
     names = [req.species] if req.species else read_species_file(req.species_file)
     cache = cache_subdir("taxonomy", req.cache_dir)
-    taxa = []
+    taxa, seen = [], set()
     for name in names:
         taxon = resolve_species(name, cache_dir=cache)
+        if taxon.prompt in seen:  # spellings of one species would overwrite each other's files
+            continue
+        seen.add(taxon.prompt)
         log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
         taxa.append(taxon)
     text = _text_encoder(req, config, device, n_prompts=len(taxa))
@@ -440,10 +447,29 @@ def predict(req: PredictRequest) -> PredictResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
+    if req.stack and (req.threshold or req.occurrences or req.self_contained):
+        raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
+                           "--occurrences and --self-contained, or map species one by one")
+    # Inputs read at the end are checked now: a bad one fails in seconds, not after the cells.
+    occurrences = None
+    if req.occurrences:
+        from taxamap.occurrences import read_points
+
+        occurrences = read_points(req.occurrences)
     if req.threshold:
         from taxamap.ranges import parse_rule
 
-        parse_rule(req.threshold)  # a bad rule fails before any long work
+        rule = parse_rule(req.threshold)
+        if str(req.threshold).strip().lower().startswith("maxtss"):
+            source = str(req.threshold).split(":", 1)[1] if ":" in str(req.threshold) else None
+            if source:
+                from taxamap.occurrences import read_points
+
+                read_points(source)
+            elif occurrences is None:
+                raise TaxamapError("--threshold maxtss needs occurrences: maxtss:FILE, or "
+                                   "--occurrences FILE")
+        del rule
     out_dir = check_out_dir(req.out)
     _warm_up_writers()
     device = lazy_device(req.device)
@@ -468,12 +494,13 @@ def predict(req: PredictRequest) -> PredictResult:
     t = time.perf_counter()
     fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]), req.fusion)
     timings["score"] = time.perf_counter() - t
+    for modality, scores in per.items():
+        if not np.isfinite(scores).any():
+            raise TaxamapError(
+                f"no cell could be embedded from the {modality} modality (every input missing or "
+                "failed); check its source (--sat-url, the network, --worldclim) and run again"
+            )
 
-    occurrences = None
-    if req.occurrences:
-        from taxamap.occurrences import read_points
-
-        occurrences = read_points(req.occurrences)
     models = {"config": config_ref, "query": query_ref, **cells.model_refs}
     outline = getattr(region, "outline", None) or region.geometry
     t = time.perf_counter()

@@ -170,13 +170,15 @@ class EmbeddingStore:
     def is_complete(self) -> bool:
         return not self.pending_chunks()
 
-    def write_chunk(self, i: int, values: np.ndarray) -> None:
-        """Write block ``i`` and then its completion record."""
+    def write_chunk(self, i: int, values: np.ndarray, complete: bool = True) -> None:
+        """Write block ``i`` and then, if ``complete``, its completion record (an incomplete
+        block is recomputed by the next run)."""
         sl = self.chunk_slice(i)
         if values.shape != (sl.stop - sl.start, self.dim):
             raise ValueError(f"block {i} expects {(sl.stop - sl.start, self.dim)}, got {values.shape}")
         self.emb[sl] = values.astype(np.float16)
-        self.done[i] = 1
+        if complete:
+            self.done[i] = 1
 
     def read(self, rows: slice | None = None) -> np.ndarray:
         """Embeddings as float32 (all cells, or a slice of rows)."""
@@ -198,11 +200,11 @@ def store_location(
     """
     if root:
         root = str(root)
-        sep = "" if root.endswith("/") else "/"
         if "://" not in root:
-            Path(root).expanduser().mkdir(parents=True, exist_ok=True)
-            root = str(Path(root).expanduser())
-        return f"{root}{sep}{modality}", True
+            folder = Path(root).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            return str(folder / modality), True
+        return f"{root.rstrip('/')}/{modality}", True
     base = default_store_root(cache_dir) / grid_key
     base.mkdir(parents=True, exist_ok=True)
     return str(base / f"{modality}-{key}"), False

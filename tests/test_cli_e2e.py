@@ -234,3 +234,28 @@ def test_predict_with_threshold_occurrences_self_contained(tmp_path, models_dir)
     html = (out / "cardinalis-cardinalis.html").read_text()
     assert "occurrences (3)" in html and "percentile:90" in html
     assert "<script src=\"http" not in html and "unpkg.com" not in html.split("-->", 1)[-1]
+
+
+def test_late_inputs_are_checked_before_any_work(tmp_path, models_dir):
+    base = ["predict", "--species", "Cardinalis cardinalis", "--bbox=-83,40,-82,41",
+            "--models", str(models_dir), "--out", str(tmp_path / "o")]
+    cases = [
+        (["--occurrences", str(tmp_path / "nope.csv")], "nope.csv"),
+        (["--threshold", "maxtss"], "occurrences"),
+        (["--species-file", str(tmp_path / "x.txt"), "--stack", "--threshold", "value:0.1"], "--stack"),
+    ]
+    for extra, needle in cases:
+        args = base + extra if "--species-file" not in extra else [
+            a for a in base if a not in ("--species", "Cardinalis cardinalis")] + extra
+        proc = run(args)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
+        assert "embedding" not in proc.stderr  # failed before the cells
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.tif"))
+
+
+def test_store_path_with_trailing_slash_lands_inside(tmp_path, models_dir):
+    proc = run(["embed", "--bbox=-83,40,-82.5,40.5", "--resolution", "0.1", "--models",
+                str(models_dir), "--store", f"{tmp_path}/st/", "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "st" / "location").is_dir()

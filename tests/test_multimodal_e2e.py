@@ -34,7 +34,7 @@ def worldclim(tmp_path_factory):
 
 @pytest.mark.parametrize("fusion", ["mean", "sum"])
 def test_three_modalities_fused_and_cached(tmp_path, models_dir, worldclim, fusion):
-    with TileServer(latency=0.0, faults={(12, 1104, 1542): 404}) as server:
+    with TileServer(latency=0.0, faults={(12, 1104, 1542): "404"}) as server:
         args = ["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
                 "--resolution", "0.1", "--modalities", "location,satellite,environment",
                 "--fusion", fusion, "--models", str(models_dir), "--worldclim", str(worldclim),
@@ -99,3 +99,41 @@ def test_default_imagery_is_eox_and_its_licence_is_announced_once(models_dir, ca
     pipeline._licence_notice(plan.attribution, plan.license)
     err = capsys.readouterr().err
     assert err.count("CC BY-NC-SA 4.0") == 1
+
+
+def test_failed_tiles_leave_their_block_unfinished_and_a_rerun_fills_them(tmp_path, models_dir):
+    """A tile still failing after retries is a hole in this map, never a permanent one: the block
+    is not recorded complete, and the same command run again fetches just the missing tile."""
+    with TileServer(latency=0.0, faults={(12, 1104, 1542): "500"}) as server:
+        args = ["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
+                "--resolution", "0.1", "--modalities", "location,satellite",
+                "--models", str(models_dir), "--sat-url", server.url_template, "--sat-zoom", "12",
+                "--sat-size", "64", "--workers", "4", "--cache", str(tmp_path / "cache"),
+                "--out", str(tmp_path / "o"), "--no-progress"]
+        first = run(args, tmp_path)
+        assert first.returncode == 0, first.stderr
+        assert "failed to fetch" in first.stderr and "again" in first.stderr
+        with rasterio.open(tmp_path / "o" / "cardinalis-cardinalis.tif") as ds:
+            assert np.isnan(ds.read(3)[0, 0])
+        server.faults = {}
+        server.reset_counters()
+        second = run(args, tmp_path)
+        assert second.returncode == 0, second.stderr
+        assert 0 < server.requests <= 4  # only the tile that had failed
+    with rasterio.open(tmp_path / "o" / "cardinalis-cardinalis.tif") as ds:
+        satellite = ds.read(3)
+        location = ds.read(2)
+    assert np.isfinite(satellite[np.isfinite(location)]).all()
+
+
+def test_image_query_never_overwrites_the_photo(tmp_path, models_dir):
+    from PIL import Image
+
+    photo = tmp_path / "bird.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
+    before = photo.read_bytes()
+    proc = run(["predict", "--image", str(photo), f"--bbox={BBOX}", "--resolution", "0.2",
+                "--models", str(models_dir), "--out", str(tmp_path), "--no-progress"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert photo.read_bytes() == before
+    assert (tmp_path / "image-bird.png").is_file() and (tmp_path / "image-bird.tif").is_file()

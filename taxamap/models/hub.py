@@ -352,6 +352,9 @@ def download_models(
 
     target = Path(target).expanduser()
     repos = list(repos or REPO_FILES)
+    unknown = [r for r in repos if r not in REPO_FILES]
+    if unknown:
+        raise TaxamapError(f"unknown repo {', '.join(unknown)}; choose from {', '.join(REPO_FILES)}")
     written = []
     for repo_id in repos:
         folder = target / repo_id

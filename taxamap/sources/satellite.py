@@ -116,6 +116,13 @@ def make_satellite_source(
 
     zoom = tiles.DEFAULT_ZOOM if zoom is None else int(zoom)
     size = tiles.DEFAULT_SIZE if size is None else int(size)
+    # Checked once here for every kind of source.
+    if not 0 <= zoom <= 24:
+        raise TaxamapError(f"--sat-zoom must be between 0 and 24, not {zoom}")
+    if size < 16:
+        raise TaxamapError(f"--sat-size must be at least 16 pixels, not {size}")
+    if int(workers) < 1:
+        raise TaxamapError(f"--workers must be at least 1, not {workers}")
     if kind == "xyz":
         return tiles.XYZTileSource(
             url or tiles.DEFAULT_URL, zoom=zoom, size=size, cache_dir=cache_dir, workers=workers, **options

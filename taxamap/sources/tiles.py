@@ -220,6 +220,9 @@ class XYZTileSource:
         self._lock = threading.RLock()
         self._ok = 0  # tiles obtained (network or cache), for the fail-fast rule
         self._failed_in_row = 0
+        # Tiles that failed (not "absent"): cells needing them are failures a rerun should retry.
+        self._failed_tiles: set = set()
+        self._outcome = threading.local()
         self._last_error = ""
 
     # -- public -------------------------------------------------------------------------------
@@ -231,6 +234,14 @@ class XYZTileSource:
 
     def fetch(self, latlon) -> list:
         """One RGB ``size`` x ``size`` PIL image per (lat, lon) row, ``None`` where missing.
+
+        :meth:`fetch_status` also says which missing cells failed (as opposed to absent tiles).
+        """
+        return self.fetch_status(latlon)[0]
+
+    def fetch_status(self, latlon) -> tuple[list, list[bool]]:
+        """(patches, failed): ``failed[i]`` is True when cell i's patch is missing because a tile
+        still failed after retries (a rerun may get it), False when it is absent (404) or present.
 
         Tiles shared by several cells are fetched once. At most ``prefetch`` tiles (default
         ``max(64, 16 * workers)``, ~200 KB each decoded) are requested ahead of the cell being
@@ -263,7 +274,11 @@ class XYZTileSource:
             self._check_fail_fast()
         missing = sum(p is None for p in out)
         self.stats.add(cells=len(out), cells_missing=missing)
-        return out
+        with self._lock:
+            failed_tiles = set(self._failed_tiles)
+        failed = [out[i] is None and plans[i] is not None and any(t in failed_tiles for t in need[i])
+                  for i in range(len(out))]
+        return out, failed
 
     def close(self) -> None:
         """Stop the worker threads and close the HTTP connections."""
@@ -321,6 +336,19 @@ class XYZTileSource:
 
     def _get_tile(self, tile: tuple[int, int, int]):
         """The decoded RGB tile, or None (absent, or still failing after retries)."""
+        img = self._get_tile_once(tile)
+        with self._lock:
+            if img is None and self._last_outcome_failed():
+                self._failed_tiles.add(tile)
+            else:
+                self._failed_tiles.discard(tile)
+        return img
+
+    def _last_outcome_failed(self) -> bool:
+        return bool(getattr(self._outcome, "failed", False))
+
+    def _get_tile_once(self, tile: tuple[int, int, int]):
+        self._outcome.failed = False
         z, x, y = tile
         key = f"{z}/{x}/{y}"
         if self.cache is not None:
@@ -365,6 +393,7 @@ class XYZTileSource:
                 if status not in TRANSIENT_STATUS:
                     self._note(False, f"HTTP {status} for {url}")
                     self.stats.add(failures=1)
+                    self._outcome.failed = True
                     return None
                 wait = _retry_after(resp.headers.get("Retry-After"), self.max_retry_after)
                 error = f"HTTP {status} for {url}"
@@ -378,6 +407,7 @@ class XYZTileSource:
                 time.sleep(wait)
         self._note(False, error)
         self.stats.add(failures=1)
+        self._outcome.failed = True
         return None
 
     def _check_size(self, img):
