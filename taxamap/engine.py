@@ -12,7 +12,7 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -30,9 +30,6 @@ class CellEmbedder:
     prepare: Callable[[np.ndarray], Any]
     compute: Callable[[Any], np.ndarray]
     dim: int = 512
-    attribution: str | None = None
-    license: str | None = None
-    stats: dict = field(default_factory=dict)
     #: Cells per prepare/compute step. Stores commit larger blocks; a block is streamed through
     #: in batches so that e.g. only a few hundred decoded tiles are in memory at once.
     batch_cells: int = 16384
@@ -86,8 +83,6 @@ def satellite_embedder(encoder, source, batch_cells: int | None = None,
         prepare=prepare,
         compute=compute,
         dim=encoder.embed_dim,
-        attribution=getattr(source, "attribution", None),
-        license=getattr(source, "license", None),
         failures=lambda prepared: prepared[3],
         batch_cells=batch_cells or (512 if on_gpu else 64),
         # Decoding and resizing tiles is CPU work that releases the GIL: one thread per core

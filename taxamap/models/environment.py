@@ -90,17 +90,6 @@ class EnvironmentEncoder:
         return out
 
 
-def _resolve_device(device) -> "torch.device":
-    import torch
-
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise TaxamapError(f"unknown device {device!r}; use cpu, cuda or auto") from exc
-
-
 def load_environment_encoder(
     models_dir: str | os.PathLike | None = None,
     device="cpu",
@@ -143,6 +132,8 @@ def load_environment_encoder(
             f"{repo.file('model.safetensors')} does not fit its config.json ({first}); "
             f"re-download {repo.repo_id}"
         ) from exc
-    dev = _resolve_device(device)
+    from taxamap.models.autocast import resolve_device
+
+    dev = resolve_device(device)
     model = model.to(dev).eval()  # eval: the residual blocks' dropout must be off
     return EnvironmentEncoder(model, repo.ref, dev, {**net_config, **sizes})

@@ -321,6 +321,10 @@ class XYZTileSource:
             self._inflight.pop(tile, None)
 
     def _http(self):
+        with self._lock:
+            return self._http_locked()
+
+    def _http_locked(self):
         if self._session is None:
             import requests
             from requests.adapters import HTTPAdapter
