@@ -179,6 +179,23 @@ def _polygons(inside: np.ndarray, raster: MapRaster):
     return _multipolygon(simplified)
 
 
+def _wrap_longitudes(geom):
+    """Polygons of a grid that runs past +/-180 degrees, cut at the antimeridian and moved back into
+    [-180, 180] so GIS tools read the GeoPackage's EPSG:4326 coordinates as they should."""
+    import shapely
+
+    west, _, east, _ = geom.bounds if not geom.is_empty else (0, 0, 0, 0)
+    if geom.is_empty or (west >= -180 and east <= 180):
+        return geom
+    pieces = []
+    for shift in (-360.0, 0.0, 360.0):
+        window = shapely.box(-180 - shift, -90, 180 - shift, 90)
+        part = shapely.intersection(geom, window)
+        if not part.is_empty:
+            pieces.append(shapely.transform(part, lambda xy, s=shift: xy + np.array([s, 0.0])))
+    return _multipolygon(shapely.make_valid(shapely.union_all(pieces)))
+
+
 def _to_wgs84(geom, crs):
     import shapely
     from pyproj import Transformer
@@ -259,7 +276,7 @@ def threshold_map(
     raster_path = out_dir / f"{stem}_range.tif"
     polygons_path = out_dir / f"{stem}_range.gpkg"
     _write_binary(raster_path, result.binary, raster, tags)
-    parts = list(result.geometry.geoms)
+    parts = list(_wrap_longitudes(result.geometry).geoms)
     areas = [geodesic_area_km2(p) for p in parts]
     order = np.argsort(areas)[::-1]
     _write_polygons(polygons_path, [parts[i] for i in order], [areas[i] for i in order],

@@ -152,3 +152,16 @@ def test_projected_map_polygons_come_out_in_wgs84(tmp_path):
     lon, lat = Transformer.from_crs("EPSG:3310", "EPSG:4326", always_xy=True).transform(x, y)
     assert shapely.covers(geoms[0], shapely.points(lon, lat)).all()
     assert fields["area_km2"][0] == pytest.approx(48 * 100.0, rel=0.01)  # equal-area source
+
+
+def test_antimeridian_range_polygons_are_written_within_180():
+    import shapely
+
+    from taxamap.ranges import _wrap_longitudes
+
+    fiji_like = shapely.MultiPolygon([shapely.box(178.0, -18.0, 181.5, -16.0)])
+    wrapped = _wrap_longitudes(fiji_like)
+    west, south, east, north = wrapped.bounds
+    assert west >= -180 and east <= 180
+    assert abs(wrapped.area - fiji_like.area) < 1e-9
+    assert wrapped.intersects(shapely.box(-179, -17, -178.6, -16.5))  # the part past 180
