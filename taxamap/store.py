@@ -12,6 +12,7 @@ cells the modality could not embed (missing tile, open water).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,6 +49,28 @@ def default_store_root(cache_dir: str | os.PathLike | None = None) -> Path:
     from taxamap.paths import cache_subdir
 
     return cache_subdir("stores", cache_dir)
+
+
+@contextlib.contextmanager
+def _creation_lock(location: str):
+    """An exclusive advisory lock (``<store>.lock`` beside a local store) while a store is opened
+    or created; URL stores and systems without ``fcntl`` go without."""
+    if "://" in location:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock_path = Path(location).with_name(Path(location).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _storage_options(location: str) -> dict:
@@ -110,9 +133,17 @@ class EmbeddingStore:
         An existing store whose key differs is never reused: with ``must_match`` that is an error
         (the user named the path), otherwise it is replaced.
         """
+        location = str(location)
+        # Two runs starting together (two species on a cold cache) must not both create the
+        # store: the second would clear blocks the first has already written.
+        with _creation_lock(location):
+            return cls._open_or_create(location, key, n_cells, dim, attrs, chunk_cells, must_match)
+
+    @classmethod
+    def _open_or_create(cls, location: str, key: str, n_cells: int, dim: int, attrs: dict,
+                        chunk_cells: int, must_match: bool) -> "EmbeddingStore":
         import zarr
 
-        location = str(location)
         try:
             group = zarr.open_group(location, mode="a", **_storage_options(location))
         except Exception as exc:

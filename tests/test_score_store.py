@@ -94,3 +94,43 @@ def test_store_at_fsspec_url(tmp_path, scheme):
     again = EmbeddingStore.open_existing(url, "k")
     assert again.pending_chunks() == [0, 1]
     assert np.allclose(again.read()[8:], 1.0)
+
+
+def test_concurrent_creation_keeps_written_blocks(tmp_path):
+    """A second opener arriving while the first has already written a block must not clear it."""
+    import threading
+
+    key = store_key({"g": 3}, "location", "m@1", {})
+    kw = dict(key=key, n_cells=8, dim=4, attrs={}, chunk_cells=4)
+    first = EmbeddingStore.open(tmp_path / "s", **kw)
+    first.write_chunk(0, np.ones((4, 4), np.float32))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(EmbeddingStore.open(tmp_path / "s", **kw)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(s.pending_chunks() == [1] for s in results)
+    assert np.allclose(results[0].read()[:4], 1.0)
+    assert (tmp_path / "s.lock").exists()
+
+
+def test_store_creation_waits_for_the_lock(tmp_path):
+    import fcntl
+    import threading
+    import time
+
+    key = store_key({"g": 4}, "location", "m@1", {})
+    lock = tmp_path / "s.lock"
+    opened = []
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: opened.append(EmbeddingStore.open(
+            tmp_path / "s", key=key, n_cells=8, dim=4, attrs={}, chunk_cells=4)))
+        t.start()
+        time.sleep(0.3)
+        assert t.is_alive() and not opened  # another process is creating it: wait
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    t.join(10)
+    assert opened and opened[0].pending_chunks() == [0, 1]
