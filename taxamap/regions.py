@@ -227,10 +227,12 @@ def parse_bbox(bbox: Union[str, tuple, list]) -> BBox:
     if not (-180 <= west <= 180 and -180 <= east <= 180):
         raise TaxamapError(f"--bbox {text}: longitudes must lie in [-180, 180] (for a box across "
                            "the antimeridian give W > E, e.g. 170,-20,-170,10)")
-    if west == east:
-        raise TaxamapError(f"--bbox {text}: west and east are equal; the box has no width")
     if west > east:
         east += 360.0
+    if west == east or east - west == 360.0 and west == 180.0:
+        # 180 and -180 are the same meridian: "180,S,-180,N" is as empty as "10,S,10,N".
+        raise TaxamapError(f"--bbox {text}: west and east are the same meridian; the box has no "
+                           "width")
     return (west, south, east, north)
 
 

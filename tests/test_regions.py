@@ -244,3 +244,15 @@ def test_shipped_presets_match_the_build_script(tmp_path):
     shipped = json.loads(Path(grids.__file__).with_name("index.json").read_text(encoding="utf-8"))
     assert rebuilt["regions"] == shipped["regions"]
     assert rebuilt["aliases"] == shipped["aliases"]
+
+
+def test_bbox_on_one_meridian_has_no_width():
+    import pytest
+
+    from taxamap.errors import TaxamapError
+    from taxamap.regions import parse_bbox
+
+    for text in ("180,-20,-180,-15", "10,0,10,1"):
+        with pytest.raises(TaxamapError, match="no width"):
+            parse_bbox(text)
+    assert parse_bbox("-180,-10,180,10") == (-180.0, -10.0, 180.0, 10.0)
