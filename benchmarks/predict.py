@@ -1,11 +1,15 @@
 """Cold vs warm ``taxamap predict`` over the contiguous USA (location modality).
 
-    python benchmarks/predict.py [--resolution 0.05]
+    python benchmarks/predict.py [--resolution 0.05] [--baseline REV] [--repeat 3]
 
 The location encoder runs at full size with GeoCLIP's real weights (TaxaBind's architecture); the
 text encoder is the tiny test model (the real one needs the Hub). Cold = empty cache (cells are
 embedded); warm = a new species on the same grid (cells come from the store). Also reports the
 process start-up (import) time and the query path measured inside the process.
+
+``--baseline REV`` also times the warm predict of the taxamap at git revision REV (checked out in
+a temporary worktree) over the same stored grid, alternating runs of the two, and reports the
+medians and their ratio: a refactor's cost measured in one run.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from pathlib import Path
 from common import ROOT, machine, models_dir
 
 
-def run(args: list[str], env: dict) -> tuple[float, str]:
+def run(args: list[str], env: dict, root: Path = ROOT) -> tuple[float, str]:
+    """Wall seconds and stderr of ``taxamap ARGS`` run from the source tree at ``root``."""
+    env = dict(env, PYTHONPATH=str(root))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "taxamap.cli", *args], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "taxamap.cli", *args], env=env, cwd=root,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -42,6 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=float, default=0.05)
     parser.add_argument("--region", default="usa")
+    parser.add_argument("--baseline", metavar="REV", help="also time the warm path at git REV")
+    parser.add_argument("--repeat", type=int, default=3, help="warm runs per tree (median)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -73,6 +81,40 @@ def main() -> None:
         print(f"{'    scoring':<48} {timing(warm_err, 'score'):>9.2f}")
         print(f"{'    writing GeoTIFF+HTML+PNG':<48} {timing(warm_err, 'write'):>9.2f}")
         print(f"{'cold / warm':<48} {cold / warm:>8.1f}x")
+        if args.baseline:
+            compare(args, common, env, tmp)
+
+
+def baseline_tree(rev: str, where: Path) -> Path:
+    """A worktree of ``rev`` (region presets importable from its own grids/ folder)."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(where), rev],
+                   check=True)
+    link = where / "taxamap" / "grids"
+    if not link.exists():
+        link.symlink_to("../grids")
+    return where
+
+
+def compare(args, common: list[str], env: dict, tmp: Path) -> None:
+    import statistics
+
+    old = baseline_tree(args.baseline, tmp / "baseline")
+    try:
+        times: dict[str, list[float]] = {"baseline": [], "current": []}
+        species = ["Poecile carolinensis", "Sitta carolinensis", "Turdus migratorius",
+                   "Zenaida macroura", "Picoides pubescens", "Spinus tristis"]
+        for i in range(args.repeat):
+            for name, root in (("baseline", old), ("current", ROOT)):
+                sp = species[(2 * i + (name == "current")) % len(species)]
+                wall, _ = run(["predict", "--species", sp, *common], env, root)
+                times[name].append(wall)
+        base, cur = (statistics.median(times[k]) for k in ("baseline", "current"))
+        print(f"{'warm predict at ' + args.baseline + ' (median wall)':<48} {base:>9.2f}")
+        print(f"{'warm predict now (median wall)':<48} {cur:>9.2f}")
+        print(f"{'now / baseline':<48} {cur / base:>9.3f}")
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)],
+                       check=False)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from common import models_dir  # noqa: E402
 
 from taxamap.grid import make_grid  # noqa: E402
 from taxamap.models.location import load_location_encoder  # noqa: E402
-from taxamap.regions import resolve_region  # noqa: E402
+from taxamap.geography import resolve_region  # noqa: E402
 from taxamap.score import ScoreMap, fuse  # noqa: E402
 from taxamap.writers.png import write_png  # noqa: E402
 

@@ -120,7 +120,7 @@ def _geometry(name: str):
 def get_region(name: str):
     """The shapely geometry (EPSG:4326, lon/lat, not clipped to land) of preset ``name``.
 
-    Raises KeyError for an unknown name; :func:`taxamap.regions.resolve_region` turns that into a
+    Raises KeyError for an unknown name; :func:`taxamap.geography.resolve_region` turns that into a
     user-facing error with suggestions.
     """
     info = lookup(name)

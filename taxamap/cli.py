@@ -7,6 +7,7 @@ one line on stderr and exit code 2 (``--debug`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -225,22 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_predict(args) -> int:
-    from taxamap.pipeline import PredictRequest, log, predict
+    from taxamap.pipeline import PredictRequest, WriteRequest, predict_and_write
 
-    req = PredictRequest(species=args.species, image=args.image, audio=args.audio,
-                         species_file=args.species_file, stack=args.stack, fusion=args.fusion,
-                         out=args.out, threshold=args.threshold, occurrences=args.occurrences,
-                         self_contained=args.self_contained, **_grid_kwargs(args))
     if args.stack and not args.species_file:
         raise TaxamapError("--stack needs --species-file")
-    result = predict(req)
+    result = predict_and_write(
+        PredictRequest(species=args.species, image=args.image, audio=args.audio,
+                       species_file=args.species_file, fusion=args.fusion, **_grid_kwargs(args)),
+        WriteRequest(out=args.out, threshold=args.threshold, occurrences=args.occurrences,
+                     self_contained=args.self_contained, stack=args.stack,
+                     stack_name=os.path.splitext(os.path.basename(args.species_file))[0]
+                     if args.species_file else None),
+    )
     t = result.timings
-    log(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
-        f"score {t['score']:.1f} s, write {t['write']:.1f} s)")
+    _say(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
+         f"score {t['score']:.1f} s, write {t['write']:.1f} s)")
     if len(result.summary) > 1:
-        log(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
+        _say(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:
-            log(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} {row['mean']:>7.3f}")
+            _say(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} "
+                 f"{row['mean']:>7.3f}")
     for path in result.paths.values():
         print(path)
     return 0
@@ -304,21 +309,21 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from taxamap.evaluate import evaluate_files
+    from taxamap.products.evaluate import evaluate_files
 
     result = evaluate_files(
         args.map, args.occurrences, background=args.background,
         presence_column=args.presence_column, n_background=args.n_background, seed=args.seed,
         json_path=args.json, roc_path=args.roc,
     )
-    from taxamap.evaluate import format_table
+    from taxamap.products.evaluate import format_table
 
     print(format_table(result))
     return 0
 
 
 def _cmd_threshold(args) -> int:
-    from taxamap.ranges import threshold_map
+    from taxamap.products.ranges import threshold_map
 
     band = int(args.band) if args.band.isdigit() else args.band
     result = threshold_map(args.map, args.rule, args.out, band=band)
@@ -330,8 +335,8 @@ def _cmd_threshold(args) -> int:
 
 
 def _cmd_occurrences(args) -> int:
-    from taxamap.occurrences import download_occurrences
-    from taxamap.regions import resolve_region
+    from taxamap.products.occurrences import download_occurrences
+    from taxamap.geography import resolve_region
 
     region = resolve_region(args.region, args.bbox, land_only=False)
     from taxamap.paths import cache_subdir
@@ -374,7 +379,32 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _StderrHandler(logging.Handler):
+    """The library's progress and notices (logger "taxamap", INFO and up), one line each on
+    stderr; resolved at emit time so a redirected or captured stderr is honoured."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _say(self.format(record))
+        except Exception:  # a closed stderr must not end a long run
+            self.handleError(record)
+
+
+def _install_logging() -> None:
+    logger = logging.getLogger("taxamap")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _install_logging()
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     if not args.command:

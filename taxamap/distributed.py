@@ -45,7 +45,7 @@ def _embed_block(req, config: dict, modality: str, location: str, key: str, bloc
     import torch
 
     from taxamap.devices import pick_device
-    from taxamap.pipeline import _modality_embedder
+    from taxamap.modalities import build_embedder
     from taxamap.store import EmbeddingStore
 
     cache_key = (modality, key)
@@ -59,7 +59,7 @@ def _embed_block(req, config: dict, modality: str, location: str, key: str, bloc
             torch.set_num_threads(max(1, get_worker().state.nthreads))
         except (ImportError, ValueError):
             pass
-        embedder = _modality_embedder(modality, req, config, device)
+        embedder = build_embedder(modality, req, config, device)
         _EMBEDDERS[cache_key] = embedder
     from taxamap.engine import run_blocks
 

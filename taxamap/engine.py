@@ -8,6 +8,7 @@ compute, and holds one block of inputs and outputs at a time: memory stays flat 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections import deque
@@ -195,9 +196,7 @@ def embed_to_store(
     failed = run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
                         already_done=done_cells)
     if failed:
-        from taxamap.pipeline import log
-
-        log(f"{embedder.modality}: {failed:,} cells failed to fetch and are NaN in this map; their "
+        logging.getLogger("taxamap").info(f"{embedder.modality}: {failed:,} cells failed to fetch and are NaN in this map; their "
             "blocks are left unfinished in the store, so running the same command again retries "
             "them (fetched tiles come from the cache)")
     return len(blocks)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from taxamap.crs import wrap_lon
 from taxamap.errors import TaxamapError
 
 #: Above this many cells a grid is refused: one float32 512-d embedding per cell is 2 KiB, so
@@ -93,8 +94,7 @@ class Grid:
         rows, cols = np.divmod(idx, self.width)
         lat = self.row_lats()[rows]
         lon = self.column_lons()[cols]
-        lon = (lon + 180.0) % 360.0 - 180.0
-        return np.stack([lat, lon], axis=1)
+        return np.stack([lat, wrap_lon(lon)], axis=1)
 
     def to_raster(self, values: np.ndarray) -> np.ndarray:
         """Scatter per-cell ``values`` (N,) into a (height, width) float32 raster, NaN elsewhere."""

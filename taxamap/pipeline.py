@@ -1,15 +1,16 @@
-"""The library behind ``taxamap predict`` and ``taxamap embed``: one function each.
+"""The machinery behind :func:`taxamap.predict`, :func:`taxamap.write` and :func:`taxamap.embed`.
 
-region + resolution -> Grid -> (stored) cell embeddings per modality; query -> q; scores -> files.
-Cell embeddings do not depend on the query, so they live in an :class:`EmbeddingStore` and a later
-query over the same grid only embeds its prompt, takes one matrix product and writes files.
+region + resolution -> Grid -> (stored) cell embeddings per modality; query -> q; scores -> an
+``xarray.Dataset`` (:mod:`taxamap.dataset`); Dataset -> files. Cell embeddings do not depend on the
+query, so they live in an :class:`EmbeddingStore` and a later query over the same grid only embeds
+its prompt and takes one matrix product.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,13 +21,16 @@ import numpy as np
 
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION, Grid, make_grid
+from taxamap.modalities import licence_notice, plan_modality
 from taxamap.paths import cache_subdir
-from taxamap.score import DEFAULT_FUSION, ScoreMap, parse_modalities
+from taxamap.score import DEFAULT_FUSION, parse_modalities
+
+_logger = logging.getLogger("taxamap")
 
 
 def log(message: str) -> None:
-    """Progress and facts for the user go to stderr; stdout is kept for results (paths)."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress and facts for the user (the CLI shows them on stderr; stdout is for results)."""
+    _logger.info(message)
 
 
 @dataclass
@@ -59,19 +63,26 @@ class GridRequest:
 
 @dataclass
 class PredictRequest(GridRequest):
-    """``taxamap predict``: a query (species name or photo) plus the grid options."""
+    """:func:`taxamap.predict`: a query (species name(s), photo or recording) + the grid options."""
 
-    species: str | None = None
+    species: str | list[str] | tuple[str, ...] | None = None
     image: str | None = None
     audio: str | None = None
     species_file: str | None = None
-    stack: bool = False
     fusion: str = DEFAULT_FUSION
+
+
+@dataclass
+class WriteRequest:
+    """:func:`taxamap.write`: which files, where, and the overlays/range products on them."""
+
     out: str = "."
     formats: tuple[str, ...] = ("tif", "html", "png")
     threshold: str | None = None
-    occurrences: str | None = None
+    occurrences: object = None
     self_contained: bool = False
+    stack: bool = False
+    stack_name: str | None = None
 
 
 @dataclass
@@ -87,11 +98,11 @@ class Query:
 
 @dataclass
 class PredictResult:
+    """What the CLI prints after ``predict`` then ``write``."""
+
+    dataset: object
     paths: dict[str, Path]
-    n_cells: int
-    prompt: str | None
     timings: dict[str, float]
-    scoremap: ScoreMap | None
     summary: list[dict] = field(default_factory=list)
 
 
@@ -117,103 +128,11 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 
 def build_grid(req: GridRequest):
     """Resolve the region and lay the grid over it; returns (region, grid)."""
-    from taxamap.regions import resolve_region
+    from taxamap.geography import resolve_region
 
     region = resolve_region(req.region, req.bbox)
     grid = make_grid(region.geometry, req.resolution)
     return region, grid
-
-
-#: On CUDA, compile the satellite encoder when at least this many cells are to be embedded (the
-#: ~25 s compile pays for itself at ~11 k vs ~8 k tiles/s on an H100).
-COMPILE_MIN_CELLS = 200_000
-
-
-@dataclass
-class ModalityPlan:
-    """What identifies a modality's embeddings (model ref, source settings), known without
-    loading any weights, and how to build its :class:`~taxamap.engine.CellEmbedder` when cells
-    actually need embedding."""
-
-    modality: str
-    model_ref: str
-    source: dict
-    build: Callable[[], object]
-    attribution: str | None = None
-    license: str | None = None
-    stats: object | None = None
-
-
-_NOTICES_SHOWN: set[str] = set()
-
-
-def _licence_notice(attribution: str | None, license_: str | None) -> None:
-    """Say once per process which imagery licence the outputs inherit."""
-    if license_ and license_ not in _NOTICES_SHOWN:
-        _NOTICES_SHOWN.add(license_)
-        log(f"imagery: {attribution} -- licence {license_}. Maps made from it carry this notice "
-            "(GeoTIFF tags, HTML attribution, PNG footer); non-commercial licences apply to them.")
-
-
-def _modality_plan(modality: str, req: GridRequest, config: dict, device: Callable[[], str],
-                   n_cells: int = 0) -> ModalityPlan:
-    """``device`` is called only when an encoder is built: a warm query never imports torch."""
-    from taxamap import engine
-    from taxamap.models import hub
-
-    def ref_of(encoder: str, files) -> str:
-        return hub.resolve(hub.encoder_repo(config, encoder), files, models_dir=req.models_dir).ref
-
-    if modality == "location":
-        from taxamap.models.location import LOCATION_FILES, load_location_encoder
-
-        return ModalityPlan(
-            modality, ref_of("location", LOCATION_FILES), {"kind": "coordinates"},
-            lambda: engine.location_embedder(
-                load_location_encoder(req.models_dir, device=device(), config=config)),
-        )
-    if modality == "satellite":
-        from taxamap.models.satellite import FILES, load_satellite_encoder
-        from taxamap.sources.satellite import make_satellite_source
-
-        source = make_satellite_source(
-            req.sat_source, url=req.sat_url, zoom=req.sat_zoom, size=req.sat_size,
-            file=req.sat_file, ee_project=req.ee_project, year=req.sat_year,
-            cache_dir=cache_subdir("tiles", req.cache_dir), workers=req.workers,
-        )
-        return ModalityPlan(
-            modality, ref_of("satellite", FILES), source.describe(),
-            lambda: engine.satellite_embedder(load_satellite_encoder(
-                req.models_dir, device=device(), config=config,
-                compile=device().startswith("cuda") and n_cells >= COMPILE_MIN_CELLS,
-            ), source),
-            attribution=getattr(source, "attribution", None),
-            license=getattr(source, "license", None),
-            stats=getattr(source, "stats", None),
-        )
-    if modality == "environment":
-        from taxamap.models.environment import FILES as ENV_FILES
-        from taxamap.models.environment import load_environment_encoder
-        from taxamap.sources.worldclim import WorldClimFeatures
-
-        if not req.worldclim and not req.env_array:
-            raise TaxamapError(
-                "the environment modality needs climate data: pass --worldclim DIR (fill it once "
-                "with 'taxamap data worldclim DIR') or --env-array bioclim_elevation_scaled.npy"
-            )
-        features = WorldClimFeatures(req.worldclim, env_array=req.env_array)
-        return ModalityPlan(
-            modality, ref_of("environment", ENV_FILES), features.describe(),
-            lambda: engine.environment_embedder(
-                load_environment_encoder(req.models_dir, device=device(), config=config), features),
-        )
-    raise TaxamapError(f"unknown modality {modality!r}")
-
-
-def _modality_embedder(modality: str, req: GridRequest, config: dict, device: str,
-                       n_cells: int = 0):
-    """Build the embedder of ``modality`` (loads its encoder)."""
-    return _modality_plan(modality, req, config, lambda: device, n_cells).build()
 
 
 @dataclass
@@ -252,11 +171,11 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
     stores, refs, computed = {}, {}, {}
     attribution = license_ = None
     for modality in req.modalities:
-        plan = _modality_plan(modality, req, config, device, grid.n_cells)
+        plan = plan_modality(modality, req, config, device, grid.n_cells)
         key = store_key(grid.definition(), modality, plan.model_ref, plan.source)
         location, chosen = store_location(req.store, grid.key(), modality, key, req.cache_dir)
         store = _complete_store(location, key)
-        _licence_notice(plan.attribution, plan.license)
+        licence_notice(plan.attribution, plan.license)
         if store is not None:
             computed[modality] = 0
         else:
@@ -348,7 +267,12 @@ def embed_queries(req: PredictRequest, config: dict,
         return [Query(vector, None, f"image {name}", slug, "image")], clip.ref
     from taxamap.taxonomy import resolve_species
 
-    names = [req.species] if req.species else read_species_file(req.species_file)
+    if isinstance(req.species, str):
+        names = [req.species]
+    elif req.species:
+        names = list(dict.fromkeys(str(n).strip() for n in req.species if str(n).strip()))
+    else:
+        names = read_species_file(req.species_file)
     cache = cache_subdir("taxonomy", req.cache_dir)
     taxa, seen = [], set()
     for name in names:
@@ -439,39 +363,67 @@ def _warm_up_writers() -> None:
     threading.Thread(target=load, name="taxamap-warm-up", daemon=True).start()
 
 
-def predict(req: PredictRequest) -> PredictResult:
-    """Make the map(s) for the request's query or queries and write the files."""
+FORMATS = ("tif", "html", "png")
+
+
+def check_write_request(wreq: WriteRequest) -> dict:
+    """Check every input :func:`write_dataset` reads before any long work; returns what it read
+    (``occurrences`` as (N, 2) lat/lon, ``out_dir``)."""
+    unknown = [f for f in wreq.formats if f not in FORMATS]
+    if unknown:
+        raise TaxamapError(f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    if wreq.stack and (wreq.threshold or wreq.occurrences is not None or wreq.self_contained):
+        raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
+                           "--occurrences and --self-contained, or map species one by one")
+    read: dict = {"occurrences": None}
+    if wreq.occurrences is not None:
+        from taxamap.products.occurrences import as_latlon_points
+
+        read["occurrences"] = as_latlon_points(wreq.occurrences, "occurrences")
+    if wreq.threshold:
+        from taxamap.products.ranges import parse_rule
+
+        rule = parse_rule(wreq.threshold)
+        if rule.kind == "maxtss":
+            if rule.occurrences:
+                from taxamap.products.occurrences import read_points
+
+                read_points(rule.occurrences)
+            elif read["occurrences"] is None:
+                raise TaxamapError("--threshold maxtss needs occurrences: maxtss:FILE, or "
+                                   "--occurrences FILE")
+    if wreq.self_contained and "html" in wreq.formats:
+        from taxamap.writers import assets
+
+        assets.offline_libraries()
+    read["out_dir"] = check_out_dir(wreq.out)
+    return read
+
+
+def _region_spec(req: GridRequest) -> str:
+    """How to resolve the request's region again (the HTML/PNG outline of a written Dataset)."""
+    parts = []
+    if req.region is not None:
+        region = str(req.region)
+        path = Path(region).expanduser()
+        parts.append(f"region={path.resolve() if path.exists() else region}")
+    if req.bbox is not None:
+        box = req.bbox if isinstance(req.bbox, str) else ",".join(f"{v:g}" for v in req.bbox)
+        parts.append(f"bbox={box}")
+    return ";".join(parts)
+
+
+def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
+    """The score maps of the request's queries as an ``xarray.Dataset`` (see
+    :mod:`taxamap.dataset`), and the seconds each stage took. Writes no output file (the
+    embedding stores in the cache aside)."""
+    from taxamap.dataset import provenance, scores_dataset
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
-    if req.stack and (req.threshold or req.occurrences or req.self_contained):
-        raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
-                           "--occurrences and --self-contained, or map species one by one")
-    # Inputs read at the end are checked now: a bad one fails in seconds, not after the cells.
-    occurrences = None
-    if req.occurrences:
-        from taxamap.occurrences import read_points
-
-        occurrences = read_points(req.occurrences)
-    if req.threshold:
-        from taxamap.ranges import parse_rule
-
-        rule = parse_rule(req.threshold)
-        if str(req.threshold).strip().lower().startswith("maxtss"):
-            source = str(req.threshold).split(":", 1)[1] if ":" in str(req.threshold) else None
-            if source:
-                from taxamap.occurrences import read_points
-
-                read_points(source)
-            elif occurrences is None:
-                raise TaxamapError("--threshold maxtss needs occurrences: maxtss:FILE, or "
-                                   "--occurrences FILE")
-        del rule
-    out_dir = check_out_dir(req.out)
-    _warm_up_writers()
     device = lazy_device(req.device)
     if (req.device or "auto").lower() not in ("auto", "cpu"):
         device()  # a GPU the user named must exist before any work starts
@@ -493,89 +445,131 @@ def predict(req: PredictRequest) -> PredictResult:
 
     t = time.perf_counter()
     fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]), req.fusion)
-    timings["score"] = time.perf_counter() - t
     for modality, scores in per.items():
         if not np.isfinite(scores).any():
             raise TaxamapError(
                 f"no cell could be embedded from the {modality} modality (every input missing or "
                 "failed); check its source (--sat-url, the network, --worldclim) and run again"
             )
+    attrs = provenance(
+        modalities=list(per), fusion=req.fusion,
+        models={"config": config_ref, "query": query_ref, **cells.model_refs},
+        region_name=region.name, region_spec=_region_spec(req),
+        attribution=cells.attribution, license_=cells.license,
+    )
+    ds = scores_dataset(grid, fused, per, labels=[q.label for q in queries],
+                        prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
+                        attrs=attrs)
+    if len(queries) > 1:
+        ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
+    timings["score"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return ds, timings
 
-    models = {"config": config_ref, "query": query_ref, **cells.model_refs}
-    outline = getattr(region, "outline", None) or region.geometry
-    t = time.perf_counter()
+
+def region_outline_of(ds):
+    """The outline of the region a Dataset was made over (from its ``region_spec`` attr), or None."""
+    spec = str(ds.attrs.get("region_spec", "") or "")
+    if not spec:
+        return None
+    from taxamap.geography import resolve_region
+
+    given = dict(part.split("=", 1) for part in spec.split(";") if "=" in part)
+    try:
+        region = resolve_region(given.get("region"), given.get("bbox"), land_only=False)
+    except TaxamapError:  # a region file moved since: draw no outline rather than fail
+        return None
+    return region.outline
+
+
+def write_dataset(ds, wreq: WriteRequest, *, checked: dict | None = None,
+                  outline=None) -> dict[str, Path]:
+    """Write the files of :func:`taxamap.write` for every query of ``ds``; returns their paths."""
+    from taxamap.dataset import check_dataset, iter_species
+
+    ds = check_dataset(ds)
+    checked = checked if checked is not None else check_write_request(wreq)
+    out_dir = checked["out_dir"]
     paths: dict[str, Path] = {}
-    summary, last = [], None
-    for i, query in enumerate(queries):
-        scoremap = ScoreMap(
-            grid=grid,
-            fused=grid.to_raster(fused[i]),
-            layers={m: grid.to_raster(v[i]) for m, v in per.items()},
-            query=query.label,
-            prompt=query.prompt,
-            fusion=req.fusion,
-            models=models,
-            attribution=cells.attribution,
-            region_name=region.name,
-            region_geometry=outline,
-            slug=query.slug,
-            extra_tags={"IMAGERY_LICENSE": cells.license} if cells.license else {},
-        )
-        files = {} if req.stack else write_outputs(
-            scoremap, out_dir, req.formats, threshold=req.threshold, occurrences=occurrences,
-            self_contained=req.self_contained,
-        )
-        for ext, path in files.items():
-            paths[f"{query.slug}.{ext}"] = path
-        valid = fused[i][np.isfinite(fused[i])]
-        summary.append({
-            "species": query.label, "taxonomy": query.source,
-            "max": float(valid.max()) if valid.size else float("nan"),
-            "mean": float(valid.mean()) if valid.size else float("nan"),
-            "files": ", ".join(str(p) for p in files.values()),
-        })
-        last = scoremap
-    if req.stack:
+    if wreq.stack:
         from taxamap.writers.geotiff import write_stack
 
-        stem = slugify(Path(req.species_file).stem) if req.species_file else queries[0].slug
-        path = write_stack(
-            last, [(q.label, grid.to_raster(fused[i])) for i, q in enumerate(queries)],
-            out_dir / f"{stem}-stack.tif", prompts=[q.prompt or q.label for q in queries],
-        )
-        paths["stack.tif"] = path
-        for row in summary:
-            row["files"] = str(path)
+        stem = slugify(wreq.stack_name) if wreq.stack_name else str(
+            ds.attrs.get("slug") or "taxamap")
+        paths["stack.tif"] = write_stack(ds, out_dir / f"{stem}-stack.tif")
+        return paths
+    needs_outline = any(f in wreq.formats for f in ("html", "png"))
+    if outline is None and needs_outline:
+        outline = region_outline_of(ds)
+    for one in iter_species(ds):
+        files = write_outputs(one, out_dir, wreq.formats, threshold=wreq.threshold,
+                              occurrences=checked["occurrences"],
+                              self_contained=wreq.self_contained, outline=outline)
+        for ext, path in files.items():
+            paths[f"{one.attrs['slug']}.{ext}"] = path
+    return paths
+
+
+def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
+    """One row per query: label, taxonomy source, max and mean fused score, files written."""
+    from taxamap.dataset import iter_species
+
+    rows = []
+    taxonomy = (list(map(str, ds["taxonomy"].values)) if "taxonomy" in ds.coords else [""])
+    for i, one in enumerate(iter_species(ds)):
+        values = np.asarray(one["fused"].values)
+        valid = values[np.isfinite(values)]
+        slug = one.attrs["slug"]
+        rows.append({
+            "species": one.attrs["query"], "taxonomy": taxonomy[min(i, len(taxonomy) - 1)],
+            "max": float(valid.max()) if valid.size else float("nan"),
+            "mean": float(valid.mean()) if valid.size else float("nan"),
+            "files": ", ".join(str(p) for k, p in paths.items()
+                               if k.startswith(f"{slug}.") or k == "stack.tif"),
+        })
+    return rows
+
+
+def predict_and_write(req: PredictRequest, wreq: WriteRequest) -> PredictResult:
+    """``taxamap predict``: :func:`predict_dataset` then :func:`write_dataset`, with every input
+    the writing reads checked before any cell is embedded."""
+    t0 = time.perf_counter()
+    checked = check_write_request(wreq)
+    _warm_up_writers()
+    ds, timings = predict_dataset(req)
+    t = time.perf_counter()
+    paths = write_dataset(ds, wreq, checked=checked)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return PredictResult(paths, grid.n_cells, queries[0].prompt, timings,
-                         last if len(queries) == 1 else None, summary)
+    return PredictResult(ds, paths, timings, summary_rows(ds, paths))
 
 
 def write_outputs(
-    scoremap: ScoreMap,
+    ds,
     out_dir: Path,
-    formats=("tif", "html", "png"),
+    formats=FORMATS,
     *,
     threshold: str | None = None,
     occurrences: np.ndarray | None = None,
     self_contained: bool = False,
+    outline=None,
 ) -> dict[str, Path]:
-    """Write the requested files for ``scoremap`` into ``out_dir`` (each atomically).
+    """Write the requested files for the (y, x) Dataset ``ds`` into ``out_dir`` (each atomically).
 
     With ``threshold`` the binary range GeoTIFF and polygons are written beside the map and the
     range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it.
     """
     from taxamap.writers.geotiff import write_geotiff
 
+    slug = ds.attrs["slug"]
     paths: dict[str, Path] = {}
     range_geometry = None
-    if "tif" in formats or threshold:
-        paths["tif"] = write_geotiff(scoremap, out_dir / f"{scoremap.slug}.tif")
+    if "tif" in formats:
+        paths["tif"] = write_geotiff(ds, out_dir / f"{slug}.tif")
     if threshold:
-        from taxamap.ranges import threshold_map
+        from taxamap.products.ranges import threshold_map
 
-        result = threshold_map(paths["tif"], threshold, out_dir, occurrences=occurrences)
+        result = threshold_map(ds, threshold, out_dir, occurrences=occurrences, stem=slug)
         paths["range.tif"] = result.paths["raster"]
         paths["range.gpkg"] = result.paths["polygons"]
         range_geometry = result.geometry
@@ -592,11 +586,11 @@ def write_outputs(
             extras["range_label"] = threshold
         if self_contained:
             extras["self_contained"] = True
-        paths["html"] = write_html(scoremap, out_dir / f"{scoremap.slug}.html", **extras)
+        paths["html"] = write_html(ds, out_dir / f"{slug}.html", outline=outline, **extras)
     if "png" in formats:
         from taxamap.writers.png import write_png
 
-        paths["png"] = write_png(scoremap, out_dir / f"{scoremap.slug}.png")
+        paths["png"] = write_png(ds, out_dir / f"{slug}.png", outline=outline)
     return paths
 
 

@@ -138,3 +138,58 @@ class ScoreMap:
     def bands(self) -> list[tuple[str, np.ndarray]]:
         """(description, raster) in GeoTIFF band order: fused first, then each modality."""
         return [("fused", self.fused)] + [(m, self.layers[m]) for m in self.layers]
+
+    @classmethod
+    def from_dataset(cls, ds, outline=None) -> "ScoreMap":
+        """The writers' view of a (y, x) score Dataset (see :mod:`taxamap.dataset`);
+        ``outline`` is the region boundary to draw (a shapely geometry), if any."""
+        from taxamap.dataset import grid_of, score_variables
+
+        attrs = dict(ds.attrs)
+        names = score_variables(ds)
+        if "fused" not in names:
+            raise TaxamapError("the Dataset has no 'fused' band; pass what taxamap.predict returned")
+        models = {}
+        for part in str(attrs.get("models", "")).split(";"):
+            if "=" in part:
+                k, v = part.split("=", 1)
+                models[k.strip()] = v.strip()
+        extra = {k.upper(): str(v) for k, v in attrs.items() if k not in _VIEW_ATTRS}
+        if attrs.get("imagery_license"):
+            extra["IMAGERY_LICENSE"] = str(attrs["imagery_license"])
+        return cls(
+            grid=grid_of(ds),
+            fused=np.asarray(ds["fused"].values, dtype=np.float32),
+            layers={n: np.asarray(ds[n].values, dtype=np.float32) for n in names if n != "fused"},
+            query=str(attrs.get("query", "map")),
+            prompt=str(attrs["prompt"]) if attrs.get("prompt") else None,
+            fusion=str(attrs.get("fusion", DEFAULT_FUSION)),
+            models=models,
+            attribution=attrs.get("imagery_attribution") or None,
+            region_name=str(attrs.get("region", "")),
+            region_geometry=outline,
+            slug=str(attrs.get("slug", "map")),
+            extra_tags=extra,
+        )
+
+
+#: Dataset attrs the ScoreMap view holds in its own fields (the rest become extra GeoTIFF tags).
+_VIEW_ATTRS = {"query", "prompt", "fusion", "models", "imagery_attribution", "imagery_license",
+               "region", "slug", "bands", "modalities", "units", "taxamap_version", "source_path"}
+
+
+def as_scoremap(obj, outline=None) -> ScoreMap:
+    """A :class:`ScoreMap` as is, or the view of a (y, x) score Dataset."""
+    if isinstance(obj, ScoreMap):
+        if outline is not None:
+            from dataclasses import replace
+
+            return replace(obj, region_geometry=outline)
+        return obj
+    from taxamap.dataset import check_dataset
+
+    ds = check_dataset(obj)
+    if "species" in ds.dims:
+        raise TaxamapError("this writer takes one map; select a species first "
+                           "(ds.isel(species=0)) or use taxamap.write, which writes them all")
+    return ScoreMap.from_dataset(ds, outline=outline)

@@ -27,7 +27,7 @@ pytest.importorskip("xstatic.pkg.leaflet", reason="offline assets: pip install '
 pytest.importorskip("xstatic.pkg.leaflet_markercluster",
                     reason="offline assets: pip install 'taxamap[offline]'")
 
-from taxamap.ranges import range_outline  # noqa: E402
+from taxamap.products.ranges import range_outline  # noqa: E402
 from taxamap.writers import assets  # noqa: E402
 from taxamap.writers.geotiff import write_geotiff  # noqa: E402
 from taxamap.writers.html import (  # noqa: E402

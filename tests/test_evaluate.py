@@ -12,7 +12,7 @@ import rasterio
 from affine import Affine
 
 from taxamap.errors import TaxamapError
-from taxamap.evaluate import (
+from taxamap.products.evaluate import (
     average_precision,
     boyce_index,
     evaluate_map,
@@ -230,7 +230,7 @@ def california_map(tmp_path_factory):
 def test_ariolimax_auc_matches_scikit_learn(california_map):
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from taxamap.occurrences import read_labelled_points
+    from taxamap.products.occurrences import read_labelled_points
 
     path = ariolimax_path()
     if path is None:

@@ -86,19 +86,19 @@ def test_environment_without_climate_data_is_one_line(tmp_path, models_dir):
     assert "--worldclim" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_default_imagery_is_eox_and_its_licence_is_announced_once(models_dir, capsys):
-    from taxamap import pipeline
+def test_default_imagery_is_eox_and_its_licence_is_announced_once(models_dir, caplog):
+    from taxamap import modalities, pipeline
     from taxamap.models.hub import DEFAULT_CONFIG
 
     req = pipeline.GridRequest(models_dir=str(models_dir), modalities=["satellite"])
-    plan = pipeline._modality_plan("satellite", req, DEFAULT_CONFIG, "cpu")
+    plan = modalities.plan_modality("satellite", req, DEFAULT_CONFIG, lambda: "cpu")
     assert "s2maps.eu" in plan.attribution and "CC BY-NC-SA 4.0" in plan.license
     assert "s2cloudless-2020" in str(plan.source)
-    pipeline._NOTICES_SHOWN.clear()
-    pipeline._licence_notice(plan.attribution, plan.license)
-    pipeline._licence_notice(plan.attribution, plan.license)
-    err = capsys.readouterr().err
-    assert err.count("CC BY-NC-SA 4.0") == 1
+    modalities._NOTICES_SHOWN.clear()
+    with caplog.at_level("INFO", logger="taxamap"):
+        modalities.licence_notice(plan.attribution, plan.license)
+        modalities.licence_notice(plan.attribution, plan.license)
+    assert caplog.text.count("CC BY-NC-SA 4.0") == 1
 
 
 def test_failed_tiles_leave_their_block_unfinished_and_a_rerun_fills_them(tmp_path, models_dir):

@@ -170,7 +170,7 @@ def test_multimodal(tmp_path, notebook_env, monkeypatch):
 def test_evaluation(tmp_path, notebook_env):
     import importlib.util
 
-    from taxamap.evaluate import evaluate_map
+    from taxamap.products.evaluate import evaluate_map
 
     work = tmp_path / "work"
     nb = execute("03_evaluation.ipynb", work)
@@ -198,7 +198,7 @@ def test_evaluation(tmp_path, notebook_env):
     # the notebook's numbers are the library's on the same map and points (not a re-implementation)
     assert metrics["map"].endswith("ariolimax-buttoni.tif")
     if importlib.util.find_spec("elapid") is not None:
-        from taxamap.occurrences import read_labelled_points
+        from taxamap.products.occurrences import read_labelled_points
 
         sample = Path(importlib.util.find_spec("elapid").origin).parent / "data" / "ariolimax.gpkg"
         pres, back = read_labelled_points(sample)
@@ -211,7 +211,7 @@ def test_evaluation_fallback_points_without_elapid(tmp_path, monkeypatch):
     its stand-in CSV (points on California's land, background left to sampling)."""
     import types
 
-    from taxamap.regions import resolve_region
+    from taxamap.geography import resolve_region
 
     nb = nbformat.read(NOTEBOOKS / "03_evaluation.ipynb", as_version=4)
     source = next(c.source for c in nb.cells
@@ -220,7 +220,7 @@ def test_evaluation_fallback_points_without_elapid(tmp_path, monkeypatch):
     namespace = {"importlib": no_elapid, "Path": Path, "np": np}
     monkeypatch.chdir(tmp_path)
     exec(compile(
-        "from taxamap.occurrences import read_labelled_points, read_points\n" + source,
+        "from taxamap.products.occurrences import read_labelled_points, read_points\n" + source,
         "03_evaluation.ipynb", "exec"), namespace)
     assert (tmp_path / "demo_occurrences.csv").is_file()
     presences = namespace["presences"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from taxamap.errors import TaxamapError
-from taxamap.occurrences import (
+from taxamap.products.occurrences import (
     download_occurrences,
     geometry_wkt,
     load_points,

@@ -11,8 +11,8 @@ import rasterio
 import shapely
 
 from taxamap.errors import TaxamapError
-from taxamap.evaluate import evaluate_map
-from taxamap.ranges import parse_rule, range_outline, threshold_map
+from taxamap.products.evaluate import evaluate_map
+from taxamap.products.ranges import parse_rule, range_outline, threshold_map
 from tests.test_evaluate import centres, write_map
 
 WEST, NORTH, RES, HEIGHT, WIDTH = -10.0, 50.0, 0.25, 40, 60
@@ -157,7 +157,7 @@ def test_projected_map_polygons_come_out_in_wgs84(tmp_path):
 def test_antimeridian_range_polygons_are_written_within_180():
     import shapely
 
-    from taxamap.ranges import _wrap_longitudes
+    from taxamap.products.ranges import _wrap_longitudes
 
     fiji_like = shapely.MultiPolygon([shapely.box(178.0, -18.0, 181.5, -16.0)])
     wrapped = _wrap_longitudes(fiji_like)

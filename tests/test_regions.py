@@ -12,7 +12,7 @@ import shapely
 from taxamap import grids
 from taxamap.errors import TaxamapError
 from taxamap.grid import make_grid
-from taxamap.regions import parse_bbox, resolve_region
+from taxamap.geography import parse_bbox, resolve_region
 
 KANSAS = (-98.0, 38.5)
 ANCHORAGE = (-149.9, 61.2)
@@ -250,7 +250,7 @@ def test_bbox_on_one_meridian_has_no_width():
     import pytest
 
     from taxamap.errors import TaxamapError
-    from taxamap.regions import parse_bbox
+    from taxamap.geography import parse_bbox
 
     for text in ("180,-20,-180,-15", "10,0,10,1"):
         with pytest.raises(TaxamapError, match="no width"):

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 import taxamap
+from taxamap.dataset import tag_key
 from taxamap.errors import TaxamapError
+from taxamap.score import as_scoremap
 from taxamap.writers.style import UNITS, atomic_path, imagery_credit
 
 #: Tile size of the COG. 256 keeps overviews for grids as small as the USA at 0.1 degree.
@@ -30,12 +32,6 @@ COG_OPTIONS = {
     "RESAMPLING": "NEAREST",
     "BIGTIFF": "IF_SAFER",
 }
-
-
-def _tag_key(name: str) -> str:
-    """A GDAL metadata key from a free-form name: upper case, [A-Z0-9_] only."""
-    key = "".join(c if c.isalnum() else "_" for c in str(name).upper()).strip("_")
-    return key or "UNNAMED"
 
 
 def geotiff_tags(scoremap, created: datetime | None = None) -> dict[str, str]:
@@ -56,7 +52,7 @@ def geotiff_tags(scoremap, created: datetime | None = None) -> dict[str, str]:
         tags["REGION"] = str(scoremap.region_name)
     models = dict(scoremap.models or {})
     for name, ref in models.items():
-        tags[f"MODEL_{_tag_key(name)}"] = str(ref)
+        tags[f"MODEL_{tag_key(name)}"] = str(ref)
     if models:
         tags["MODELS"] = "; ".join(f"{k}={v}" for k, v in models.items())
     credit = imagery_credit(scoremap)
@@ -67,7 +63,7 @@ def geotiff_tags(scoremap, created: datetime | None = None) -> dict[str, str]:
     return tags
 
 
-def _check_shapes(scoremap) -> list[tuple[str, np.ndarray]]:
+def check_shapes(scoremap) -> list[tuple[str, np.ndarray]]:
     grid = scoremap.grid
     bands = scoremap.bands()
     for name, raster in bands:
@@ -112,32 +108,36 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
 
 
 def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
-    """Write ``scoremap`` as a Cloud-Optimized GeoTIFF at ``path`` (atomically) and return it.
+    """Write a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) as a Cloud-Optimized
+    GeoTIFF at ``path`` (atomically) and return it.
 
-    Band 1 is "fused", then one band per modality in ``scoremap.layers`` order, each described by
-    its name; float32 raw cosines, NaN nodata, CRS ``grid.crs``, transform ``grid.transform``.
-    Raises :class:`TaxamapError` when the folder is missing or unwritable.
+    Band 1 is "fused", then one band per modality in the Dataset's order, each described by its
+    name; float32 raw cosines, NaN nodata, the grid's CRS and exact transform; the Dataset's
+    provenance attrs become the tags (upper-cased). Raises :class:`TaxamapError` when the folder
+    is missing or unwritable.
     """
-    bands = _check_shapes(scoremap)
+    scoremap = as_scoremap(scoremap)
+    bands = check_shapes(scoremap)
     return _write_cog(path, scoremap.grid, bands, geotiff_tags(scoremap))
 
 
-def write_stack(scoremap, bands: list[tuple[str, np.ndarray]], path: str | os.PathLike,
-                prompts: list[str] | None = None) -> Path:
-    """One GeoTIFF with a fused-score band per species (``taxamap predict --stack``).
+def write_stack(ds, path: str | os.PathLike) -> Path:
+    """One GeoTIFF with a fused-score band per species (``taxamap predict --stack``) from a
+    (species, y, x) Dataset: each band is described by its species and tagged with its prompt;
+    the provenance (modalities, fusion, models) is the Dataset's."""
+    from taxamap.dataset import check_dataset, iter_species
 
-    ``scoremap`` supplies the grid and provenance (modalities, fusion, models); each band is
-    described by its species and tagged with its prompt.
-    """
-    grid = scoremap.grid
-    for name, raster in bands:
-        if np.shape(raster) != (grid.height, grid.width):
-            raise TaxamapError(f"stack band {name!r} does not match the grid")
-    tags = geotiff_tags(scoremap)
+    ds = check_dataset(ds)
+    maps = list(iter_species(ds))
+    first = as_scoremap(maps[0])
+    bands = [(one.attrs["query"], np.asarray(one["fused"].values, dtype=np.float32))
+             for one in maps]
+    prompts = [one.attrs.get("prompt") or one.attrs["query"] for one in maps]
+    tags = geotiff_tags(first)
     tags["QUERY"] = "; ".join(name for name, _ in bands)
-    tags["PROMPT"] = "; ".join(prompts or [])
+    tags["PROMPT"] = "; ".join(prompts)
     tags["BANDS"] = ",".join(name for name, _ in bands)
     tags["STACK"] = "fused score per species"
-    band_tags = [{"SPECIES": name, "PROMPT": (prompts or [""] * len(bands))[i]}
-                 for i, (name, _) in enumerate(bands)]
-    return _write_cog(path, grid, bands, tags, band_tags)
+    tags.pop("SLUG", None)
+    band_tags = [{"SPECIES": name, "PROMPT": prompts[i]} for i, (name, _) in enumerate(bands)]
+    return _write_cog(path, first.grid, bands, tags, band_tags)

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 import taxamap
-from taxamap.writers.geotiff import _check_shapes
+from taxamap.score import as_scoremap
+from taxamap.writers.geotiff import check_shapes
 from taxamap.writers.style import (
     COLORMAP,
     STRETCH_PERCENTILE,
@@ -281,15 +282,17 @@ def _offline_footer(libraries) -> str:
 
 def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
-               self_contained: bool = False) -> Path:
-    """Write ``scoremap`` as an interactive folium map at ``path`` (atomically); return the path.
+               self_contained: bool = False, outline=None) -> Path:
+    """Write a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) as an interactive
+    folium map at ``path`` (atomically); return the path. ``outline``: the region boundary to
+    draw (shapely, EPSG:4326).
 
     One image overlay per band ("fused" shown, each modality toggleable in the layer control),
     the region outline, a legend stating units and the display stretch, and the imagery credit.
 
     ``occurrences``: (N, 2) (lat, lon) degrees, drawn as clustered markers with lat/lon popups in
     their own layer (rows with NaN are skipped and counted in the legend).
-    ``range_geometry``: a shapely geometry in EPSG:4326 (e.g. :func:`taxamap.ranges.range_outline`)
+    ``range_geometry``: a shapely geometry in EPSG:4326 (e.g. :func:`taxamap.products.ranges.range_outline`)
     drawn as an outline in its own layer; ``range_label`` (e.g. the threshold rule) names it.
     ``self_contained``: embed Leaflet and the marker-cluster plugin from the installed
     ``taxamap[offline]`` packages (TaxamapError naming them when missing), drop the web basemap
@@ -302,7 +305,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     from taxamap.errors import TaxamapError
     from taxamap.writers import assets
 
-    bands = _check_shapes(scoremap)
+    scoremap = as_scoremap(scoremap, outline)
+    bands = check_shapes(scoremap)
     grid = scoremap.grid
     credit = imagery_credit(scoremap)
     # Fail before any work when the offline assets are missing.

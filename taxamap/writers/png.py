@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 import taxamap
-from taxamap.writers.geotiff import _check_shapes
+from taxamap.score import as_scoremap
+from taxamap.writers.geotiff import check_shapes
 from taxamap.writers.style import (
     COLORMAP,
     NODATA_COLOR,
@@ -112,8 +113,9 @@ def _draw_map(ax, raster, grid, stretch, region, land, cmap):
     return image
 
 
-def write_png(scoremap, path: str | os.PathLike) -> Path:
-    """Render ``scoremap`` to a PNG at ``path`` (atomically) and return the path.
+def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
+    """Render a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) to a PNG at
+    ``path`` (atomically) and return the path; ``outline`` is the region boundary to draw.
 
     The fused map is drawn large, with one small panel per modality when there are several. Each
     map uses the display stretch of :func:`taxamap.writers.style.stretch_of` (clip below the 90th
@@ -122,7 +124,8 @@ def write_png(scoremap, path: str | os.PathLike) -> Path:
     import matplotlib
     from matplotlib.figure import Figure
 
-    bands = _check_shapes(scoremap)
+    scoremap = as_scoremap(scoremap, outline)
+    bands = check_shapes(scoremap)
     grid = scoremap.grid
     west, south, east, north = grid.bounds
     cmap = matplotlib.colormaps[COLORMAP].with_extremes(bad=NODATA_COLOR)

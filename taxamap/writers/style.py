@@ -16,10 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
+from taxamap.dataset import UNITS  # noqa: F401  (what a band value is: tags and legends)
 from taxamap.errors import TaxamapError
-
-#: What a band value is; written as a GeoTIFF tag and shown in every legend.
-UNITS = "cosine similarity, raw, [-1, 1]"
 
 #: TaxaBind's own map prototype clipped the raw cosines below their 90th percentile and drew them
 #: with matplotlib's "Greens" colour map; the PNG and HTML do the same.

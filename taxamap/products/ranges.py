@@ -7,7 +7,7 @@ A threshold rule is one of
 * ``value:V``: the score V itself (raw cosine similarity, as stored in the map);
 * ``maxtss:OCC_FILE``: the threshold that maximises TSS (sensitivity + specificity - 1) of the
   presences in OCC_FILE against background cells sampled uniformly over the map (see
-  :mod:`taxamap.evaluate`).
+  :mod:`taxamap.products.evaluate`).
 
 A cell is in the range when its value is ``>= threshold``. :func:`threshold_map` writes
 
@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from taxamap.crs import geometry_to_lonlat, is_wgs84
 from taxamap.errors import TaxamapError
-from taxamap.evaluate import DEFAULT_N_BACKGROUND, MapRaster, max_tss, read_map, sample_background
+from taxamap.products.evaluate import DEFAULT_N_BACKGROUND, MapRaster, max_tss, read_map, sample_background
 
 RULE_FORMS = ("percentile:P (0-100, of the valid cells), value:V (a score), or "
               "maxtss:OCC_FILE (best TSS against occurrences)")
@@ -100,12 +101,36 @@ class RangeResult:
 
 
 @dataclass(frozen=True, eq=False)
-class _Range:
+class RangeCut:
+    """A map cut at a rule, in memory: ``binary`` uint8 on the map's grid (1 in, 0 out,
+    255 nodata) and ``geometry`` (shapely MultiPolygon, EPSG:4326, possibly past +/-180 for
+    grids across the antimeridian)."""
+
     raster: MapRaster
     band_index: int
     threshold: float
-    binary: np.ndarray  # uint8: 1 in, 0 out, 255 nodata
-    geometry: Any       # shapely, EPSG:4326
+    binary: np.ndarray
+    geometry: Any
+    rule_text: str = ""
+
+    @property
+    def band_name(self) -> str:
+        return self.raster.names[self.band_index]
+
+    @property
+    def n_in_range(self) -> int:
+        return int((self.binary == 1).sum())
+
+    @property
+    def n_valid(self) -> int:
+        return int((self.binary != NODATA).sum())
+
+    def parts(self) -> list[tuple[Any, float]]:
+        """(polygon, geodesic area km2) of each part, wrapped into [-180, 180], largest first."""
+        parts = list(_wrap_longitudes(self.geometry).geoms)
+        areas = [geodesic_area_km2(p) for p in parts]
+        order = np.argsort(areas)[::-1]
+        return [(parts[i], areas[i]) for i in order]
 
 
 def compute_threshold(
@@ -127,7 +152,7 @@ def compute_threshold(
         raise TaxamapError("threshold maxtss needs occurrences: use maxtss:OCC_FILE (CSV, "
                            "GeoPackage, Shapefile or GeoJSON of presences)")
     if isinstance(source, (str, os.PathLike)):
-        from taxamap.occurrences import read_points
+        from taxamap.products.occurrences import read_points
 
         presences = read_points(source)
     else:
@@ -144,9 +169,11 @@ def compute_threshold(
     return threshold
 
 
-def _compute(map_path, rule: str, occurrences, band, seed: int, n_background: int) -> _Range:
+def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | str = 1,
+              seed: int = 0, n_background: int = DEFAULT_N_BACKGROUND) -> RangeCut:
+    """Cut band ``band`` of a map (a score Dataset or a GeoTIFF path) at ``rule``, in memory."""
     parsed = parse_rule(rule)
-    raster = read_map(map_path)
+    raster = read_map(map_or_path)
     index = raster.band_index(band)
     threshold = compute_threshold(raster, parsed, index, occurrences, seed, n_background)
     values = raster.values[index]
@@ -154,7 +181,7 @@ def _compute(map_path, rule: str, occurrences, band, seed: int, n_background: in
     with np.errstate(invalid="ignore"):
         inside = valid & (values >= threshold)
     binary = np.where(valid, inside, NODATA).astype(np.uint8)
-    return _Range(raster, index, threshold, binary, _polygons(inside, raster))
+    return RangeCut(raster, index, threshold, binary, _polygons(inside, raster), parsed.text)
 
 
 def _polygons(inside: np.ndarray, raster: MapRaster):
@@ -172,10 +199,8 @@ def _polygons(inside: np.ndarray, raster: MapRaster):
     cell = min(abs(raster.transform.a), abs(raster.transform.e))
     simplified = shapely.make_valid(merged.simplify(SIMPLIFY_CELLS * cell,
                                                     preserve_topology=True))
-    from taxamap.evaluate import _is_wgs84
-
-    if not _is_wgs84(raster.crs):
-        simplified = _to_wgs84(simplified, raster.crs)
+    if not is_wgs84(raster.crs):
+        simplified = geometry_to_lonlat(simplified, raster.crs, f"map {raster.path.name}")
     return _multipolygon(simplified)
 
 
@@ -194,19 +219,6 @@ def _wrap_longitudes(geom):
         if not part.is_empty:
             pieces.append(shapely.transform(part, lambda xy, s=shift: xy + np.array([s, 0.0])))
     return _multipolygon(shapely.make_valid(shapely.union_all(pieces)))
-
-
-def _to_wgs84(geom, crs):
-    import shapely
-    from pyproj import Transformer
-
-    t = Transformer.from_crs(crs.to_wkt(), "EPSG:4326", always_xy=True)
-
-    def project(xy: np.ndarray) -> np.ndarray:
-        x, y = t.transform(xy[:, 0], xy[:, 1])
-        return np.column_stack([x, y])
-
-    return shapely.make_valid(shapely.transform(geom, project))
 
 
 def _multipolygon(geom):
@@ -236,7 +248,7 @@ def range_outline(
 ):
     """The range of ``map_path`` under ``rule`` as a shapely MultiPolygon in EPSG:4326
     (dissolved, simplified, valid; empty when no cell reaches the threshold)."""
-    return _compute(map_path, rule, occurrences, band, seed, DEFAULT_N_BACKGROUND).geometry
+    return cut_range(map_path, rule, occurrences, band, seed, DEFAULT_N_BACKGROUND).geometry
 
 
 def threshold_map(
@@ -257,7 +269,13 @@ def threshold_map(
     ``occurrences`` (a file or (N, 2) (lat, lon) array) serves a bare ``maxtss`` rule; ``seed``
     and ``n_background`` control its background sample. Files are written atomically.
     """
-    result = _compute(map_path, rule, occurrences, band, seed, n_background)
+    return write_range(cut_range(map_path, rule, occurrences, band, seed, n_background),
+                       out_dir, stem=stem)
+
+
+def write_range(result: RangeCut, out_dir: str | os.PathLike | None = None,
+                stem: str | None = None) -> RangeResult:
+    """Write a :class:`RangeCut` as ``<stem>_range.tif`` and ``<stem>_range.gpkg`` (atomically)."""
     raster = result.raster
     out_dir = Path(out_dir).expanduser() if out_dir is not None else raster.path.parent
     stem = stem or raster.path.stem
@@ -266,8 +284,8 @@ def threshold_map(
     except OSError as exc:
         raise TaxamapError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another "
                            "--out") from None
-    band_name = raster.names[result.band_index]
-    tags = {"RULE": parse_rule(rule).text, "THRESHOLD": repr(result.threshold),
+    band_name = result.band_name
+    tags = {"RULE": result.rule_text, "THRESHOLD": repr(result.threshold),
             "SOURCE_MAP": raster.path.name, "SOURCE_BAND": band_name,
             "VALUES": "1 = in range (value >= threshold), 0 = out of range, 255 = nodata"}
     for key in ("QUERY", "PROMPT", "TAXAMAP_VERSION"):
@@ -276,16 +294,14 @@ def threshold_map(
     raster_path = out_dir / f"{stem}_range.tif"
     polygons_path = out_dir / f"{stem}_range.gpkg"
     _write_binary(raster_path, result.binary, raster, tags)
-    parts = list(_wrap_longitudes(result.geometry).geoms)
-    areas = [geodesic_area_km2(p) for p in parts]
-    order = np.argsort(areas)[::-1]
-    _write_polygons(polygons_path, [parts[i] for i in order], [areas[i] for i in order],
-                    tags["RULE"], result.threshold, raster.path.name)
+    parts = result.parts()
+    areas = [a for _, a in parts]
+    _write_polygons(polygons_path, [p for p, _ in parts], areas, tags["RULE"], result.threshold,
+                    raster.path.name)
     return RangeResult(
         paths={"raster": raster_path, "polygons": polygons_path}, threshold=result.threshold,
-        rule=tags["RULE"], band=band_name, n_in_range=int((result.binary == 1).sum()),
-        n_valid=int((result.binary != NODATA).sum()), area_km2=float(sum(areas)),
-        geometry=result.geometry,
+        rule=tags["RULE"], band=band_name, n_in_range=result.n_in_range,
+        n_valid=result.n_valid, area_km2=float(sum(areas)), geometry=result.geometry,
     )
 
 

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from taxamap.crs import as_crs, to_lonlat
 from taxamap.errors import TaxamapError
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,57 @@ def read_points(path: str | os.PathLike) -> np.ndarray:
     if points.n_dropped:
         log.warning("%s", points.summary())
     return points.latlon
+
+
+def as_latlon_points(points: Any, what: str = "points") -> np.ndarray:
+    """(N, 2) float64 (lat, lon) degrees from whatever users hold their points in.
+
+    Accepted: a file path (as :func:`read_points`), a ``geopandas.GeoDataFrame``/``GeoSeries``
+    of points in any CRS (reprojected to EPSG:4326; other geometries give their centroids), a
+    ``pandas.DataFrame`` with a latitude/longitude column pair (the names files may use), or an
+    (N, 2) array of (lat, lon).
+    """
+    if isinstance(points, (str, os.PathLike)):
+        return read_points(points)
+    geometry = getattr(points, "geometry", None)
+    if geometry is not None and hasattr(points, "crs"):
+        if points.crs is None:
+            raise TaxamapError(f"the {what} GeoDataFrame has no CRS; set it with "
+                               ".set_crs('EPSG:4326') (or the CRS its coordinates are in)")
+        geoms = points.to_crs("EPSG:4326")
+        geoms = getattr(geoms, "geometry", geoms)
+        if not (geoms.geom_type == "Point").all():
+            geoms = geoms.centroid
+        latlon = np.column_stack([geoms.y.to_numpy(float), geoms.x.to_numpy(float)])
+        return latlon[np.isfinite(latlon).all(axis=1)]
+    columns = getattr(points, "columns", None)
+    if columns is not None:
+        found = _coordinate_columns([str(c) for c in columns])
+        if found is None:
+            raise TaxamapError(f"the {what} table has no coordinate columns; name them "
+                               f"{ACCEPTED_COLUMNS_TEXT}")
+        lat = points.iloc[:, found[0]].to_numpy(dtype=float)
+        lon = points.iloc[:, found[1]].to_numpy(dtype=float)
+        latlon = np.column_stack([lat, lon])
+    else:
+        latlon = np.asarray(points, dtype=np.float64)
+        if latlon.ndim != 2 or latlon.shape[1] != 2:
+            raise TaxamapError(f"{what} must be an (N, 2) array of (lat, lon), a table with "
+                               "lat/lon columns, a GeoDataFrame or a file")
+    ok = (np.isfinite(latlon).all(axis=1) & (np.abs(latlon[:, 0]) <= 90)
+          & (np.abs(latlon[:, 1]) <= 180))
+    return latlon[ok]
+
+
+def points_frame(latlon: np.ndarray, **columns: Any):
+    """A ``geopandas.GeoDataFrame`` of (lat, lon) points in EPSG:4326 (plus ``columns``)."""
+    import geopandas as gpd
+
+    latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    return gpd.GeoDataFrame(
+        {"lat": latlon[:, 0], "lon": latlon[:, 1], **columns},
+        geometry=gpd.points_from_xy(latlon[:, 1], latlon[:, 0]), crs="EPSG:4326",
+    )
 
 
 def read_labelled_points(
@@ -346,27 +398,15 @@ def _read_vector(path: Path, wanted: list[str], need_label: bool) -> Points:
     return _finish(path, latlon, labels)
 
 
-def _to_lonlat(xy: np.ndarray, crs: str | None, path: Path) -> np.ndarray:
+def _to_lonlat(xy: np.ndarray, crs: Any, path: Path) -> np.ndarray:
     if crs is None:
         finite = xy[np.isfinite(xy).all(axis=1)]
         if len(finite) and (np.abs(finite[:, 0]).max() > 360 or np.abs(finite[:, 1]).max() > 90):
             raise TaxamapError(f"occurrence file {path} has no CRS and its coordinates are not "
                                "longitude/latitude; save it with a CRS")
         return xy
-    from pyproj import CRS, Transformer
-
-    try:
-        source = CRS.from_user_input(crs)
-    except Exception:
-        raise TaxamapError(f"occurrence file {path} has a CRS that cannot be understood; save "
-                           "it in EPSG:4326 or another EPSG code") from None
-    if source.equals(CRS.from_epsg(4326), ignore_axis_order=True):
-        return xy
-    transformer = Transformer.from_crs(source, "EPSG:4326", always_xy=True)
-    lon, lat = transformer.transform(xy[:, 0], xy[:, 1], errcheck=False)
-    out = np.column_stack([lon, lat]).astype(float)
-    out[~np.isfinite(out).all(axis=1)] = math.nan
-    return out
+    as_crs(crs, f"occurrence file {path}")
+    return np.column_stack(to_lonlat(xy[:, 0], xy[:, 1], crs))
 
 
 # --- GBIF download -----------------------------------------------------------------------------
@@ -425,7 +465,7 @@ def default_client():
 def download_occurrences(
     species: str,
     bbox_or_geometry: Any,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None,
     limit: int = DEFAULT_LIMIT,
     client: Any = None,
     *,
@@ -456,16 +496,18 @@ def download_occurrences(
     if not name:
         raise TaxamapError("give a species name, e.g. --species \"Ariolimax buttoni\"")
     spatial = _spatial_params(bbox_or_geometry)
-    out = Path(out).expanduser()
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(json.dumps({"species": name.lower(), "spatial": spatial,
                                      "limit": limit}, sort_keys=True).encode()).hexdigest()[:24]
     cached_csv = cache_root / f"{key}.csv"
     cached_meta = cache_root / f"{key}.json"
+    # Without ``out`` the records stay in the cache only (taxamap.products.occurrences reads them there).
+    out = Path(out).expanduser() if out is not None else cached_csv
     if not refresh and cached_csv.is_file() and cached_meta.is_file():
         try:
             meta = json.loads(cached_meta.read_text())
-            _copy_atomic(cached_csv, out)
+            if out != cached_csv:
+                _copy_atomic(cached_csv, out)
             return DownloadResult(out, int(meta["n_records"]), int(meta["count"]),
                                   int(meta["taxon_key"]), str(meta["scientific_name"]), True)
         except (OSError, ValueError, KeyError) as exc:
@@ -488,10 +530,13 @@ def download_occurrences(
         raise TaxamapError(f"cannot download GBIF occurrences of {name}: unexpected answer from "
                            f"GBIF ({exc.__class__.__name__}: {exc})") from None
 
+    if out == cached_csv:
+        cache_root.mkdir(parents=True, exist_ok=True)
     _write_csv(records, out)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(out, cached_csv)
+        if out != cached_csv:
+            _copy_atomic(out, cached_csv)
         _write_text_atomic(cached_meta, json.dumps({
             "species": name, "taxon_key": taxon_key, "scientific_name": scientific,
             "spatial": spatial, "limit": limit, "count": count, "n_records": len(records),

@@ -24,6 +24,7 @@ import numpy as np
 import shapely
 
 from taxamap import grids
+from taxamap.crs import geometry_to_lonlat
 from taxamap.errors import TaxamapError
 
 BBox = tuple[float, float, float, float]
@@ -139,58 +140,27 @@ def _unknown_message(text: str) -> str:
 
 def _read_vector(path: Path):
     """Union of the polygons of the first layer of a vector file, reprojected to EPSG:4326."""
-    import pyogrio
+    import geopandas as gpd
 
     try:
-        meta, _, wkb, _ = pyogrio.raw.read(path, read_geometry=True, columns=[])
-    except Exception as exc:  # pyogrio raises several GDAL-derived types; all mean "unreadable"
+        frame = gpd.read_file(path, columns=[])
+    except Exception as exc:  # GDAL-derived errors of several types; all mean "unreadable"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TaxamapError(f"cannot read region file {path}: {detail}; give a GeoJSON, "
                            "GeoPackage or Shapefile with polygons") from None
-    geoms = shapely.from_wkb([g for g in wkb if g is not None]) if wkb is not None else []
+    geoms = [g for g in frame.geometry if g is not None and not g.is_empty]
     polygons = [p for g in geoms for p in _polygon_parts(shapely.make_valid(g))]
     if not polygons:
         raise TaxamapError(f"region file {path} has no polygons; give polygon features "
                            "(points and lines do not enclose an area)")
     geom = shapely.union_all(polygons)
-    crs = meta.get("crs")
-    if crs is None:
+    if frame.crs is None:
         minx, miny, maxx, maxy = geom.bounds
         if not (-360 <= minx and maxx <= 360 and -90 <= miny and maxy <= 90):
             raise TaxamapError(f"region file {path} has no CRS and its coordinates are not "
                                "longitude/latitude; save it with a CRS (e.g. a .prj file)")
         return _as_polygonal(geom)
-    return _as_polygonal(_to_lonlat(geom, crs, path))
-
-
-def _to_lonlat(geom, crs: str, path: Path):
-    from pyproj import CRS, Transformer
-
-    try:
-        source = CRS.from_user_input(crs)
-    except Exception:
-        raise TaxamapError(f"region file {path} has a CRS that cannot be understood; save it "
-                           "in EPSG:4326 or another EPSG code") from None
-    if source.equals(CRS.from_epsg(4326), ignore_axis_order=True):
-        return geom
-    transformer = Transformer.from_crs(source, "EPSG:4326", always_xy=True)
-    if not source.is_geographic:
-        # Straight edges in a projected CRS are curves in lon/lat: add vertices before
-        # transforming so long edges (e.g. a box drawn in Web Mercator) keep their shape.
-        minx, miny, maxx, maxy = geom.bounds
-        step = max(maxx - minx, maxy - miny) / 256.0
-        if step > 0:
-            geom = shapely.segmentize(geom, step)
-
-    def project(xy: np.ndarray) -> np.ndarray:
-        x, y = transformer.transform(xy[:, 0], xy[:, 1])
-        return np.column_stack([x, y])
-
-    out = shapely.transform(geom, project)
-    if not np.all(np.isfinite(shapely.get_coordinates(out))):
-        raise TaxamapError(f"region file {path} has coordinates that cannot be converted to "
-                           "longitude/latitude from its CRS; check the file's CRS")
-    return shapely.make_valid(out)
+    return _as_polygonal(geometry_to_lonlat(geom, frame.crs, f"region file {path}"))
 
 
 # --- bounding boxes ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from taxamap.crs import from_lonlat, is_wgs84, to_lonlat, wrap_lon
 from taxamap.errors import TaxamapError
 
 #: Default number of background cells sampled when no background is given (as Maxent does).
@@ -121,62 +122,40 @@ def _apply(t, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f
 
 
-def read_map(path: str | os.PathLike) -> MapRaster:
-    """Read a taxamap GeoTIFF (or any single/multi-band raster) with its band names.
+def read_map(map_or_path: Any) -> MapRaster:
+    """All bands of a map in memory: a (y, x) score Dataset (see :mod:`taxamap.dataset`), or a
+    taxamap GeoTIFF (or any single/multi-band raster) read with :func:`taxamap.dataset.open_map`.
 
-    Band names are the band descriptions ("fused", "location", ...), else "band<i>". Pixels equal
-    to the raster's nodata value, and non-finite pixels, become NaN.
+    Band names are the variable names / band descriptions ("fused", "location", ...), else
+    "band<i>". Nodata and non-finite pixels are NaN.
     """
-    import rasterio
+    from taxamap.dataset import as_dataset, score_variables
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise TaxamapError(f"map {path} not found; give the .tif written by taxamap predict")
-    try:
-        with rasterio.open(path) as ds:
-            values = ds.read(out_dtype="float32")
-            nodata = ds.nodata
-            names = [d if d else f"band{i}" for i, d in enumerate(ds.descriptions, start=1)]
-            transform, crs, tags = ds.transform, ds.crs, ds.tags()
-    except rasterio.errors.RasterioError as exc:
-        raise TaxamapError(f"cannot read map {path}: {exc}; give a GeoTIFF") from None
-    if nodata is not None and not math.isnan(nodata):
-        values[values == np.float32(nodata)] = np.nan
+    ds = as_dataset(map_or_path)
+    if "species" in ds.dims:
+        raise TaxamapError("this Dataset holds several species; select one first "
+                           "(ds.isel(species=0) or ds.sel(species=NAME))")
+    names = score_variables(ds)
+    values = np.stack([np.asarray(ds[n].values, dtype=np.float32) for n in names])
     values[~np.isfinite(values)] = np.nan
-    if crs is None:
-        raise TaxamapError(f"map {path} has no CRS; taxamap maps are EPSG:4326")
-    return MapRaster(path, values, names, transform, crs, tags)
+    source = ds.attrs.get("source_path")
+    path = Path(source) if source else Path(f"{ds.attrs.get('slug') or 'map'}.tif")
+    tags = {k.upper(): str(v) for k, v in ds.attrs.items()}
+    return MapRaster(path, values, names, ds.rio.transform(), ds.rio.crs, tags)
 
 
 def _is_geographic(crs) -> bool:
     return bool(getattr(crs, "is_geographic", False))
 
 
-def _is_wgs84(crs) -> bool:
-    from pyproj import CRS
-
-    return CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs).equals(
-        CRS.from_epsg(4326), ignore_axis_order=True)
-
-
 def _lonlat_to_map(lon: np.ndarray, lat: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
-    if _is_wgs84(crs):
-        return lon.copy(), lat.copy()
-    from pyproj import Transformer
-
-    t = Transformer.from_crs("EPSG:4326", crs.to_wkt(), always_xy=True)
-    x, y = t.transform(lon, lat, errcheck=False)
-    return np.asarray(x, float), np.asarray(y, float)
+    return from_lonlat(lon, lat, crs)
 
 
 def _map_to_lonlat(x: np.ndarray, y: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
-    if _is_wgs84(crs):
-        return (x + 180.0) % 360.0 - 180.0, y
-    from pyproj import Transformer
-
-    t = Transformer.from_crs(crs.to_wkt(), "EPSG:4326", always_xy=True)
-    lon, lat = t.transform(x, y, errcheck=False)
-    return np.asarray(lon, float), np.asarray(lat, float)
+    if is_wgs84(crs):
+        return wrap_lon(x), np.asarray(y, dtype=float)
+    return to_lonlat(x, y, crs)
 
 
 def sample_background(
@@ -584,7 +563,7 @@ def evaluate_files(
 ) -> EvaluationResult:
     """``taxamap evaluate``: read the point files, evaluate every band, write the optional JSON
     and ROC figure. ``presence_column`` reads presences and background from one labelled file."""
-    from taxamap.occurrences import read_labelled_points, read_points
+    from taxamap.products.occurrences import read_labelled_points, read_points
 
     if presence_column:
         presences, given_background = read_labelled_points(occurrences, presence_column)

@@ -1,0 +1,328 @@
+"""taxamap's Python API: what a notebook imports, and what the CLI and the web app call.
+
+>>> import taxamap
+>>> ds = taxamap.predict(species="Cardinalis cardinalis", region="usa", resolution=0.1)
+>>> paths = taxamap.write(ds, out="maps", formats=("tif", "html", "png"))
+>>> rng = taxamap.threshold(ds, "percentile:90")   # .threshold, .raster, .polygons
+>>> table = taxamap.products.evaluate(ds, occurrences=gdf)  # a pandas.DataFrame, one row per band
+
+Keyword names are the CLI's option names in snake_case, with Python types. Score maps are
+``xarray.Dataset`` objects (:mod:`taxamap.dataset`), vector things ``geopandas.GeoDataFrame``
+(EPSG:4326 out, any CRS in), tables ``pandas.DataFrame``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from taxamap.errors import TaxamapError
+from taxamap.grid import DEFAULT_RESOLUTION
+from taxamap.score import DEFAULT_FUSION
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import pandas as pd
+    import xarray as xr
+
+PathLike = str | os.PathLike
+BBoxLike = str | Sequence[float]
+
+
+def _grid_options(region, bbox, resolution, modalities, models, device, cache, store,
+                  sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
+                  workers, worldclim, env_array, progress, dask) -> dict:
+    """API keyword names -> the fields of :class:`taxamap.pipeline.GridRequest`."""
+    return dict(
+        region=None if region is None else os.fspath(region) if isinstance(
+            region, os.PathLike) else region,
+        bbox=bbox if bbox is None or isinstance(bbox, str) else tuple(float(v) for v in bbox),
+        resolution=resolution,
+        modalities=modalities if isinstance(modalities, str) else list(modalities),
+        models_dir=None if models is None else os.fspath(models), device=device,
+        cache_dir=None if cache is None else os.fspath(cache),
+        store=None if store is None else os.fspath(store),
+        sat_source=sat_source, sat_url=sat_url, sat_zoom=sat_zoom, sat_size=sat_size,
+        sat_file=None if sat_file is None else os.fspath(sat_file), ee_project=ee_project,
+        sat_year=sat_year, workers=workers,
+        worldclim=None if worldclim is None else os.fspath(worldclim),
+        env_array=None if env_array is None else os.fspath(env_array),
+        progress=progress, dask=dask,
+    )
+
+
+def predict(
+    species: str | Sequence[str] | None = None,
+    *,
+    image: PathLike | None = None,
+    audio: PathLike | None = None,
+    species_file: PathLike | None = None,
+    region: str | PathLike | None = None,
+    bbox: BBoxLike | None = None,
+    resolution: float = DEFAULT_RESOLUTION,
+    modalities: str | Sequence[str] = ("location",),
+    fusion: str = DEFAULT_FUSION,
+    models: PathLike | None = None,
+    device: str = "auto",
+    cache: PathLike | None = None,
+    store: str | None = None,
+    sat_source: str = "xyz",
+    sat_url: str | None = None,
+    sat_zoom: int | None = None,
+    sat_size: int | None = None,
+    sat_file: PathLike | None = None,
+    ee_project: str | None = None,
+    sat_year: int = 2020,
+    workers: int = 8,
+    worldclim: PathLike | None = None,
+    env_array: PathLike | None = None,
+    progress: bool = True,
+    dask: str | None = None,
+) -> "xr.Dataset":
+    """Score maps of a query over a region, as an ``xarray.Dataset``; writes no output file.
+
+    The query is one of ``species`` (a binomial, a seven-rank string, or a list of them),
+    ``species_file``, ``image`` (a photo) or ``audio`` (a recording). The region is ``region``
+    (a preset name or vector file) and/or ``bbox=(W, S, E, N)``. Cell embeddings are computed
+    once per grid and modality and stored in the cache (``cache``/``store``); a later query on
+    the same grid only embeds its prompt.
+
+    Returns dims ``("y", "x")`` (one query) or ``("species", "y", "x")``; variables ``fused``
+    and one per modality (raw cosines, NaN off the cells); coords ``y``/``x`` (cell centres)
+    and rioxarray's ``spatial_ref`` (``ds.rio.crs``, ``ds.rio.transform()``); ``attrs`` the
+    provenance (query, prompt, modalities, fusion, models, version, region, imagery credit).
+    """
+    from taxamap.pipeline import PredictRequest, predict_dataset
+
+    req = PredictRequest(
+        species=species, image=None if image is None else os.fspath(image),
+        audio=None if audio is None else os.fspath(audio),
+        species_file=None if species_file is None else os.fspath(species_file), fusion=fusion,
+        **_grid_options(region, bbox, resolution, modalities, models, device, cache, store,
+                        sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
+                        workers, worldclim, env_array, progress, dask),
+    )
+    ds, _timings = predict_dataset(req)
+    return ds
+
+
+def write(
+    ds: "xr.Dataset",
+    out: PathLike = ".",
+    formats: Sequence[str] = ("tif", "html", "png"),
+    *,
+    threshold: str | None = None,
+    occurrences: Any = None,
+    self_contained: bool = False,
+    stack: bool = False,
+    stack_name: str | None = None,
+    outline: Any = None,
+) -> dict[str, Path]:
+    """Write what ``taxamap predict`` writes from a Dataset of :func:`predict`: per species a
+    COG GeoTIFF, an HTML map and a PNG named by its slug (``formats`` picks), plus with
+    ``threshold`` the range GeoTIFF and GeoPackage; ``occurrences`` (file, GeoDataFrame,
+    DataFrame or (N, 2) lat/lon) are drawn on the HTML map; ``stack`` writes one multi-band
+    GeoTIFF of the fused bands instead. ``outline`` (shapely, EPSG:4326) overrides the region
+    boundary drawn (default: the Dataset's region). Returns ``{name: path}``."""
+    from taxamap.pipeline import WriteRequest, write_dataset
+
+    wreq = WriteRequest(out=os.fspath(out), formats=tuple(formats), threshold=threshold,
+                        occurrences=occurrences, self_contained=self_contained, stack=stack,
+                        stack_name=stack_name)
+    return write_dataset(ds, wreq, outline=outline)
+
+
+def embed(
+    *,
+    region: str | PathLike | None = None,
+    bbox: BBoxLike | None = None,
+    resolution: float = DEFAULT_RESOLUTION,
+    modalities: str | Sequence[str] = ("location",),
+    models: PathLike | None = None,
+    device: str = "auto",
+    cache: PathLike | None = None,
+    store: str | None = None,
+    sat_source: str = "xyz",
+    sat_url: str | None = None,
+    sat_zoom: int | None = None,
+    sat_size: int | None = None,
+    sat_file: PathLike | None = None,
+    ee_project: str | None = None,
+    sat_year: int = 2020,
+    workers: int = 8,
+    worldclim: PathLike | None = None,
+    env_array: PathLike | None = None,
+    progress: bool = True,
+    dask: str | None = None,
+) -> dict[str, str]:
+    """Fill the embedding stores of a grid (resumable) without making a map; returns
+    ``{modality: store location}``."""
+    from taxamap.pipeline import GridRequest, embed as embed_grid
+
+    cells = embed_grid(GridRequest(**_grid_options(
+        region, bbox, resolution, modalities, models, device, cache, store, sat_source, sat_url,
+        sat_zoom, sat_size, sat_file, ee_project, sat_year, workers, worldclim, env_array,
+        progress, dask)))
+    return {m: str(s.location) for m, s in cells.stores.items()}
+
+
+@dataclass
+class Range:
+    """A range cut from a map: the ``threshold`` value and ``rule``, the binary ``raster``
+    (``xarray.DataArray``: 1 in range, 0 out, NaN off the cells, on the map's grid), the
+    ``polygons`` (``geopandas.GeoDataFrame`` in EPSG:4326 with ``area_km2``), and, when files were
+    written (``out=``), their ``paths``."""
+
+    threshold: float
+    rule: str
+    band: str
+    raster: "xr.DataArray"
+    polygons: "gpd.GeoDataFrame"
+    n_in_range: int
+    n_valid: int
+    area_km2: float
+    paths: dict[str, Path]
+
+
+def threshold(
+    map: Any,
+    rule: str = "percentile:90",
+    *,
+    band: int | str = "fused",
+    occurrences: Any = None,
+    out: PathLike | None = None,
+    seed: int = 0,
+) -> Range:
+    """Cut ``map`` (a Dataset of :func:`predict`, or a taxamap GeoTIFF path) at ``rule``
+    (``percentile:P``, ``value:V`` or ``maxtss[:OCC]``; ``occurrences`` serve a bare
+    ``maxtss``). With ``out`` the range GeoTIFF and GeoPackage are written there too."""
+    import geopandas as gpd
+    import numpy as np
+    import xarray as xr
+
+    from taxamap.dataset import as_dataset, georeference
+    from taxamap.products.ranges import NODATA, cut_range, write_range
+
+    ds = as_dataset(map)
+    if occurrences is not None and not isinstance(occurrences, (str, os.PathLike)):
+        from taxamap.products.occurrences import as_latlon_points
+
+        occurrences = as_latlon_points(occurrences, "occurrences")
+    cut = cut_range(ds, rule, occurrences, band, seed)
+    binary = cut.binary.astype(np.float32)
+    binary[cut.binary == NODATA] = np.nan
+    raster = georeference(
+        xr.Dataset({"range": (("y", "x"), binary)}, coords={"y": ds["y"], "x": ds["x"]}),
+        ds.rio.crs, ds.rio.transform())["range"]
+    raster.attrs.update(rule=cut.rule_text, threshold=cut.threshold, band=cut.band_name)
+    paths: dict[str, Path] = {}
+    if out is not None:
+        stem = None if ds.attrs.get("source_path") else str(ds.attrs.get("slug") or "map")
+        paths = dict(write_range(cut, out, stem=stem).paths)
+    parts = cut.parts()
+    polygons = gpd.GeoDataFrame({"area_km2": [a for _, a in parts]},
+                                geometry=[g for g, _ in parts], crs="EPSG:4326")
+    return Range(threshold=cut.threshold, rule=cut.rule_text, band=cut.band_name, raster=raster,
+                 polygons=polygons, n_in_range=cut.n_in_range, n_valid=cut.n_valid,
+                 area_km2=float(polygons["area_km2"].sum()), paths=paths)
+
+
+def evaluate(
+    map: Any,
+    occurrences: Any,
+    *,
+    background: Any = None,
+    presence_column: str | None = None,
+    n_background: int = 10_000,
+    seed: int = 0,
+    bands: Sequence[int | str] | None = None,
+    json: PathLike | None = None,
+    roc: PathLike | None = None,
+) -> "pd.DataFrame":
+    """Presence/background metrics of every band of ``map`` (a Dataset of :func:`predict` or a
+    GeoTIFF path) as a ``pandas.DataFrame`` indexed by band: ROC-AUC, average precision, the
+    max-TSS threshold and its TSS, the continuous Boyce index, and point counts.
+
+    ``occurrences``/``background``: files, GeoDataFrames (any CRS), DataFrames with lat/lon
+    columns or (N, 2) (lat, lon) arrays; without ``background`` cells are sampled (``seed``).
+    ``presence_column`` splits one labelled file (1 presence, 0 background). ``json`` and
+    ``roc`` also write the metrics as JSON and the ROC curves as a PNG. The table's ``attrs``
+    hold the point counts and the background source.
+    """
+    import pandas as pd
+
+    from taxamap.products.evaluate import evaluate_map, plot_roc
+    from taxamap.products.occurrences import as_latlon_points, read_labelled_points
+
+    if presence_column:
+        presences, labelled_background = read_labelled_points(occurrences, presence_column)
+        back = labelled_background if background is None else as_latlon_points(
+            background, "background")
+    else:
+        presences = as_latlon_points(occurrences, "occurrences")
+        back = None if background is None else as_latlon_points(background, "background")
+    result = evaluate_map(map, presences, back, n_background=n_background, seed=seed,
+                          bands=bands)
+    if json is not None:
+        result.to_json(json)
+    if roc is not None:
+        plot_roc(result, roc)
+    table = pd.DataFrame([b.to_dict() for b in result.bands]).rename(columns={"name": "band"})
+    table = table.set_index("band")
+    table.attrs.update({k: v for k, v in result.to_dict().items() if k != "bands"})
+    return table
+
+
+def occurrences(
+    species: str,
+    *,
+    region: str | PathLike | None = None,
+    bbox: BBoxLike | None = None,
+    limit: int = 5000,
+    cache: PathLike | None = None,
+) -> "gpd.GeoDataFrame":
+    """GBIF occurrences of ``species`` inside ``region``/``bbox`` as a GeoDataFrame (EPSG:4326),
+    paged and cached (needs the internet on first call)."""
+    from taxamap.products.occurrences import download_occurrences, load_points, points_frame
+    from taxamap.paths import cache_subdir
+    from taxamap.geography import resolve_region
+
+    where = resolve_region(region, bbox, land_only=False)
+    result = download_occurrences(species, where.outline, None, limit=limit,
+                                  cache_dir=cache_subdir("occurrences", cache))
+    points = load_points(result.path)
+    frame = points_frame(points.latlon, species=result.scientific_name)
+    frame.attrs.update(count=result.count, n_records=result.n_records,
+                       taxon_key=result.taxon_key)
+    return frame
+
+
+def region(name: str | PathLike | None = None, *, bbox: BBoxLike | None = None,
+           land: bool = False) -> "gpd.GeoDataFrame":
+    """A region preset, vector file and/or bbox as a one-row GeoDataFrame (EPSG:4326): its
+    ``name``, ``kind`` and geometry (the outline; with ``land=True`` clipped to land)."""
+    import geopandas as gpd
+
+    from taxamap.geography import resolve_region
+
+    if name is not None and isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    r = resolve_region(name, bbox, land_only=land)
+    geometry = r.geometry if land else r.outline
+    return gpd.GeoDataFrame({"name": [r.name], "kind": [r.kind], "slug": [r.slug]},
+                            geometry=[geometry], crs="EPSG:4326")
+
+
+def regions(kind: str | None = None) -> "pd.DataFrame":
+    """The region presets (``taxamap regions``) as a DataFrame: name, kind, code, title."""
+    import pandas as pd
+
+    from taxamap.grids import list_regions
+
+    rows = [info._asdict() for info in list_regions() if kind is None or info.kind == kind]
+    if kind is not None and not rows:
+        raise TaxamapError(f"no region presets of kind {kind!r}; kinds are world, continent, "
+                           "country, state, province")
+    return pd.DataFrame(rows)

@@ -1,0 +1,105 @@
+"""Coordinate reference systems and longitudes: the one place taxamap converts between a CRS
+and longitude/latitude (pyproj), and wraps longitudes.
+
+Everything inside taxamap is EPSG:4326 (lon, lat) degrees; users' files, GeoDataFrames and maps
+may be in any CRS and meet these helpers at the boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+
+WGS84 = "EPSG:4326"
+
+
+def wrap_lon(lon):
+    """Longitudes wrapped into [-180, 180)."""
+    return (np.asarray(lon, dtype=float) + 180.0) % 360.0 - 180.0
+
+
+def as_crs(crs: Any, what: str = "the data"):
+    """A ``pyproj.CRS`` from an EPSG code, WKT, a rasterio/pyproj CRS or a user string; a
+    TaxamapError saying how to fix it otherwise."""
+    from pyproj import CRS
+
+    try:
+        return CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+    except Exception:
+        raise TaxamapError(f"{what} has a CRS that cannot be understood; save it in EPSG:4326 "
+                           "or another EPSG code") from None
+
+
+def is_wgs84(crs: Any) -> bool:
+    """True when ``crs`` is longitude/latitude on WGS84 (axis order aside)."""
+    from pyproj import CRS
+
+    return as_crs(crs).equals(CRS.from_epsg(4326), ignore_axis_order=True)
+
+
+def to_lonlat(x: np.ndarray, y: np.ndarray, crs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(lon, lat) of points (``x``, ``y``) in ``crs``; NaN where they cannot be converted."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if is_wgs84(crs):
+        return x.copy(), y.copy()
+    from pyproj import Transformer
+
+    t = Transformer.from_crs(as_crs(crs), WGS84, always_xy=True)
+    lon, lat = t.transform(x, y, errcheck=False)
+    lon, lat = np.asarray(lon, dtype=float), np.asarray(lat, dtype=float)
+    bad = ~(np.isfinite(lon) & np.isfinite(lat))
+    lon[bad] = lat[bad] = np.nan
+    return lon, lat
+
+
+def from_lonlat(lon: np.ndarray, lat: np.ndarray, crs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) in ``crs`` of (``lon``, ``lat``) degrees."""
+    lon, lat = np.asarray(lon, dtype=float), np.asarray(lat, dtype=float)
+    if is_wgs84(crs):
+        return lon.copy(), lat.copy()
+    from pyproj import Transformer
+
+    t = Transformer.from_crs(WGS84, as_crs(crs), always_xy=True)
+    x, y = t.transform(lon, lat, errcheck=False)
+    return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+
+
+def geometry_to_lonlat(geom, crs: Any, what: str = "the geometry"):
+    """A shapely geometry in ``crs`` -> EPSG:4326, valid. Straight edges of a projected CRS are
+    curves in lon/lat, so long edges get vertices first and keep their shape."""
+    import shapely
+
+    source = as_crs(crs, what)
+    if is_wgs84(source):
+        return geom
+    if not source.is_geographic:
+        minx, miny, maxx, maxy = geom.bounds
+        step = max(maxx - minx, maxy - miny) / 256.0
+        if step > 0:
+            geom = shapely.segmentize(geom, step)
+
+    def project(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(to_lonlat(xy[:, 0], xy[:, 1], source))
+
+    out = shapely.transform(geom, project)
+    if not np.all(np.isfinite(shapely.get_coordinates(out))):
+        raise TaxamapError(f"{what} has coordinates that cannot be converted to "
+                           "longitude/latitude from its CRS; check its CRS")
+    return shapely.make_valid(out)
+
+
+def frame_to_lonlat(frame, what: str = "the data", *, allow_missing_crs: bool = True):
+    """A GeoDataFrame/GeoSeries in EPSG:4326. A frame without a CRS is taken as lon/lat when its
+    coordinates look like degrees (``allow_missing_crs``), else TaxamapError."""
+    if frame.crs is None:
+        minx, miny, maxx, maxy = frame.total_bounds if len(frame) else (0, 0, 0, 0)
+        looks_lonlat = -360 <= minx and maxx <= 360 and -90 <= miny and maxy <= 90
+        if not (allow_missing_crs and looks_lonlat):
+            raise TaxamapError(f"{what} has no CRS and its coordinates are not "
+                               "longitude/latitude; save it with a CRS (e.g. a .prj file)")
+        return frame.set_crs(WGS84)
+    as_crs(frame.crs, what)
+    return frame if is_wgs84(frame.crs) else frame.to_crs(WGS84)

@@ -1,0 +1,259 @@
+"""The one data contract after scoring: an ``xarray.Dataset`` of score maps.
+
+``taxamap.predict`` returns it; writers, range products, evaluation and the web app take it (or a
+GeoTIFF written from it, read back into the same shape by :func:`open_map`).
+
+* dims ``("y", "x")`` for one query, ``("species", "y", "x")`` for several;
+* data variables ``fused`` and one per modality used (``location``, ``satellite``,
+  ``environment``; later ``fitted``, ``combined``), float32 raw cosines, NaN off the cells and
+  declared as nodata (``ds[v].rio.nodata`` is NaN);
+* coords ``y`` (cell-centre latitude, descending), ``x`` (cell-centre longitude, in the grid's
+  own frame: past 180 for grids across the antimeridian), ``species`` (query labels) with
+  ``prompt`` and ``slug`` along it, and rioxarray's ``spatial_ref`` (CRS + the grid's exact
+  transform);
+* ``attrs``: the provenance the GeoTIFF tags carry (query, prompt, modalities, fusion, models with
+  revisions, taxamap version, region, units, imagery credit), as strings.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+import taxamap
+from taxamap.errors import TaxamapError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+
+    from taxamap.grid import Grid
+
+#: What the band values are; written into every output.
+UNITS = "cosine similarity, raw, [-1, 1]"
+
+#: Variables that are maps of scores (anything else in a Dataset is carried along untouched).
+SCORE_VARIABLES = ("fused", "location", "satellite", "environment", "fitted", "combined")
+
+
+def _rio():
+    """rioxarray registers the ``.rio`` accessor on import."""
+    try:
+        import rioxarray  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise TaxamapError("taxamap needs rioxarray: pip install rioxarray") from exc
+
+
+def scores_dataset(
+    grid: "Grid",
+    fused: np.ndarray,
+    per_modality: dict[str, np.ndarray],
+    *,
+    labels: Sequence[str],
+    prompts: Sequence[str | None],
+    slugs: Sequence[str],
+    attrs: dict[str, Any] | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> "xr.Dataset":
+    """Score arrays per cell -> the Dataset contract.
+
+    ``fused`` and each ``per_modality[m]`` are (S, N): S queries by the grid's N kept cells (in
+    :meth:`Grid.cell_index` order); ``extra`` holds more (S, N) bands (e.g. ``fitted``) placed
+    after the modalities. One query gives dims (y, x), several (species, y, x).
+    """
+    import xarray as xr
+
+    _rio()
+    fused = np.atleast_2d(np.asarray(fused, dtype=np.float32))
+    s = fused.shape[0]
+    if not (len(labels) == len(prompts) == len(slugs) == s):
+        raise ValueError("labels, prompts and slugs must have one entry per query")
+    bands = {"fused": fused, **{m: np.atleast_2d(v) for m, v in per_modality.items()},
+             **{k: np.atleast_2d(v) for k, v in (extra or {}).items()}}
+    coords = {"y": ("y", grid.row_lats()), "x": ("x", grid.column_lons())}
+    if s == 1:
+        data = {name: (("y", "x"), grid.to_raster(v[0])) for name, v in bands.items()}
+    else:
+        data = {name: (("species", "y", "x"), np.stack([grid.to_raster(row) for row in v]))
+                for name, v in bands.items()}
+        coords["species"] = ("species", list(labels))
+        coords["prompt"] = ("species", [p or "" for p in prompts])
+        coords["slug"] = ("species", list(slugs))
+    ds = xr.Dataset(data, coords=coords)
+    ds["y"].attrs.update(standard_name="latitude", units="degrees_north", axis="Y")
+    ds["x"].attrs.update(standard_name="longitude", units="degrees_east", axis="X")
+    for name in ds.data_vars:
+        ds[name].attrs.update(long_name=name, units="cosine similarity")
+    ds.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
+    ds.attrs["bands"] = ",".join(bands)
+    if s == 1:
+        ds.attrs["query"] = str(labels[0])
+        ds.attrs["prompt"] = prompts[0] or ""
+        ds.attrs["slug"] = str(slugs[0])
+    return georeference(ds, grid.crs, grid.transform)
+
+
+def georeference(ds: "xr.Dataset", crs: Any, transform: Any) -> "xr.Dataset":
+    """Attach ``crs`` and the exact ``transform`` (rioxarray's ``spatial_ref``) and NaN nodata."""
+    _rio()
+    ds = ds.rio.write_crs(crs).rio.write_transform(transform)
+    for name in ds.data_vars:
+        if np.issubdtype(ds[name].dtype, np.floating):
+            ds[name] = ds[name].rio.write_nodata(np.nan, encoded=False)
+    return ds
+
+
+def provenance(
+    *,
+    modalities: Sequence[str],
+    fusion: str,
+    models: dict[str, str],
+    region_name: str = "",
+    region_spec: str = "",
+    cells: str = "",
+    attribution: str | None = None,
+    license_: str | None = None,
+    created: datetime | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """The provenance attrs of a Dataset (the GeoTIFF tags are these, upper-cased)."""
+    created = created or datetime.now(timezone.utc)
+    attrs = {
+        "modalities": ",".join(modalities),
+        "fusion": str(fusion),
+        "units": UNITS,
+        "taxamap_version": taxamap.__version__,
+        "created": created.replace(microsecond=0).isoformat(),
+    }
+    if region_name:
+        attrs["region"] = str(region_name)
+    if region_spec:
+        attrs["region_spec"] = str(region_spec)
+    if cells:
+        attrs["cells"] = str(cells)
+    for name, ref in models.items():
+        attrs[f"model_{tag_key(name).lower()}"] = str(ref)
+    if models:
+        attrs["models"] = "; ".join(f"{k}={v}" for k, v in models.items())
+    if attribution:
+        attrs["imagery_attribution"] = str(attribution)
+        if license_:
+            attrs["imagery_license"] = str(license_)
+    for key, value in (extra or {}).items():
+        attrs[str(key).lower()] = str(value)
+    return attrs
+
+
+def tag_key(name: str) -> str:
+    """A GDAL metadata key from a free-form name: upper case, [A-Z0-9_] only."""
+    key = "".join(c if c.isalnum() else "_" for c in str(name).upper()).strip("_")
+    return key or "UNNAMED"
+
+
+def score_variables(ds: "xr.Dataset") -> list[str]:
+    """The Dataset's map bands in GeoTIFF order: fused, then the others as stored."""
+    names = [str(v) for v in ds.data_vars if {"y", "x"} <= set(ds[v].dims)]
+    return sorted(names, key=lambda n: (n != "fused", names.index(n)))
+
+
+def iter_species(ds: "xr.Dataset") -> Iterator["xr.Dataset"]:
+    """One (y, x) Dataset per query, with ``query``/``prompt``/``slug`` in its attrs."""
+    if "species" not in ds.dims:
+        yield ds
+        return
+    for i in range(ds.sizes["species"]):
+        one = ds.isel(species=i)
+        label = str(one["species"].values)
+        one = one.drop_vars([c for c in ("species", "prompt", "slug") if c in one.coords])
+        one.attrs = {**ds.attrs, "query": label,
+                     "prompt": str(ds["prompt"].values[i]) if "prompt" in ds.coords else "",
+                     "slug": str(ds["slug"].values[i]) if "slug" in ds.coords else label}
+        yield one
+
+
+def check_dataset(ds: Any) -> "xr.Dataset":
+    """``ds`` if it is a taxamap score Dataset; TaxamapError saying what is wrong otherwise."""
+    import xarray as xr
+
+    if isinstance(ds, xr.DataArray):
+        ds = ds.to_dataset(name=str(ds.name or "fused"))
+    if not isinstance(ds, xr.Dataset):
+        raise TaxamapError(f"expected an xarray.Dataset from taxamap.predict (or a GeoTIFF path), "
+                           f"got {type(ds).__name__}")
+    if not {"y", "x"} <= set(ds.dims) or not score_variables(ds):
+        raise TaxamapError("the Dataset has no (y, x) score bands; pass what taxamap.predict "
+                           "returned")
+    _rio()
+    if ds.rio.crs is None:
+        raise TaxamapError("the Dataset has no CRS; set one with ds.rio.write_crs('EPSG:4326')")
+    return ds
+
+
+def as_dataset(map_or_path: Any) -> "xr.Dataset":
+    """A Dataset as is, or a GeoTIFF path read with :func:`open_map`."""
+    if isinstance(map_or_path, (str, os.PathLike)):
+        return open_map(map_or_path)
+    return check_dataset(map_or_path)
+
+
+def open_map(path: str | os.PathLike) -> "xr.Dataset":
+    """Read a taxamap GeoTIFF (any float map GeoTIFF will do) into the Dataset contract.
+
+    Band descriptions name the variables (``bandN`` where a band has none); dataset tags become
+    lower-case attrs. Raises TaxamapError when the file is missing or not a raster.
+    """
+    import rasterio
+    import xarray as xr
+
+    _rio()
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TaxamapError(f"map {path} not found; give the .tif written by taxamap predict")
+    try:
+        with rasterio.open(path) as src:
+            values = src.read(out_dtype="float32")
+            nodata = src.nodata
+            names = [(d or f"band{i}") for i, d in enumerate(src.descriptions, start=1)]
+            transform, crs, tags = src.transform, src.crs, src.tags()
+    except rasterio.errors.RasterioError as exc:
+        raise TaxamapError(f"cannot read map {path}: {exc}; give a GeoTIFF") from None
+    if nodata is not None and not np.isnan(nodata):
+        values[values == np.float32(nodata)] = np.nan
+    values[~np.isfinite(values)] = np.nan
+    if crs is None:
+        raise TaxamapError(f"map {path} has no CRS; taxamap maps are EPSG:4326 (assign one, e.g. "
+                           "gdal_edit.py -a_srs EPSG:4326)")
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    h, w = values.shape[1:]
+    cols, rows = np.arange(w) + 0.5, np.arange(h) + 0.5
+    x = transform.c + cols * transform.a
+    y = transform.f + rows * transform.e
+    ds = xr.Dataset({n: (("y", "x"), values[i]) for i, n in enumerate(unique)},
+                    coords={"y": y, "x": x})
+    ds.attrs = {k.lower(): v for k, v in tags.items()}
+    ds.attrs["source_path"] = str(path)
+    return georeference(ds, crs, transform)
+
+
+def grid_of(ds: "xr.Dataset"):
+    """The :class:`~taxamap.grid.Grid` a (y, x) Dataset lies on (kept cells = any finite band)."""
+    from taxamap.grid import Grid
+
+    t = ds.rio.transform()
+    if abs(abs(t.a) - abs(t.e)) > 1e-9 * abs(t.a) or t.b or t.d:
+        raise TaxamapError("the map's pixels are not square and north-up; resample it to a "
+                           "regular lon/lat grid first")
+    names = score_variables(ds)
+    finite = np.zeros((ds.sizes["y"], ds.sizes["x"]), dtype=bool)
+    for name in names:
+        v = np.isfinite(np.asarray(ds[name].values))
+        finite |= v if v.ndim == 2 else v.any(axis=0)
+    return Grid(west=float(t.c), north=float(t.f), resolution=float(t.a), width=ds.sizes["x"],
+                height=ds.sizes["y"], mask=finite, crs=ds.rio.crs.to_string())
