@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import xarray as xr
 
+    from taxamap.session import MapSession
+
 PathLike = str | os.PathLike
 BBoxLike = str | Sequence[float]
 
@@ -106,6 +108,47 @@ def predict(
     )
     ds, _timings = predict_dataset(req)
     return ds
+
+
+def open_session(
+    *,
+    region: str | PathLike | None = None,
+    bbox: BBoxLike | None = None,
+    resolution: float = DEFAULT_RESOLUTION,
+    modalities: str | Sequence[str] = ("location",),
+    fusion: str = DEFAULT_FUSION,
+    models: PathLike | None = None,
+    device: str = "auto",
+    cache: PathLike | None = None,
+    store: str | None = None,
+    sat_source: str = "xyz",
+    sat_url: str | None = None,
+    sat_zoom: int | None = None,
+    sat_size: int | None = None,
+    sat_file: PathLike | None = None,
+    ee_project: str | None = None,
+    sat_year: int = 2020,
+    workers: int = 8,
+    worldclim: PathLike | None = None,
+    env_array: PathLike | None = None,
+    progress: bool = True,
+    dask: str | None = None,
+    prompt_cache: int = 1024,
+    map_cache: int = 16,
+) -> "MapSession":
+    """A :class:`~taxamap.session.MapSession` over one grid (what ``taxamap serve`` runs): the
+    grid is built and its stores completed (embedding what is missing) once, the cell embeddings
+    held in memory; ``session.predict(species=... | image=... | audio=...)`` then returns
+    :func:`predict`'s Dataset in milliseconds. Grid keywords as :func:`predict`; the last
+    ``prompt_cache`` prompt embeddings and ``map_cache`` maps are kept."""
+    from taxamap.pipeline import GridRequest
+    from taxamap.session import MapSession
+
+    req = GridRequest(**_grid_options(region, bbox, resolution, modalities, models, device, cache,
+                                      store, sat_source, sat_url, sat_zoom, sat_size, sat_file,
+                                      ee_project, sat_year, workers, worldclim, env_array,
+                                      progress, dask))
+    return MapSession(req, fusion, prompt_cache=prompt_cache, map_cache=map_cache)
 
 
 def write(

@@ -23,6 +23,20 @@ EXAMPLES_PREDICT = """examples:
 """
 
 
+EXAMPLES_SERVE = """examples:
+  taxamap serve --region usa --resolution 0.05        # embeds the grid first if it is not stored
+  # -> serving http://127.0.0.1:8765/  (open it in a browser; Ctrl-C stops the server)
+  taxamap serve --region ohio --modalities location,satellite --port 8080
+  taxamap serve --bbox -84,39,-82,41 --models ~/taxabind-models --host 0.0.0.0
+
+HTTP API (what the page uses; scripts may too):
+  GET  /api/health | /api/search?q=TEXT | /api/map?species=NAME[&band=B]
+  GET  /api/cell?species=NAME&lat=LAT&lon=LON
+  GET  /api/download?species=NAME&format=tif|png|gpkg[&threshold=percentile:90]
+  POST /api/query  (multipart field 'file': a photo or a recording)
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit code 2)."""
 
@@ -145,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
+        "serve", help="a local web app: map any species on a stored grid in under a second",
+        description="Open a map session over one grid (embedding its cells first when they are "
+        "not stored) and serve a web page and an HTTP API on it: type a species (or drop a "
+        "photo or a recording) and see its map; switch layers, stretch, threshold, compare, "
+        "download. Prints 'serving http://HOST:PORT/' on stdout when ready.",
+        epilog=EXAMPLES_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _grid_options(p)
+    p.add_argument("--fusion", default="mean", choices=["mean", "sum"],
+                   help="how modality scores are fused (as for predict; default mean)")
+    w = p.add_argument_group("web server")
+    w.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
+                   "exposes the app to the network, with a warning)")
+    w.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: a free one)")
+    w.add_argument("--max-upload", type=float, default=20.0, metavar="MB",
+                   help="largest photo or recording accepted (default 20 MB)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
         "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce)",
         description="Per band of MAP (fused and each modality): ROC-AUC, average precision, the "
         "threshold maximising TSS and that TSS, and the continuous Boyce index. Points outside "
@@ -260,6 +294,18 @@ def _cmd_embed(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from taxamap.pipeline import GridRequest
+    from taxamap.serve.server import serve
+    from taxamap.session import MapSession
+
+    if not args.max_upload > 0:
+        raise TaxamapError(f"--max-upload must be a positive number of MB, got {args.max_upload}")
+    req = GridRequest(**_grid_kwargs(args))
+    return serve(lambda: MapSession(req, args.fusion), host=args.host, port=args.port,
+                 max_upload=int(args.max_upload * 2**20), say=_say)
+
+
 def _cmd_regions(args) -> int:
     from taxamap.grids import list_regions
 
@@ -355,6 +401,7 @@ COMMANDS = {
     "occurrences": _cmd_occurrences,
     "predict": _cmd_predict,
     "embed": _cmd_embed,
+    "serve": _cmd_serve,
     "regions": _cmd_regions,
     "models": _cmd_models,
     "cache": _cmd_cache,

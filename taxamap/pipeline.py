@@ -235,31 +235,74 @@ def read_species_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def embed_queries(req: PredictRequest, config: dict,
-                  device: Callable[[], str]) -> tuple[list[Query], str]:
+class QueryEncoders:
+    """The query encoders of a request (text, photo, sound), each loaded on first use and kept:
+    :func:`embed_queries` makes a fresh one per call; a long-lived caller (the web app's
+    :class:`~taxamap.session.MapSession`) keeps one, so every encoder loads once per process."""
+
+    def __init__(self, req: GridRequest, config: dict, device: Callable[[], str]):
+        import threading
+
+        self.req, self.config, self.device = req, config, device
+        self._loaded: dict = {}
+        self._lock = threading.Lock()
+
+    def _get(self, key, load):
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = load()
+            return self._loaded[key]
+
+    def text(self, n_prompts: int = 1):
+        """The text encoder (NumPy for a few prompts, torch for many; see :func:`_text_encoder`)."""
+        big = n_prompts >= TORCH_TEXT_MIN_PROMPTS
+        return self._get(("text", big),
+                         lambda: _text_encoder(self.req, self.config, self.device, n_prompts))
+
+    def image(self):
+        """The CLIP model that embeds photos."""
+        from taxamap.models.clip import load_clip
+
+        return self._get("image", lambda: load_clip(self.req.models_dir, device=self.device(),
+                                                    config=self.config))
+
+    def audio(self):
+        """The CLAP audio encoder that embeds recordings."""
+        from taxamap.models.audio import load_audio_encoder
+
+        return self._get("audio", lambda: load_audio_encoder(
+            models_dir=self.req.models_dir, device=self.device(), config=self.config))
+
+
+def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
+                  encoders: QueryEncoders | None = None) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
-    Every species prompt goes through the text encoder in one batch.
+    Every species prompt goes through the text encoder in one batch. ``encoders`` (kept by a
+    long-lived caller) supplies already loaded encoders.
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:
         raise TaxamapError(
             "give exactly one query: --species NAME, --species-file FILE, --image PATH or --audio PATH"
         )
+    encoders = encoders if encoders is not None else QueryEncoders(req, config, device)
     if req.audio:
-        from taxamap.models.audio import embed_audio_query
+        from taxamap.models.audio import load_audio
 
-        vector, ref = embed_audio_query(req.audio, req.models_dir, device=device(), config=config)
+        # Decoded first: a bad file fails before any model loads.
+        wave, rate = load_audio(req.audio)
+        encoder = encoders.audio()
+        vector = encoder.encode([(wave, rate)])[0]
         name = Path(req.audio).name
         # Prefixed: an output named like the input would overwrite the user's recording.
         slug = "sound-" + slugify(Path(name).stem)
-        return [Query(np.asarray(vector), None, f"sound {name}", slug, "audio")], ref
+        return [Query(np.asarray(vector), None, f"sound {name}", slug, "audio")], encoder.ref
     if req.image:
-        from taxamap.models.clip import load_clip
         from taxamap.models.preprocess import load_image
 
         image = load_image(req.image)
-        clip = load_clip(req.models_dir, device=device(), config=config)
+        clip = encoders.image()
         name = Path(req.image).name
         vector = clip.encode_image([image])[0]
         # Prefixed: `--image bird.png` must never be overwritten by the map bird.png.
@@ -282,7 +325,7 @@ def embed_queries(req: PredictRequest, config: dict,
         seen.add(taxon.prompt)
         log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
         taxa.append(taxon)
-    text = _text_encoder(req, config, device, n_prompts=len(taxa))
+    text = encoders.text(n_prompts=len(taxa))
     vectors = text.encode_text([t.prompt for t in taxa])
     queries = [
         Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source) for v, t in zip(vectors, taxa)
@@ -294,7 +337,7 @@ def embed_queries(req: PredictRequest, config: dict,
 TORCH_TEXT_MIN_PROMPTS = 200
 
 
-def _text_encoder(req: PredictRequest, config: dict, device: Callable[[], str],
+def _text_encoder(req: GridRequest, config: dict, device: Callable[[], str],
                   n_prompts: int = 1):
     """taxamap's own text tower (loads only the text weights, never imports open_clip: ~0.3 s
     instead of ~3 s); open_clip's full model for configurations it does not cover."""
@@ -400,7 +443,7 @@ def check_write_request(wreq: WriteRequest) -> dict:
     return read
 
 
-def _region_spec(req: GridRequest) -> str:
+def region_spec(req: GridRequest) -> str:
     """How to resolve the request's region again (the HTML/PNG outline of a written Dataset)."""
     parts = []
     if req.region is not None:
@@ -413,11 +456,37 @@ def _region_spec(req: GridRequest) -> str:
     return ";".join(parts)
 
 
+def queries_dataset(req: PredictRequest, region, grid: Grid, cells: CellEmbeddings,
+                    config_ref: str, queries: list[Query], query_ref: str, fused: np.ndarray,
+                    per: dict[str, np.ndarray]):
+    """The Dataset of scored ``queries`` (fused (S, N), per modality (S, N)) with its provenance;
+    TaxamapError when a modality has no embedded cell at all."""
+    from taxamap.dataset import provenance, scores_dataset
+
+    for modality, scores in per.items():
+        if not np.isfinite(scores).any():
+            raise TaxamapError(
+                f"no cell could be embedded from the {modality} modality (every input missing or "
+                "failed); check its source (--sat-url, the network, --worldclim) and run again"
+            )
+    attrs = provenance(
+        modalities=list(per), fusion=req.fusion,
+        models={"config": config_ref, "query": query_ref, **cells.model_refs},
+        region_name=region.name, region_spec=region_spec(req),
+        attribution=cells.attribution, license_=cells.license,
+    )
+    ds = scores_dataset(grid, fused, per, labels=[q.label for q in queries],
+                        prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
+                        attrs=attrs)
+    if len(queries) > 1:
+        ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
+    return ds
+
+
 def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     """The score maps of the request's queries as an ``xarray.Dataset`` (see
     :mod:`taxamap.dataset`), and the seconds each stage took. Writes no output file (the
     embedding stores in the cache aside)."""
-    from taxamap.dataset import provenance, scores_dataset
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
@@ -445,23 +514,7 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
 
     t = time.perf_counter()
     fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]), req.fusion)
-    for modality, scores in per.items():
-        if not np.isfinite(scores).any():
-            raise TaxamapError(
-                f"no cell could be embedded from the {modality} modality (every input missing or "
-                "failed); check its source (--sat-url, the network, --worldclim) and run again"
-            )
-    attrs = provenance(
-        modalities=list(per), fusion=req.fusion,
-        models={"config": config_ref, "query": query_ref, **cells.model_refs},
-        region_name=region.name, region_spec=_region_spec(req),
-        attribution=cells.attribution, license_=cells.license,
-    )
-    ds = scores_dataset(grid, fused, per, labels=[q.label for q in queries],
-                        prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
-                        attrs=attrs)
-    if len(queries) > 1:
-        ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
+    ds = queries_dataset(req, region, grid, cells, config_ref, queries, query_ref, fused, per)
     timings["score"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return ds, timings

@@ -55,12 +55,15 @@ def fuse_many(
     embeddings: dict[str, np.ndarray],
     queries: np.ndarray,
     fusion: str = DEFAULT_FUSION,
+    row_norms: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Score cells against several queries at once: one matrix product per modality.
 
     ``embeddings`` maps modality -> (N, D) float array; a row of NaN marks a cell that modality
     could not embed (a missing tile, open water). ``queries`` is (S, D). Fusion uses only the
     modalities a cell has; a cell with none is NaN. Returns (fused (S, N), {modality: (S, N)}).
+    ``row_norms`` (modality -> (N,) row norms, NaN or 0 where a cell has no embedding) saves the
+    pass over the embeddings that computes them, for callers that score the same cells often.
     """
     if fusion not in FUSIONS:
         raise TaxamapError(f"unknown --fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
@@ -70,8 +73,12 @@ def fuse_many(
     norms: dict[str, np.ndarray] = {}
     for m, e in embeddings.items():
         e = np.asarray(e, dtype=np.float32)
-        # One pass for the norms; a NaN row (a cell this modality could not embed) has a NaN norm.
-        n = np.sqrt(np.einsum("ij,ij->i", e, e))
+        if row_norms is not None and m in row_norms:
+            n = np.asarray(row_norms[m], dtype=np.float32)
+        else:
+            # One pass for the norms; a NaN row (a cell this modality could not embed) has a NaN
+            # norm.
+            n = np.sqrt(np.einsum("ij,ij->i", e, e))
         ok = np.isfinite(n) & (n > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             scores = (e @ q.T).T / n  # (S, N)

@@ -1,0 +1,670 @@
+"""The Starlette app of ``taxamap serve``: the HTTP contract of DESIGN.md ("Web app") over one
+:class:`~taxamap.session.MapSession`.
+
+Every answer is JSON, a PNG, a download or the page; every error is a 4xx JSON
+``{"error": "one readable line"}``. No request parameter reaches a file path: parameters are
+checked against fixed sets or patterns, uploads and downloads live in a server-owned temporary
+folder under names the server chooses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+import unicodedata
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+from taxamap.serve import INSTALL_HINT
+from taxamap.session import LRUCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from taxamap.session import EmbeddedQuery, MapSession
+
+log = logging.getLogger("taxamap.serve")
+
+#: Largest upload accepted by default (a photo or a recording).
+DEFAULT_MAX_UPLOAD = 20 * 2**20
+
+#: Longest text parameter (species names, threshold rules) accepted.
+MAX_TEXT = 200
+
+#: Most suggestions /api/search returns.
+MAX_SUGGESTIONS = 20
+
+#: PNG compression of overlays: level 1 encodes several times faster than the default 6 and the
+#: overlays (smooth ramps, large transparent areas) are barely larger.
+OVERLAY_PNG_LEVEL = 1
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+#: Threshold rules a request may give (maxtss would name a file: never from a request).
+_RULE = re.compile(r"^(percentile|value):\s*-?(\d+(\.\d*)?|\.\d+)$", re.IGNORECASE)
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{24}$")
+FORMATS = ("tif", "png", "gpkg")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP ``status`` and one readable line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------- request parameters
+
+def text_param(params, name: str, required: bool = True) -> str | None:
+    """A short printable text parameter (None when absent and not required)."""
+    value = params.get(name)
+    if value is None or not value.strip():
+        if required:
+            raise ApiError(400, f"missing {name}=...")
+        return None
+    if len(value) > MAX_TEXT:
+        raise ApiError(400, f"{name} is longer than {MAX_TEXT} characters")
+    if any(unicodedata.category(c).startswith("C") for c in value):
+        raise ApiError(400, f"{name} holds control characters")
+    return value.strip()
+
+
+def number_param(params, name: str, default: float | None = None, lo: float = -math.inf,
+                 hi: float = math.inf) -> float:
+    """A finite number parameter in [lo, hi]."""
+    raw = params.get(name)
+    if raw is None or raw.strip() == "":
+        if default is None:
+            raise ApiError(400, f"missing {name}=...")
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number, got {_one_line(raw)[:40]!r}") from None
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be a number from {lo:g} to {hi:g}")
+    return value
+
+
+def rule_param(params, default: str | None = None) -> str | None:
+    """A threshold rule ``percentile:P`` or ``value:V`` (checked by the range code too)."""
+    rule = text_param(params, "threshold", required=False) or default
+    if rule is None:
+        return None
+    if not _RULE.match(rule):
+        raise ApiError(400, "threshold must be percentile:P (0-100) or value:V (a score)")
+    from taxamap.products.ranges import parse_rule
+
+    try:
+        return parse_rule(rule).text
+    except TaxamapError as exc:
+        raise ApiError(400, _one_line(exc)) from None
+
+
+# ---------------------------------------------------------------------- uploads
+
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG", ".jpg"), (b"\x89PNG\r\n\x1a\n", "PNG", ".png"))
+_AUDIO_FORMATS = {"WAV": ".wav", "FLAC": ".flac", "OGG": ".ogg", "MP3": ".mp3"}
+
+
+def sniff_upload(data: bytes) -> tuple[str, str]:
+    """("image" | "audio", extension) of an upload, from its content (magic bytes, then Pillow
+    or libsndfile must open it); ApiError 415 otherwise."""
+    kind = None
+    for magic, _fmt, ext in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            kind = ("image", ext)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = ("image", ".webp")
+    if kind is not None:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+        except Exception:  # noqa: BLE001 - any decoder failure means: not a usable photo
+            raise ApiError(415, "the photo could not be decoded (corrupt or truncated)") from None
+        return kind
+    audio = (data[:4] == b"RIFF" and data[8:12] == b"WAVE") or data[:4] in (b"fLaC", b"OggS") \
+        or data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+    if audio:
+        import soundfile as sf
+
+        try:
+            info = sf.info(io.BytesIO(data))
+        except Exception:  # noqa: BLE001 - libsndfile refuses it: not a recording we can read
+            raise ApiError(415, "the recording could not be decoded (WAV, FLAC, OGG or MP3)") \
+                from None
+        ext = _AUDIO_FORMATS.get(str(info.format).upper())
+        if ext is None:
+            raise ApiError(415, f"recordings in {info.format} are not supported; use WAV, FLAC, "
+                           "OGG or MP3")
+        return "audio", ext
+    raise ApiError(415, "upload a photo (JPEG, PNG, WebP) or a recording (WAV, FLAC, OGG, MP3)")
+
+
+def display_name(filename: str | None, fallback: str) -> str:
+    """The user's file name as a label: its last path part, printable, at most 80 characters."""
+    name = re.split(r"[\\/]", filename or "")[-1]
+    name = "".join(c for c in name if not unicodedata.category(c).startswith("C")).strip()
+    return name[:80] or fallback
+
+
+# ---------------------------------------------------------------------- species suggestions
+
+class SpeciesIndex:
+    """Suggestions from taxamap's shipped taxonomy table (binomials and common names)."""
+
+    def __init__(self):
+        from taxamap.taxonomy import list_table_species, lookup_table
+
+        rows = []
+        for binomial in list_table_species():
+            taxon = lookup_table(binomial)
+            if taxon is not None:
+                rows.append((binomial, taxon.prompt, taxon.common_name or ""))
+        self.rows = rows
+        self._keys = [(b.lower(), c.lower()) for b, _, c in rows]
+
+    def search(self, text: str, limit: int = MAX_SUGGESTIONS) -> list[dict]:
+        """Up to ``limit`` matches of ``text``: binomial prefix first, then a word of the binomial
+        or the common name starting with it, then anywhere."""
+        q = " ".join(text.lower().split())
+        if not q:
+            return []
+        ranked = []
+        for i, (name, common) in enumerate(self._keys):
+            if name.startswith(q):
+                rank = 0
+            elif any(w.startswith(q) for w in name.split()) or common.startswith(q):
+                rank = 1
+            elif any(w.startswith(q) for w in common.split()):
+                rank = 2
+            elif q in name or q in common:
+                rank = 3
+            else:
+                continue
+            ranked.append((rank, name, i))
+        ranked.sort()
+        return [{"name": self.rows[i][0], "prompt": self.rows[i][1],
+                 "common": self.rows[i][2] or None} for _, _, i in ranked[:limit]]
+
+
+# ---------------------------------------------------------------------- the service
+
+class MapService:
+    """What the endpoints call: the session, the caches and the server's own temporary folder."""
+
+    def __init__(self, session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
+                 workdir: str | None = None):
+        self.session = session
+        self.max_upload = int(max_upload)
+        self.workdir = Path(tempfile.mkdtemp(prefix="taxamap-serve-", dir=workdir))
+        self.overlays = LRUCache(64)
+        self.ranges = LRUCache(32)
+        self.uploads = LRUCache(64)
+        self.species = SpeciesIndex()
+        self._land = None
+        self._land_lock = threading.Lock()
+        self.patches = None  # a satellite patch getter, when the session has one
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def warm_up(self) -> None:
+        """Map one species of the shipped table and draw the land once, so the text encoder and
+        every import the first request needs are loaded before the server says it is ready."""
+        if self.species.rows:
+            try:
+                self.map_answer({"species": self.species.rows[0][0]})
+            except ApiError as exc:  # e.g. the table is not reachable offline: not fatal
+                log.warning("warm-up map failed: %s", exc.message)
+        self.land()
+
+    # -- queries
+
+    def query_of(self, params) -> tuple["EmbeddedQuery", dict]:
+        """The embedded query a request names (``species=NAME`` or ``upload=ID``) and the
+        parameters that name it again in follow-up URLs."""
+        upload = params.get("upload")
+        if upload is not None:
+            if not _UPLOAD_ID.match(upload):
+                raise ApiError(400, "upload must be an id returned by POST /api/query")
+            hit = self.uploads.get(upload)
+            if hit is None:
+                raise ApiError(404, "that upload is no longer held by the server; upload the "
+                               "file again")
+            return hit, {"upload": upload}
+        name = text_param(params, "species")
+        try:
+            embedded = self.session.embed(name)
+        except TaxamapError as exc:
+            message = _one_line(exc)
+            raise ApiError(404 if message.startswith("unknown species") else 400,
+                           message) from None
+        return embedded, {"species": name}
+
+    def band_of(self, params) -> str:
+        band = params.get("band") or "fused"
+        if band not in self.session.bands:
+            raise ApiError(400, f"band must be one of {', '.join(self.session.bands)}")
+        return band
+
+    def dataset(self, embedded: "EmbeddedQuery"):
+        try:
+            return self.session.dataset(embedded)
+        except TaxamapError as exc:
+            raise ApiError(400, _one_line(exc)) from None
+
+    # -- answers
+
+    def map_answer(self, params) -> dict:
+        """``/api/map``: the Dataset's band statistics, the overlay's bounds and URL."""
+        t0 = time.perf_counter()
+        embedded, key = self.query_of(params)
+        answer = self._map_answer(embedded, key, params)
+        answer["elapsed_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
+        return answer
+
+    def _map_answer(self, embedded, key: dict, params) -> dict:
+        from taxamap.writers.style import STRETCH_PERCENTILE
+
+        band = self.band_of(params)
+        percentile = number_param(params, "stretch", STRETCH_PERCENTILE, 0.0, 99.99)
+        ds = self.dataset(embedded)
+        stats = {}
+        for name in self.session.bands:
+            values = np.asarray(ds[name].values)
+            valid = values[np.isfinite(values)]
+            stats[name] = ({"min": float(valid.min()), "max": float(valid.max()),
+                            "mean": float(valid.mean())} if valid.size else
+                           {"min": None, "max": None, "mean": None})
+        overlay = self.overlay(embedded, key, band, percentile)
+        query = {**key, "band": band, "stretch": f"{percentile:g}"}
+        return {
+            "query": ds.attrs.get("query", embedded.label),
+            "prompt": ds.attrs.get("prompt") or None,
+            "slug": ds.attrs.get("slug"),
+            "band": band,
+            "bounds": overlay["bounds"],
+            "bands": stats,
+            "stretch": overlay["stretch"],
+            "overlay": "/api/overlay.png?" + urlencode(query),
+            **({"upload": key["upload"]} if "upload" in key else {}),
+        }
+
+    def overlay(self, embedded, key: dict, band: str, percentile: float) -> dict:
+        """The overlay PNG (Web-Mercator rows, transparent off the cells) of one band at one
+        display stretch, with its bounds; cached."""
+        from PIL import Image
+
+        from taxamap.writers.html import overlay_rgba
+        from taxamap.writers.style import stretch_of
+
+        cache_key = (tuple(sorted(key.items())), band, round(percentile, 4))
+        hit = self.overlays.get(cache_key)
+        if hit is not None:
+            return hit
+        ds = self.dataset(embedded)
+        raster = np.asarray(ds[band].values)
+        stretch = stretch_of(raster, percentile)
+        rgba, bounds = overlay_rgba(raster, self.session.grid, stretch)
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=OVERLAY_PNG_LEVEL)
+        out = {"png": buf.getvalue(), "bounds": [[float(v) for v in p] for p in bounds],
+               "stretch": {"percentile": percentile, "vmin": stretch.vmin,
+                           "vmax": stretch.vmax, "cells": stretch.valid}}
+        self.overlays.put(cache_key, out)
+        return out
+
+    def overlay_png(self, params) -> bytes:
+        from taxamap.writers.style import STRETCH_PERCENTILE
+
+        embedded, key = self.query_of(params)
+        band = self.band_of(params)
+        percentile = number_param(params, "stretch", STRETCH_PERCENTILE, 0.0, 99.99)
+        return self.overlay(embedded, key, band, percentile)["png"]
+
+    def cell(self, params) -> dict:
+        """``/api/cell``: every band's score at the cell holding (lat, lon); 404 outside."""
+        lat = number_param(params, "lat", lo=-90.0, hi=90.0)
+        lon = number_param(params, "lon", lo=-1e6, hi=1e6)
+        embedded, _key = self.query_of(params)
+        where = self.session.cell_at(lat, lon)
+        if where is None:
+            raise ApiError(404, f"no cell of this grid at lat {lat:.4f}, lon {lon:.4f}")
+        row, col = where
+        ds = self.dataset(embedded)
+        scores = {}
+        for name in self.session.bands:
+            value = float(np.asarray(ds[name].values)[row, col])
+            scores[name] = value if math.isfinite(value) else None
+        answer = {"lat": float(ds["y"].values[row]), "lon": float(ds["x"].values[col]),
+                  "scores": scores, "query": ds.attrs.get("query")}
+        if self.patches is not None:
+            answer["patch"] = "/api/patch?" + urlencode({"lat": f"{lat:.6f}", "lon": f"{lon:.6f}"})
+        return answer
+
+    def range_answer(self, params) -> dict:
+        """``/api/range``: the range polygons at a threshold rule, as GeoJSON (EPSG:4326)."""
+        import taxamap
+
+        embedded, key = self.query_of(params)
+        band = self.band_of(params)
+        rule = rule_param(params, "percentile:90")
+        cache_key = (tuple(sorted(key.items())), band, rule)
+        hit = self.ranges.get(cache_key)
+        if hit is not None:
+            return hit
+        ds = self.dataset(embedded)
+        try:
+            cut = taxamap.threshold(ds, rule, band=band)
+        except TaxamapError as exc:
+            raise ApiError(400, _one_line(exc)) from None
+        geojson = json.loads(cut.polygons.to_json(drop_id=True))
+        geojson.update(rule=cut.rule, band=cut.band, threshold=cut.threshold,
+                       n_in_range=cut.n_in_range, n_valid=cut.n_valid, area_km2=cut.area_km2)
+        self.ranges.put(cache_key, geojson)
+        return geojson
+
+    def download(self, params) -> tuple[Path, str, Path]:
+        """``/api/download``: (file, name to offer, folder to delete after sending)."""
+        import taxamap
+
+        fmt = params.get("format") or ""
+        if fmt not in FORMATS:
+            raise ApiError(400, f"format must be one of {', '.join(FORMATS)}")
+        embedded, _key = self.query_of(params)
+        band = self.band_of(params)
+        rule = rule_param(params, "percentile:90" if fmt == "gpkg" else None)
+        ds = self.dataset(embedded)
+        slug = re.sub(r"[^a-z0-9-]+", "-", str(ds.attrs.get("slug") or "map").lower())[:80]
+        folder = Path(tempfile.mkdtemp(prefix="download-", dir=self.workdir))
+        try:
+            if fmt == "gpkg":
+                cut = taxamap.threshold(ds, rule, band=band, out=folder)
+                return cut.paths["polygons"], f"{slug}_range.gpkg", folder
+            paths = taxamap.write(ds, out=folder, formats=(fmt,))
+            path = next(p for name, p in paths.items() if name.endswith(f".{fmt}"))
+            return path, f"{slug}.{fmt}", folder
+        except TaxamapError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ApiError(400, _one_line(exc)) from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def upload(self, data: bytes, filename: str | None) -> tuple["EmbeddedQuery", dict]:
+        """Embed an uploaded photo or recording (type from its content); cached by content."""
+        from taxamap.pipeline import slugify
+
+        kind, ext = sniff_upload(data)
+        upload_id = hashlib.sha256(data).hexdigest()[:24]
+        hit = self.uploads.get(upload_id)
+        if hit is not None:
+            return hit, {"upload": upload_id}
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self.workdir))
+        path = folder / f"{kind}{ext}"  # the server's name, never the client's
+        try:
+            path.write_bytes(data)
+            try:
+                embedded = (self.session.embed(image=path) if kind == "image"
+                            else self.session.embed(audio=path))
+            except TaxamapError as exc:
+                raise ApiError(415 if "cannot read" in str(exc) or "decode" in str(exc) else 400,
+                               _one_line(exc)) from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        shown = display_name(filename, f"{kind}{ext}")
+        word = "photo" if kind == "image" else "recording"
+        query = replace(embedded.query, label=f"{word} {shown}",
+                        slug=f"{word}-{slugify(Path(shown).stem)}")
+        embedded = replace(embedded, query=query)
+        self.uploads.put(upload_id, embedded)
+        return embedded, {"upload": upload_id}
+
+    def upload_answer(self, data: bytes, filename: str | None, params) -> dict:
+        t0 = time.perf_counter()
+        embedded, key = self.upload(data, filename)
+        answer = self._map_answer(embedded, key, params)
+        answer["elapsed_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
+        return answer
+
+    def land(self) -> dict:
+        """Natural Earth land around the grid (GeoJSON), the base map when web tiles fail."""
+        with self._land_lock:
+            if self._land is None:
+                from shapely.geometry import mapping
+
+                from taxamap.writers.html import land_context
+                from taxamap.writers.style import MERCATOR_MAX_LAT
+
+                g = self.session.grid
+                margin = max(5.0, 0.5 * max(g.east - g.west, g.north - g.south))
+                view = (g.west - margin, max(g.south - margin, -MERCATOR_MAX_LAT),
+                        g.east + margin, min(g.north + margin, MERCATOR_MAX_LAT))
+                geom = land_context(view, tolerance=max(g.east - g.west, 1.0) / 1500.0)
+                features = [] if geom is None else [
+                    {"type": "Feature", "properties": {}, "geometry": mapping(geom)}]
+                self._land = {"type": "FeatureCollection", "features": features}
+            return self._land
+
+    def health(self) -> dict:
+        from taxamap.writers.style import gradient_css
+
+        g = self.session.grid
+        return {"status": "ok", "cells": self.session.n_cells,
+                "modalities": self.session.modalities, "region": self.session.region.name,
+                "bands": self.session.bands, "resolution": g.resolution,
+                "bounds": [[g.south, g.west], [g.north, g.east]],
+                "attribution": self.session.cells.attribution,
+                "patches": self.patches is not None, "max_upload_bytes": self.max_upload,
+                "gradient": gradient_css()}
+
+
+# ---------------------------------------------------------------------- the app
+
+def _leaflet_folder() -> Path:
+    from taxamap.writers import assets
+
+    try:
+        libs = assets.offline_libraries()
+    except TaxamapError:
+        raise TaxamapError(f"taxamap serve needs Leaflet's files (XStatic-Leaflet): "
+                           f"{INSTALL_HINT}") from None
+    return next(lib.folder for lib in libs if lib.name == "Leaflet")
+
+
+_PAGE_HEADERS = {
+    # The page loads only its own files; images may also come from the OpenStreetMap tile
+    # servers (the web base map) and data: URIs (Leaflet's icons).
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob: "
+                               "https://tile.openstreetmap.org; style-src 'self'; "
+                               "script-src 'self'; connect-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
+               workdir: str | None = None, allowed_hosts: list[str] | None = None):
+    """The Starlette app serving ``session``. ``allowed_hosts`` (Host header names; None: any)
+    guards a loopback server against DNS rebinding."""
+    from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    leaflet = _leaflet_folder()
+    service = MapService(session, max_upload=max_upload, workdir=workdir)
+    no_store = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+    def json_response(data, status: int = 200) -> Response:
+        return JSONResponse(data, status_code=status, headers=no_store)
+
+    def favicon(_request) -> Response:
+        return Response(status_code=204)
+
+    def page(_request) -> Response:
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={**_PAGE_HEADERS, "X-Content-Type-Options": "nosniff"})
+
+    def health(_request) -> Response:
+        return json_response(service.health())
+
+    def search(request) -> Response:
+        text = request.query_params.get("q") or ""
+        return json_response(service.species.search(text[:MAX_TEXT]))
+
+    def map_(request) -> Response:
+        return json_response(service.map_answer(request.query_params))
+
+    def overlay(request) -> Response:
+        return Response(service.overlay_png(request.query_params), media_type="image/png",
+                        headers=no_store)
+
+    def cell(request) -> Response:
+        return json_response(service.cell(request.query_params))
+
+    def range_(request) -> Response:
+        return JSONResponse(service.range_answer(request.query_params),
+                            media_type="application/geo+json", headers=no_store)
+
+    def land(_request) -> Response:
+        return JSONResponse(service.land(), media_type="application/geo+json")
+
+    def download(request) -> Response:
+        path, name, folder = service.download(request.query_params)
+        return FileResponse(path, filename=name, headers=no_store,
+                            background=BackgroundTask(shutil.rmtree, folder, True))
+
+    def patch(request) -> Response:
+        if service.patches is None:
+            raise ApiError(404, "this grid has no satellite modality, so no patches to show")
+        lat = number_param(request.query_params, "lat", lo=-90.0, hi=90.0)
+        lon = number_param(request.query_params, "lon", lo=-1e6, hi=1e6)
+        return Response(service.patches(lat, lon), media_type="image/png", headers=no_store)
+
+    async def query(request: Request) -> Response:
+        data, filename = await _read_upload(request, service.max_upload)
+        answer = await run_in_threadpool(service.upload_answer, data, filename,
+                                         request.query_params)
+        return json_response(answer)
+
+    async def api_error(_request, exc: ApiError) -> Response:
+        return json_response({"error": exc.message}, exc.status)
+
+    async def taxamap_error(_request, exc: TaxamapError) -> Response:
+        return json_response({"error": _one_line(exc)}, 400)
+
+    async def http_error(_request, exc: HTTPException) -> Response:
+        message = {404: "no such page; the API is under /api/ (see /api/health)",
+                   405: "method not allowed"}.get(exc.status_code, _one_line(exc.detail))
+        return json_response({"error": message}, exc.status_code)
+
+    async def server_error(_request, exc: Exception) -> Response:
+        log.error("internal error", exc_info=exc)
+        return json_response({"error": f"internal error ({type(exc).__name__}); see the "
+                              "server's log"}, 500)
+
+    routes = [
+        Route("/", page),
+        Route("/favicon.ico", favicon),
+        Route("/api/health", health),
+        Route("/api/search", search),
+        Route("/api/map", map_),
+        Route("/api/overlay.png", overlay),
+        Route("/api/cell", cell),
+        Route("/api/range", range_),
+        Route("/api/land", land),
+        Route("/api/download", download),
+        Route("/api/patch", patch),
+        Route("/api/query", query, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Mount("/lib/leaflet", StaticFiles(directory=leaflet), name="leaflet"),
+    ]
+    middleware = []
+    if allowed_hosts:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        try:
+            yield
+        finally:
+            service.close()  # the server's temporary folder goes with it
+
+    app = Starlette(
+        routes=routes, middleware=middleware, lifespan=lifespan,
+        exception_handlers={ApiError: api_error, TaxamapError: taxamap_error,
+                            HTTPException: http_error, Exception: server_error},
+    )
+    app.state.service = service
+    return app
+
+
+async def _read_upload(request, limit: int) -> tuple[bytes, str | None]:
+    """The ``file`` part of a multipart POST, read with at most ``limit`` bytes of content."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    declared = request.headers.get("content-length")
+    # Multipart framing adds a few hundred bytes around the file.
+    allowance = limit + 64 * 1024
+    too_big = ApiError(413, f"the upload is larger than {limit / 2**20:g} MB")
+    if declared is not None:
+        try:
+            if int(declared) > allowance:
+                raise too_big
+        except ValueError:
+            raise ApiError(400, "bad Content-Length header") from None
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "POST the file as multipart/form-data with the field name 'file'")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > allowance:
+            raise too_big
+
+    async def replay():
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=10)
+    except Exception as exc:  # noqa: BLE001 - python-multipart's errors: a malformed body
+        raise ApiError(400, f"malformed multipart body ({_one_line(exc)[:80]})") from None
+    try:
+        part = form.get("file")
+        if not isinstance(part, UploadFile):
+            raise ApiError(400, "no file in the upload; send it in a field named 'file'")
+        data = await part.read()
+    finally:
+        await form.close()
+    if len(data) > limit:
+        raise too_big
+    if not data:
+        raise ApiError(400, "the uploaded file is empty")
+    return data, part.filename

@@ -1,0 +1,112 @@
+"""Running the app: bind the address first (a busy port fails in a second, not after embedding a
+grid), open the session, then serve with uvicorn and say ``serving http://HOST:PORT/`` on stdout
+once it accepts connections."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from typing import Callable
+
+from taxamap.errors import TaxamapError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) (port 0: a free one); TaxamapError with a fix otherwise."""
+    if not 0 <= int(port) <= 65535:
+        raise TaxamapError(f"--port must be 0-65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TaxamapError(f"cannot listen on {host}: {exc.strerror}; give an address such as "
+                           "127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise TaxamapError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose "
+                           "another --port (or stop the program using it)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(host: str, sock: socket.socket) -> str:
+    """``http://HOST:PORT/`` of a bound socket (IPv6 hosts in brackets)."""
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{shown}:{port}/"
+
+
+def allowed_hosts_for(host: str) -> list[str] | None:
+    """Host headers a loopback server answers (guards against DNS rebinding); None: any."""
+    if not is_loopback(host):
+        return None
+    return ["127.0.0.1", "localhost", "[::1]", "::1", host]
+
+
+def make_server(app, sock: socket.socket, on_ready: Callable[[], None] | None = None,
+                log_level: str = "warning"):
+    """A uvicorn server of ``app`` on the bound ``sock`` that calls ``on_ready`` once it
+    accepts connections. Run it with ``server.run(sockets=[sock])``."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_ready is not None:
+                on_ready()
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    return Server(config)
+
+
+def serve(session_factory: Callable[[], object], *, host: str = DEFAULT_HOST,
+          port: int = DEFAULT_PORT, max_upload: int | None = None,
+          say: Callable[[str], None] | None = None) -> int:
+    """``taxamap serve``: bind, open the session (``session_factory()``), serve until
+    interrupted. Prints ``serving http://HOST:PORT/`` on stdout when ready; returns 0."""
+    from taxamap.serve import require_web_stack
+    from taxamap.serve.app import DEFAULT_MAX_UPLOAD, create_app
+
+    require_web_stack()
+    say = say or (lambda message: print(message, file=sys.stderr, flush=True))
+    sock = bind(host, port)
+    try:
+        if not is_loopback(host):
+            say(f"warning: --host {host} makes the map reachable from other machines; "
+                "taxamap serve has no login or encryption, so use it only on a network you trust")
+        session = session_factory()
+        app = create_app(session, max_upload=max_upload or DEFAULT_MAX_UPLOAD,
+                         allowed_hosts=allowed_hosts_for(host))
+        try:
+            app.state.service.warm_up()
+            url = url_of(host, sock)
+            server = make_server(app, sock, on_ready=lambda: print(f"serving {url}", flush=True))
+            try:
+                server.run(sockets=[sock])
+            except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+                pass
+            say("taxamap serve: stopped")
+        finally:
+            app.state.service.close()
+    finally:
+        sock.close()
+    return 0

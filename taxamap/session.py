@@ -1,0 +1,260 @@
+"""A map session: one grid kept ready to map any query in milliseconds (the web app's engine).
+
+:func:`taxamap.open_session` builds the grid once, makes sure its embedding stores are complete
+(embedding the missing blocks, with progress), and loads every modality's cell embeddings into
+memory once, L2-normalised float32. The query encoders (text, photo, sound) load on first use and
+stay loaded; prompt embeddings and recent maps are kept in LRU caches. Each
+:meth:`MapSession.predict` is then one matrix product per modality
+(:func:`taxamap.score.fuse_many`) and returns the same ``xarray.Dataset`` as
+:func:`taxamap.predict` (:mod:`taxamap.dataset`).
+
+>>> import taxamap
+>>> session = taxamap.open_session(region="usa", resolution=0.05)
+>>> ds = session.predict(species="Cardinalis cardinalis")     # ~0.1 s on a laptop CPU
+>>> ds = session.predict(image="bird.jpg")
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+from taxamap.score import DEFAULT_FUSION, FUSIONS, parse_modalities
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
+
+    from taxamap.pipeline import GridRequest, Query
+
+#: Cells read from a store per block while loading (bounds the float16 -> float32 temporary).
+LOAD_BLOCK_CELLS = 65536
+
+
+@dataclass(frozen=True)
+class EmbeddedQuery:
+    """A query embedded once: the :class:`~taxamap.pipeline.Query` (vector, prompt, label,
+    slug) and the ``repo@revision`` of the encoder that made it."""
+
+    query: "Query"
+    ref: str
+
+    @property
+    def label(self) -> str:
+        return self.query.label
+
+
+class LRUCache:
+    """A small thread-safe least-recently-used mapping (size 0 keeps nothing)."""
+
+    def __init__(self, size: int):
+        self.size = max(0, int(size))
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _load_normalised(store) -> tuple[np.ndarray, np.ndarray]:
+    """A store's embeddings as one L2-normalised float32 (N, D) array, read block by block, and
+    the row norms to hand :func:`~taxamap.score.fuse_many` (1 for embedded cells, NaN for cells
+    the modality could not embed, whose rows are zeroed)."""
+    n, dim = store.n_cells, store.dim
+    out = np.empty((n, dim), dtype=np.float32)
+    norms = np.empty(n, dtype=np.float32)
+    for start in range(0, n, LOAD_BLOCK_CELLS):
+        rows = slice(start, min(start + LOAD_BLOCK_CELLS, n))
+        block = store.read(rows)
+        length = np.sqrt(np.einsum("ij,ij->i", block, block))
+        ok = np.isfinite(length) & (length > 0)
+        block[~ok] = 0.0
+        block[ok] /= length[ok, None]
+        out[rows] = block
+        norms[rows] = np.where(ok, 1.0, np.nan)
+    return out, norms
+
+
+class MapSession:
+    """One grid with its cell embeddings in memory, mapping queries on demand.
+
+    Build it with :func:`taxamap.open_session`. ``predict`` is thread-safe: a web server may call
+    it from many threads. Returned Datasets are shared with the cache: treat them as read-only.
+    """
+
+    def __init__(self, req: "GridRequest", fusion: str = DEFAULT_FUSION, *,
+                 prompt_cache: int = 1024, map_cache: int = 16):
+        import time
+
+        from taxamap.devices import lazy_device
+        from taxamap.models.hub import load_config
+        from taxamap.pipeline import (GridRequest, PredictRequest, QueryEncoders, build_grid,
+                                      embed_cells, log)
+
+        if fusion not in FUSIONS:
+            raise TaxamapError(f"unknown --fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
+        t0 = time.perf_counter()
+        grid_options = {f.name: getattr(req, f.name) for f in fields(GridRequest)}
+        self.request = PredictRequest(**grid_options, fusion=fusion)
+        self.request.modalities = parse_modalities(self.request.modalities)
+        self.fusion = fusion
+        self._device = lazy_device(self.request.device)
+        if (self.request.device or "auto").lower() not in ("auto", "cpu"):
+            self._device()  # a GPU the user named must exist before any work starts
+        self.config, self.config_ref = load_config(self.request.models_dir)
+        self.region, self.grid = build_grid(self.request)
+        log(f"region {self.region.name}: {self.grid.n_cells:,} cells of {self.grid.resolution} "
+            f"deg ({self.grid.width} x {self.grid.height} grid)")
+        self.cells = embed_cells(self.request, self.grid, self.config, self._device)
+        self._embeddings: dict[str, np.ndarray] = {}
+        self._norms: dict[str, np.ndarray] = {}
+        for modality, store in self.cells.stores.items():
+            self._embeddings[modality], self._norms[modality] = _load_normalised(store)
+            if not np.isfinite(self._norms[modality]).any():
+                raise TaxamapError(
+                    f"no cell could be embedded from the {modality} modality (every input "
+                    "missing or failed); check its source (--sat-url, the network, --worldclim) "
+                    "and run again")
+        self.encoders = QueryEncoders(self.request, self.config, self._device)
+        # One query embedded at a time: the encoders are not all thread-safe (the NumPy text
+        # tower narrows BLAS threads process-wide while it runs), and each takes milliseconds.
+        self._embed_lock = threading.Lock()
+        self._maps = LRUCache(map_cache)
+        self._species = LRUCache(max(prompt_cache, 0))
+        self._pixel_cell = np.full(self.grid.height * self.grid.width, -1, dtype=np.int64)
+        self._pixel_cell[self.grid.cell_index()] = np.arange(self.grid.n_cells)
+        self.load_seconds = time.perf_counter() - t0
+        log(f"session ready in {self.load_seconds:.1f} s: {self.memory_bytes / 2**20:,.0f} MiB "
+            f"of cell embeddings in memory ({', '.join(self.modalities)})")
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def modalities(self) -> list[str]:
+        """The cell modalities scored, in band order."""
+        return list(self._embeddings)
+
+    @property
+    def bands(self) -> list[str]:
+        """The Dataset's score variables: ``fused`` then each modality."""
+        return ["fused", *self.modalities]
+
+    @property
+    def n_cells(self) -> int:
+        return self.grid.n_cells
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of cell embeddings held in memory."""
+        return int(sum(e.nbytes + self._norms[m].nbytes for m, e in self._embeddings.items()))
+
+    def cell_at(self, lat: float, lon: float) -> tuple[int, int] | None:
+        """(row, col) of the kept cell containing (``lat``, ``lon``) degrees, or None outside the
+        grid's cells. Any longitude works: it is moved by whole turns into the grid's frame."""
+        g = self.grid
+        if not (np.isfinite(lat) and np.isfinite(lon)):
+            return None
+        lon = g.west + (float(lon) - g.west) % 360.0
+        row = int(np.floor((g.north - float(lat)) / g.resolution))
+        col = int(np.floor((lon - g.west) / g.resolution))
+        if not (0 <= row < g.height and 0 <= col < g.width):
+            return None
+        if self._pixel_cell[row * g.width + col] < 0:
+            return None
+        return row, col
+
+    # ------------------------------------------------------------------ queries
+
+    def embed(self, species: str | None = None, *, image: str | os.PathLike | None = None,
+              audio: str | os.PathLike | None = None) -> EmbeddedQuery:
+        """Embed one query (a species name, a photo or a recording file) with the session's
+        encoders; species are cached by name."""
+        from taxamap.pipeline import embed_queries
+
+        if species is not None and not isinstance(species, str):
+            raise TaxamapError("embed takes one species name; use predict for several")
+        key = None
+        if species is not None and image is None and audio is None:
+            key = " ".join(species.split()).lower()
+            if not key:
+                raise TaxamapError("empty species name; type a binomial such as "
+                                   "'Cardinalis cardinalis'")
+            hit = self._species.get(key)
+            if hit is not None:
+                return hit
+        req = replace(self.request, species=species,
+                      image=None if image is None else os.fspath(image),
+                      audio=None if audio is None else os.fspath(audio), species_file=None)
+        with self._embed_lock:
+            queries, ref = embed_queries(req, self.config, self._device, self.encoders)
+        embedded = EmbeddedQuery(queries[0], ref)
+        if key is not None:
+            self._species.put(key, embedded)
+        return embedded
+
+    def dataset(self, queries: EmbeddedQuery | Sequence[EmbeddedQuery]) -> "xr.Dataset":
+        """The score Dataset of embedded ``queries`` (one: dims (y, x); several: (species, y, x));
+        single queries are cached (LRU) by their label, prompt and encoder."""
+        from taxamap.pipeline import queries_dataset
+        from taxamap.score import fuse_many
+
+        many = list(queries) if isinstance(queries, (list, tuple)) else [queries]
+        if not many:
+            raise TaxamapError("no query to map")
+        key = None
+        if len(many) == 1:
+            q = many[0].query
+            key = (q.label, q.prompt, many[0].ref, q.vector.tobytes())
+            hit = self._maps.get(key)
+            if hit is not None:
+                return hit
+        vectors = np.stack([m.query.vector for m in many]).astype(np.float32)
+        fused, per = fuse_many(self._embeddings, vectors, self.fusion, row_norms=self._norms)
+        ds = queries_dataset(self.request, self.region, self.grid, self.cells, self.config_ref,
+                             [m.query for m in many], many[0].ref, fused, per)
+        if key is not None:
+            self._maps.put(key, ds)
+        return ds
+
+    def predict(self, species: str | Sequence[str] | None = None, *,
+                image: str | os.PathLike | None = None,
+                audio: str | os.PathLike | None = None) -> "xr.Dataset":
+        """Score maps of a query, as :func:`taxamap.predict` returns them: ``species`` (a name,
+        or a list of names), ``image`` (a photo file) or ``audio`` (a recording file)."""
+        given = [x for x in (species, image, audio) if x is not None]
+        if len(given) != 1:
+            raise TaxamapError("give exactly one query: species=NAME, image=PATH or audio=PATH")
+        if species is not None and not isinstance(species, str):
+            names = list(dict.fromkeys(" ".join(str(n).split()) for n in species))
+            names = [n for n in names if n]
+            if not names:
+                raise TaxamapError("no species given")
+            embedded = [self.embed(n) for n in names]
+            unique = list({e.query.prompt: e for e in embedded}.values())
+            return self.dataset(unique if len(unique) > 1 else unique[0])
+        return self.dataset(self.embed(species, image=image, audio=audio))
+
+    def __repr__(self) -> str:
+        return (f"MapSession({self.region.name!r}, {self.n_cells:,} cells of "
+                f"{self.grid.resolution} deg, modalities={','.join(self.modalities)})")

@@ -1,0 +1,75 @@
+"""A real ``taxamap serve`` server on 127.0.0.1 for the tests: uvicorn in a thread on a free port,
+serving the app of a :class:`~taxamap.session.MapSession` over a small bbox with tiny models.
+
+    with ServeServer(session, max_upload=256 * 1024) as server:
+        httpx.get(server.url + "api/health")
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from taxamap.serve.app import create_app
+from taxamap.serve.server import allowed_hosts_for, bind, make_server, url_of
+
+#: The small box the serve tests map (every cell is on land; see tests/test_api.py).
+BBOX = (-84.0, 39.0, -82.0, 41.0)
+SPECIES = "Cardinalis cardinalis"
+PROMPT = "Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"
+
+
+def open_test_session(models_dir, cache, resolution: float = 0.1):
+    """The session the serve tests use (location modality, offline, no progress bars)."""
+    import taxamap
+
+    return taxamap.open_session(bbox=BBOX, resolution=resolution, models=models_dir,
+                                cache=cache, progress=False)
+
+
+class ServeServer:
+    """The app of ``session`` served by uvicorn on 127.0.0.1 (a free port) in a thread."""
+
+    def __init__(self, session, **app_options):
+        self.session = session
+        self.sock = bind("127.0.0.1", 0)
+        self.app = create_app(session, allowed_hosts=allowed_hosts_for("127.0.0.1"),
+                              **app_options)
+        self.service = self.app.state.service
+        self.url = url_of("127.0.0.1", self.sock)
+        self.port = self.sock.getsockname()[1]
+        self._ready = threading.Event()
+        self.server = make_server(self.app, self.sock, on_ready=self._ready.set)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                        name="serve-test", daemon=True)
+
+    def __enter__(self) -> "ServeServer":
+        self.service.warm_up()
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the test server did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(10)
+        self.sock.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def raw(self, data: bytes, timeout: float = 5.0) -> bytes:
+        """Send raw bytes over a new connection and return everything the server answers."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as conn:
+            conn.sendall(data)
+            chunks = []
+            try:
+                while True:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except socket.timeout:
+                pass
+        return b"".join(chunks)

@@ -1,0 +1,466 @@
+"""``taxamap serve`` over HTTP: a real uvicorn server on 127.0.0.1 (started here, in a thread)
+serving a map session over a small bbox with tiny models, offline. Every endpoint of the
+DESIGN.md contract, checked against the library's own answers (taxamap.predict, the writers'
+overlay helpers, taxamap.threshold), and every error path: unknown species, empty queries,
+points outside the grid, wrong and oversize uploads, path-traversal strings in every parameter,
+malformed requests (the server must stay up)."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import taxamap  # noqa: E402
+from taxamap.errors import TaxamapError  # noqa: E402
+from tests.serveserver import BBOX, PROMPT, SPECIES, ServeServer, open_test_session  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 256 * 1024  # the test server's upload limit (the default is 20 MB)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve-cache")
+
+
+@pytest.fixture(scope="module")
+def session(models_dir, cache):
+    return open_test_session(models_dir, cache)
+
+
+@pytest.fixture(scope="module")
+def server(session):
+    with ServeServer(session, max_upload=LIMIT) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(models_dir, cache):
+    """What taxamap.predict (the library's one-shot path) makes of the same query."""
+    return taxamap.predict(species=SPECIES, bbox=BBOX, resolution=0.1, models=models_dir,
+                           cache=cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    path = tmp_path_factory.mktemp("photo") / "bird.jpg"
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str)
+    assert "\n" not in body["error"] and "Traceback" not in body["error"]
+    return body["error"]
+
+
+# ------------------------------------------------------------------ the session (library API)
+
+def test_session_predict_equals_taxamap_predict(session, reference):
+    ds = session.predict(species=SPECIES)
+    assert list(ds.data_vars) == list(reference.data_vars) == ["fused", "location"]
+    np.testing.assert_allclose(ds["fused"].values, reference["fused"].values, atol=1e-6,
+                               equal_nan=True)
+    assert ds.attrs["prompt"] == PROMPT and ds.attrs["query"] == SPECIES
+    assert ds.rio.transform() == reference.rio.transform()
+    assert ds.attrs["models"] == reference.attrs["models"]
+    assert session.predict(species=SPECIES.upper()) is session.predict(species=SPECIES)  # cached
+
+
+def test_session_several_species_and_cells(session):
+    both = session.predict(species=[SPECIES, "Cyanocitta cristata"])
+    assert both["fused"].dims == ("species", "y", "x")
+    assert list(both["species"].values) == [SPECIES, "Cyanocitta cristata"]
+    assert session.cell_at(40.05, -82.95) == (9, 10)
+    assert session.cell_at(40.05, -82.95 + 360.0) == (9, 10)
+    assert session.cell_at(41.5, -83.0) is None and session.cell_at(float("nan"), 0) is None
+    with pytest.raises(TaxamapError, match="exactly one query"):
+        session.predict()
+    with pytest.raises(TaxamapError, match="empty species"):
+        session.embed("   ")
+    assert session.n_cells == 400 and session.bands == ["fused", "location"]
+
+
+def test_open_session_is_lazy_public_api():
+    assert "open_session" in dir(taxamap) and callable(taxamap.open_session)
+
+
+# ------------------------------------------------------------------ endpoints
+
+def test_health(client, session):
+    body = client.get("/api/health").json()
+    assert body["status"] == "ok" and body["cells"] == 400
+    assert body["modalities"] == ["location"] and body["region"] == session.region.name
+    assert body["bounds"] == [[39.0, -84.0], [41.0, -82.0]]
+
+
+def test_page_and_offline_assets(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for element in ('id="species"', 'id="map"', 'id="status"', 'id="threshold"', 'id="cell"'):
+        assert element in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "http" not in page.text.replace("https://tile", "")  # no CDN: Leaflet is local
+    leaflet = client.get("/lib/leaflet/leaflet.js")
+    assert leaflet.status_code == 200 and "Leaflet" in leaflet.text[:2000]
+    assert client.get("/lib/leaflet/leaflet.css").status_code == 200
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_search_suggests_from_the_shipped_table(client):
+    hits = client.get("/api/search", params={"q": "cardinalis"}).json()
+    assert hits[0] == {"name": SPECIES, "prompt": PROMPT, "common": "Northern Cardinal"}
+    assert all(set(h) >= {"name", "prompt"} for h in hits)
+    many = client.get("/api/search", params={"q": "a"}).json()
+    assert len(many) == 20
+    assert client.get("/api/search", params={"q": "northern card"}).json()[0]["name"] == SPECIES
+    assert client.get("/api/search", params={"q": ""}).json() == []
+    assert client.get("/api/search").json() == []
+
+
+def test_map_answer_matches_the_library(client, reference, session):
+    from PIL import Image
+
+    from taxamap.writers.html import overlay_rgba
+    from taxamap.writers.style import stretch_of
+
+    body = client.get("/api/map", params={"species": SPECIES}).json()
+    assert body["query"] == SPECIES and body["prompt"] == PROMPT
+    assert body["bounds"] == [[pytest.approx(39.0), -84.0], [pytest.approx(41.0), -82.0]]
+    assert set(body["bands"]) == {"fused", "location"}
+    fused = reference["fused"].values
+    valid = fused[np.isfinite(fused)]
+    assert body["bands"]["fused"]["min"] == pytest.approx(float(valid.min()), abs=1e-6)
+    assert body["bands"]["fused"]["max"] == pytest.approx(float(valid.max()), abs=1e-6)
+    assert body["bands"]["fused"]["mean"] == pytest.approx(float(valid.mean()), abs=1e-6)
+    assert body["elapsed_ms"] >= 0
+    png = client.get(body["overlay"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    pixels = np.asarray(Image.open(io.BytesIO(png.content)))
+    expected, bounds = overlay_rgba(fused, session.grid, stretch_of(fused))
+    np.testing.assert_array_equal(pixels, expected)
+    assert body["bounds"] == [[pytest.approx(v) for v in p] for p in bounds]
+
+
+def test_map_band_and_stretch(client, reference):
+    body = client.get("/api/map", params={"species": SPECIES, "band": "location",
+                                          "stretch": "50"}).json()
+    assert body["band"] == "location"
+    values = reference["location"].values
+    assert body["stretch"]["vmin"] == pytest.approx(
+        float(np.percentile(values[np.isfinite(values)], 50)), abs=1e-6)
+    assert "band=location" in body["overlay"] and "stretch=50" in body["overlay"]
+
+
+def test_cell_scores_and_outside(client, reference):
+    body = client.get("/api/cell", params={"species": SPECIES, "lat": 40.0, "lon": -83.0}).json()
+    row = int(np.argmin(np.abs(reference["y"].values - body["lat"])))
+    col = int(np.argmin(np.abs(reference["x"].values - body["lon"])))
+    assert (body["lat"], body["lon"]) == (pytest.approx(39.95), pytest.approx(-82.95))
+    assert body["scores"]["fused"] == pytest.approx(float(reference["fused"].values[row, col]),
+                                                    abs=1e-6)
+    wrapped = client.get("/api/cell", params={"species": SPECIES, "lat": 40.0, "lon": 277.0})
+    assert wrapped.json()["scores"] == body["scores"]
+    for lat, lon in ((45.0, -83.0), (40.0, -90.0), (40.0, 0.0)):
+        message = error_of(client.get("/api/cell", params={"species": SPECIES, "lat": lat,
+                                                           "lon": lon}), 404)
+        assert "no cell" in message
+    error_of(client.get("/api/cell", params={"species": SPECIES, "lat": 95, "lon": 0}), 400)
+    error_of(client.get("/api/cell", params={"species": SPECIES, "lat": "nan", "lon": 0}), 400)
+
+
+def test_range_outline_is_taxamap_threshold(client, reference):
+    fc = client.get("/api/range", params={"species": SPECIES, "threshold": "percentile:80"}).json()
+    cut = taxamap.threshold(reference, "percentile:80")
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == len(cut.polygons)
+    assert fc["n_in_range"] == cut.n_in_range and fc["threshold"] == pytest.approx(cut.threshold)
+    assert fc["area_km2"] == pytest.approx(cut.area_km2)
+    value = client.get("/api/range", params={"species": SPECIES, "threshold": "value:2"}).json()
+    assert value["features"] == [] and value["n_in_range"] == 0
+
+
+def test_downloads_are_what_write_and_threshold_make(client, reference, tmp_path):
+    import geopandas as gpd
+    import rasterio
+    from PIL import Image
+
+    tif = client.get("/api/download", params={"species": SPECIES, "format": "tif"})
+    assert tif.status_code == 200
+    assert 'filename="cardinalis-cardinalis.tif"' in tif.headers["content-disposition"]
+    (tmp_path / "m.tif").write_bytes(tif.content)
+    with rasterio.open(tmp_path / "m.tif") as src:
+        assert src.count == 2 and src.descriptions == ("fused", "location")
+        np.testing.assert_allclose(src.read(1), reference["fused"].values, atol=1e-6,
+                                   equal_nan=True)
+        assert src.tags()["PROMPT"] == PROMPT
+    png = client.get("/api/download", params={"species": SPECIES, "format": "png"})
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).format == "PNG"
+    gpkg = client.get("/api/download", params={"species": SPECIES, "format": "gpkg",
+                                               "threshold": "percentile:80"})
+    assert 'filename="cardinalis-cardinalis_range.gpkg"' in gpkg.headers["content-disposition"]
+    (tmp_path / "r.gpkg").write_bytes(gpkg.content)
+    frame = gpd.read_file(tmp_path / "r.gpkg")
+    cut = taxamap.threshold(reference, "percentile:80")
+    assert len(frame) == len(cut.polygons) and frame.crs.to_epsg() == 4326
+    assert frame["area_km2"].sum() == pytest.approx(cut.area_km2)
+    error_of(client.get("/api/download", params={"species": SPECIES, "format": "exe"}), 400)
+
+
+def test_downloads_leave_nothing_behind(client, server):
+    client.get("/api/download", params={"species": SPECIES, "format": "tif"})
+    deadline = time.time() + 5
+    while any(server.service.workdir.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(server.service.workdir.iterdir()) == []
+
+
+def test_photo_upload_maps_like_predict_image(client, photo, models_dir, cache):
+    with open(photo, "rb") as fh:
+        body = client.post("/api/query", files={"file": ("bird.jpg", fh, "image/jpeg")}).json()
+    assert body["query"] == "photo bird.jpg" and body["prompt"] is None
+    assert set(body) >= {"bounds", "bands", "overlay", "elapsed_ms", "upload"}
+    expected = taxamap.predict(image=photo, bbox=BBOX, resolution=0.1, models=models_dir,
+                               cache=cache, progress=False)
+    assert body["bands"]["fused"]["mean"] == pytest.approx(
+        float(np.nanmean(expected["fused"].values)), abs=1e-5)
+    again = client.get("/api/map", params={"upload": body["upload"]}).json()
+    assert again["bands"] == body["bands"]
+    assert client.get(body["overlay"]).headers["content-type"] == "image/png"
+    cell = client.get("/api/cell", params={"upload": body["upload"], "lat": 40, "lon": -83})
+    assert cell.status_code == 200
+    error_of(client.get("/api/map", params={"upload": "0" * 24}), 404)
+
+
+def test_recording_upload(client, tmp_path):
+    import soundfile as sf
+
+    t = np.arange(22050 * 2) / 22050
+    sf.write(tmp_path / "song.wav", (0.3 * np.sin(2 * np.pi * 880 * t)).astype(np.float32),
+             22050)
+    with open(tmp_path / "song.wav", "rb") as fh:
+        response = client.post("/api/query", files={"file": ("dawn song.wav", fh, "audio/wav")})
+    body = response.json()
+    assert response.status_code == 200, body
+    assert body["query"] == "recording dawn song.wav" and "fused" in body["bands"]
+
+
+def test_wrong_upload_types(client):
+    cases = [
+        (b"hello, not a photo", "notes.txt", 415),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "broken.png", 415),
+        (b"\xff\xd8\xff\xe0" + b"garbage" * 10, "broken.jpg", 415),
+        (b"RIFF\x10\0\0\0WAVEjunkjunk", "broken.wav", 415),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'></svg>", "x.svg", 415),
+        (b"", "empty.jpg", 400),
+    ]
+    for data, name, status in cases:
+        # The type comes from the content: a good extension or MIME type does not help.
+        response = client.post("/api/query", files={"file": (name, data, "image/jpeg")})
+        error_of(response, status)
+    error_of(client.post("/api/query", files={"other": ("a.jpg", b"x", "image/jpeg")}), 400)
+    error_of(client.post("/api/query", content=b"just bytes",
+                         headers={"content-type": "application/octet-stream"}), 415)
+    error_of(client.post("/api/query", content=b"--x\r\nbroken",
+                         headers={"content-type": "multipart/form-data; boundary=x"}), 400)
+    error_of(client.get("/api/query"), 405)
+
+
+def test_oversize_uploads(client, photo):
+    from taxamap.serve.app import DEFAULT_MAX_UPLOAD
+
+    assert DEFAULT_MAX_UPLOAD == 20 * 2**20
+    big = photo.read_bytes() + b"\0" * (LIMIT + 1024)
+    error_of(client.post("/api/query", files={"file": ("big.jpg", big, "image/jpeg")}), 413)
+
+    def chunks():  # no Content-Length: the server counts what it reads
+        yield (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
+               b"Content-Type: image/jpeg\r\n\r\n")
+        for _ in range(40):
+            yield b"\xff" * 16384
+        yield b"\r\n--b--\r\n"
+
+    response = client.post("/api/query", content=chunks(),
+                           headers={"content-type": "multipart/form-data; boundary=b"})
+    error_of(response, 413)
+
+
+def test_unknown_and_empty_species(client):
+    message = error_of(client.get("/api/map", params={"species": "Nonexistus fictus"}), 404)
+    assert message.startswith('unknown species "Nonexistus fictus"') and "offline" in message
+    for params in ({"species": ""}, {"species": "   "}, {}):
+        assert "species" in error_of(client.get("/api/map", params=params), 400)
+    error_of(client.get("/api/map", params={"species": "x" * 500}), 400)
+    error_of(client.get("/api/map", params={"species": "Cardinalis\x00cardinalis"}), 400)
+    error_of(client.get("/api/map", params={"species": SPECIES, "band": "satellite"}), 400)
+    error_of(client.get("/api/map", params={"species": SPECIES, "stretch": "101"}), 400)
+    error_of(client.get("/api/range", params={"species": SPECIES, "threshold": "percentile:101"}),
+             400)
+
+
+TRAVERSALS = ["../../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "/etc/passwd",
+              "..\\..\\windows\\win.ini", "maxtss:/etc/passwd", "file:///etc/passwd",
+              "C:\\Windows\\win.ini", "~/.ssh/id_rsa"]
+
+
+def test_path_traversal_strings_in_every_parameter(client, server):
+    base = {"species": SPECIES, "lat": "40", "lon": "-83", "band": "fused", "format": "tif",
+            "threshold": "percentile:90", "stretch": "90"}
+    endpoints = {
+        "/api/map": ["species", "band", "stretch", "upload"],
+        "/api/overlay.png": ["species", "band", "stretch", "upload"],
+        "/api/cell": ["species", "lat", "lon", "upload"],
+        "/api/range": ["species", "band", "threshold", "upload"],
+        "/api/download": ["species", "format", "band", "threshold", "upload"],
+        "/api/patch": ["lat", "lon"],
+    }
+    before = sorted(p.name for p in server.service.workdir.iterdir())
+    for path, names in endpoints.items():
+        for name in names:
+            for evil in TRAVERSALS:
+                params = dict(base, **{name: evil})
+                response = client.get(path, params=params)
+                assert 400 <= response.status_code < 500, (path, name, evil, response.text)
+                assert "root:" not in response.text
+                error_of(response, response.status_code)
+    assert sorted(p.name for p in server.service.workdir.iterdir()) == before
+    for raw in (b"/static/../../../../etc/passwd", b"/lib/leaflet/..%2f..%2f..%2fetc/passwd",
+                b"/static/%2e%2e/%2e%2e/app.py"):
+        answer = server.raw(b"GET " + raw + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Connection: close\r\n\r\n")
+        assert answer.split(b" ", 2)[1] in (b"400", b"404"), answer[:200]
+        assert b"root:" not in answer
+
+
+def test_search_and_upload_names_stay_data(client):
+    hits = client.get("/api/search", params={"q": "../../etc/passwd"}).json()
+    assert hits == []
+    evil = "../../<img src=x>.jpg"
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    body = client.post("/api/query", files={"file": (evil, buf.getvalue(), "image/png")}).json()
+    assert body["query"] == "photo <img src=x>.jpg"  # the last path part, as text
+    assert "/" not in body["slug"] and ".." not in body["slug"]
+
+
+def test_malformed_requests_do_not_crash_the_server(client, server):
+    junk = [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 50,  # a TLS hello
+        b"GET /api/map?species=%ZZ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: zz\r\n"
+        b"Content-Type: multipart/form-data; boundary=x\r\nConnection: close\r\n\r\n",
+        b"NONSENSE\r\n\r\n",
+    ]
+    for data in junk:
+        server.raw(data)
+    for params in ({"species": SPECIES, "lat": "1e999", "lon": "0"},
+                   {"species": SPECIES, "lat": "40", "lon": "inf"},
+                   {"species": SPECIES, "lat": ["40", "41"], "lon": "-83"}):
+        response = client.get("/api/cell", params=params)
+        assert response.status_code in (200, 400, 404)
+    error_of(client.get("/api/cell", params={"species": SPECIES, "lat": "x", "lon": "0"}), 400)
+    assert server.alive and client.get("/api/health").json()["status"] == "ok"
+
+
+def test_foreign_host_header_is_refused(server):
+    answer = server.raw(b"GET /api/health HTTP/1.1\r\nHost: attacker.example\r\n"
+                        b"Connection: close\r\n\r\n")
+    assert answer.split(b" ", 2)[1] == b"400"
+    ok = server.raw(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert ok.split(b" ", 2)[1] == b"200"
+
+
+def test_unknown_route_and_method_are_json(client):
+    error_of(client.get("/api/nothing"), 404)
+    error_of(client.post("/api/map"), 405)
+
+
+# ------------------------------------------------------------------ the command
+
+def test_cli_defaults_and_help():
+    from taxamap.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.max_upload) == ("127.0.0.1", 8765, 20.0)
+    out = subprocess.run([sys.executable, "-m", "taxamap.cli", "serve", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "taxamap serve --region usa --resolution 0.05" in out and "--host" in out
+
+
+def test_busy_port_fails_before_any_work():
+    from taxamap.serve.server import bind, serve
+
+    taken = bind("127.0.0.1", 0)
+    taken.listen(1)
+    port = taken.getsockname()[1]
+
+    def never():
+        raise AssertionError("the session must not be opened when the port is busy")
+
+    try:
+        with pytest.raises(TaxamapError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve(never, host="127.0.0.1", port=port)
+    finally:
+        taken.close()
+
+
+def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
+    import os
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taxamap.cli", "serve", "--bbox=-84,39,-82,41",
+         "--resolution", "0.1", "--models", str(models_dir), "--cache", str(cache),
+         "--no-progress", "--host", "0.0.0.0", "--port", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving http://0.0.0.0:") and line.endswith("/\n"), line
+        port = int(line.rsplit(":", 1)[1].strip("/\n"))
+        body = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=30).json()
+        assert body["cells"] == 400
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "warning: --host 0.0.0.0" in err and "Traceback" not in err
+
+
+def test_missing_leaflet_is_one_line(monkeypatch, session):
+    from taxamap.serve.app import create_app
+
+    monkeypatch.setitem(sys.modules, "xstatic.pkg.leaflet", None)  # as if not installed
+    with pytest.raises(TaxamapError, match=r"taxamap\[serve\]"):
+        create_app(session)
+
+
+def test_numbers_in_answers_are_json_finite(client):
+    body = client.get("/api/map", params={"species": SPECIES}).json()
+    for stats in body["bands"].values():
+        assert all(v is None or math.isfinite(v) for v in stats.values())
