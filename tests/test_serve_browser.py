@@ -1,0 +1,184 @@
+"""The ``taxamap serve`` page in a real browser: Playwright (PyPI) drives Debian's headless chromium
+against a real server on 127.0.0.1, with every network name unresolvable. Typing a species and
+Enter paints the overlay (pixels in the map) and #status reads "ready" (the Enter-to-paint time
+is printed); clicking a cell shows its scores; moving #threshold draws the range outline; a photo
+upload maps; an unknown species and a hostile name show readable text; a link reopens the state;
+two species compare side by side. The page loads nothing from the network."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing")
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from tests.serveserver import SPECIES, ServeServer, open_test_session  # noqa: E402
+
+WIDTH, HEIGHT = 1280, 800
+RANGE_RGB = (0x7B, 0x32, 0x94)
+# Every name but the test server's address fails to resolve: no request can leave the machine.
+ARGS = ["--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory):
+    session = open_test_session(models_dir, tmp_path_factory.mktemp("browser-cache"))
+    with ServeServer(session) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+    pg = context.new_page()
+    pg.requests = []  # every URL the page asks for
+    pg.errors = []
+    pg.on("request", lambda r: pg.requests.append(r.url))
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.goto(server.url)
+    sync_api.expect(pg.locator("#status")).to_contain_text("type a species", timeout=30000)
+    yield pg
+    assert pg.errors == []
+    foreign = {urlparse(u).hostname for u in pg.requests} - {"127.0.0.1"}
+    assert foreign <= {"tile.openstreetmap.org"}, foreign  # the optional web base map only
+    context.close()
+
+
+def map_pixels(pg, selector: str = "#map") -> np.ndarray:
+    from io import BytesIO
+
+    from PIL import Image
+
+    # The legend panel (its colour bar is green too) floats over the map: blank it out.
+    shot = pg.locator(selector).screenshot(mask=[pg.locator("#panel")], mask_color="#000000")
+    return np.asarray(Image.open(BytesIO(shot)).convert("RGB")).astype(int)
+
+
+def green_pixels(rgb: np.ndarray) -> int:
+    """Pixels of the score colour map (matplotlib Greens): green well above red and blue."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(((g - r > 40) & (g - b > 20)).sum())
+
+
+def range_pixels(rgb: np.ndarray) -> int:
+    return int((np.abs(rgb - np.array(RANGE_RGB)).sum(axis=-1) < 60).sum())
+
+
+def map_species(pg, name: str = SPECIES) -> float:
+    pg.fill("#species", name)
+    t0 = time.perf_counter()
+    pg.press("#species", "Enter")
+    sync_api.expect(pg.locator("#status")).to_have_text("ready", timeout=30000)
+    return time.perf_counter() - t0
+
+
+def test_enter_paints_the_overlay_and_says_ready(page, capsys):
+    assert green_pixels(map_pixels(page)) == 0
+    page.fill("#species", "Cardinalis card")
+    sync_api.expect(page.locator("#suggestions li").first).to_have_text(
+        re.compile(r"^Cardinalis cardinalis"), timeout=10000)
+    seconds = map_species(page)
+    in_page = float(page.evaluate("document.body.dataset.paintMs"))
+    with capsys.disabled():
+        print(f"\n[serve browser] Enter -> overlay painted: {seconds * 1000:.0f} ms "
+              f"(page's own clock: {in_page:.0f} ms), 400-cell grid")
+    assert green_pixels(map_pixels(page)) > 2000
+    assert page.locator("#title").inner_text().startswith(SPECIES)
+    assert "species=Cardinalis+cardinalis" in page.url
+    href = page.get_attribute("#dl-tif", "href")
+    assert href.startswith("/api/download?") and "format=tif" in href
+
+
+def test_click_a_cell_shows_its_scores(page):
+    map_species(page)
+    box = page.locator("#map").bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.45)
+    sync_api.expect(page.locator("#cell")).to_contain_text("fused", timeout=10000)
+    text = page.locator("#cell").inner_text()
+    assert re.search(r"fused\s+-?\d\.\d{4}", text) and re.search(r"location\s+-?\d\.\d{4}", text)
+    assert page.locator(".leaflet-popup-content table").count() == 1
+
+
+def test_moving_the_threshold_draws_the_range_outline(page):
+    map_species(page)
+    before = range_pixels(map_pixels(page))
+    page.focus("#threshold")
+    for _ in range(10):
+        page.keyboard.press("ArrowLeft")  # 90 -> 85th percentile
+    page.wait_for_selector("#map[data-range-parts]", timeout=20000)
+    sync_api.expect(page.locator("#status")).to_have_text("ready", timeout=20000)
+    assert int(page.get_attribute("#map", "data-range-parts")) >= 1
+    assert range_pixels(map_pixels(page)) > before + 100
+    sync_api.expect(page.locator("#threshold-value")).to_contain_text("km²")
+    assert "threshold=percentile%3A85" in page.url
+    assert "threshold=percentile%3A85" in page.get_attribute("#dl-gpkg", "href")
+
+
+def test_upload_a_photo_maps_it(page, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "heron.jpg"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+        path)
+    page.set_input_files("#file", str(path))
+    sync_api.expect(page.locator("#status")).to_have_text("ready", timeout=30000)
+    assert page.locator("#title").inner_text().startswith("photo heron.jpg")
+    assert green_pixels(map_pixels(page)) > 2000
+    assert "upload=" in page.url
+
+
+def test_unknown_species_reads_as_a_message(page):
+    page.fill("#species", "Nonexistus fictus")
+    page.press("#species", "Enter")
+    status = page.locator("#status.error")
+    sync_api.expect(status).to_contain_text('unknown species "Nonexistus fictus"', timeout=20000)
+
+
+def test_user_strings_are_text_not_html(page):
+    hostile = '<img src=x onerror="document.body.dataset.pwned=1">'
+    page.fill("#species", hostile)
+    page.press("#species", "Enter")
+    sync_api.expect(page.locator("#status.error")).to_contain_text("<img", timeout=20000)
+    assert page.locator("#status img, #title img").count() == 0
+    assert page.evaluate("document.body.dataset.pwned") is None
+
+
+def test_a_link_reopens_the_same_map(browser, server):
+    context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+    pg = context.new_page()
+    pg.goto(server.url + "?species=Cardinalis+cardinalis&band=location&stretch=80"
+            "&threshold=percentile%3A80")
+    sync_api.expect(pg.locator("#status")).to_have_text("ready", timeout=30000)
+    assert pg.locator("#band").input_value() == "location"
+    assert pg.locator("#stretch").input_value() == "80"
+    assert pg.get_attribute("#map", "data-range-parts") is not None
+    assert green_pixels(map_pixels(pg)) > 2000 and range_pixels(map_pixels(pg)) > 100
+    context.close()
+
+
+def test_compare_two_species_side_by_side(page):
+    map_species(page)
+    page.fill("#compare", "Cyanocitta cristata")
+    page.press("#compare", "Enter")
+    sync_api.expect(page.locator("#title2")).to_contain_text("Cyanocitta cristata", timeout=20000)
+    sync_api.expect(page.locator("#status")).to_have_text("ready", timeout=20000)
+    assert page.locator("#pane2").is_visible()
+    assert green_pixels(map_pixels(page, "#map2")) > 1000
+    assert "compare=Cyanocitta+cristata" in page.url
