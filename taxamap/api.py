@@ -134,7 +134,7 @@ def open_session(
     progress: bool = True,
     dask: str | None = None,
     prompt_cache: int = 1024,
-    map_cache: int = 16,
+    map_cache: int = 32,
 ) -> "MapSession":
     """A :class:`~taxamap.session.MapSession` over one grid (what ``taxamap serve`` runs): the
     grid is built and its stores completed (embedding what is missing) once, the cell embeddings

@@ -34,6 +34,9 @@ class ModalityPlan:
     attribution: str | None = None
     license: str | None = None
     stats: object | None = None
+    #: The source object feeding the encoder (a satellite source's ``fetch`` returns the exact
+    #: patches it was given), where the modality has one.
+    data_source: object | None = None
 
 
 #: A plan builder: (options, TaxaBind config, device getter, number of cells) -> plan.
@@ -76,6 +79,7 @@ def _satellite_plan(options, config: dict, device: Callable[[], str], n_cells: i
         attribution=getattr(source, "attribution", None),
         license=getattr(source, "license", None),
         stats=getattr(source, "stats", None),
+        data_source=source,
     )
 
 

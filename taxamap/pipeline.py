@@ -456,12 +456,26 @@ def region_spec(req: GridRequest) -> str:
     return ";".join(parts)
 
 
+def query_provenance(req: PredictRequest, region, cells: CellEmbeddings, config_ref: str,
+                     query_ref: str, modalities: list[str]) -> dict[str, str]:
+    """The provenance attrs of a map of the request's grid made with the query encoder
+    ``query_ref`` (see :func:`taxamap.dataset.provenance`)."""
+    from taxamap.dataset import provenance
+
+    return provenance(
+        modalities=modalities, fusion=req.fusion,
+        models={"config": config_ref, "query": query_ref, **cells.model_refs},
+        region_name=region.name, region_spec=region_spec(req),
+        attribution=cells.attribution, license_=cells.license,
+    )
+
+
 def queries_dataset(req: PredictRequest, region, grid: Grid, cells: CellEmbeddings,
                     config_ref: str, queries: list[Query], query_ref: str, fused: np.ndarray,
                     per: dict[str, np.ndarray]):
     """The Dataset of scored ``queries`` (fused (S, N), per modality (S, N)) with its provenance;
     TaxamapError when a modality has no embedded cell at all."""
-    from taxamap.dataset import provenance, scores_dataset
+    from taxamap.dataset import scores_dataset
 
     for modality, scores in per.items():
         if not np.isfinite(scores).any():
@@ -469,12 +483,7 @@ def queries_dataset(req: PredictRequest, region, grid: Grid, cells: CellEmbeddin
                 f"no cell could be embedded from the {modality} modality (every input missing or "
                 "failed); check its source (--sat-url, the network, --worldclim) and run again"
             )
-    attrs = provenance(
-        modalities=list(per), fusion=req.fusion,
-        models={"config": config_ref, "query": query_ref, **cells.model_refs},
-        region_name=region.name, region_spec=region_spec(req),
-        attribution=cells.attribution, license_=cells.license,
-    )
+    attrs = query_provenance(req, region, cells, config_ref, query_ref, list(per))
     ds = scores_dataset(grid, fused, per, labels=[q.label for q in queries],
                         prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
                         attrs=attrs)

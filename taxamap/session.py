@@ -104,7 +104,7 @@ class MapSession:
     """
 
     def __init__(self, req: "GridRequest", fusion: str = DEFAULT_FUSION, *,
-                 prompt_cache: int = 1024, map_cache: int = 16):
+                 prompt_cache: int = 1024, map_cache: int = 32):
         import time
 
         from taxamap.devices import lazy_device
@@ -141,6 +141,8 @@ class MapSession:
         # tower narrows BLAS threads process-wide while it runs), and each takes milliseconds.
         self._embed_lock = threading.Lock()
         self._maps = LRUCache(map_cache)
+        self._template = None  # the first one-query Dataset: later ones are made like it
+        self._satellite = None  # the satellite source, made on the first patch asked for
         self._species = LRUCache(max(prompt_cache, 0))
         self._pixel_cell = np.full(self.grid.height * self.grid.width, -1, dtype=np.int64)
         self._pixel_cell[self.grid.cell_index()] = np.arange(self.grid.n_cells)
@@ -184,6 +186,28 @@ class MapSession:
             return None
         return row, col
 
+    def satellite_patch(self, lat: float, lon: float):
+        """The satellite patch the encoder was given for the cell holding (``lat``, ``lon``): an
+        RGB PIL image (from the source's tile cache after embedding), or None where the source
+        has none. TaxamapError without a satellite modality or outside the grid's cells."""
+        from taxamap.crs import wrap_lon
+        from taxamap.modalities import plan_modality
+
+        if "satellite" not in self.modalities:
+            raise TaxamapError("this session has no satellite modality, so no patches")
+        where = self.cell_at(lat, lon)
+        if where is None:
+            raise TaxamapError(f"no cell of this grid at lat {lat:.4f}, lon {lon:.4f}")
+        with self._embed_lock:
+            if self._satellite is None:
+                plan = plan_modality("satellite", self.request, self.config, self._device,
+                                     self.grid.n_cells)
+                self._satellite = plan.data_source
+        row, col = where
+        # The cell centre: the point the patch was cut around when the cell was embedded.
+        centre = [[float(self.grid.row_lats()[row]), float(wrap_lon(self.grid.column_lons()[col]))]]
+        return self._satellite.fetch(np.asarray(centre, dtype=np.float64))[0]
+
     # ------------------------------------------------------------------ queries
 
     def embed(self, species: str | None = None, *, image: str | os.PathLike | None = None,
@@ -213,6 +237,15 @@ class MapSession:
             self._species.put(key, embedded)
         return embedded
 
+    @staticmethod
+    def _map_key(embedded: EmbeddedQuery) -> tuple:
+        q = embedded.query
+        return (q.label, q.prompt, embedded.ref, q.vector.tobytes())
+
+    def cached_dataset(self, embedded: EmbeddedQuery) -> "xr.Dataset | None":
+        """The cached Dataset of a one-query map, or None (nothing is computed)."""
+        return self._maps.get(self._map_key(embedded))
+
     def dataset(self, queries: EmbeddedQuery | Sequence[EmbeddedQuery]) -> "xr.Dataset":
         """The score Dataset of embedded ``queries`` (one: dims (y, x); several: (species, y, x));
         single queries are cached (LRU) by their label, prompt and encoder."""
@@ -224,17 +257,39 @@ class MapSession:
             raise TaxamapError("no query to map")
         key = None
         if len(many) == 1:
-            q = many[0].query
-            key = (q.label, q.prompt, many[0].ref, q.vector.tobytes())
+            key = self._map_key(many[0])
             hit = self._maps.get(key)
             if hit is not None:
                 return hit
         vectors = np.stack([m.query.vector for m in many]).astype(np.float32)
         fused, per = fuse_many(self._embeddings, vectors, self.fusion, row_norms=self._norms)
-        ds = queries_dataset(self.request, self.region, self.grid, self.cells, self.config_ref,
-                             [m.query for m in many], many[0].ref, fused, per)
+        template = self._template
+        if key is None or template is None:
+            ds = queries_dataset(self.request, self.region, self.grid, self.cells,
+                                 self.config_ref, [m.query for m in many], many[0].ref, fused, per)
+            if key is not None:
+                self._template = ds
+        else:
+            ds = self._like(template, many[0], fused[0], {m: v[0] for m, v in per.items()})
         if key is not None:
             self._maps.put(key, ds)
+        return ds
+
+    def _like(self, template, embedded: EmbeddedQuery, fused: np.ndarray,
+              per: dict[str, np.ndarray]):
+        """A one-query Dataset made like ``template`` (the first one ``queries_dataset`` made:
+        same coords, CRS, transform, nodata and variable attrs) holding these scores. Building it
+        again through rioxarray costs more than scoring every cell; this is a shallow copy."""
+        from taxamap.pipeline import query_provenance
+
+        ds = template.copy(deep=False)
+        for name, values in (("fused", fused), *per.items()):
+            ds[name].values = self.grid.to_raster(values)
+        q = embedded.query
+        ds.attrs = {**query_provenance(self.request, self.region, self.cells, self.config_ref,
+                                       embedded.ref, list(per)),
+                    "bands": template.attrs["bands"], "query": str(q.label),
+                    "prompt": q.prompt or "", "slug": str(q.slug)}
         return ds
 
     def predict(self, species: str | Sequence[str] | None = None, *,

@@ -90,6 +90,30 @@ def test_session_predict_equals_taxamap_predict(session, reference):
     assert session.predict(species=SPECIES.upper()) is session.predict(species=SPECIES)  # cached
 
 
+def test_session_maps_are_identical_to_predicts(session, models_dir, cache):
+    import xarray as xr
+
+    session.predict(species=SPECIES)  # the first map; later ones are made like it
+    for name in ("Cyanocitta cristata", "Poecile atricapillus"):
+        ours = session.predict(species=name)
+        theirs = taxamap.predict(species=name, bbox=BBOX, resolution=0.1, models=models_dir,
+                                 cache=cache, progress=False)
+        assert ours.attrs["created"] and theirs.attrs["created"]
+        # Same values (the session scores normalised embeddings: last-bit differences) ...
+        xr.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+        # ... and the same contract: coords (spatial_ref included), attrs, variable attrs.
+        xr.testing.assert_identical(ours.coords.to_dataset(), theirs.coords.to_dataset())
+        assert list(ours.data_vars) == list(theirs.data_vars)
+        assert ({k: v for k, v in ours.attrs.items() if k != "created"}
+                == {k: v for k, v in theirs.attrs.items() if k != "created"})
+        for var in ours.data_vars:
+            a, b = ours[var].attrs, theirs[var].attrs
+            assert a.keys() == b.keys()
+            assert all(a[k] == b[k] or (np.isnan(a[k]) and np.isnan(b[k])) for k in a)
+            assert ours[var].rio.nodata is not None and np.isnan(ours[var].rio.nodata)
+        assert ours.rio.crs == theirs.rio.crs and ours.rio.transform() == theirs.rio.transform()
+
+
 def test_session_several_species_and_cells(session):
     both = session.predict(species=[SPECIES, "Cyanocitta cristata"])
     assert both["fused"].dims == ("species", "y", "x")
@@ -464,3 +488,63 @@ def test_numbers_in_answers_are_json_finite(client):
     body = client.get("/api/map", params={"species": SPECIES}).json()
     for stats in body["bands"].values():
         assert all(v is None or math.isfinite(v) for v in stats.values())
+
+
+# ------------------------------------------------------------------ satellite patches
+
+@pytest.fixture(scope="module")
+def satellite_server(models_dir, tmp_path_factory):
+    """A server over 60 cells with the satellite modality fed by a loopback tile server whose
+    tile 12/1104/1542 (the cell at 40.55, -82.95) is missing."""
+    from tests.tileserver import TileServer
+
+    with TileServer(latency=0.0, faults={(12, 1104, 1542): "404"}) as tiles:
+        session = taxamap.open_session(
+            bbox=(-83.0, 40.0, -82.0, 40.6), resolution=0.1, modalities=("location", "satellite"),
+            models=models_dir, cache=tmp_path_factory.mktemp("sat-cache"), progress=False,
+            sat_url=tiles.url_template, sat_zoom=12, sat_size=64, workers=4)
+        with ServeServer(session) as srv:
+            yield srv, tiles
+
+
+def test_cell_popup_patch_is_the_embedded_patch(satellite_server):
+    from PIL import Image
+
+    from taxamap.crs import wrap_lon
+
+    server, tiles = satellite_server
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        health = client.get("/api/health").json()
+        assert health["patches"] is True and health["bands"] == ["fused", "location", "satellite"]
+        cell = client.get("/api/cell", params={"species": SPECIES, "lat": 40.21, "lon": -82.38})
+        body = cell.json()
+        assert body["scores"]["satellite"] is not None and body["patch"].startswith("/api/patch?")
+        png = client.get(body["patch"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        shown = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+        assert shown.shape == (64, 64, 3)
+        # The patch cut around the cell centre (40.25, -82.35), as the encoder was given it.
+        session = server.session
+        row, col = session.cell_at(40.21, -82.38)
+        centre = [[session.grid.row_lats()[row], wrap_lon(session.grid.column_lons()[col])]]
+        assert centre[0] == [pytest.approx(40.25), pytest.approx(-82.35)]
+        from taxamap.sources.satellite import make_satellite_source
+
+        fresh = make_satellite_source("xyz", url=tiles.url_template, zoom=12, size=64)
+        expected = np.asarray(fresh.fetch(np.asarray(centre))[0].convert("RGB"))
+        np.testing.assert_array_equal(shown, expected)
+        elsewhere = client.get("/api/patch", params={"lat": 40.29, "lon": -82.31})  # same cell
+        assert elsewhere.content == png.content
+        # The cell whose tile is missing: NaN satellite score, no patch.
+        missing = client.get("/api/cell", params={"species": SPECIES, "lat": 40.55, "lon": -82.95})
+        assert missing.json()["scores"]["satellite"] is None
+        message = error_of(client.get("/api/patch", params={"lat": 40.55, "lon": -82.95}), 404)
+        assert "no patch" in message
+        error_of(client.get("/api/patch", params={"lat": 45, "lon": -82.5}), 404)
+
+
+def test_no_patches_without_the_satellite_modality(client):
+    assert client.get("/api/health").json()["patches"] is False
+    assert "patch" not in client.get("/api/cell", params={"species": SPECIES, "lat": 40,
+                                                          "lon": -83}).json()
+    assert "satellite" in error_of(client.get("/api/patch", params={"lat": 40, "lon": -83}), 404)

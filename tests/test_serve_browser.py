@@ -182,3 +182,33 @@ def test_compare_two_species_side_by_side(page):
     assert page.locator("#pane2").is_visible()
     assert green_pixels(map_pixels(page, "#map2")) > 1000
     assert "compare=Cyanocitta+cristata" in page.url
+
+
+def test_cell_popup_shows_the_satellite_patch(browser, models_dir, tmp_path_factory):
+    import taxamap
+    from tests.tileserver import TileServer
+
+    with TileServer(latency=0.0) as tiles:
+        session = taxamap.open_session(
+            bbox=(-83.0, 40.0, -82.0, 40.6), resolution=0.1, modalities=("location", "satellite"),
+            models=models_dir, cache=tmp_path_factory.mktemp("sat-browser"), progress=False,
+            sat_url=tiles.url_template, sat_zoom=12, sat_size=64, workers=4)
+        with ServeServer(session) as server:
+            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+            pg = context.new_page()
+            pg.goto(server.url + "?species=Cardinalis+cardinalis&band=satellite")
+            sync_api.expect(pg.locator("#status")).to_have_text("ready", timeout=30000)
+            box = pg.locator("#map").bounding_box()
+            pg.mouse.click(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5)
+            img = pg.locator(".leaflet-popup-content img.popup-patch")
+            sync_api.expect(img).to_have_count(1, timeout=20000)
+            pg.wait_for_timeout(200)
+            size = None
+            for _ in range(50):  # until the patch image has loaded
+                size = img.evaluate("i => [i.complete, i.naturalWidth, i.naturalHeight]")
+                if size[0] and size[1]:
+                    break
+                pg.wait_for_timeout(100)
+            assert size[1:] == [64, 64]
+            assert re.search(r"satellite\s+-?\d\.\d{4}", pg.locator("#cell").inner_text())
+            context.close()

@@ -50,11 +50,13 @@
 
   function debounce(fn, ms) {
     var timer = null;
-    return function () {
+    var run = function () {
       var args = arguments;
       clearTimeout(timer);
       timer = setTimeout(function () { fn.apply(null, args); }, ms);
     };
+    run.cancel = function () { clearTimeout(timer); };
+    return run;
   }
 
   function fmt(value, digits) {
@@ -120,7 +122,7 @@
     tiles.addTo(map);
     layers["web map (OpenStreetMap)"] = tiles;
     L.control.layers(null, layers, { collapsed: true }).addTo(map);
-    L.control.scale().addTo(map);
+    L.control.scale({ position: "bottomright" }).addTo(map);
     if (health && health.attribution) map.attributionControl.addAttribution(health.attribution);
     map.fitBounds(health.bounds);
     map.on("click", function (e) { showCell(e.latlng, view); });
@@ -196,7 +198,7 @@
       if (view.range) view.map.removeLayer(view.range);
       view.range = L.geoJSON(fc, {
         renderer: view.canvas, interactive: false, coordsToLatLng: toMapFrame,
-        style: { color: RANGE_COLOR, weight: 2.5, fill: false }
+        style: { color: RANGE_COLOR, weight: 2, fill: false }
       }).addTo(view.map);
       view.el.dataset.rangeParts = String(fc.features.length);
       return fc;
@@ -357,6 +359,7 @@
   // ------------------------------------------------------------------ queries
 
   function submitSpecies(name) {
+    suggest.cancel();  // the map, not a suggestion list, is what the server should work on now
     hideSuggestions();
     state.species = name.trim();
     state.upload = "";
