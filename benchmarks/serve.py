@@ -74,6 +74,21 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
 
 
+def gemv_ms(n: int, dim: int = 512, repeats: int = 7) -> float:
+    """Median ms of one float32 (n, dim) x (dim,) product here and now: the memory-bound floor
+    of scoring a new species, and a gauge of how busy the machine is."""
+    import numpy as np
+
+    e = np.random.default_rng(0).standard_normal((n, dim), dtype=np.float32)
+    q = np.ones(dim, dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        e @ q
+        times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times)
+
+
 def start_server(args, models: Path, cache: Path) -> tuple[subprocess.Popen, str, float, list]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TAXAMAP_OFFLINE="1", PYTHONPATH=str(ROOT),
                PYTHONWARNINGS="ignore")
@@ -201,6 +216,7 @@ def main() -> None:
         models = models_dir(tmp / "models")
         full_size_text_tower(models)
         cache = Path(args.cache) if args.cache else tmp / "cache"
+        gemv_before = gemv_ms(334_276)
         proc, url, startup, log = start_server(args, models, cache)
         try:
             names = list_table_species()
@@ -239,12 +255,14 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
+        gemv_after = gemv_ms(334_276)
 
     def part(name: str) -> float:
         return statistics.median(n[2]["timings_ms"][name] for n in new)
 
     figures = {
         "machine": machine(), "load_average": os.getloadavg(),
+        "gemv_ms_before_after": (gemv_before, gemv_after),
         "grid": f"{args.region} {args.resolution} deg, {health['cells']:,} cells",
         "startup_s": startup,
         "new_server_p50": pct([n[0] for n in new], 50),
@@ -263,6 +281,8 @@ def main() -> None:
     parts = figures["new_parts_p50"]
     print(f"machine: {figures['machine']}; load average {figures['load_average']}")
     print(f"grid: {figures['grid']}; server start-up (grid stored) {startup:.1f} s")
+    print(f"reference: one 334,276 x 512 float32 GEMV here takes {gemv_before:.0f} ms before "
+          f"and {gemv_after:.0f} ms after the run (the scoring floor; higher = busier machine)")
     rows = [
         (f"/api/map new species, server p50 / p95 ({len(new)})",
          f"{figures['new_server_p50']:.0f} / {figures['new_server_p95']:.0f} ms"),

@@ -140,7 +140,7 @@ def encode_png(rgba: np.ndarray, level: int = OVERLAY_PNG_LEVEL) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + chunk(b"IEND", b""))
+            + chunk(b"IDAT", zlib.compress(memoryview(rows), level)) + chunk(b"IEND", b""))
 
 
 # ---------------------------------------------------------------------- uploads
