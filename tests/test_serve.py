@@ -453,6 +453,17 @@ def test_busy_port_fails_before_any_work():
         taken.close()
 
 
+def test_exposed_host_warns_before_binding():
+    from taxamap.serve.server import is_loopback, serve
+
+    said = []
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: the bind fails, nothing is exposed.
+    with pytest.raises(TaxamapError, match="cannot listen on 192.0.2.1"):
+        serve(lambda: None, host="192.0.2.1", port=0, say=said.append)
+    assert said and said[0].startswith("warning: --host 192.0.2.1 makes the map reachable")
+    assert not is_loopback("0.0.0.0") and is_loopback("localhost") and is_loopback("::1")
+
+
 def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
     import os
     import signal
@@ -461,11 +472,11 @@ def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
     proc = subprocess.Popen(
         [sys.executable, "-m", "taxamap.cli", "serve", "--bbox=-84,39,-82,41",
          "--resolution", "0.1", "--models", str(models_dir), "--cache", str(cache),
-         "--no-progress", "--host", "0.0.0.0", "--port", "0"],
+         "--no-progress", "--port", "0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving http://0.0.0.0:") and line.endswith("/\n"), line
+        assert line.startswith("serving http://127.0.0.1:") and line.endswith("/\n"), line
         port = int(line.rsplit(":", 1)[1].strip("/\n"))
         body = httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=30).json()
         assert body["cells"] == 400
@@ -473,7 +484,7 @@ def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "warning: --host 0.0.0.0" in err and "Traceback" not in err
+    assert "warning" not in err and "Traceback" not in err
 
 
 def test_missing_leaflet_is_one_line(monkeypatch, session):

@@ -88,11 +88,11 @@ def serve(session_factory: Callable[[], object], *, host: str = DEFAULT_HOST,
 
     require_web_stack()
     say = say or (lambda message: print(message, file=sys.stderr, flush=True))
+    if not is_loopback(host):
+        say(f"warning: --host {host} makes the map reachable from other machines; "
+            "taxamap serve has no login or encryption, so use it only on a network you trust")
     sock = bind(host, port)
     try:
-        if not is_loopback(host):
-            say(f"warning: --host {host} makes the map reachable from other machines; "
-                "taxamap serve has no login or encryption, so use it only on a network you trust")
         session = session_factory()
         app = create_app(session, max_upload=max_upload or DEFAULT_MAX_UPLOAD,
                          allowed_hosts=allowed_hosts_for(host))
