@@ -40,7 +40,11 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    "antimeridian. With --region, the two are intersected")
     g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
                    help=f"cell size in degrees (default {DEFAULT_RESOLUTION}: the contiguous USA is "
-                   "~80k land cells)")
+                   "~81k land cells)")
+    g.add_argument("--cells", default="land", type=str.lower, choices=["land", "water", "all"],
+                   help="which cells of the region are kept: land (default; Natural Earth 1:50m "
+                   "land minus its lakes), water (ocean and lakes, for fish and waterbirds) or "
+                   "all (every cell whose centre is in the region)")
     m = p.add_argument_group("what to embed")
     m.add_argument("--modalities", default="location",
                    help="comma list of location,satellite,environment (default: location)")
@@ -78,7 +82,7 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
 
 def _grid_kwargs(args) -> dict:
     return dict(
-        region=args.region, bbox=args.bbox, resolution=args.resolution,
+        region=args.region, bbox=args.bbox, resolution=args.resolution, cells=args.cells,
         modalities=args.modalities, models_dir=args.models, device=args.device,
         cache_dir=args.cache, store=args.store, sat_source=args.sat_source, sat_url=args.sat_url,
         sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_file=args.sat_file,

@@ -36,6 +36,8 @@ class GridRequest:
     region: str | None = None
     bbox: str | None = None
     resolution: float = DEFAULT_RESOLUTION
+    # which cells of the region: "land" (off lakes and sea), "water" (ocean + lakes) or "all"
+    cells: str = "land"
     modalities: list[str] = field(default_factory=lambda: ["location"])
     models_dir: str | None = None
     device: str = "auto"
@@ -116,11 +118,23 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 
 
 def build_grid(req: GridRequest):
-    """Resolve the region and lay the grid over it; returns (region, grid)."""
+    """Resolve the region and lay the grid over it; returns (region, grid).
+
+    With ``cells`` "land" or "water", logs how many of the region's cells the mask removed.
+    """
+    from taxamap.grid import MAX_CELLS, count_cells
     from taxamap.regions import resolve_region
 
-    region = resolve_region(req.region, req.bbox)
-    grid = make_grid(region.geometry, req.resolution)
+    region = resolve_region(req.region, req.bbox, cells=req.cells)
+    grid = make_grid(region.geometry, req.resolution, cells=region.cells)
+    if region.cells != "all":
+        west, south, east, north = region.outline.bounds
+        # Counting the outline's cells is one more pass over its frame: skip it where that frame
+        # is far larger than any grid taxamap accepts.
+        if (east - west) * (north - south) / req.resolution ** 2 <= MAX_CELLS:
+            removed = count_cells(region.outline, req.resolution) - grid.n_cells
+            other = "water" if region.cells == "land" else "land"
+            log(f"{region.cells} mask: {max(removed, 0):,} {other} cells removed")
     return region, grid
 
 
@@ -444,9 +458,12 @@ def predict(req: PredictRequest) -> PredictResult:
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
+    from taxamap.regions import check_cells
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
+    req.cells = check_cells(req.cells)
     if req.stack and (req.threshold or req.occurrences or req.self_contained):
         raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
                            "--occurrences and --self-contained, or map species one by one")
@@ -605,7 +622,10 @@ def embed(req: GridRequest) -> CellEmbeddings:
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
+    from taxamap.regions import check_cells
+
     req.modalities = parse_modalities(req.modalities)
+    req.cells = check_cells(req.cells)
     device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)
