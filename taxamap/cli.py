@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    'seven-rank string ("Animalia Chordata Aves ... Cardinalis cardinalis")')
     q.add_argument("--species-file", metavar="FILE",
                    help="many species: one name per line, or a CSV with a 'species' column; all "
-                   "prompts are embedded in one batch and one map is written per species")
+                   "prompts are embedded in one batch and one map is written per species; "
+                   "every name is checked first and all unknown ones are listed")
+    q.add_argument("--skip-unknown", action="store_true",
+                   help="with --species-file: map the names that resolve and list the unknown "
+                   "ones as skipped in the summary table (default: stop and list them)")
     q.add_argument("--image", help="photo of the species (JPEG, PNG, WebP)")
     q.add_argument("--audio", help="recording of the species (WAV, FLAC, MP3, OGG)")
     _grid_options(p)
@@ -232,11 +236,15 @@ def _cmd_predict(args) -> int:
     from taxamap.pipeline import PredictRequest, log, predict
 
     req = PredictRequest(species=args.species, image=args.image, audio=args.audio,
-                         species_file=args.species_file, stack=args.stack, fusion=args.fusion,
+                         species_file=args.species_file, skip_unknown=args.skip_unknown,
+                         stack=args.stack, fusion=args.fusion,
                          out=args.out, threshold=args.threshold, occurrences=args.occurrences,
                          self_contained=args.self_contained, **_grid_kwargs(args))
     if args.stack and not args.species_file:
         raise TaxamapError("--stack needs --species-file")
+    if args.skip_unknown and not args.species_file:
+        raise TaxamapError("--skip-unknown needs --species-file (a single --species that is "
+                           "unknown is an error)")
     result = predict(req)
     t = result.timings
     log(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
@@ -244,6 +252,9 @@ def _cmd_predict(args) -> int:
     if len(result.summary) > 1:
         log(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:
+            if row["taxonomy"] == "skipped":
+                log(f"{row['species'][:32]:<32} {'skipped':<12} {'-':>7} {'-':>7}  unknown species")
+                continue
             log(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} {row['mean']:>7.3f}")
     for path in result.paths.values():
         print(path)

@@ -67,6 +67,8 @@ class PredictRequest(GridRequest):
     image: str | None = None
     audio: str | None = None
     species_file: str | None = None
+    # with species_file: map the names that resolve and list the others in the summary
+    skip_unknown: bool = False
     stack: bool = False
     fusion: str = DEFAULT_FUSION
     out: str = "."
@@ -120,13 +122,16 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 def build_grid(req: GridRequest):
     """Resolve the region and lay the grid over it; returns (region, grid).
 
-    With ``cells`` "land" or "water", logs how many of the region's cells the mask removed.
+    Logs the grid's size and, with ``cells`` "land" or "water", how many of the region's cells
+    the mask removed.
     """
     from taxamap.grid import MAX_CELLS, count_cells
     from taxamap.regions import resolve_region
 
     region = resolve_region(req.region, req.bbox, cells=req.cells)
     grid = make_grid(region.geometry, req.resolution, cells=region.cells)
+    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
+        f"({grid.width} x {grid.height} grid)")
     if region.cells != "all":
         west, south, east, north = region.outline.bounds
         # Counting the outline's cells is one more pass over its frame: skip it where that frame
@@ -330,11 +335,47 @@ def read_species_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def embed_queries(req: PredictRequest, config: dict,
-                  device: Callable[[], str]) -> tuple[list[Query], str]:
+def resolve_species_file(names: list[str], path: str, cache: Path | None,
+                         skip_unknown: bool = False) -> tuple[list, list[str]]:
+    """Resolve every name of a species file; returns (taxa, names skipped).
+
+    Every name is tried before anything fails, so one message lists all the unknown (or
+    malformed) ones; with ``skip_unknown`` those are returned as skipped instead, unless none
+    resolves.
+    """
+    from taxamap.taxonomy import resolve_species
+
+    taxa, unknown = [], []
+    for name in names:
+        try:
+            taxa.append(resolve_species(name, cache_dir=cache))
+        except TaxamapError:
+            unknown.append(name)
+    if not unknown:
+        return taxa, []
+    listed = ", ".join(f'"{n}"' for n in unknown)
+    if not taxa:
+        raise TaxamapError(
+            f"none of the {len(names)} species in --species-file {path} could be resolved "
+            f"({listed}); check the spelling, or give all seven ranks per line "
+            '("Kingdom Phylum Class Order Family Genus epithet")'
+        )
+    if not skip_unknown:
+        raise TaxamapError(
+            f"{len(unknown)} of {len(names)} species in --species-file {path} are unknown: "
+            f"{listed}; fix their spelling, give all seven ranks ('Kingdom Phylum Class Order "
+            "Family Genus epithet'), remove them, or pass --skip-unknown to map the others"
+        )
+    log(f"skipping {len(unknown)} unknown species of {len(names)}: {listed}")
+    return taxa, unknown
+
+
+def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
+                  skipped: list[str] | None = None) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
-    Every species prompt goes through the text encoder in one batch.
+    Every species prompt goes through the text encoder in one batch. Names of a species file
+    that ``req.skip_unknown`` leaves out are appended to ``skipped`` (when given).
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:
@@ -362,11 +403,16 @@ def embed_queries(req: PredictRequest, config: dict,
         return [Query(vector, None, f"image {name}", slug, "image")], clip.ref
     from taxamap.taxonomy import resolve_species
 
-    names = [req.species] if req.species else read_species_file(req.species_file)
     cache = cache_subdir("taxonomy", req.cache_dir)
+    if req.species:
+        resolved = [resolve_species(req.species, cache_dir=cache)]
+    else:
+        resolved, left_out = resolve_species_file(read_species_file(req.species_file),
+                                                  req.species_file, cache, req.skip_unknown)
+        if skipped is not None:
+            skipped.extend(left_out)
     taxa, seen = [], set()
-    for name in names:
-        taxon = resolve_species(name, cache_dir=cache)
+    for taxon in resolved:
         if taxon.prompt in seen:  # spellings of one species would overwrite each other's files
             continue
         seen.add(taxon.prompt)
@@ -495,13 +541,12 @@ def predict(req: PredictRequest) -> PredictResult:
     config, config_ref = load_config(req.models_dir)
 
     region, grid = build_grid(req)
-    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
-        f"({grid.width} x {grid.height} grid)")
     timings["grid"] = time.perf_counter() - t0
 
     # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
-    queries, query_ref = embed_queries(req, config, device)
+    skipped: list[str] = []
+    queries, query_ref = embed_queries(req, config, device, skipped)
     timings["query"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -552,6 +597,8 @@ def predict(req: PredictRequest) -> PredictResult:
             "files": ", ".join(str(p) for p in files.values()),
         })
         last = scoremap
+    summary.extend({"species": name, "taxonomy": "skipped", "max": float("nan"),
+                    "mean": float("nan"), "files": "skipped: unknown species"} for name in skipped)
     if req.stack:
         from taxamap.writers.geotiff import write_stack
 
@@ -562,7 +609,8 @@ def predict(req: PredictRequest) -> PredictResult:
         )
         paths["stack.tif"] = path
         for row in summary:
-            row["files"] = str(path)
+            if row["taxonomy"] != "skipped":
+                row["files"] = str(path)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return PredictResult(paths, grid.n_cells, queries[0].prompt, timings,
@@ -629,5 +677,4 @@ def embed(req: GridRequest) -> CellEmbeddings:
     device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)
-    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg")
     return embed_cells(req, grid, config, device)
