@@ -40,7 +40,7 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    "antimeridian. With --region, the two are intersected")
     g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
                    help=f"cell size in degrees (default {DEFAULT_RESOLUTION}: the contiguous USA is "
-                   "~81k land cells)")
+                   "81,541 land cells, a ~12 s cold map on 2 CPU cores)")
     g.add_argument("--cells", default="land", type=str.lower, choices=["land", "water", "all"],
                    help="which cells of the region are kept: land (default; Natural Earth 1:50m "
                    "land minus its lakes), water (ocean and lakes, for fish and waterbirds) or "

@@ -147,3 +147,11 @@ def test_cli_cells_water_on_lake_erie(tmp_path, models_dir):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "--cells" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_help_documents_cells_and_lakes():
+    for command in ("predict", "embed"):
+        proc = run([command, "--help"])
+        assert proc.returncode == 0
+        text = " ".join(proc.stdout.split())
+        assert "--cells {land,water,all}" in text and "lakes" in text, command
