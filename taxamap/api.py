@@ -4,7 +4,7 @@
 >>> ds = taxamap.predict(species="Cardinalis cardinalis", region="usa", resolution=0.1)
 >>> paths = taxamap.write(ds, out="maps", formats=("tif", "html", "png"))
 >>> rng = taxamap.threshold(ds, "percentile:90")   # .threshold, .raster, .polygons
->>> table = taxamap.products.evaluate(ds, occurrences=gdf)  # a pandas.DataFrame, one row per band
+>>> table = taxamap.evaluate(ds, occurrences=gdf)  # a pandas.DataFrame, one row per band
 
 Keyword names are the CLI's option names in snake_case, with Python types. Score maps are
 ``xarray.Dataset`` objects (:mod:`taxamap.dataset`), vector things ``geopandas.GeoDataFrame``
@@ -31,7 +31,7 @@ PathLike = str | os.PathLike
 BBoxLike = str | Sequence[float]
 
 
-def _grid_options(region, bbox, resolution, modalities, models, device, cache, store,
+def _grid_options(region, bbox, resolution, cells, modalities, models, device, cache, store,
                   sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
                   workers, worldclim, env_array, progress, dask) -> dict:
     """API keyword names -> the fields of :class:`taxamap.pipeline.GridRequest`."""
@@ -39,7 +39,7 @@ def _grid_options(region, bbox, resolution, modalities, models, device, cache, s
         region=None if region is None else os.fspath(region) if isinstance(
             region, os.PathLike) else region,
         bbox=bbox if bbox is None or isinstance(bbox, str) else tuple(float(v) for v in bbox),
-        resolution=resolution,
+        resolution=resolution, cells=cells,
         modalities=modalities if isinstance(modalities, str) else list(modalities),
         models_dir=None if models is None else os.fspath(models), device=device,
         cache_dir=None if cache is None else os.fspath(cache),
@@ -59,9 +59,11 @@ def predict(
     image: PathLike | None = None,
     audio: PathLike | None = None,
     species_file: PathLike | None = None,
+    skip_unknown: bool = False,
     region: str | PathLike | None = None,
     bbox: BBoxLike | None = None,
     resolution: float = DEFAULT_RESOLUTION,
+    cells: str = "land",
     modalities: str | Sequence[str] = ("location",),
     fusion: str = DEFAULT_FUSION,
     models: PathLike | None = None,
@@ -84,8 +86,10 @@ def predict(
     """Score maps of a query over a region, as an ``xarray.Dataset``; writes no output file.
 
     The query is one of ``species`` (a binomial, a seven-rank string, or a list of them),
-    ``species_file``, ``image`` (a photo) or ``audio`` (a recording). The region is ``region``
-    (a preset name or vector file) and/or ``bbox=(W, S, E, N)``. Cell embeddings are computed
+    ``species_file`` (``skip_unknown`` maps the names that resolve), ``image`` (a photo) or
+    ``audio`` (a recording). The region is ``region`` (a preset name or vector file) and/or
+    ``bbox=(W, S, E, N)``; ``cells`` keeps the region's "land" cells (default; lakes and sea are
+    not land), its "water" cells (ocean and lakes) or "all". Cell embeddings are computed
     once per grid and modality and stored in the cache (``cache``/``store``); a later query on
     the same grid only embeds its prompt.
 
@@ -100,7 +104,8 @@ def predict(
         species=species, image=None if image is None else os.fspath(image),
         audio=None if audio is None else os.fspath(audio),
         species_file=None if species_file is None else os.fspath(species_file), fusion=fusion,
-        **_grid_options(region, bbox, resolution, modalities, models, device, cache, store,
+        skip_unknown=skip_unknown,
+        **_grid_options(region, bbox, resolution, cells, modalities, models, device, cache, store,
                         sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
                         workers, worldclim, env_array, progress, dask),
     )
@@ -139,6 +144,7 @@ def embed(
     region: str | PathLike | None = None,
     bbox: BBoxLike | None = None,
     resolution: float = DEFAULT_RESOLUTION,
+    cells: str = "land",
     modalities: str | Sequence[str] = ("location",),
     models: PathLike | None = None,
     device: str = "auto",
@@ -161,11 +167,11 @@ def embed(
     ``{modality: store location}``."""
     from taxamap.pipeline import GridRequest, embed as embed_grid
 
-    cells = embed_grid(GridRequest(**_grid_options(
-        region, bbox, resolution, modalities, models, device, cache, store, sat_source, sat_url,
+    filled = embed_grid(GridRequest(**_grid_options(
+        region, bbox, resolution, cells, modalities, models, device, cache, store, sat_source, sat_url,
         sat_zoom, sat_size, sat_file, ee_project, sat_year, workers, worldclim, env_array,
         progress, dask)))
-    return {m: str(s.location) for m, s in cells.stores.items()}
+    return {m: str(s.location) for m, s in filled.stores.items()}
 
 
 @dataclass

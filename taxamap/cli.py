@@ -41,7 +41,11 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    "antimeridian. With --region, the two are intersected")
     g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
                    help=f"cell size in degrees (default {DEFAULT_RESOLUTION}: the contiguous USA is "
-                   "~80k land cells)")
+                   "81,541 land cells, a ~12 s cold map on 2 CPU cores)")
+    g.add_argument("--cells", default="land", type=str.lower, choices=["land", "water", "all"],
+                   help="which cells of the region are kept: land (default; Natural Earth 1:50m "
+                   "land minus its lakes), water (ocean and lakes, for fish and waterbirds) or "
+                   "all (every cell whose centre is in the region)")
     m = p.add_argument_group("what to embed")
     m.add_argument("--modalities", default="location",
                    help="comma list of location,satellite,environment (default: location)")
@@ -79,7 +83,7 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
 
 def _grid_kwargs(args) -> dict:
     return dict(
-        region=args.region, bbox=args.bbox, resolution=args.resolution,
+        region=args.region, bbox=args.bbox, resolution=args.resolution, cells=args.cells,
         modalities=args.modalities, models_dir=args.models, device=args.device,
         cache_dir=args.cache, store=args.store, sat_source=args.sat_source, sat_url=args.sat_url,
         sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_file=args.sat_file,
@@ -112,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    'seven-rank string ("Animalia Chordata Aves ... Cardinalis cardinalis")')
     q.add_argument("--species-file", metavar="FILE",
                    help="many species: one name per line, or a CSV with a 'species' column; all "
-                   "prompts are embedded in one batch and one map is written per species")
+                   "prompts are embedded in one batch and one map is written per species; "
+                   "every name is checked first and all unknown ones are listed")
+    q.add_argument("--skip-unknown", action="store_true",
+                   help="with --species-file: map the names that resolve and list the unknown "
+                   "ones as skipped in the summary table (default: stop and list them)")
     q.add_argument("--image", help="photo of the species (JPEG, PNG, WebP)")
     q.add_argument("--audio", help="recording of the species (WAV, FLAC, MP3, OGG)")
     _grid_options(p)
@@ -230,9 +238,13 @@ def _cmd_predict(args) -> int:
 
     if args.stack and not args.species_file:
         raise TaxamapError("--stack needs --species-file")
+    if args.skip_unknown and not args.species_file:
+        raise TaxamapError("--skip-unknown needs --species-file (a single --species that is "
+                           "unknown is an error)")
     result = predict_and_write(
         PredictRequest(species=args.species, image=args.image, audio=args.audio,
-                       species_file=args.species_file, fusion=args.fusion, **_grid_kwargs(args)),
+                       species_file=args.species_file, skip_unknown=args.skip_unknown,
+                       fusion=args.fusion, **_grid_kwargs(args)),
         WriteRequest(out=args.out, threshold=args.threshold, occurrences=args.occurrences,
                      self_contained=args.self_contained, stack=args.stack,
                      stack_name=os.path.splitext(os.path.basename(args.species_file))[0]
@@ -244,6 +256,9 @@ def _cmd_predict(args) -> int:
     if len(result.summary) > 1:
         _say(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:
+            if row["taxonomy"] == "skipped":
+                _say(f"{row['species'][:32]:<32} {'skipped':<12} {'-':>7} {'-':>7}  unknown species")
+                continue
             _say(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} "
                  f"{row['mean']:>7.3f}")
     for path in result.paths.values():

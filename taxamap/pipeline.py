@@ -40,6 +40,8 @@ class GridRequest:
     region: str | None = None
     bbox: str | None = None
     resolution: float = DEFAULT_RESOLUTION
+    # which cells of the region: "land" (off lakes and sea), "water" (ocean + lakes) or "all"
+    cells: str = "land"
     modalities: list[str] = field(default_factory=lambda: ["location"])
     models_dir: str | None = None
     device: str = "auto"
@@ -69,6 +71,8 @@ class PredictRequest(GridRequest):
     image: str | None = None
     audio: str | None = None
     species_file: str | None = None
+    # with species_file: map the names that resolve and list the others in the summary
+    skip_unknown: bool = False
     fusion: str = DEFAULT_FUSION
 
 
@@ -127,11 +131,26 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 
 
 def build_grid(req: GridRequest):
-    """Resolve the region and lay the grid over it; returns (region, grid)."""
-    from taxamap.geography import resolve_region
+    """Resolve the region and lay the grid over it; returns (region, grid).
 
-    region = resolve_region(req.region, req.bbox)
-    grid = make_grid(region.geometry, req.resolution)
+    Logs the grid's size and, with ``cells`` "land" or "water", how many of the region's cells
+    the mask removed.
+    """
+    from taxamap.geography import resolve_region
+    from taxamap.grid import MAX_CELLS, count_cells
+
+    region = resolve_region(req.region, req.bbox, cells=req.cells)
+    grid = make_grid(region.geometry, req.resolution, cells=region.cells)
+    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
+        f"({grid.width} x {grid.height} grid)")
+    if region.cells != "all":
+        west, south, east, north = region.outline.bounds
+        # Counting the outline's cells is one more pass over its frame: skip it where that frame
+        # is far larger than any grid taxamap accepts.
+        if (east - west) * (north - south) / req.resolution ** 2 <= MAX_CELLS:
+            removed = count_cells(region.outline, req.resolution) - grid.n_cells
+            other = "water" if region.cells == "land" else "land"
+            log(f"{region.cells} mask: {max(removed, 0):,} {other} cells removed")
     return region, grid
 
 
@@ -235,11 +254,47 @@ def read_species_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
-def embed_queries(req: PredictRequest, config: dict,
-                  device: Callable[[], str]) -> tuple[list[Query], str]:
+def resolve_species_file(names: list[str], source: str, cache: Path | None,
+                         skip_unknown: bool = False) -> tuple[list, list[str]]:
+    """Resolve every name of a species file; returns (taxa, names skipped).
+
+    Every name is tried before anything fails, so one message lists all the unknown (or
+    malformed) ones; with ``skip_unknown`` those are returned as skipped instead, unless none
+    resolves.
+    """
+    from taxamap.taxonomy import resolve_species
+
+    taxa, unknown = [], []
+    for name in names:
+        try:
+            taxa.append(resolve_species(name, cache_dir=cache))
+        except TaxamapError:
+            unknown.append(name)
+    if not unknown:
+        return taxa, []
+    listed = ", ".join(f'"{n}"' for n in unknown)
+    if not taxa:
+        raise TaxamapError(
+            f"none of the {len(names)} species in {source} could be resolved "
+            f"({listed}); check the spelling, or give all seven ranks per line "
+            '("Kingdom Phylum Class Order Family Genus epithet")'
+        )
+    if not skip_unknown:
+        raise TaxamapError(
+            f"{len(unknown)} of {len(names)} species in {source} are unknown: "
+            f"{listed}; fix their spelling, give all seven ranks ('Kingdom Phylum Class Order "
+            "Family Genus epithet'), remove them, or pass --skip-unknown to map the others"
+        )
+    log(f"skipping {len(unknown)} unknown species of {len(names)}: {listed}")
+    return taxa, unknown
+
+
+def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
+                  skipped: list[str] | None = None) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
-    Every species prompt goes through the text encoder in one batch.
+    Every species prompt goes through the text encoder in one batch. Names of a species file
+    that ``req.skip_unknown`` leaves out are appended to ``skipped`` (when given).
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:
@@ -267,16 +322,20 @@ def embed_queries(req: PredictRequest, config: dict,
         return [Query(vector, None, f"image {name}", slug, "image")], clip.ref
     from taxamap.taxonomy import resolve_species
 
+    cache = cache_subdir("taxonomy", req.cache_dir)
     if isinstance(req.species, str):
-        names = [req.species]
+        resolved = [resolve_species(req.species, cache_dir=cache)]
     elif req.species:
         names = list(dict.fromkeys(str(n).strip() for n in req.species if str(n).strip()))
+        resolved, left_out = resolve_species_file(names, "species=[...]", cache, False)
     else:
-        names = read_species_file(req.species_file)
-    cache = cache_subdir("taxonomy", req.cache_dir)
+        resolved, left_out = resolve_species_file(read_species_file(req.species_file),
+                                                  f"--species-file {req.species_file}", cache,
+                                                  req.skip_unknown)
+        if skipped is not None:
+            skipped.extend(left_out)
     taxa, seen = [], set()
-    for name in names:
-        taxon = resolve_species(name, cache_dir=cache)
+    for taxon in resolved:
         if taxon.prompt in seen:  # spellings of one species would overwrite each other's files
             continue
         seen.add(taxon.prompt)
@@ -421,22 +480,24 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
+    from taxamap.geography import check_cells
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
+    req.cells = check_cells(req.cells)
     device = lazy_device(req.device)
     if (req.device or "auto").lower() not in ("auto", "cpu"):
         device()  # a GPU the user named must exist before any work starts
     config, config_ref = load_config(req.models_dir)
 
     region, grid = build_grid(req)
-    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
-        f"({grid.width} x {grid.height} grid)")
     timings["grid"] = time.perf_counter() - t0
 
     # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
-    queries, query_ref = embed_queries(req, config, device)
+    skipped: list[str] = []
+    queries, query_ref = embed_queries(req, config, device, skipped)
     timings["query"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -454,9 +515,11 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     attrs = provenance(
         modalities=list(per), fusion=req.fusion,
         models={"config": config_ref, "query": query_ref, **cells.model_refs},
-        region_name=region.name, region_spec=_region_spec(req),
+        region_name=region.name, region_spec=_region_spec(req), cells=req.cells,
         attribution=cells.attribution, license_=cells.license,
     )
+    if skipped:
+        attrs["skipped_species"] = "; ".join(skipped)
     ds = scores_dataset(grid, fused, per, labels=[q.label for q in queries],
                         prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
                         attrs=attrs)
@@ -527,6 +590,10 @@ def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
             "files": ", ".join(str(p) for k, p in paths.items()
                                if k.startswith(f"{slug}.") or k == "stack.tif"),
         })
+    skipped = str(ds.attrs.get("skipped_species", "") or "")
+    rows.extend({"species": name, "taxonomy": "skipped", "max": float("nan"),
+                 "mean": float("nan"), "files": "skipped: unknown species"}
+                for name in skipped.split("; ") if name)
     return rows
 
 
@@ -599,9 +666,11 @@ def embed(req: GridRequest) -> CellEmbeddings:
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
+    from taxamap.geography import check_cells
+
     req.modalities = parse_modalities(req.modalities)
+    req.cells = check_cells(req.cells)
     device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)
-    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg")
     return embed_cells(req, grid, config, device)
