@@ -73,11 +73,21 @@ def _creation_lock(location: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _storage_options(location: str) -> dict:
-    """fsspec options for URL locations: local ``file://`` stores need their folders made."""
+def _zarr_store(location: str):
+    """What ``zarr.open_group`` is given for ``location``, the same on every zarr 3.x.
+
+    ``file://`` URLs become a :class:`zarr.storage.LocalStore` (it makes its folders): zarr 3.0-3.1
+    open them through fsspec, which needs ``auto_mkdir``, while later releases open them locally
+    and refuse any ``storage_options``. Other URLs go to zarr as they are (fsspec), local paths
+    too.
+    """
     if location.startswith("file://"):
-        return {"storage_options": {"auto_mkdir": True}}
-    return {}
+        from urllib.parse import unquote, urlsplit
+
+        from zarr.storage import LocalStore
+
+        return LocalStore(unquote(urlsplit(location).path))
+    return location
 
 
 @dataclass
@@ -145,7 +155,7 @@ class EmbeddingStore:
         import zarr
 
         try:
-            group = zarr.open_group(location, mode="a", **_storage_options(location))
+            group = zarr.open_group(_zarr_store(location), mode="a")
         except Exception as exc:
             raise TaxamapError(f"cannot open embedding store {location}: {exc}") from exc
         existing = group.attrs.get("key")
@@ -155,7 +165,7 @@ class EmbeddingStore:
                     f"the store at {location} was made for other settings (grid, model or source "
                     f"differ: key {existing} != {key}); use another --store or delete it"
                 )
-            group = zarr.open_group(location, mode="w", **_storage_options(location))
+            group = zarr.open_group(_zarr_store(location), mode="w")
             existing = None
         if existing is None or "emb" not in group or "done" not in group:
             n_chunks = max(1, -(-n_cells // chunk_cells))
@@ -184,7 +194,7 @@ class EmbeddingStore:
         """Open a store another process created (Dask workers); its key must match."""
         import zarr
 
-        group = zarr.open_group(str(location), mode="r+", **_storage_options(str(location)))
+        group = zarr.open_group(_zarr_store(str(location)), mode="r+")
         if group.attrs.get("key") != key:
             raise TaxamapError(f"the store at {location} does not have key {key}")
         return cls(group=group, location=str(location), key=key)

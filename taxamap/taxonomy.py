@@ -21,6 +21,7 @@ import os
 import re
 import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -105,15 +106,24 @@ class Taxon:
 
 
 class TaxonomyServiceError(Exception):
-    """A taxonomy web service could not answer (network down, timeouts, HTTP error)."""
+    """A taxonomy web service could not answer (network down, timeouts, HTTP error).
+
+    ``unreachable`` is True when no connection could be made at all (no network, DNS failure,
+    refused or timed-out connect): the caller falls back quietly instead of warning.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class TaxonomyClient:
     """The one place taxamap's taxonomy code talks HTTP.
 
     Base URLs are configurable so tests (or a mirror) can stand in for iNaturalist and GBIF.
-    Requests retry with exponential backoff on 429, 5xx and timeouts only; anything else fails
-    at once, so a machine without a network falls back to the offline table quickly.
+    Requests retry with exponential backoff on 429, 5xx and read timeouts only; anything else
+    fails at once, so a machine without a network falls back to the offline table quickly. A
+    host that could not be connected to is not asked again by the same client.
     """
 
     def __init__(
@@ -137,18 +147,29 @@ class TaxonomyClient:
         self.retries = retries
         self.backoff = backoff
         self.max_wait = max_wait
+        self._unreachable: dict[str, str] = {}  # host -> why no connection could be made
 
     def get_json(self, url: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET ``url`` and decode its JSON body; raise :class:`TaxonomyServiceError` on failure."""
         last = "no attempt made"
+        host = urllib.parse.urlsplit(url).netloc
+        if host in self._unreachable:
+            raise TaxonomyServiceError(f"{url}: {self._unreachable[host]}", unreachable=True)
         for attempt in range(self.retries + 1):
             wait = self.backoff * (2**attempt)
             try:
                 response = self.session.get(url, params=params, timeout=self.timeout)
+            except requests.ConnectionError as exc:
+                why = _no_connection(exc)
+                if why is None:
+                    raise TaxonomyServiceError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
+                # DNS failures, refused or timed-out connects: retrying would only delay the
+                # fallback, and so would asking this host again.
+                self._unreachable[host] = why
+                raise TaxonomyServiceError(f"{url}: {why}", unreachable=True) from exc
             except requests.Timeout as exc:
                 last = f"timed out ({exc.__class__.__name__})"
             except requests.RequestException as exc:
-                # Refused connections, DNS failures: retrying would only delay the fallback.
                 raise TaxonomyServiceError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
             else:
                 if response.status_code == 429 or response.status_code >= 500:
@@ -173,6 +194,36 @@ class TaxonomyClient:
     def gbif(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET a GBIF API path, e.g. ``"species/match"``."""
         return self.get_json(f"{self.gbif_url}/{path.lstrip('/')}", params)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors inside it (requests wraps urllib3, which wraps the socket error)."""
+    chain, seen = [], exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        inner = seen.__cause__ or seen.__context__
+        if inner is None:
+            reason = getattr(seen, "reason", None)
+            first = seen.args[0] if seen.args else None
+            inner = reason if isinstance(reason, BaseException) else (
+                first if isinstance(first, BaseException) else None)
+        seen = inner
+    return chain
+
+
+def _no_connection(exc: BaseException) -> str | None:
+    """Why no connection could be made (DNS, refused, connect timeout), or None for errors on a
+    connection that was made (a dropped answer is a flake, not a missing network)."""
+    import socket
+
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    chain = _causes(exc)
+    if not any(isinstance(e, (socket.gaierror, ConnectionRefusedError, NewConnectionError,
+                              ConnectTimeoutError)) for e in chain):
+        return None
+    inner = chain[-1]
+    return f"{inner.__class__.__name__}: {inner}"
 
 
 def _retry_after(response: requests.Response) -> float:
@@ -413,6 +464,13 @@ def offline_requested() -> bool:
                for name in ("TAXAMAP_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+@lru_cache(maxsize=1)
+def _default_client() -> TaxonomyClient:
+    """The client of a process's lookups, shared so an unreachable host is tried only once per
+    run (a species file on a machine without a network)."""
+    return TaxonomyClient()
+
+
 def resolve_species(
     text: str,
     *,
@@ -440,13 +498,16 @@ def resolve_species(
 
     failure = None
     if not offline:
-        client = client if client is not None else TaxonomyClient()
+        client = client if client is not None else _default_client()
         for lookup in (lookup_inaturalist, lookup_gbif):
             try:
                 taxon = lookup(binomial, client)
             except TaxonomyServiceError as exc:
                 failure = str(exc)
-                log.warning("taxonomy lookup failed, trying the next source: %s", exc)
+                # No network at all is the common offline case: the caller reports the table as
+                # the source, so stay quiet. A service that answers badly deserves a warning.
+                (log.info if exc.unreachable else log.warning)(
+                    "taxonomy lookup failed, trying the next source: %s", exc)
                 continue
             except (LookupError, TypeError, ValueError, AttributeError) as exc:
                 # An answer in a shape we do not know: treat the service as unavailable.
