@@ -326,6 +326,8 @@ def _cmd_threshold(args) -> int:
     print(result.paths["polygons"])
     print(f"threshold {result.threshold:.4f}: {result.n_in_range:,} of {result.n_valid:,} cells, "
           f"{result.area_km2:,.0f} km2", file=sys.stderr)
+    print(f"EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km grid): "
+          f"{result.criterion_b}", file=sys.stderr)
     return 0
 
 

@@ -581,6 +581,8 @@ def write_outputs(
         range_geometry = result.geometry
         log(f"range ({threshold}): threshold {result.threshold:.4f}, {result.n_in_range:,} of "
             f"{result.n_valid:,} cells, {result.area_km2:,.0f} km2")
+        log(f"range EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km "
+            f"grid): {result.criterion_b}")
     if "html" in formats:
         from taxamap.writers.html import write_html
 
