@@ -128,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "GeoJSON) shown as clustered markers on the HTML map")
     r.add_argument("--self-contained", action="store_true",
                    help="one HTML file that renders with no internet (needs taxamap[offline])")
+    f = p.add_argument_group("fit on occurrences (few-shot maps)")
+    f.add_argument("--fit", action="store_true",
+                   help="with --occurrences: add bands 'fitted' (logistic regression on the stored "
+                   "cell embeddings, presences vs background) and 'combined' (the same with the "
+                   "zero-shot score as an input); prints their spatial cross-validation")
+    f.add_argument("--background", metavar="FILE",
+                   help="background points for --fit (default: 10,000 cells sampled uniformly)")
+    f.add_argument("--cv-blocks", type=float, default=1.0, metavar="DEG",
+                   help="block size of the spatial 5-fold cross-validation (default 1 degree)")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of the background sample and the fold assignment (default 0)")
     p.add_argument("--stack", action="store_true",
                    help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
                    "instead of files per species")
@@ -230,7 +241,9 @@ def _cmd_predict(args) -> int:
     req = PredictRequest(species=args.species, image=args.image, audio=args.audio,
                          species_file=args.species_file, stack=args.stack, fusion=args.fusion,
                          out=args.out, threshold=args.threshold, occurrences=args.occurrences,
-                         self_contained=args.self_contained, **_grid_kwargs(args))
+                         self_contained=args.self_contained, fit=args.fit,
+                         background=args.background, cv_blocks=args.cv_blocks, seed=args.seed,
+                         **_grid_kwargs(args))
     if args.stack and not args.species_file:
         raise TaxamapError("--stack needs --species-file")
     result = predict(req)

@@ -72,6 +72,11 @@ class PredictRequest(GridRequest):
     threshold: str | None = None
     occurrences: str | None = None
     self_contained: bool = False
+    # --fit: a classifier on the stored cell embeddings at the occurrences (taxamap.fit)
+    fit: bool = False
+    background: str | None = None
+    cv_blocks: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -456,6 +461,7 @@ def predict(req: PredictRequest) -> PredictResult:
         from taxamap.occurrences import read_points
 
         occurrences = read_points(req.occurrences)
+    background = _check_fit_inputs(req, occurrences)
     if req.threshold:
         from taxamap.ranges import parse_rule
 
@@ -481,11 +487,18 @@ def predict(req: PredictRequest) -> PredictResult:
     log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
         f"({grid.width} x {grid.height} grid)")
     timings["grid"] = time.perf_counter() - t0
+    if req.fit:
+        from taxamap.fit import locate_occurrences
+
+        locate_occurrences(occurrences, grid)  # wholly off the grid: fail before any embedding
 
     # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
     queries, query_ref = embed_queries(req, config, device)
     timings["query"] = time.perf_counter() - t
+    if req.fit and len(queries) > 1:
+        raise TaxamapError("--fit fits one species' occurrences: map one species at a time "
+                           "(--species NAME, not --species-file)")
 
     t = time.perf_counter()
     cells = embed_cells(req, grid, config, device)
@@ -500,6 +513,16 @@ def predict(req: PredictRequest) -> PredictResult:
                 f"no cell could be embedded from the {modality} modality (every input missing or "
                 "failed); check its source (--sat-url, the network, --worldclim) and run again"
             )
+
+    fit = None
+    if req.fit:
+        from taxamap.fit import fit_grid
+
+        t = time.perf_counter()
+        fit = fit_grid(grid, cells.stores, fused[0], occurrences, background, seed=req.seed,
+                       cv_blocks_deg=req.cv_blocks)
+        timings["fit"] = time.perf_counter() - t
+        log(fit.format_table())
 
     models = {"config": config_ref, "query": query_ref, **cells.model_refs}
     outline = getattr(region, "outline", None) or region.geometry
@@ -521,6 +544,10 @@ def predict(req: PredictRequest) -> PredictResult:
             slug=query.slug,
             extra_tags={"IMAGERY_LICENSE": cells.license} if cells.license else {},
         )
+        if fit is not None:
+            scoremap.extra_bands = {"fitted": grid.to_raster(fit.fitted),
+                                    "combined": grid.to_raster(fit.combined)}
+            scoremap.extra_tags.update(fit.tags())
         files = {} if req.stack else write_outputs(
             scoremap, out_dir, req.formats, threshold=req.threshold, occurrences=occurrences,
             self_contained=req.self_contained,
@@ -550,6 +577,27 @@ def predict(req: PredictRequest) -> PredictResult:
     timings["total"] = time.perf_counter() - t0
     return PredictResult(paths, grid.n_cells, queries[0].prompt, timings,
                          last if len(queries) == 1 else None, summary)
+
+
+def _check_fit_inputs(req: PredictRequest, occurrences: np.ndarray | None) -> np.ndarray | None:
+    """Check the --fit options before any long work; returns the background points (or None)."""
+    if not req.fit:
+        if req.background:
+            raise TaxamapError("--background is used by --fit; add --fit or drop --background")
+        return None
+    if occurrences is None:
+        raise TaxamapError("--fit needs --occurrences FILE: the presence records to fit on")
+    import math
+
+    if not (isinstance(req.cv_blocks, (int, float)) and math.isfinite(req.cv_blocks)
+            and req.cv_blocks > 0):
+        raise TaxamapError(f"--cv-blocks must be a positive number of degrees, not "
+                           f"{req.cv_blocks!r}")
+    if req.background:
+        from taxamap.occurrences import read_points
+
+        return read_points(req.background)
+    return None
 
 
 def write_outputs(

@@ -129,6 +129,8 @@ class ScoreMap:
     region_geometry: "object | None" = None
     slug: str = "map"
     extra_tags: dict[str, str] = field(default_factory=dict)
+    #: Bands after the modalities (``fitted``, ``combined`` of ``--fit``), values in [0, 1].
+    extra_bands: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -136,5 +138,7 @@ class ScoreMap:
         return f"{self.query}{where}"
 
     def bands(self) -> list[tuple[str, np.ndarray]]:
-        """(description, raster) in GeoTIFF band order: fused first, then each modality."""
-        return [("fused", self.fused)] + [(m, self.layers[m]) for m in self.layers]
+        """(description, raster) in GeoTIFF band order: fused first, then each modality, then
+        the extra bands (``fitted``, ``combined``)."""
+        return ([("fused", self.fused)] + [(m, self.layers[m]) for m in self.layers]
+                + list(self.extra_bands.items()))
