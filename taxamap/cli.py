@@ -155,18 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
-        "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce)",
-        description="Per band of MAP (fused and each modality): ROC-AUC, average precision, the "
-        "threshold maximising TSS and that TSS, and the continuous Boyce index. Points outside "
-        "the map or on nodata are counted and reported.",
+        "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce) or an "
+        "expert range (H3 cells: AP, AUC, precision, recall, F1, Jaccard)",
+        description="Per band of MAP (fused and each modality): with --occurrences, ROC-AUC, "
+        "average precision, the threshold maximising TSS and that TSS, and the continuous Boyce "
+        "index (points outside the map or on nodata are counted and reported); with --range, "
+        "the SINR protocol on every H3 resolution-5 cell whose centre is on the map: AP and "
+        "ROC-AUC against the expert range, and precision, recall, F1 and Jaccard at --rule.",
         epilog="examples:\n  taxamap evaluate cardinalis-cardinalis.tif --occurrences gbif.csv\n"
-        "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json",
+        "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json\n"
+        "  taxamap evaluate map.tif --range iucn_range.gpkg --out compare/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("map", help="a GeoTIFF written by taxamap predict")
-    p.add_argument("--occurrences", required=True, metavar="FILE",
+    p.add_argument("--occurrences", metavar="FILE",
                    help="presences: CSV (lat/lon, latitude/longitude or GBIF's decimalLatitude/"
                    "decimalLongitude), GeoPackage, Shapefile or GeoJSON in any CRS")
+    p.add_argument("--range", metavar="FILE", dest="expert_range",
+                   help="an expert range map: polygons in a vector file (any CRS)")
+    p.add_argument("--rule", default="maxf1", help="with --range: threshold for precision/"
+                   "recall/F1/Jaccard: maxf1 (default) | percentile:P | value:V | maxtss:OCC_FILE")
+    p.add_argument("--band", default="1", help="with --range --out: band of the agreement "
+                   "raster (number or name; default 1 = fused)")
+    p.add_argument("--out", metavar="DIR", help="with --range: write MAP_agreement.tif "
+                   "(1 both, 2 map only, 3 expert only) and its QGIS style there")
     p.add_argument("--background", metavar="FILE", help="absence/background points (default: "
                    "sampled uniformly over the map's valid cells)")
     p.add_argument("--presence-column", metavar="COL", help="one file with a 1/0 column COL "
@@ -317,16 +329,34 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from taxamap.evaluate import evaluate_files
+    from taxamap.evaluate import evaluate_files, format_table
 
-    result = evaluate_files(
-        args.map, args.occurrences, background=args.background,
-        presence_column=args.presence_column, n_background=args.n_background, seed=args.seed,
-        json_path=args.json, roc_path=args.roc,
-    )
-    from taxamap.evaluate import format_table
+    if not args.occurrences and not args.expert_range:
+        raise TaxamapError("give --occurrences FILE (presence points) and/or --range FILE (an "
+                           "expert range) to evaluate the map against")
+    result = comparison = None
+    if args.occurrences:
+        result = evaluate_files(
+            args.map, args.occurrences, background=args.background,
+            presence_column=args.presence_column, n_background=args.n_background,
+            seed=args.seed, json_path=None if args.expert_range else args.json,
+            roc_path=args.roc,
+        )
+        print(format_table(result))
+    if args.expert_range:
+        from taxamap.expert import compare_files, write_json
 
-    print(format_table(result))
+        band = int(args.band) if args.band.isdigit() else args.band
+        comparison = compare_files(args.map, args.expert_range, rule=args.rule, band=band,
+                                   out_dir=args.out, occurrences=args.occurrences,
+                                   seed=args.seed)
+        print(comparison.format_table())
+        for path in comparison.paths.values():
+            print(path)
+        if args.json:
+            records = comparison.to_records()
+            write_json(args.json, records if result is None
+                       else {"occurrences": result.to_dict(), "range": records})
     return 0
 
 

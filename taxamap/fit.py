@@ -50,7 +50,14 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from taxamap.errors import TaxamapError
-from taxamap.evaluate import DEFAULT_N_BACKGROUND, average_precision, boyce_index, roc_auc
+from taxamap.evaluate import (
+    DEFAULT_N_BACKGROUND,
+    average_precision,
+    boyce_index,
+    json_value,
+    roc_auc,
+    text_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +128,15 @@ class FitResult:
         for band, r in self.summary().iterrows():
             rows.append((str(band), _pm(r.auc, r.auc_sd), _pm(r.ap, r.ap_sd),
                          _pm(r.boyce, r.boyce_sd), str(int(r.folds_scored))))
-        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-        for n, row in enumerate(rows):
-            lines.append("  ".join([row[0].ljust(widths[0])]
-                                   + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]))
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(lines + text_table(rows))
 
     def tags(self) -> dict[str, str]:
         """GeoTIFF tags recording the fit and its CV (``FIT_CV`` is JSON: summary and folds)."""
         summary = self.summary()
         cv = {
-            "summary": {band: {k: _json_float(v) for k, v in row.items()}
+            "summary": {band: {k: json_value(v) for k, v in row.items()}
                         for band, row in summary.iterrows()},
-            "folds": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in rec.items()}
+            "folds": [{k: json_value(v) for k, v in rec.items()}
                       for rec in self.cv.to_dict("records")],
         }
         return {
@@ -156,11 +157,6 @@ def _pm(mean: float, sd: float) -> str:
     if mean is None or not math.isfinite(mean):
         return "-"
     return f"{mean:.3f} ({sd:.3f})" if math.isfinite(sd) else f"{mean:.3f}"
-
-
-def _json_float(value: Any) -> Any:
-    value = float(value)
-    return round(value, 6) if math.isfinite(value) else None
 
 
 def cells_of_points(points: np.ndarray, grid) -> np.ndarray:
