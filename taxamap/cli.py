@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--occurrences", metavar="FILE",
                    help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
                    "GeoJSON) shown as clustered markers on the HTML map")
+    r.add_argument("--expert-range", metavar="FILE",
+                   help="an expert range (polygons, any CRS) drawn as a dashed outline on the "
+                   "HTML map; compare numerically with 'taxamap evaluate MAP --range FILE'")
     r.add_argument("--self-contained", action="store_true",
                    help="one HTML file that renders with no internet (needs taxamap[offline])")
     f = p.add_argument_group("fit on occurrences (few-shot maps)")
@@ -254,14 +257,16 @@ def _cmd_predict(args) -> int:
                          species_file=args.species_file, stack=args.stack, fusion=args.fusion,
                          out=args.out, threshold=args.threshold, occurrences=args.occurrences,
                          self_contained=args.self_contained, fit=args.fit,
+                         expert_range=args.expert_range,
                          background=args.background, cv_blocks=args.cv_blocks, seed=args.seed,
                          **_grid_kwargs(args))
     if args.stack and not args.species_file:
         raise TaxamapError("--stack needs --species-file")
     result = predict(req)
     t = result.timings
+    fit = f", fit {t['fit']:.1f} s" if "fit" in t else ""
     log(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
-        f"score {t['score']:.1f} s, write {t['write']:.1f} s)")
+        f"score {t['score']:.1f} s{fit}, write {t['write']:.1f} s)")
     if len(result.summary) > 1:
         log(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:

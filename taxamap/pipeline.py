@@ -74,6 +74,7 @@ class PredictRequest(GridRequest):
     self_contained: bool = False
     # --fit: a classifier on the stored cell embeddings at the occurrences (taxamap.fit)
     fit: bool = False
+    expert_range: str | None = None
     background: str | None = None
     cv_blocks: float = 1.0
     seed: int = 0
@@ -452,9 +453,11 @@ def predict(req: PredictRequest) -> PredictResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
-    if req.stack and (req.threshold or req.occurrences or req.self_contained):
+    if req.stack and (req.threshold or req.occurrences or req.self_contained
+                      or req.expert_range):
         raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
-                           "--occurrences and --self-contained, or map species one by one")
+                           "--occurrences, --expert-range and --self-contained, or map species "
+                           "one by one")
     # Inputs read at the end are checked now: a bad one fails in seconds, not after the cells.
     occurrences = None
     if req.occurrences:
@@ -462,6 +465,11 @@ def predict(req: PredictRequest) -> PredictResult:
 
         occurrences = read_points(req.occurrences)
     background = _check_fit_inputs(req, occurrences)
+    expert = None
+    if req.expert_range:
+        from taxamap.expert import read_expert_range
+
+        expert = read_expert_range(req.expert_range)
     if req.threshold:
         from taxamap.ranges import parse_rule
 
@@ -550,7 +558,7 @@ def predict(req: PredictRequest) -> PredictResult:
             scoremap.extra_tags.update(fit.tags())
         files = {} if req.stack else write_outputs(
             scoremap, out_dir, req.formats, threshold=req.threshold, occurrences=occurrences,
-            self_contained=req.self_contained,
+            self_contained=req.self_contained, expert_geometry=expert,
         )
         for ext, path in files.items():
             paths[f"{query.slug}.{ext}"] = path
@@ -608,6 +616,7 @@ def write_outputs(
     threshold: str | None = None,
     occurrences: np.ndarray | None = None,
     self_contained: bool = False,
+    expert_geometry=None,
 ) -> dict[str, Path]:
     """Write the requested files for ``scoremap`` into ``out_dir`` (each atomically).
 
@@ -642,6 +651,8 @@ def write_outputs(
             extras["range_label"] = threshold
         if self_contained:
             extras["self_contained"] = True
+        if expert_geometry is not None:
+            extras["expert_geometry"] = expert_geometry
         paths["html"] = write_html(scoremap, out_dir / f"{scoremap.slug}.html", **extras)
     if "png" in formats:
         from taxamap.writers.png import write_png

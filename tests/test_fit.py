@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import rasterio
 import shapely
+import shapely.geometry
 
 from taxamap.errors import TaxamapError
 from taxamap.evaluate import roc_auc
@@ -153,8 +154,12 @@ def test_predict_fit_adds_bands_tags_and_table(tmp_path, models_dir, capsys):
     args = ["predict", "--species", "Cardinalis cardinalis", "--bbox", "-84,39,-82,41",
             "--resolution", "0.1", "--models", str(models_dir), "--cache", str(tmp_path / "c"),
             "--no-progress", "--occurrences", str(occ)]
+    expert = tmp_path / "expert.geojson"
+    expert.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(
+            shapely.box(-83.8, 39.2, -83.2, 39.8))}]}))
     code = main(args + ["--out", str(tmp_path / "out"), "--fit", "--cv-blocks", "0.5",
-                        "--seed", "2"])
+                        "--seed", "2", "--expert-range", str(expert)])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "spatial 5-fold CV (blocks of 0.5 deg, seed 2)" in err and "combined" in err
@@ -166,6 +171,8 @@ def test_predict_fit_adds_bands_tags_and_table(tmp_path, models_dir, capsys):
     assert tags["FIT_SEED"] == "2" and "fitted" in json.loads(tags["FIT_CV"])["summary"]
     assert np.nanmin(fitted) >= 0 and np.nanmax(fitted) <= 1
     assert "fitted,combined" in tags["BANDS"] and tags["MODALITIES"] == "location"
+    page = (tmp_path / "out" / "cardinalis-cardinalis.html").read_text()
+    assert "expert range" in page and '"dashArray": "6 4"' in page and "fitted" in page
 
     far = tmp_path / "far.csv"
     far.write_text("lat,lon\n10,10\n-20,30\n")
