@@ -135,8 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--occurrences", metavar="FILE",
                    help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
                    "GeoJSON) shown as clustered markers on the HTML map")
+    r.add_argument("--expert-range", metavar="FILE",
+                   help="an expert range (polygons, any CRS) drawn as a dashed outline on the "
+                   "HTML map; compare numerically with 'taxamap evaluate MAP --range FILE'")
     r.add_argument("--self-contained", action="store_true",
                    help="one HTML file that renders with no internet (needs taxamap[offline])")
+    f = p.add_argument_group("fit on occurrences (few-shot maps)")
+    f.add_argument("--fit", action="store_true",
+                   help="with --occurrences: add bands 'fitted' (logistic regression on the stored "
+                   "cell embeddings, presences vs background) and 'combined' (the same with the "
+                   "zero-shot score as an input); prints their spatial cross-validation")
+    f.add_argument("--background", metavar="FILE",
+                   help="background points for --fit (default: 10,000 cells sampled uniformly)")
+    f.add_argument("--cv-blocks", type=float, default=1.0, metavar="DEG",
+                   help="block size of the spatial 5-fold cross-validation (default 1 degree)")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of the background sample and the fold assignment (default 0)")
     p.add_argument("--stack", action="store_true",
                    help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
                    "instead of files per species")
@@ -153,18 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
-        "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce)",
-        description="Per band of MAP (fused and each modality): ROC-AUC, average precision, the "
-        "threshold maximising TSS and that TSS, and the continuous Boyce index. Points outside "
-        "the map or on nodata are counted and reported.",
+        "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce) or an "
+        "expert range (H3 cells: AP, AUC, precision, recall, F1, Jaccard)",
+        description="Per band of MAP (fused and each modality): with --occurrences, ROC-AUC, "
+        "average precision, the threshold maximising TSS and that TSS, and the continuous Boyce "
+        "index (points outside the map or on nodata are counted and reported); with --range, "
+        "the SINR protocol on every H3 resolution-5 cell whose centre is on the map: AP and "
+        "ROC-AUC against the expert range, and precision, recall, F1 and Jaccard at --rule.",
         epilog="examples:\n  taxamap evaluate cardinalis-cardinalis.tif --occurrences gbif.csv\n"
-        "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json",
+        "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json\n"
+        "  taxamap evaluate map.tif --range iucn_range.gpkg --out compare/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("map", help="a GeoTIFF written by taxamap predict")
-    p.add_argument("--occurrences", required=True, metavar="FILE",
+    p.add_argument("--occurrences", metavar="FILE",
                    help="presences: CSV (lat/lon, latitude/longitude or GBIF's decimalLatitude/"
                    "decimalLongitude), GeoPackage, Shapefile or GeoJSON in any CRS")
+    p.add_argument("--range", metavar="FILE", dest="expert_range",
+                   help="an expert range map: polygons in a vector file (any CRS)")
+    p.add_argument("--rule", default="maxf1", help="with --range: threshold for precision/"
+                   "recall/F1/Jaccard: maxf1 (default) | percentile:P | value:V | maxtss:OCC_FILE")
+    p.add_argument("--band", default="1", help="with --range --out: band of the agreement "
+                   "raster (number or name; default 1 = fused)")
+    p.add_argument("--out", metavar="DIR", help="with --range: write MAP_agreement.tif "
+                   "(1 both, 2 map only, 3 expert only) and its QGIS style there")
     p.add_argument("--background", metavar="FILE", help="absence/background points (default: "
                    "sampled uniformly over the map's valid cells)")
     p.add_argument("--presence-column", metavar="COL", help="one file with a 1/0 column COL "
@@ -244,15 +270,19 @@ def _cmd_predict(args) -> int:
     result = predict_and_write(
         PredictRequest(species=args.species, image=args.image, audio=args.audio,
                        species_file=args.species_file, skip_unknown=args.skip_unknown,
-                       fusion=args.fusion, **_grid_kwargs(args)),
+                       fusion=args.fusion, occurrences=args.occurrences if args.fit else None,
+                       background=args.background, fit=args.fit, cv_blocks=args.cv_blocks,
+                       seed=args.seed, **_grid_kwargs(args)),
         WriteRequest(out=args.out, threshold=args.threshold, occurrences=args.occurrences,
                      self_contained=args.self_contained, stack=args.stack,
+                     expert_range=args.expert_range,
                      stack_name=os.path.splitext(os.path.basename(args.species_file))[0]
                      if args.species_file else None),
     )
     t = result.timings
+    fit = f", fit {t['fit']:.1f} s" if "fit" in t else ""
     _say(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
-         f"score {t['score']:.1f} s, write {t['write']:.1f} s)")
+         f"score {t['score']:.1f} s{fit}, write {t['write']:.1f} s)")
     if len(result.summary) > 1:
         _say(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:
@@ -324,16 +354,34 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from taxamap.products.evaluate import evaluate_files
+    from taxamap.products.evaluate import evaluate_files, format_table
 
-    result = evaluate_files(
-        args.map, args.occurrences, background=args.background,
-        presence_column=args.presence_column, n_background=args.n_background, seed=args.seed,
-        json_path=args.json, roc_path=args.roc,
-    )
-    from taxamap.products.evaluate import format_table
+    if not args.occurrences and not args.expert_range:
+        raise TaxamapError("give --occurrences FILE (presence points) and/or --range FILE (an "
+                           "expert range) to evaluate the map against")
+    result = comparison = None
+    if args.occurrences:
+        result = evaluate_files(
+            args.map, args.occurrences, background=args.background,
+            presence_column=args.presence_column, n_background=args.n_background,
+            seed=args.seed, json_path=None if args.expert_range else args.json,
+            roc_path=args.roc,
+        )
+        print(format_table(result))
+    if args.expert_range:
+        from taxamap.products.expert import compare_files, write_json
 
-    print(format_table(result))
+        band = int(args.band) if args.band.isdigit() else args.band
+        comparison = compare_files(args.map, args.expert_range, rule=args.rule, band=band,
+                                   out_dir=args.out, occurrences=args.occurrences,
+                                   seed=args.seed)
+        print(comparison.format_table())
+        for path in comparison.paths.values():
+            print(path)
+        if args.json:
+            records = comparison.to_records()
+            write_json(args.json, records if result is None
+                       else {"occurrences": result.to_dict(), "range": records})
     return 0
 
 
@@ -346,6 +394,8 @@ def _cmd_threshold(args) -> int:
     print(result.paths["polygons"])
     print(f"threshold {result.threshold:.4f}: {result.n_in_range:,} of {result.n_valid:,} cells, "
           f"{result.area_km2:,.0f} km2", file=sys.stderr)
+    print(f"EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km grid): "
+          f"{result.criterion_b}", file=sys.stderr)
     return 0
 
 

@@ -74,6 +74,12 @@ class PredictRequest(GridRequest):
     # with species_file: map the names that resolve and list the others in the summary
     skip_unknown: bool = False
     fusion: str = DEFAULT_FUSION
+    # fit=True: a classifier on the stored cell embeddings at the occurrences (products.fit)
+    occurrences: object = None
+    background: object = None
+    fit: bool = False
+    cv_blocks: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -87,6 +93,7 @@ class WriteRequest:
     self_contained: bool = False
     stack: bool = False
     stack_name: str | None = None
+    expert_range: object = None
 
 
 @dataclass
@@ -431,9 +438,11 @@ def check_write_request(wreq: WriteRequest) -> dict:
     unknown = [f for f in wreq.formats if f not in FORMATS]
     if unknown:
         raise TaxamapError(f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
-    if wreq.stack and (wreq.threshold or wreq.occurrences is not None or wreq.self_contained):
+    if wreq.stack and (wreq.threshold or wreq.occurrences is not None or wreq.self_contained
+                       or wreq.expert_range is not None):
         raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
-                           "--occurrences and --self-contained, or map species one by one")
+                           "--occurrences, --expert-range and --self-contained, or map species "
+                           "one by one")
     read: dict = {"occurrences": None}
     if wreq.occurrences is not None:
         from taxamap.products.occurrences import as_latlon_points
@@ -451,6 +460,11 @@ def check_write_request(wreq: WriteRequest) -> dict:
             elif read["occurrences"] is None:
                 raise TaxamapError("--threshold maxtss needs occurrences: maxtss:FILE, or "
                                    "--occurrences FILE")
+    read["expert"] = None
+    if wreq.expert_range is not None:
+        from taxamap.products.expert import read_expert_range
+
+        read["expert"] = read_expert_range(wreq.expert_range)
     if wreq.self_contained and "html" in wreq.formats:
         from taxamap.writers import assets
 
@@ -486,6 +500,13 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
     req.cells = check_cells(req.cells)
+    # Inputs read later are checked now: a bad one fails in seconds, not after the cells.
+    occurrences = None
+    if req.occurrences is not None:
+        from taxamap.products.occurrences import as_latlon_points
+
+        occurrences = as_latlon_points(req.occurrences, "occurrences")
+    background = _check_fit_inputs(req, occurrences)
     device = lazy_device(req.device)
     if (req.device or "auto").lower() not in ("auto", "cpu"):
         device()  # a GPU the user named must exist before any work starts
@@ -493,12 +514,19 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
 
     region, grid = build_grid(req)
     timings["grid"] = time.perf_counter() - t0
+    if req.fit:
+        from taxamap.products.fit import locate_occurrences
+
+        locate_occurrences(occurrences, grid)  # wholly off the grid: fail before any embedding
 
     # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
     skipped: list[str] = []
     queries, query_ref = embed_queries(req, config, device, skipped)
     timings["query"] = time.perf_counter() - t
+    if req.fit and len(queries) > 1:
+        raise TaxamapError("--fit fits one species' occurrences: map one species at a time "
+                           "(--species NAME, not --species-file)")
 
     t = time.perf_counter()
     cells = embed_cells(req, grid, config, device)
@@ -520,12 +548,23 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     )
     if skipped:
         attrs["skipped_species"] = "; ".join(skipped)
+    timings["score"] = time.perf_counter() - t
+    extra = None
+    if req.fit:
+        from taxamap.products.fit import fit_grid
+
+        t = time.perf_counter()
+        fit = fit_grid(grid, cells.stores, fused[0], occurrences, background, seed=req.seed,
+                       cv_blocks_deg=req.cv_blocks)
+        timings["fit"] = time.perf_counter() - t
+        log(fit.format_table())
+        extra = {"fitted": fit.fitted[None], "combined": fit.combined[None]}
+        attrs.update({k.lower(): v for k, v in fit.tags().items()})
     ds = scores_dataset(grid, fused, per, labels=[q.label for q in queries],
                         prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
-                        attrs=attrs)
+                        attrs=attrs, extra=extra)
     if len(queries) > 1:
         ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
-    timings["score"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return ds, timings
 
@@ -567,7 +606,8 @@ def write_dataset(ds, wreq: WriteRequest, *, checked: dict | None = None,
     for one in iter_species(ds):
         files = write_outputs(one, out_dir, wreq.formats, threshold=wreq.threshold,
                               occurrences=checked["occurrences"],
-                              self_contained=wreq.self_contained, outline=outline)
+                              self_contained=wreq.self_contained, outline=outline,
+                              expert_geometry=checked["expert"])
         for ext, path in files.items():
             paths[f"{one.attrs['slug']}.{ext}"] = path
     return paths
@@ -611,6 +651,27 @@ def predict_and_write(req: PredictRequest, wreq: WriteRequest) -> PredictResult:
     return PredictResult(ds, paths, timings, summary_rows(ds, paths))
 
 
+def _check_fit_inputs(req: PredictRequest, occurrences: np.ndarray | None) -> np.ndarray | None:
+    """Check the --fit options before any long work; returns the background points (or None)."""
+    if not req.fit:
+        if req.background is not None:
+            raise TaxamapError("--background is used by --fit; add --fit or drop --background")
+        return None
+    if occurrences is None:
+        raise TaxamapError("--fit needs --occurrences FILE: the presence records to fit on")
+    import math
+
+    if not (isinstance(req.cv_blocks, (int, float)) and math.isfinite(req.cv_blocks)
+            and req.cv_blocks > 0):
+        raise TaxamapError(f"--cv-blocks must be a positive number of degrees, not "
+                           f"{req.cv_blocks!r}")
+    if req.background is not None:
+        from taxamap.products.occurrences import as_latlon_points
+
+        return as_latlon_points(req.background, "background")
+    return None
+
+
 def write_outputs(
     ds,
     out_dir: Path,
@@ -620,6 +681,7 @@ def write_outputs(
     occurrences: np.ndarray | None = None,
     self_contained: bool = False,
     outline=None,
+    expert_geometry=None,
 ) -> dict[str, Path]:
     """Write the requested files for the (y, x) Dataset ``ds`` into ``out_dir`` (each atomically).
 
@@ -642,6 +704,8 @@ def write_outputs(
         range_geometry = result.geometry
         log(f"range ({threshold}): threshold {result.threshold:.4f}, {result.n_in_range:,} of "
             f"{result.n_valid:,} cells, {result.area_km2:,.0f} km2")
+        log(f"range EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km "
+            f"grid): {result.criterion_b}")
     if "html" in formats:
         from taxamap.writers.html import write_html
 
@@ -653,6 +717,8 @@ def write_outputs(
             extras["range_label"] = threshold
         if self_contained:
             extras["self_contained"] = True
+        if expert_geometry is not None:
+            extras["expert_geometry"] = expert_geometry
         paths["html"] = write_html(ds, out_dir / f"{slug}.html", outline=outline, **extras)
     if "png" in formats:
         from taxamap.writers.png import write_png

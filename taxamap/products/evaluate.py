@@ -342,7 +342,7 @@ class BandEvaluation:
         keys = ("name", "n_presence", "n_background", "presence_nodata", "background_nodata",
                 "auc", "average_precision", "tss", "tss_threshold", "sensitivity",
                 "specificity", "boyce")
-        return {k: _json_value(getattr(self, k)) for k in keys}
+        return {k: json_value(getattr(self, k)) for k in keys}
 
 
 @dataclass(eq=False)
@@ -393,7 +393,8 @@ class EvaluationResult:
         return format_table(self)
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+    """A number ready for JSON: floats rounded to 6 digits (NaN/inf as None), NumPy ints as int."""
     if isinstance(value, (float, np.floating)):
         return None if not math.isfinite(float(value)) else round(float(value), 6)
     if isinstance(value, np.integer):
@@ -490,13 +491,21 @@ def format_table(result: EvaluationResult) -> str:
                      f"{b.presence_nodata}/{b.background_nodata}", _fmt(b.auc),
                      _fmt(b.average_precision), _fmt(b.tss), _fmt(b.tss_threshold, 4),
                      _fmt(b.boyce)))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines.extend(text_table(rows))
+    return "\n".join(lines)
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a plain-text table: ``rows[0]`` is the header (underlined with dashes), the
+    first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = []
     for n, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def plot_roc(result: EvaluationResult, path: str | os.PathLike) -> Path:

@@ -22,6 +22,9 @@ from taxamap.writers.style import UNITS, atomic_path, imagery_credit
 #: Tile size of the COG. 256 keeps overviews for grids as small as the USA at 0.1 degree.
 BLOCKSIZE = 256
 
+#: Unit of the ``fitted`` / ``combined`` bands (``taxamap predict --fit``).
+FITTED_UNIT = "relative suitability (0-1)"
+
 #: Options of GDAL's COG driver. DEFLATE with the floating-point predictor is lossless.
 COG_OPTIONS = {
     "BLOCKSIZE": str(BLOCKSIZE),
@@ -76,7 +79,7 @@ def check_shapes(scoremap) -> list[tuple[str, np.ndarray]]:
 
 
 def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, str],
-               band_tags: list[dict] | None = None) -> Path:
+               band_tags: list[dict] | None = None, units: list[str] | None = None) -> Path:
     """Write float32 ``bands`` over ``grid`` as a COG at ``path``, atomically."""
     import rasterio
     import rasterio.shutil
@@ -99,7 +102,7 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
                 for i, (name, raster) in enumerate(bands, start=1):
                     ds.write(np.asarray(raster, dtype=np.float32), i)
                     ds.set_band_description(i, name)
-                    ds.set_band_unit(i, "cosine similarity")
+                    ds.set_band_unit(i, units[i - 1] if units else "cosine similarity")
                     ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
                 ds.update_tags(**tags)
             with mem.open() as src:
@@ -118,7 +121,11 @@ def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
     """
     scoremap = as_scoremap(scoremap)
     bands = check_shapes(scoremap)
-    return _write_cog(path, scoremap.grid, bands, geotiff_tags(scoremap))
+    extra = set(getattr(scoremap, "extra_bands", None) or {})
+    # Fitted bands are a classifier's output, not a modality's cosine: say so per band.
+    band_tags = [{"PRODUCT": name} if name in extra else {"MODALITY": name} for name, _ in bands]
+    units = [FITTED_UNIT if name in extra else "cosine similarity" for name, _ in bands]
+    return _write_cog(path, scoremap.grid, bands, geotiff_tags(scoremap), band_tags, units)
 
 
 def write_stack(ds, path: str | os.PathLike) -> Path:

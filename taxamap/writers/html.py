@@ -127,6 +127,9 @@ SEA_COLOR = "#d5e3ec"
 LAND_FILL = "#f3f0e8"
 LAND_LINE = "#9a9a9a"
 RANGE_COLOR = "#7b3294"
+#: The expert range (``predict --expert-range``): dashed, so it reads apart from the range cut.
+EXPERT_NAME = "expert range"
+EXPERT_COLOR = "#d95f02"
 POINT_FILL = "#ff7f00"
 POINT_LINE = "#5a2d00"
 
@@ -282,7 +285,7 @@ def _offline_footer(libraries) -> str:
 
 def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
-               self_contained: bool = False, outline=None) -> Path:
+               self_contained: bool = False, outline=None, expert_geometry=None) -> Path:
     """Write a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) as an interactive
     folium map at ``path`` (atomically); return the path. ``outline``: the region boundary to
     draw (shapely, EPSG:4326).
@@ -294,6 +297,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     their own layer (rows with NaN are skipped and counted in the legend).
     ``range_geometry``: a shapely geometry in EPSG:4326 (e.g. :func:`taxamap.products.ranges.range_outline`)
     drawn as an outline in its own layer; ``range_label`` (e.g. the threshold rule) names it.
+    ``expert_geometry``: an expert range (shapely, EPSG:4326) drawn as a dashed outline in its
+    own layer, to compare with the map by eye.
     ``self_contained``: embed Leaflet and the marker-cluster plugin from the installed
     ``taxamap[offline]`` packages (TaxamapError naming them when missing), drop the web basemap
     and draw Natural Earth land instead, so the one file renders with no network.
@@ -383,6 +388,15 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
                 name=_esc(label),
                 style_function=lambda _f: {"color": RANGE_COLOR, "weight": 2.5, "fill": False},
             ).add_to(m)
+
+    if expert_geometry is not None and not expert_geometry.is_empty:
+        folium.GeoJson(
+            _feature_collection(_to_frame(shapely.simplify(
+                expert_geometry, grid.resolution / 4.0, preserve_topology=True), grid.west, east)),
+            name=EXPERT_NAME,
+            style_function=lambda _f: {"color": EXPERT_COLOR, "weight": 2.5, "fill": False,
+                                       "dashArray": "6 4"},
+        ).add_to(m)
 
     if points is not None and len(points):
         lon = points[:, 1] + 360.0 * np.round(((grid.west + east) / 2.0 - points[:, 1]) / 360.0)
