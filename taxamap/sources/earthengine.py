@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
 from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
 from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, TILE_SIZE, plan_patch
@@ -354,6 +354,6 @@ class EarthEngineSource:
                         raise _credentials_error(exc) from None
                     raise TaxamapError(f"Earth Engine refused the request: {text}") from None
             if attempt < self.retries:
-                time.sleep(random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt)))
+                time.sleep(http.backoff_delay(attempt, self.backoff, self.max_backoff))
         self.stats.add(failures=1)
         return None
