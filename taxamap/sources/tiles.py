@@ -40,6 +40,7 @@ import mercantile
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache, decode_image
 from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
@@ -331,7 +332,12 @@ class XYZTileSource:
             timeout=self.timeout)
         if answer.status == 200 and not answer.failed:
             if self.cache is not None:
-                self.cache.put(key, answer.body, validated=True)
+                try:
+                    self.cache.put(key, answer.body, validated=True)
+                except DiskFull as exc:
+                    # A window of `size` px touches (1 + size/tile)^2 tiles on average.
+                    exc.per_cell = len(answer.body) * (1 + self.size / self.tile_size) ** 2
+                    raise
             self.stats.add(fetched=1)
             return self._check_size(answer.value), False
         if answer.status in ABSENT_STATUS:
