@@ -311,3 +311,16 @@ def test_breaker_rules():
     later.failure("h:2", "HTTP 503", answered=True)
     with pytest.raises(CircuitOpen, match="tiles stopped coming: the server h:2 keeps failing"):
         later.check()
+
+
+def test_server_error_storm_trips_the_breaker_between_retries(tmp_path):
+    from taxamap.sources.http import CircuitOpen
+
+    cells = np.column_stack([np.linspace(-50, 50, 20), np.linspace(-100, 100, 20)])
+    with TileServer(faults={}, fault_rate=1.0, rate_faults=("503",)) as server, \
+            make_source(server, tmp_path, retries=3, fail_fast_after=6, workers=2) as src:
+        t0 = time.monotonic()
+        with pytest.raises(CircuitOpen, match="keeps failing .*HTTP 503"):
+            src.fetch(cells)
+        assert time.monotonic() - t0 < 5.0
+        assert server.requests <= 6 + 2  # stopped mid-retries; the pool was not left stuck

@@ -205,11 +205,12 @@ class _ReportingRetry(Retry):
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None,
                   _stacktrace=None):
-        if self.breaker is not None:
+        # A 429 is a server asking to slow down (Retry-After), not a sign it is gone. The breaker
+        # is only checked in sleep(): raising here would strand the response's pooled connection.
+        if self.breaker is not None and getattr(response, "status", None) != 429:
             host = f"{_pool.host}:{_pool.port}" if _pool is not None else host_of(url or "")
             self.breaker.failure(host, _describe_failure(response, error),
                                  answered=response is not None)
-            self.breaker.check()
         nxt = super().increment(method, url, response, error, _pool, _stacktrace)
         nxt._no_answer = response is None
         if self.on_retry is not None:

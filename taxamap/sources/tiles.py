@@ -42,8 +42,8 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull
 from taxamap.sources import http
-from taxamap.sources.cache import MISSING, TileCache, decode_image
 from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.cache import MISSING, TileCache, decode_image
 
 #: EOX Sentinel-2 cloudless 2020, Web Mercator (the layer TaxaBind trained on).
 DEFAULT_URL = "https://tiles.maps.eox.at/wmts/1.0.0/s2cloudless-2020_3857/default/g/{z}/{y}/{x}.jpg"
@@ -204,6 +204,7 @@ class XYZTileSource:
         self._inflight: dict[tuple[int, int, int], Future] = {}
         # Re-entrant: add_done_callback runs _forget at once, in this thread, if the tile is done.
         self._lock = threading.RLock()
+        self._fatal: Exception | None = None  # an error that ends the run (a full cache disk)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -314,6 +315,8 @@ class XYZTileSource:
 
     def _get_tile(self, tile: tuple[int, int, int]):
         """(decoded RGB tile or None, failed): failed when it is missing after retries (not absent)."""
+        if self._fatal is not None:
+            raise self._fatal
         z, x, y = tile
         key = f"{z}/{x}/{y}"
         if self.cache is not None:
@@ -337,6 +340,7 @@ class XYZTileSource:
                 except DiskFull as exc:
                     # A window of `size` px touches (1 + size/tile)^2 tiles on average.
                     exc.per_cell = len(answer.body) * (1 + self.size / self.tile_size) ** 2
+                    self._fatal = exc  # tiles queued behind this one are not fetched for nothing
                     raise
             self.stats.add(fetched=1)
             return self._check_size(answer.value), False
