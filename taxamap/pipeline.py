@@ -157,7 +157,8 @@ def build_grid(req: GridRequest):
         if (east - west) * (north - south) / req.resolution ** 2 <= MAX_CELLS:
             removed = count_cells(region.outline, req.resolution) - grid.n_cells
             other = "water" if region.cells == "land" else "land"
-            log(f"{region.cells} mask: {max(removed, 0):,} {other} cells removed")
+            if removed > 0:  # a box wholly on land needs no word about the mask
+                log(f"{region.cells} mask: {removed:,} {other} cells removed")
     return region, grid
 
 

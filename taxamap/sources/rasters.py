@@ -19,18 +19,20 @@ the source blocks under the window are read, whatever the file's size or project
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mercantile
 import numpy as np
 
 from taxamap.errors import TaxamapError
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
 from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, MAX_LAT, TILE_SIZE
+
+log = logging.getLogger(__name__)
 
 _WORLD = mercantile.xy_bounds(0, 0, 0)
 _EQUATOR_M_PER_DEG = 111_319.49
@@ -59,10 +61,16 @@ def _open(path: Path):
         raise TaxamapError(f"cannot read satellite raster {path}: {str(exc).splitlines()[0]}") from None
 
 
-class RasterFileSource:
-    """Patches warped from a local raster (see the module docstring)."""
+class RasterFileSource(PerCellSource):
+    """Patches warped from a local raster (see the module docstring).
+
+    A window that cannot be read (a damaged block, a VRT member missing or unreadable, a share
+    that went away) is ``None`` and *failed* (``fetch_status``): its block stays unfinished in
+    the store, so the same command reads it again once the file is fixed.
+    """
 
     kind = "file"
+    _thread_name = "taxamap-raster"
 
     def __init__(
         self,
@@ -82,16 +90,14 @@ class RasterFileSource:
             raise TaxamapError(f"satellite raster {path} does not exist: pass an existing --sat-file")
         if not 16 <= int(size) <= 4096:
             raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
-        self.zoom, self.size, self.workers = int(zoom), int(size), max(1, int(workers))
+        super().__init__(workers)
+        self.zoom, self.size = int(zoom), int(size)
         self.min_coverage = float(min_coverage)
         self.attribution, self.license = attribution, license
-        self.stats = SourceStats()
         self._local = threading.local()
         self._datasets: list = []
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        # The engine calls fetch from several prepare threads at once: one pool, made once.
-        self._executor_lock = threading.Lock()
+        self._read_errors = 0
         try:
             src = self._dataset()
             if src.crs is None:
@@ -123,32 +129,14 @@ class RasterFileSource:
             "resampling": self._resampling.name,
         }
 
-    def fetch(self, latlon) -> list:
-        """One RGB ``size`` x ``size`` patch per (lat, lon) row; None outside the raster's data."""
-        latlon = as_latlon(latlon)
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-raster")
-        out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
-        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
-        return out
-
     def close(self) -> None:
         """Close the per-thread datasets and stop the workers."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        super().close()
         with self._lock:
             for ds in self._datasets:
                 ds.close()
             self._datasets.clear()
         self._local = threading.local()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -197,15 +185,32 @@ class RasterFileSource:
         dst_res = (_WORLD.right - _WORLD.left) / (TILE_SIZE * (1 << self.zoom))
         return Resampling.average if src_res < dst_res * 0.75 else Resampling.bilinear
 
-    def _patch(self, lat: float, lon: float):
+    def patch(self, lat: float, lon: float):
+        """(RGB patch or None, failed) of one cell; failed when the window could not be read."""
+        import rasterio
+
+        window = mercator_window(lat, lon, self.zoom, self.size)
+        if window is None:
+            return None, False
+        try:
+            return self._warp(*window), False
+        except rasterio.errors.RasterioError as exc:
+            # A damaged block or a missing VRT member fails these cells, not the run.
+            with self._lock:
+                self._read_errors += 1
+                first = self._read_errors == 1
+            if first:
+                why = exc.__cause__ or exc  # GDAL's own message ("m1.tif: No such file ...")
+                log.warning("cannot read %s around (%.4f, %.4f): %s; those cells are left for a "
+                            "rerun", self.path, lat, lon, str(why).splitlines()[0])
+            self.stats.add(failures=1)
+            return None, True
+
+    def _warp(self, left: float, top: float, res: float):
         from affine import Affine
         from PIL import Image
         from rasterio.vrt import WarpedVRT
 
-        window = mercator_window(lat, lon, self.zoom, self.size)
-        if window is None:
-            return None
-        left, top, res = window
         src = self._dataset()
         with WarpedVRT(
             src,
