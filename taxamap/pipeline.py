@@ -450,6 +450,10 @@ def predict(req: PredictRequest) -> PredictResult:
     if req.stack and (req.threshold or req.occurrences or req.self_contained):
         raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
                            "--occurrences and --self-contained, or map species one by one")
+    if req.self_contained and "html" in req.formats:
+        from taxamap.writers.assets import check_offline_assets
+
+        check_offline_assets()  # a missing offline extra fails now, not after every cell
     # Inputs read at the end are checked now: a bad one fails in seconds, not after the cells.
     occurrences = None
     if req.occurrences:
