@@ -126,7 +126,7 @@ def open_map(browser, path: Path, size: tuple[int, int], *,
         loaded = time.perf_counter()
         shot.load_s = loaded - start
         if bounds is not None:
-            page.wait_for_function(_AT_VIEW, arg=list(bounds), polling="raf",
+            page.wait_for_function(_AT_VIEW, arg=list(bounds), polling=50,
                                    timeout=timeout * 4000)
             shot.boxes = page.evaluate(_BOXES, {k: list(v) for k, v in (boxes or {}).items()})
         while True:
