@@ -467,9 +467,9 @@ def check_write_request(wreq: WriteRequest) -> dict:
 
         read["expert"] = read_expert_range(wreq.expert_range)
     if wreq.self_contained and "html" in wreq.formats:
-        from taxamap.writers import assets
+        from taxamap.writers.assets import check_offline_assets
 
-        assets.offline_libraries()
+        check_offline_assets()  # a missing offline extra fails now, not after every cell
     read["out_dir"] = check_out_dir(wreq.out)
     return read
 

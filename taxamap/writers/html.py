@@ -165,11 +165,21 @@ def _to_frame(geom, west: float, east: float):
     return shapely.GeometryCollection(parts)
 
 
-def _feature_collection(geom) -> dict:
-    from shapely.geometry import mapping
+#: Decimals kept in the page's GeoJSON: 1e-6 degree is about 0.1 m, far below any cell, and the
+#: shortest float text keeps a fragmented range outline's page about half the size.
+GEOJSON_DECIMALS = 6
 
+
+def _feature_collection(geom) -> dict:
+    import json
+
+    import shapely
+
+    rounded = shapely.transform(geom, lambda xy: np.round(xy, GEOJSON_DECIMALS))
+    # shapely's C GeoJSON writer: several times faster than __geo_interface__ on 10^4 rings.
     return {"type": "FeatureCollection",
-            "features": [{"type": "Feature", "properties": {}, "geometry": mapping(geom)}]}
+            "features": [{"type": "Feature", "properties": {},
+                          "geometry": json.loads(shapely.to_geojson(rounded))}]}
 
 
 def land_context(bounds: tuple[float, float, float, float], tolerance: float):
@@ -302,6 +312,9 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     ``self_contained``: embed Leaflet and the marker-cluster plugin from the installed
     ``taxamap[offline]`` packages (TaxamapError naming them when missing), drop the web basemap
     and draw Natural Earth land instead, so the one file renders with no network.
+
+    Every vector layer is drawn on Leaflet's canvas renderer, so a continent-sized grid's range
+    outline (thousands of rings) paints in well under a second.
     """
     import folium
     import shapely
@@ -322,7 +335,11 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         raise TaxamapError("range_geometry must be a shapely geometry in EPSG:4326 (lon, lat)")
     east = grid.west + grid.width * grid.resolution
 
-    m = folium.Map(tiles=None, control_scale=True)
+    # Canvas, not SVG: one <canvas> per pane redraws thousands of rings (a fragmented range at
+    # 0.05 deg, the land, a detailed region outline) in milliseconds, where Chromium took 5-20 s
+    # to paint as many SVG paths (benchmarks/html_paint.py). The cluster plugin's points are
+    # L.circleMarker vectors, so they go on the canvas too.
+    m = folium.Map(tiles=None, control_scale=True, prefer_canvas=True)
     # Without a tile layer the map has no zoom limit, which the cluster plugin refuses.
     m.options["max_zoom"] = MAX_ZOOM
     if self_contained:
@@ -373,6 +390,9 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         folium.GeoJson(
             _feature_collection(simple),
             name=OUTLINE_NAME,
+            # Outlines have no popups: out of the canvas's hit testing, mouse moves stay cheap
+            # and clicks reach the occurrence points.
+            interactive=False,
             style_function=lambda _f: {"color": "#222222", "weight": 1.5, "fill": False},
         ).add_to(m)
 
@@ -386,6 +406,7 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
             folium.GeoJson(
                 _feature_collection(outline),
                 name=_esc(label),
+                interactive=False,
                 style_function=lambda _f: {"color": RANGE_COLOR, "weight": 2.5, "fill": False},
             ).add_to(m)
 
@@ -413,7 +434,11 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         m.get_root().header.add_child(folium.Element(_CLUSTER_CSS))
 
     folium.LayerControl(collapsed=False).add_to(m)
-    m.fit_bounds(bounds)
+    # The map opens on the grid directly: an animated zoom from folium's world view would draw
+    # every layer twice (once at the world zoom, once at the grid's).
+    fit = folium.map.FitBounds(bounds)
+    fit.options["animate"] = False
+    fit.add_to(m)
 
     root = m.get_root()
     title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
