@@ -10,10 +10,12 @@ A source turns cell centres into RGB patches for the satellite encoder:
 * ``stats``: a :class:`SourceStats` (requests, cache hits, failures, retries, ...).
 * ``close()``: release connections and threads (sources are also context managers).
 
-Three kinds exist: ``xyz`` (any ``{z}/{x}/{y}`` tile server; default EOX Sentinel-2 cloudless
-2020), ``file`` (any raster GDAL reads) and ``earthengine`` (a Sentinel-2 median composite).
-All three cut the same Web-Mercator window around a cell (``zoom``/``size``), so their patches are
-comparable: see :mod:`taxamap.sources.tiles` for the defaults and why.
+Four kinds exist: ``wms`` (the default: exactly the GetMap request of TaxaBind's training set,
+EOX Sentinel-2 cloudless 2020), ``xyz`` (any ``{z}/{x}/{y}`` tile server; default the same EOX
+mosaic in Web Mercator), ``file`` (any raster GDAL reads) and ``earthengine`` (a Sentinel-2
+median composite). All four deliver the same footprint, the 2,560 m square in the cell's local
+tangent plane at 256 x 256 px that the encoder was trained on (:mod:`taxamap.sources.footprint`),
+so their patches are comparable.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import numpy as np
 from taxamap.errors import TaxamapError
 
 #: The kinds ``make_satellite_source`` accepts (``--sat-source``).
-SOURCE_KINDS = ("xyz", "file", "earthengine")
+SOURCE_KINDS = ("wms", "xyz", "file", "earthengine")
+#: The default: the WMS request TaxaBind's satellite encoder was trained on (EOX s2cloudless-2020).
+DEFAULT_SOURCE = "wms"
 
 #: Default parallel requests. Eight keeps a public tile server's per-client limits happy (most ask
 #: for "a few" connections) while hiding ~50-100 ms of latency per tile.
@@ -93,11 +97,12 @@ def as_latlon(latlon) -> np.ndarray:
 
 
 def make_satellite_source(
-    kind: str = "xyz",
+    kind: str = DEFAULT_SOURCE,
     *,
     url: str | None = None,
     zoom: int | None = None,
     size: int | None = None,
+    footprint_m: float | None = None,
     file: str | Path | None = None,
     ee_project: str | None = None,
     year: int = 2020,
@@ -107,36 +112,45 @@ def make_satellite_source(
 ) -> SatelliteSource:
     """Build the satellite source a user asked for (``--sat-source``, ``--sat-url`` ...).
 
-    ``zoom``/``size`` default to :data:`taxamap.sources.tiles.DEFAULT_ZOOM` /
-    :data:`~taxamap.sources.tiles.DEFAULT_SIZE` for every kind. ``cache_dir`` is the root of the
-    on-disk cache (default: the user cache dir); ``options`` go to the source's constructor
-    (e.g. ``retries``, ``timeout``, ``backoff`` for xyz; ``client`` for earthengine).
+    Every kind delivers TaxaBind's footprint: ``footprint_m`` (default 2,560 m) square in the
+    cell's tangent plane at ``size`` (default 256) px (:mod:`taxamap.sources.footprint`).
+    ``zoom`` fixes the tile level of ``xyz`` (default: chosen per cell from its latitude) and is
+    refused for the other kinds. ``cache_dir`` is the root of the on-disk cache (default: the user
+    cache dir); ``options`` go to the source's constructor (e.g. ``retries``, ``timeout``,
+    ``backoff`` for wms/xyz; ``client`` for earthengine).
     """
-    from taxamap.sources import tiles
+    from taxamap.sources.footprint import check_footprint_options
 
-    zoom = tiles.DEFAULT_ZOOM if zoom is None else int(zoom)
-    size = tiles.DEFAULT_SIZE if size is None else int(size)
     # Checked once here for every kind of source.
-    if not 0 <= zoom <= 24:
-        raise TaxamapError(f"--sat-zoom must be between 0 and 24, not {zoom}")
-    if size < 16:
-        raise TaxamapError(f"--sat-size must be at least 16 pixels, not {size}")
+    footprint_m, size = check_footprint_options(footprint_m, size)
     if int(workers) < 1:
         raise TaxamapError(f"--workers must be at least 1, not {workers}")
+    if zoom is not None:
+        if kind != "xyz":
+            raise TaxamapError(f"--sat-zoom applies to --sat-source xyz only (a {kind} source "
+                               "resamples its imagery to --sat-footprint / --sat-size)")
+        if not 0 <= int(zoom) <= 24:
+            raise TaxamapError(f"--sat-zoom must be between 0 and 24, not {zoom}")
+    common = dict(size=size, footprint_m=footprint_m, workers=workers)
+    if kind == "wms":
+        from taxamap.sources.wms import DEFAULT_WMS_URL, WMSSource
+
+        return WMSSource(url or DEFAULT_WMS_URL, cache_dir=cache_dir, **common, **options)
     if kind == "xyz":
-        return tiles.XYZTileSource(
-            url or tiles.DEFAULT_URL, zoom=zoom, size=size, cache_dir=cache_dir, workers=workers, **options
-        )
+        from taxamap.sources import tiles
+
+        return tiles.XYZTileSource(url or tiles.DEFAULT_URL, zoom=zoom, cache_dir=cache_dir, **common,
+                                   **options)
+    if url is not None and kind in ("file", "earthengine"):
+        raise TaxamapError(f"--sat-url applies to --sat-source wms or xyz, not {kind}")
     if kind == "file":
         if file is None:
             raise TaxamapError("--sat-source file needs --sat-file PATH (a GeoTIFF, COG or VRT)")
         from taxamap.sources.rasters import RasterFileSource
 
-        return RasterFileSource(file, zoom=zoom, size=size, workers=workers, **options)
+        return RasterFileSource(file, **common, **options)
     if kind == "earthengine":
         from taxamap.sources.earthengine import EarthEngineSource
 
-        return EarthEngineSource(
-            project=ee_project, year=year, zoom=zoom, size=size, cache_dir=cache_dir, workers=workers, **options
-        )
+        return EarthEngineSource(project=ee_project, year=year, cache_dir=cache_dir, **common, **options)
     raise TaxamapError(f"unknown satellite source {kind!r}: use one of {', '.join(SOURCE_KINDS)}")
