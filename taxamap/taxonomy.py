@@ -31,12 +31,13 @@ import requests
 
 from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.sources import http
 
 log = logging.getLogger(__name__)
 
 INATURALIST_URL = "https://api.inaturalist.org/v1"
 GBIF_URL = "https://api.gbif.org/v1"
-USER_AGENT = f"taxamap/{__version__} (+https://github.com/taxamap)"
+USER_AGENT = http.USER_AGENT
 
 #: The seven ranks of a prompt, in order.
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
@@ -112,8 +113,10 @@ class TaxonomyClient:
     """The one place taxamap's taxonomy code talks HTTP.
 
     Base URLs are configurable so tests (or a mirror) can stand in for iNaturalist and GBIF.
-    Requests retry with exponential backoff on 429, 5xx and timeouts only; anything else fails
-    at once, so a machine without a network falls back to the offline table quickly.
+    The session (:func:`taxamap.sources.http.make_session`) retries 429, 5xx and read timeouts
+    with backoff (``Retry-After`` honoured up to ``max_wait``); refused connections and DNS
+    failures are not retried, so a machine without a network falls back to the offline table
+    quickly. A ``session`` given by the caller is used as it is (its own retries, if any).
     """
 
     def __init__(
@@ -130,41 +133,34 @@ class TaxonomyClient:
     ) -> None:
         self.inaturalist_url = inaturalist_url.rstrip("/")
         self.gbif_url = gbif_url.rstrip("/")
-        self.session = session if session is not None else requests.Session()
+        self.timeout = http.default_timeout(timeout)
+        self.retries = retries
+        if session is None:
+            session = http.make_session(workers=4, retries=retries, connect_retries=0,
+                                        backoff=backoff, max_backoff=max_wait,
+                                        max_retry_after=max_wait, timeout=self.timeout)
+        self.session = session
         self.session.headers["User-Agent"] = user_agent
         self.session.headers.setdefault("Accept", "application/json")
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_wait = max_wait
 
     def get_json(self, url: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET ``url`` and decode its JSON body; raise :class:`TaxonomyServiceError` on failure."""
-        last = "no attempt made"
-        for attempt in range(self.retries + 1):
-            wait = self.backoff * (2**attempt)
-            try:
-                response = self.session.get(url, params=params, timeout=self.timeout)
-            except requests.Timeout as exc:
-                last = f"timed out ({exc.__class__.__name__})"
-            except requests.RequestException as exc:
-                # Refused connections, DNS failures: retrying would only delay the fallback.
-                raise TaxonomyServiceError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-            else:
-                if response.status_code == 429 or response.status_code >= 500:
-                    last = f"HTTP {response.status_code}"
-                    wait = max(wait, _retry_after(response))
-                elif response.status_code != 200:
-                    raise TaxonomyServiceError(f"{url}: HTTP {response.status_code}")
-                else:
-                    try:
-                        return response.json()
-                    except ValueError as exc:
-                        raise TaxonomyServiceError(f"{url}: response is not JSON") from exc
-            if attempt < self.retries:
-                log.debug("taxonomy request %s failed (%s); retrying in %.2fs", url, last, wait)
-                time.sleep(min(wait, self.max_wait))
-        raise TaxonomyServiceError(f"{url}: {last} after {self.retries + 1} attempts")
+        try:
+            response = self.session.get(url, params=params, timeout=self.timeout)
+        except requests.RequestException as exc:
+            timed_out = "timeout" in type(exc).__name__.lower() or "Timeout" in str(exc)
+            why = f"timed out ({exc.__class__.__name__})" if timed_out else \
+                f"{exc.__class__.__name__}: {exc}"
+            raise TaxonomyServiceError(f"{url}: {why}") from exc
+        if response.status_code in http.RETRY_STATUS:
+            raise TaxonomyServiceError(
+                f"{url}: HTTP {response.status_code} after {self.retries + 1} attempts")
+        if response.status_code != 200:
+            raise TaxonomyServiceError(f"{url}: HTTP {response.status_code}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise TaxonomyServiceError(f"{url}: response is not JSON") from exc
 
     def inaturalist(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET an iNaturalist API path, e.g. ``"taxa"`` or ``"taxa/9083"``."""
@@ -173,14 +169,6 @@ class TaxonomyClient:
     def gbif(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET a GBIF API path, e.g. ``"species/match"``."""
         return self.get_json(f"{self.gbif_url}/{path.lstrip('/')}", params)
-
-
-def _retry_after(response: requests.Response) -> float:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return 0.0
 
 
 # ---------------------------------------------------------------------------------------------

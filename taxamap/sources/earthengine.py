@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
@@ -383,6 +383,6 @@ class EarthEngineSource:
                         raise _credentials_error(exc) from None
                     raise TaxamapError(f"Earth Engine refused the request: {text}") from None
             if attempt < self.retries:
-                time.sleep(random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt)))
+                time.sleep(http.backoff_delay(attempt, self.backoff, self.max_backoff))
         self.stats.add(failures=1)
         return None

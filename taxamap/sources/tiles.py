@@ -19,22 +19,22 @@ from its latitude: the coarsest level whose pixels are no larger than the footpr
 it is *not* what the encoder learned from; for looking at raw tiles).
 
 Every tile a patch touches is fetched once (usually 2 x 2 or 3 x 3) and shared by neighbouring
-cells. Networking is deliberately boring: a thread pool of ``workers`` requests
-(never more in flight), one ``requests.Session`` whose pool holds ``workers`` connections,
-(connect, read) timeouts, retries with exponential backoff and full jitter on 429, 5xx, timeouts,
-connection errors and truncated/undecodable bodies (``Retry-After`` honoured, capped), no retry on
-404 (cached as a negative entry so reruns send nothing) or other 4xx, and a descriptive
-User-Agent. A tile that still fails makes the cells that need it ``None``; it is never cached.
+cells. Networking is deliberately boring and shared with every other client
+(:mod:`taxamap.sources.http`): a thread pool of ``workers`` requests (never more in flight), one
+session whose pool holds ``workers`` connections, (connect, read) timeouts, urllib3 retries with
+exponential backoff and jitter on 429, 5xx, timeouts and connection errors (``Retry-After``
+honoured, capped), a refetch of truncated/undecodable bodies, no retry on 404 (cached as a
+negative entry so reruns send nothing) or other 4xx, a descriptive User-Agent, and a circuit
+breaker: when the first requests all fail without an answer (a stalled or unreachable server),
+or many in a row fail, the run stops with one line naming the server. A tile that still fails
+makes the cells that need it ``None`` and "failed" (a rerun retries them); it is never cached.
 """
 
 from __future__ import annotations
 
-import email.utils
 import math
-import random
 import re
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache, decode_image
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
 from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
@@ -66,10 +66,8 @@ EOX_ATTRIBUTION = (
     "(Contains modified Copernicus Sentinel data {year})"
 )
 
-USER_AGENT = f"taxamap/{__version__} (zero-shot species-distribution maps; python-requests)"
+USER_AGENT = http.USER_AGENT
 
-#: Statuses worth retrying: the server is busy or briefly broken.
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Statuses that mean "this tile does not exist": cached as a negative entry, never retried.
 ABSENT_STATUS = frozenset({404, 410})
 
@@ -175,26 +173,6 @@ def plan_footprint(fp: Footprint, zoom: int | None, tile_size: int = TILE_SIZE,
     return _window(x0, y0, x1 - x0, y1 - y0, z, tile_size, fp)
 
 
-def _retry_after(value: str | None, cap: float) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), cap)
-
-
-class _TileFailed(Exception):
-    """A transient failure of one attempt (retry it)."""
-
-
 class XYZTileSource:
     """Patches mosaicked from ``{z}/{x}/{y}`` tiles (see the module docstring for the behaviour).
 
@@ -204,11 +182,14 @@ class XYZTileSource:
     latitude, at most ``max_zoom``); ``size`` of the square patch in pixels; ``cache_dir`` root of
     the tile cache (None: user cache dir) or ``cache=False`` for none; ``workers`` parallel
     requests; ``retries`` after the first attempt; ``backoff`` base delay in seconds (doubling per
-    retry, full jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
-    ``timeout`` (connect, read) seconds; ``session`` a ready ``requests.Session`` (the network
-    boundary; a new one by default); ``fail_fast_after``: raise if this many tiles in a row failed
-    and none ever succeeded (a wrong URL or no network, rather than a map of holes); ``prefetch``
-    tiles requested ahead of the cell being assembled (see :meth:`fetch`).
+    retry, with jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
+    ``timeout`` (connect, read) seconds (default :func:`taxamap.sources.http.default_timeout`);
+    ``session`` a ready ``requests.Session`` (the network boundary; default one from
+    :func:`~taxamap.sources.http.make_session`, whose retries and breaker a given session lacks);
+    ``fail_fast_after``: stop the run (:class:`~taxamap.sources.http.CircuitOpen`) when this many
+    first requests all failed (a wrong URL, no network, a stalled server) rather than make a map
+    of holes; ``fail_after_in_row`` the same for requests in a row after some succeeded;
+    ``prefetch`` tiles requested ahead of the cell being assembled (see :meth:`fetch`).
     """
 
     kind = "xyz"
@@ -229,13 +210,14 @@ class XYZTileSource:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_retry_after: float = 60.0,
-        timeout: float | tuple[float, float] = (10.0, 30.0),
+        timeout: float | tuple[float, float] | None = None,
         subdomains: str = "abc",
         session=None,
         attribution: str | None = None,
         license: str | None = None,
         user_agent: str = USER_AGENT,
-        fail_fast_after: int = 32,
+        fail_fast_after: int = 8,
+        fail_after_in_row: int = 32,
         prefetch: int | None = None,
     ):
         check_template(url)
@@ -258,15 +240,18 @@ class XYZTileSource:
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.max_retry_after = float(max_retry_after)
-        self.timeout = timeout
+        self.timeout = http.default_timeout(http.DEFAULT_TIMEOUT if timeout is None else timeout)
         self.subdomains = subdomains
-        self.fail_fast_after = int(fail_fast_after)
         self.prefetch = max(64, 16 * self.workers) if prefetch is None else max(1, int(prefetch))
         eox_attr, eox_lic = eox_metadata(url)
         self.attribution = attribution if attribution is not None else eox_attr
         self.license = license if license is not None else eox_lic
         self.stats = SourceStats()
         self.cache = TileCache(cache_dir, url) if cache else None
+        self.breaker = http.CircuitBreaker(
+            "satellite tiles", first=fail_fast_after, consecutive=fail_after_in_row,
+            hint="check --sat-url and the network, or drop the satellite modality; blocks "
+                 "already embedded are kept and the same command resumes")
         self._user_agent = user_agent
         self._session = session
         self._own_session = session is None
@@ -274,12 +259,6 @@ class XYZTileSource:
         self._inflight: dict[tuple[int, int, int], Future] = {}
         # Re-entrant: add_done_callback runs _forget at once, in this thread, if the tile is done.
         self._lock = threading.RLock()
-        self._ok = 0  # tiles obtained (network or cache), for the fail-fast rule
-        self._failed_in_row = 0
-        # Tiles that failed (not "absent"): cells needing them are failures a rerun should retry.
-        self._failed_tiles: set = set()
-        self._outcome = threading.local()
-        self._last_error = ""
 
     # -- public -------------------------------------------------------------------------------
 
@@ -328,6 +307,7 @@ class XYZTileSource:
         assembled: enough that one tile waiting out a Retry-After does not idle the other workers,
         few enough that a long list of cells streams. The returned patches are the caller's to chunk.
         Thread-safe: concurrent calls share the workers and never fetch a tile twice.
+        Raises :class:`~taxamap.sources.http.CircuitOpen` once the server is given up on.
         """
         latlon = as_latlon(latlon)
         plans = [self.plan(lat, lon) for lat, lon in latlon]
@@ -337,6 +317,7 @@ class XYZTileSource:
         ahead = self.prefetch
         submitted = 0
         out: list = [None] * len(plans)
+        failed = [False] * len(plans)
         for i, plan in enumerate(plans):
             while submitted < len(plans) and (submitted <= i or len(futures) < ahead):
                 for tile in need[submitted]:
@@ -344,20 +325,16 @@ class XYZTileSource:
                         futures[tile] = self._tile_future(tile)
                 submitted += 1
             if plan is not None:
-                images = [futures[t].result() for t in need[i]]
-                if all(img is not None for img in images):
-                    out[i] = self._assemble(plan, images)
+                results = [futures[t].result() for t in need[i]]
+                if all(img is not None for img, _ in results):
+                    out[i] = self._assemble(plan, [img for img, _ in results])
+                else:
+                    failed[i] = any(bad for _, bad in results)
                 for tile in need[i]:
                     refs[tile] -= 1
                     if refs[tile] == 0:
                         del futures[tile]
-            self._check_fail_fast()
-        missing = sum(p is None for p in out)
-        self.stats.add(cells=len(out), cells_missing=missing)
-        with self._lock:
-            failed_tiles = set(self._failed_tiles)
-        failed = [out[i] is None and plans[i] is not None and any(t in failed_tiles for t in need[i])
-                  for i in range(len(out))]
+        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
         return out, failed
 
     def close(self) -> None:
@@ -402,97 +379,47 @@ class XYZTileSource:
 
     def _http(self):
         with self._lock:
-            return self._http_locked()
+            if self._session is None:
+                self._session = http.make_session(
+                    workers=self.workers, retries=self.retries, backoff=self.backoff,
+                    max_backoff=self.max_backoff, max_retry_after=self.max_retry_after,
+                    timeout=self.timeout, user_agent=self._user_agent, breaker=self.breaker,
+                    on_retry=self._count_retry)
+            return self._session
 
-    def _http_locked(self):
-        if self._session is None:
-            import requests
-            from requests.adapters import HTTPAdapter
-
-            session = requests.Session()
-            # One pooled connection per worker; block instead of opening extras beyond the bound.
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.workers, pool_block=True, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = self._user_agent
-            self._session = session
-        return self._session
+    def _count_retry(self) -> None:
+        self.stats.add(requests=1, retries=1)
 
     def _get_tile(self, tile: tuple[int, int, int]):
-        """The decoded RGB tile, or None (absent, or still failing after retries)."""
-        img = self._get_tile_once(tile)
-        with self._lock:
-            if img is None and self._last_outcome_failed():
-                self._failed_tiles.add(tile)
-            else:
-                self._failed_tiles.discard(tile)
-        return img
-
-    def _last_outcome_failed(self) -> bool:
-        return bool(getattr(self._outcome, "failed", False))
-
-    def _get_tile_once(self, tile: tuple[int, int, int]):
-        self._outcome.failed = False
+        """(decoded RGB tile or None, failed): failed when it is missing after retries (not absent)."""
         z, x, y = tile
         key = f"{z}/{x}/{y}"
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is MISSING:
                 self.stats.add(cache_hits=1, not_found=1)
-                self._note(True)
-                return None
+                return None, False
             if hit is not None:
                 self.stats.add(cache_hits=1)
-                self._note(True)
-                return self._check_size(hit)
-        import requests
-
+                return self._check_size(hit), False
         url = self.tile_url(z, x, y)
-        session = self._http()
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.stats.add(retries=1)
-            self.stats.add(requests=1)
-            wait = None
-            try:
-                resp = session.get(url, timeout=self.timeout)
-                status = resp.status_code
-                if status == 200:
-                    data = resp.content
-                    try:
-                        img = decode_image(data)
-                    except (OSError, ValueError, SyntaxError) as exc:
-                        raise _TileFailed(f"undecodable body ({len(data)} bytes): {exc}") from None
-                    if self.cache is not None:
-                        self.cache.put(key, data, validated=True)
-                    self.stats.add(fetched=1)
-                    self._note(True)
-                    return self._check_size(img)
-                if status in ABSENT_STATUS:
-                    if self.cache is not None:
-                        self.cache.put_missing(key)
-                    self.stats.add(not_found=1)
-                    self._note(True)
-                    return None
-                if status not in TRANSIENT_STATUS:
-                    self._note(False, f"HTTP {status} for {url}")
-                    self.stats.add(failures=1)
-                    self._outcome.failed = True
-                    return None
-                wait = _retry_after(resp.headers.get("Retry-After"), self.max_retry_after)
-                error = f"HTTP {status} for {url}"
-            except _TileFailed as exc:
-                error = f"{exc} for {url}"
-            except requests.RequestException as exc:  # timeouts, resets, short reads
-                error = f"{type(exc).__name__} for {url}"
-            if attempt < self.retries:
-                if wait is None:
-                    wait = random.uniform(0.0, min(self.max_backoff, self.backoff * (2**attempt)))
-                time.sleep(wait)
-        self._note(False, error)
+        self.stats.add(requests=1)
+        answer = http.get_checked(
+            self._http(), url, check=decode_image, retries=self.retries, backoff=self.backoff,
+            max_backoff=self.max_backoff, breaker=self.breaker, on_retry=self._count_retry,
+            timeout=self.timeout)
+        if answer.status == 200 and not answer.failed:
+            if self.cache is not None:
+                self.cache.put(key, answer.body, validated=True)
+            self.stats.add(fetched=1)
+            return self._check_size(answer.value), False
+        if answer.status in ABSENT_STATUS:
+            if self.cache is not None:
+                self.cache.put_missing(key)
+            self.stats.add(not_found=1)
+            return None, False
         self.stats.add(failures=1)
-        self._outcome.failed = True
-        return None
+        return None, True
 
     def _check_size(self, img):
         if img.size != (self.tile_size, self.tile_size):
@@ -501,25 +428,6 @@ class XYZTileSource:
                 f"{self.tile_size}: pass tile_size={img.size[0]}"
             )
         return img
-
-    def _note(self, ok: bool, error: str = "") -> None:
-        with self._lock:
-            if ok:
-                self._ok += 1
-                self._failed_in_row = 0
-            else:
-                self._failed_in_row += 1
-                self._last_error = error
-
-    def _check_fail_fast(self) -> None:
-        with self._lock:
-            dead = self._ok == 0 and self._failed_in_row >= self.fail_fast_after > 0
-            error = self._last_error
-        if dead:
-            raise TaxamapError(
-                f"no satellite tile could be fetched ({self._failed_in_row} failed in a row, last: "
-                f"{error}); check --sat-url and the network, or drop the satellite modality"
-            )
 
     def _assemble(self, plan: PatchPlan, images: list):
         from PIL import Image
