@@ -20,6 +20,9 @@ so their patches are comparable.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -154,3 +157,102 @@ def make_satellite_source(
 
         return EarthEngineSource(project=ee_project, year=year, cache_dir=cache_dir, **common, **options)
     raise TaxamapError(f"unknown satellite source {kind!r}: use one of {', '.join(SOURCE_KINDS)}")
+
+
+@dataclass
+class PatchFile:
+    """What :func:`write_patches` wrote for one point (``png`` None where there was no patch)."""
+
+    lat: float
+    lon: float
+    png: Path | None
+    json: Path
+
+
+def patch_name(lat: float, lon: float) -> str:
+    """``<lat>_<lon>`` with up to 6 decimals, trailing zeros dropped: ``40.1_-83.25``."""
+    def fmt(v: float) -> str:
+        text = f"{float(v):.6f}".rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+
+    return f"{fmt(lat)}_{fmt(lon)}"
+
+
+def describe_patch(source: SatelliteSource, lat: float, lon: float) -> dict:
+    """What the patch of (lat, lon) is, without fetching it: footprint (bbox, metres per pixel),
+    the source's settings, the request URL(s) or tiles, and the imagery credit."""
+    explain = getattr(source, "explain", None)
+    info = explain(lat, lon) if explain is not None else {"lat": float(lat), "lon": float(lon),
+                                                           "source": source.describe()}
+    info["attribution"] = getattr(source, "attribution", None)
+    info["license"] = getattr(source, "license", None)
+    return info
+
+
+def _fetch_status(source: SatelliteSource, latlon: np.ndarray) -> tuple[list, list[bool]]:
+    status = getattr(source, "fetch_status", None)
+    if status is not None:
+        return status(latlon)
+    patches = source.fetch(latlon)
+    return patches, [False] * len(patches)
+
+
+def patches_at(source: SatelliteSource, latlon) -> list[tuple[np.ndarray | None, dict]]:
+    """For each (lat, lon) row: the exact RGB patch the satellite encoder's preprocessing is handed
+    (an (size, size, 3) uint8 array, None where there is none) and :func:`describe_patch`'s dict
+    plus ``missing`` / ``failed`` (failed: a rerun may get it). One fetch for all rows."""
+    latlon = as_latlon(latlon)
+    patches, failed = _fetch_status(source, latlon)
+    out = []
+    for (lat, lon), img, bad in zip(latlon, patches, failed):
+        info = describe_patch(source, float(lat), float(lon))
+        info["missing"] = img is None
+        info["failed"] = bool(bad)
+        out.append((None if img is None else np.asarray(img.convert("RGB")), info))
+    return out
+
+
+def patch_at(source: SatelliteSource, lat: float, lon: float) -> tuple[np.ndarray | None, dict]:
+    """:func:`patches_at` for one point (the web app shows it per cell)."""
+    return patches_at(source, [[lat, lon]])[0]
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_patches(points, out: str | Path, source: SatelliteSource) -> list[PatchFile]:
+    """``taxamap patches``: per (lat, lon), ``out/<lat>_<lon>.png`` (the patch, lossless) and
+    ``out/<lat>_<lon>.json`` (:func:`patches_at`'s description). Each file is written under a
+    temporary name and renamed; a point without a patch gets the JSON only."""
+    from PIL import Image
+
+    folder = Path(out).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TaxamapError(f"cannot create --out {folder}: {exc.strerror or exc}") from None
+    latlon = as_latlon(points)
+    written = []
+    try:
+        for (lat, lon), (rgb, info) in zip(latlon, patches_at(source, latlon)):
+            stem = patch_name(lat, lon)
+            png = None
+            if rgb is not None:
+                png = folder / f"{stem}.png"
+                _write_atomic(png, lambda tmp, rgb=rgb: Image.fromarray(rgb, "RGB").save(tmp, format="PNG"))
+                info["file"] = png.name
+            meta = folder / f"{stem}.json"
+            text = json.dumps(info, indent=1, sort_keys=True)
+            _write_atomic(meta, lambda tmp, text=text: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+            written.append(PatchFile(float(lat), float(lon), png, meta))
+    except OSError as exc:
+        raise TaxamapError(f"cannot write patches to {folder}: {exc.strerror or exc}") from None
+    return written
