@@ -15,7 +15,8 @@ Every request is checked against the iSatNat training request (TAXABIND.md): ``s
 Images are PNGs: red = pixel column, green = pixel row (each mod 256), blue = 100 when the box's
 centre longitude is >= 0 and 200 when it is < 0, so a patch joined from the two halves of an
 antimeridian box shows which columns came from which request. ``content="constant"`` serves one
-pre-encoded image for every request (fast: for benchmarks).
+pre-encoded image (:func:`texture`, ~120 KB like a real one) for every request (fast: for
+benchmarks).
 
 Faults: ``faults`` maps a point ``(lat, lon)`` to a kind (every request whose bbox contains it) or
 a list of kinds used one per request, then normal answers. Kinds: ``"500"``/``"503"``/``"404"``
@@ -59,6 +60,14 @@ def patch_pixels(width: int, height: int, east_of_antimeridian: bool) -> np.ndar
     return np.stack([red, green, blue], axis=-1).astype(np.uint8)
 
 
+def texture(size: int) -> np.ndarray:
+    """A smooth colour texture with fine noise: its PNG is ~120 KB at 256 px, like s2cloudless's."""
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(40, 200, (size // 8, size // 8, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((size, size), Image.BICUBIC)).astype(int)
+    return np.clip(smooth + rng.integers(-6, 7, smooth.shape), 0, 255).astype(np.uint8)
+
+
 class WMSServer:
     """Threaded loopback WMS; a context manager that starts and stops it."""
 
@@ -73,7 +82,7 @@ class WMSServer:
         self.retry_after = retry_after
         self.stall = stall
         self.content = content
-        self._constant = png(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
+        self._constant = png(texture(size))
         self._lock = threading.Lock()
         self.requests = 0
         self.bboxes: list[tuple[float, float, float, float]] = []

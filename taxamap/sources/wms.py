@@ -42,7 +42,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-import numpy as np
 
 from taxamap.errors import TaxamapError
 from taxamap.sources import http
@@ -101,12 +100,11 @@ def decode_answer(data: bytes, size: tuple[int, int]):
     if img.size != size:
         raise ValueError(f"the server sent {img.size[0]}x{img.size[1]} px, asked for {size[0]}x{size[1]}")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        alpha = np.asarray(img.convert("RGBA"))[..., 3]
-        if not alpha.any():
+        if img.convert("RGBA").getchannel("A").getextrema() == (0, 0):
             return "blank", None
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    arr = np.asarray(rgb)
-    if (arr == arr[0, 0]).all():
+    # One colour everywhere (min == max in every band): PIL computes it in C, without a copy.
+    if all(lo == hi for lo, hi in rgb.getextrema()):
         return "blank", None
     return "image", rgb
 
