@@ -35,8 +35,9 @@ class CellEmbedder:
     batch_cells: int = 16384
     #: Threads running ``prepare`` ahead of ``compute`` (fetching, decoding, preprocessing).
     workers: int = 1
-    #: How many cells of a prepared batch failed for a reason a rerun may fix (a tile still failing
-    #: after retries). A block with such cells is written but not recorded complete.
+    #: How many cells of a prepared batch failed for a reason a rerun may fix (a tile or patch
+    #: still failing after retries, an unreadable window). A block with such cells is written but
+    #: not recorded complete.
     failures: Callable[[Any], int] | None = None
 
 
@@ -60,10 +61,9 @@ def satellite_embedder(encoder, source, batch_cells: int | None = None,
     """
 
     def prepare(latlon):
-        if hasattr(source, "fetch_status"):
-            patches, failed = source.fetch_status(latlon)
-        else:
-            patches, failed = source.fetch(latlon), []
+        # Every source says which missing patches failed (taxamap.sources.base): a block holding
+        # any is stored unfinished, so a rerun fetches it again, whatever the source.
+        patches, failed = source.fetch_status(latlon)
         ok = [i for i, p in enumerate(patches) if p is not None]
         pixels = encoder.preprocess([patches[i] for i in ok]) if ok else None
         return len(patches), ok, pixels, sum(failed)

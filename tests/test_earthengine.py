@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 import types
@@ -216,3 +217,46 @@ def test_describe_and_factory(tmp_path):
     with pytest.raises(TaxamapError, match="sat-year"):
         make_satellite_source("earthengine", year=2014, client=FakeClient(), cache_dir=tmp_path)
     src.close()
+
+
+class FlakyClient(FakeClient):
+    """Earth Engine down for some windows while ``down`` is set (every retry fails too)."""
+
+    def __init__(self, failing_grids):
+        super().__init__()
+        self.failing = [json.dumps(g, sort_keys=True) for g in failing_grids]
+        self.down = True
+
+    def compute_pixels(self, request):
+        if self.down and json.dumps(request["grid"], sort_keys=True) in self.failing:
+            self.requests.append(request)
+            raise Exception("503 Service Unavailable: backend error")
+        return super().compute_pixels(request)
+
+
+def test_failed_patches_leave_their_block_for_the_rerun(tmp_path, models_dir):
+    from taxamap.models.satellite import load_satellite_encoder
+    from tests.source_rerun import embed_through
+
+    encoder = load_satellite_encoder(models_dir)
+    cells = np.array([[10.0, 10.0], [10.5, 10.5], [-5.0, 120.0], [-5.5, 120.5], [30.0, -60.0],
+                      [30.5, -60.5]])
+    probe = make(tmp_path, FakeClient(), cache=False)
+    failing = [probe.requests_for(*cells[i])[1][0][2]["grid"] for i in (2, 3)]  # block 1 of 3
+    probe.close()
+    client = FlakyClient(failing)
+    with make(tmp_path, client, retries=1) as src:
+        first = embed_through(src, cells, encoder, tmp_path / "store")
+        assert src.stats.failures == 2 and src.stats.cells_failed == 2
+    assert first.pending_chunks() == [1]  # the failed block is not recorded complete
+    values = first.read()
+    assert np.isnan(values[2:4]).all() and np.isfinite(values[[0, 1, 4, 5]]).all()
+
+    client.down = False  # Earth Engine is back
+    client.requests.clear()
+    with make(tmp_path, client) as src:
+        again = embed_through(src, cells, encoder, tmp_path / "store")
+    assert again.pending_chunks() == [] and len(client.requests) == 2  # only block 1 again
+    with make(tmp_path / "clean", FakeClient()) as src:
+        reference = embed_through(src, cells, encoder, tmp_path / "reference").read()
+    np.testing.assert_array_equal(again.read(), reference)

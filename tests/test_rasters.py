@@ -212,3 +212,53 @@ def test_raster_across_the_antimeridian_is_joined_from_both_sides(tmp_path):
     scale = 1 / math.cos(math.radians(16.5))
     width, height = ground_size(rgb, (n - 1) * res / 250.0 / scale)
     assert width == pytest.approx(2560, rel=0.02) and height == pytest.approx(2560, rel=0.02)
+
+
+def write_mosaic_vrt(folder, n: int = 200):
+    """Two EPSG:4326 GeoTIFFs side by side (lon 10-11 and 11-12, lat 40-42) and a VRT over both."""
+    from rasterio.transform import from_origin
+
+    for i in range(2):
+        data = np.full((3, n, n), 60 + 90 * i, np.uint8)
+        data[1] = np.linspace(0, 250, n, dtype=np.uint8)[:, None]  # texture, so patches differ
+        write_tif(folder / f"part{i}.tif", data, "EPSG:4326", from_origin(10 + i, 42, 1 / n, 2 / n))
+    def band(b: int) -> str:
+        return f'<VRTRasterBand dataType="Byte" band="{b}">' + "".join(
+            f'<SimpleSource><SourceFilename relativeToVRT="1">part{i}.tif</SourceFilename>'
+            f'<SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{n}" ySize="{n}"/>'
+            f'<DstRect xOff="{i * n}" yOff="0" xSize="{n}" ySize="{n}"/></SimpleSource>'
+            for i in range(2)) + "</VRTRasterBand>"
+
+    bands = "".join(band(b) for b in (1, 2, 3))
+    vrt = folder / "mosaic.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="{2 * n}" rasterYSize="{n}"><SRS>EPSG:4326</SRS>'
+                   f'<GeoTransform>10, {1 / n}, 0, 42, 0, {-2 / n}</GeoTransform>{bands}</VRTDataset>')
+    return vrt
+
+
+def test_unreadable_part_leaves_its_block_for_the_rerun(tmp_path, models_dir):
+    from taxamap.models.satellite import load_satellite_encoder
+    from tests.source_rerun import embed_through
+
+    encoder = load_satellite_encoder(models_dir)
+    vrt = write_mosaic_vrt(tmp_path)
+    cells = np.array([[41.0, 10.4], [40.6, 10.6], [41.0, 11.4], [40.6, 11.6]])  # block 1: part1
+    part = tmp_path / "part1.tif"
+    good = part.read_bytes()
+    part.write_bytes(good[:600])  # the network share served half a file, say
+    with RasterFileSource(vrt, size=32, workers=2) as src:
+        first = embed_through(src, cells, encoder, tmp_path / "store")
+        assert src.stats.failures == 2 and src.stats.cells_failed == 2
+    assert first.pending_chunks() == [1]
+    values = first.read()
+    assert np.isfinite(values[:2]).all() and np.isnan(values[2:]).all()
+
+    part.write_bytes(good)  # fixed: the VRT itself (the store key) did not change
+    with RasterFileSource(vrt, size=32, workers=2) as src:
+        again = embed_through(src, cells, encoder, tmp_path / "store")
+        assert src.stats.cells == 2  # only the unfinished block was read again
+    assert again.pending_chunks() == []
+    with RasterFileSource(vrt, size=32, workers=2) as src:
+        reference = embed_through(src, cells, encoder, tmp_path / "reference").read()
+    np.testing.assert_array_equal(again.read(), reference)
+    assert not np.allclose(reference[0], reference[2])  # the two parts look different

@@ -141,7 +141,7 @@ def test_still_failing_is_failed_not_cached_and_retried_by_a_rerun(tmp_path):
         with make(server, tmp_path, retries=1) as src:
             patches, failed = src.fetch_status([cell, (10.0, 10.0)])
             assert patches[0] is None and failed == [True, False]
-            assert src.stats.failures == 1 and src.stats.retries == 1
+            assert src.stats.failures == 1 and src.stats.retries == 1 and src.stats.cells_failed == 1
         server.faults = {}
         server.reset_counters()
         with make(server, tmp_path) as src:

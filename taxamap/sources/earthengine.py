@@ -35,7 +35,6 @@ import io
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,8 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
+from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
 
 COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
 RGB_BANDS = ("B4", "B3", "B2")
@@ -183,10 +182,15 @@ def decode_npy(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     raise ValueError(f"unexpected NPY array shape {arr.shape}")
 
 
-class EarthEngineSource:
-    """Sentinel-2 median-composite patches from Earth Engine (see the module docstring)."""
+class EarthEngineSource(PerCellSource):
+    """Sentinel-2 median-composite patches from Earth Engine (see the module docstring).
+
+    A patch whose request still fails after the retries is ``None`` and *failed* (``fetch_status``):
+    its block stays unfinished in the store and a rerun asks again.
+    """
 
     kind = "earthengine"
+    _thread_name = "taxamap-ee"
 
     def __init__(
         self,
@@ -210,10 +214,10 @@ class EarthEngineSource:
             raise TaxamapError(f"--sat-year must be 2017 or later (Sentinel-2 L2A), got {year}")
         if not 16 <= int(size) <= 1024:
             raise TaxamapError(f"--sat-size must be between 16 and 1024 pixels for Earth Engine, got {size}")
+        super().__init__(workers)
         self.project = project
         self.year, self.size = int(year), int(size)
         self.footprint_m = float(footprint_m)
-        self.workers = max(1, int(workers))
         self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
         self.reflectance_max, self.gamma = float(reflectance_max), float(gamma)
         self.max_invalid = float(max_invalid)
@@ -221,14 +225,10 @@ class EarthEngineSource:
             f"Contains modified Copernicus Sentinel data {self.year}, composited with Google Earth Engine"
         )
         self.license = "Copernicus Sentinel data terms (free, full and open access); Earth Engine terms of service"
-        self.stats = SourceStats()
         self.client = client if client is not None else EarthEngineClient()
         self.client.initialize(project)
         self.cache = TileCache(cache_dir, self.describe(), label=f"earthengine {COLLECTION} {self.year}") \
             if cache else None
-        self._executor: ThreadPoolExecutor | None = None
-        # The engine calls fetch from several prepare threads at once: one pool, made once.
-        self._executor_lock = threading.Lock()
 
     def composite_spec(self) -> dict:
         """The JSON description of the composite the client turns into an ``ee.Image``."""
@@ -297,49 +297,29 @@ class EarthEngineSource:
             out["requests"] = [{k: v for k, v in r.items() if k != "composite"} for _, _, r in planned[1]]
         return out
 
-    def fetch(self, latlon) -> list:
-        """One RGB patch per (lat, lon) row; None without clear data or after failed retries."""
-        latlon = as_latlon(latlon)
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-ee")
-        out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
-        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
-        return out
-
-    def close(self) -> None:
-        """Stop the worker threads."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _patch(self, lat: float, lon: float):
+    def patch(self, lat: float, lon: float):
+        """(RGB patch or None, failed) of one cell: failed when Earth Engine still errs after the
+        retries; None without failure beyond Mercator's poles or without clear observations."""
         from PIL import Image
 
         planned = self.requests_for(lat, lon)
         if planned is None:
-            return None
+            return None, False
         key, parts = planned
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is MISSING:
                 self.stats.add(cache_hits=1, not_found=1)
-                return None
+                return None, False
             if hit is not None:
                 self.stats.add(cache_hits=1)
-                return hit
+                return hit, False
         dn = np.zeros((self.size, self.size, 3), np.float64)
         valid = np.zeros((self.size, self.size), bool)
         for col0, col1, request in parts:
             data = self._compute(request)
             if data is None:
-                return None
+                return None, True
             try:
                 part_dn, part_valid = decode_npy(data)
             except (ValueError, OSError) as exc:
@@ -355,7 +335,7 @@ class EarthEngineSource:
             self.stats.add(not_found=1)
             if self.cache is not None:
                 self.cache.put_missing(key)
-            return None
+            return None, False
         rgb = stretch_to_uint8(dn, self.reflectance_max, self.gamma)
         if not valid.all():
             rgb[~valid] = rgb[valid].mean(axis=0).round().astype(np.uint8)
@@ -365,7 +345,7 @@ class EarthEngineSource:
             img.save(buf, format="PNG")
             self.cache.put(key, buf.getvalue(), validated=True)
         self.stats.add(fetched=1)
-        return img
+        return img, False
 
     def _compute(self, request: dict) -> bytes | None:
         for attempt in range(self.retries + 1):

@@ -21,17 +21,19 @@ or projection.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
+
+log = logging.getLogger(__name__)
 
 _EQUATOR_M_PER_DEG = 111_319.49
 
@@ -45,10 +47,16 @@ def _open(path: Path):
         raise TaxamapError(f"cannot read satellite raster {path}: {str(exc).splitlines()[0]}") from None
 
 
-class RasterFileSource:
-    """Patches warped from a local raster (see the module docstring)."""
+class RasterFileSource(PerCellSource):
+    """Patches warped from a local raster (see the module docstring).
+
+    A window that cannot be read (a damaged block, a VRT member missing or unreadable, a share
+    that went away) is ``None`` and *failed* (``fetch_status``): its block stays unfinished in
+    the store, so the same command reads it again once the file is fixed.
+    """
 
     kind = "file"
+    _thread_name = "taxamap-raster"
 
     def __init__(
         self,
@@ -68,17 +76,15 @@ class RasterFileSource:
             raise TaxamapError(f"satellite raster {path} does not exist: pass an existing --sat-file")
         if not 16 <= int(size) <= 4096:
             raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
-        self.size, self.workers = int(size), max(1, int(workers))
+        super().__init__(workers)
+        self.size = int(size)
         self.footprint_m = float(footprint_m)
         self.min_coverage = float(min_coverage)
         self.attribution, self.license = attribution, license
-        self.stats = SourceStats()
         self._local = threading.local()
         self._datasets: list = []
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        # The engine calls fetch from several prepare threads at once: one pool, made once.
-        self._executor_lock = threading.Lock()
+        self._read_errors = 0
         try:
             src = self._dataset()
             if src.crs is None:
@@ -110,32 +116,14 @@ class RasterFileSource:
             "resampling": self._resampling.name,
         }
 
-    def fetch(self, latlon) -> list:
-        """One RGB ``size`` x ``size`` patch per (lat, lon) row; None outside the raster's data."""
-        latlon = as_latlon(latlon)
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-raster")
-        out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
-        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
-        return out
-
     def close(self) -> None:
         """Close the per-thread datasets and stop the workers."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        super().close()
         with self._lock:
             for ds in self._datasets:
                 ds.close()
             self._datasets.clear()
         self._local = threading.local()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -195,12 +183,31 @@ class RasterFileSource:
         out["source"] = self.describe()
         return out
 
-    def _patch(self, lat: float, lon: float):
-        from PIL import Image
+    def patch(self, lat: float, lon: float):
+        """(RGB patch or None, failed) of one cell; failed when the box could not be read."""
+        import rasterio
 
         fp = self.footprint(lat, lon)
         if fp is None:
-            return None
+            return None, False
+        try:
+            return self._render(fp), False
+        except rasterio.errors.RasterioError as exc:
+            # A damaged block or a missing VRT member fails these cells, not the run.
+            with self._lock:
+                self._read_errors += 1
+                first = self._read_errors == 1
+            if first:
+                why = exc.__cause__ or exc  # GDAL's own message ("m1.tif: No such file ...")
+                log.warning("cannot read %s around (%.4f, %.4f): %s; those cells are left for a "
+                            "rerun", self.path, lat, lon, str(why).splitlines()[0])
+            self.stats.add(failures=1)
+            return None, True
+
+    def _render(self, fp: Footprint):
+        """The patch warped onto the footprint's grid (None without enough valid data)."""
+        from PIL import Image
+
         data = np.zeros((len(self._bands), self.size, self.size), dtype=self.dtype)
         valid = np.zeros((self.size, self.size), dtype=bool)
         for part in fp.parts():

@@ -1,14 +1,8 @@
-"""The satellite-imagery interface every source implements, and the factory the CLI calls.
+"""The factory the CLI calls to build the satellite source a user asked for.
 
-A source turns cell centres into RGB patches for the satellite encoder:
-
-* ``fetch(latlon) -> list[PIL.Image.Image | None]``: one patch per (lat, lon) row; ``None`` where
-  the patch could not be had (404, still failing after retries, outside the imagery). A missing
-  patch must stay missing (NaN downstream): sources never return zero-filled or black images.
-* ``describe() -> dict``: JSON-able settings that identify the imagery (a store key; provenance).
-* ``attribution`` / ``license``: what outputs made from this imagery must carry (or ``None``).
-* ``stats``: a :class:`SourceStats` (requests, cache hits, failures, retries, ...).
-* ``close()``: release connections and threads (sources are also context managers).
+The interface every source implements (``fetch_status``/``fetch``, ``describe``, ``stats``...)
+lives in :mod:`taxamap.sources.base`; :class:`SatelliteSource` and :class:`SourceStats` are
+re-exported here for callers that only know this module.
 
 Four kinds exist: ``wms`` (the default: exactly the GetMap request of TaxaBind's training set,
 EOX Sentinel-2 cloudless 2020), ``xyz`` (any ``{z}/{x}/{y}`` tile server; default the same EOX
@@ -23,80 +17,23 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.sources.base import DEFAULT_WORKERS, SatelliteSource, SourceStats, as_latlon
+
+__all__ = ["DEFAULT_SOURCE", "DEFAULT_WORKERS", "SOURCE_KINDS", "PatchFile", "SatelliteSource",
+           "SourceStats", "as_latlon", "describe_patch", "make_satellite_source", "patch_at",
+           "patch_name", "patches_at", "write_patches"]
 
 #: The kinds ``make_satellite_source`` accepts (``--sat-source``).
 SOURCE_KINDS = ("wms", "xyz", "file", "earthengine")
 #: The default: the WMS request TaxaBind's satellite encoder was trained on (EOX s2cloudless-2020).
 DEFAULT_SOURCE = "wms"
-
-#: Default parallel requests. Eight keeps a public tile server's per-client limits happy (most ask
-#: for "a few" connections) while hiding ~50-100 ms of latency per tile.
-DEFAULT_WORKERS = 8
-
-
-@dataclass
-class SourceStats:
-    """Counters a source keeps across its ``fetch`` calls (thread-safe through :meth:`add`)."""
-
-    requests: int = 0  # network requests sent, retries included
-    cache_hits: int = 0  # tiles/patches answered from the on-disk cache (negative entries too)
-    retries: int = 0  # requests repeated after a transient error
-    failures: int = 0  # tiles/patches given up on (still failing after retries, permanent error)
-    not_found: int = 0  # tiles/patches the server says do not exist (404) or with no data
-    fetched: int = 0  # tiles/patches obtained from the network and validated
-    cells: int = 0  # cells asked for
-    cells_missing: int = 0  # cells answered with None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **counts: int) -> None:
-        """Increment counters atomically: ``stats.add(requests=1, retries=1)``."""
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict (for summaries and logs)."""
-        with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-
-
-@runtime_checkable
-class SatelliteSource(Protocol):
-    """What the satellite encoder's driver needs from an imagery source."""
-
-    attribution: str | None
-    license: str | None
-    stats: SourceStats
-
-    def fetch(self, latlon: np.ndarray) -> list[Any]:
-        """One RGB ``PIL.Image`` (``size`` x ``size``) per (lat, lon) row, ``None`` where missing."""
-        ...
-
-    def describe(self) -> dict:
-        """JSON-able settings that identify the imagery (store key, provenance tags)."""
-        ...
-
-    def close(self) -> None:
-        """Release network connections, open files and worker threads."""
-        ...
-
-
-def as_latlon(latlon) -> np.ndarray:
-    """Check and convert cell centres to a float64 (N, 2) array of (lat, lon) degrees."""
-    arr = np.asarray(latlon, dtype=np.float64)
-    if arr.ndim == 1 and arr.size == 2:
-        arr = arr.reshape(1, 2)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise TaxamapError(f"satellite fetch needs an (N, 2) array of (lat, lon), got shape {arr.shape}")
-    return arr
 
 
 def make_satellite_source(

@@ -45,8 +45,8 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache, decode_image
+from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
 
 #: EOX Sentinel-2 cloudless 2020, Web Mercator (the layer TaxaBind trained on).
 DEFAULT_URL = "https://tiles.maps.eox.at/wmts/1.0.0/s2cloudless-2020_3857/default/g/{z}/{y}/{x}.jpg"
@@ -334,7 +334,8 @@ class XYZTileSource:
                     refs[tile] -= 1
                     if refs[tile] == 0:
                         del futures[tile]
-        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
+        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out),
+                       cells_failed=sum(failed))
         return out, failed
 
     def close(self) -> None:

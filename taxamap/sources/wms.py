@@ -47,7 +47,7 @@ from taxamap.errors import TaxamapError
 from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
 from taxamap.sources.tiles import eox_metadata
 
 #: EOX's WMS, the endpoint of every iSatNat training URL.
@@ -253,8 +253,8 @@ class WMSSource:
             for fut in futures.values():
                 fut.cancel()
             raise
-        missing = sum(p is None for p in out)
-        self.stats.add(cells=len(out), cells_missing=missing)
+        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out),
+                       cells_failed=sum(failed))
         return out, failed
 
     def close(self) -> None:
