@@ -23,7 +23,7 @@ honoured), a refetch of truncated or undecodable bodies, and a circuit breaker t
 with one line when the server does not answer. Answers are validated before they are cached
 (atomically, on disk, keyed by the request: a rerun sends nothing):
 
-* a 256 x 256 PNG -> the patch;
+* an intact 256 x 256 PNG (every chunk's CRC checked) -> the patch;
 * 404/410, or a blank image (fully transparent, or one colour: a WMS's "no data here") -> that
   cell's satellite value is missing (counted as ``not_found``; cached, like an absent tile);
 * still failing after retries -> missing and *failed*: the engine leaves its block unfinished
@@ -38,6 +38,7 @@ import hashlib
 import io
 import re
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -85,16 +86,68 @@ class _ServiceException(Exception):
     """The server answered 200 with a WMS ServiceException document."""
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: A GetMap PNG smaller than this is decoded at once and checked for blankness: imagery of real
+#: ground compresses to tens of KB at 256 px, one colour or full transparency to a few hundred bytes.
+BLANK_CHECK_BYTES = 16_384
+
+
+def png_header(data: bytes) -> tuple[int, int, int, bool]:
+    """(width, height, colour type, has tRNS) of a PNG whose every chunk is intact.
+
+    Walks the chunks and checks each CRC, that IHDR comes first and IEND last: a body cut short or
+    damaged in transit fails here (``ValueError``) without inflating the image (~0.05 ms instead of
+    ~3 ms for a full decode)."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG")
+    pos, end, first, last, trns = 8, len(data), None, None, False
+    width = height = colour = 0
+    while pos < end:
+        if pos + 12 > end:
+            raise ValueError("PNG cut short")
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        stop = pos + 8 + length
+        if stop + 4 > end:
+            raise ValueError(f"PNG cut short in a {kind!r} chunk")
+        if zlib.crc32(data[pos + 8:stop], zlib.crc32(kind)) != int.from_bytes(data[stop:stop + 4], "big"):
+            raise ValueError(f"PNG {kind!r} chunk damaged (CRC mismatch)")
+        if first is None:
+            first = kind
+            if kind != b"IHDR" or length < 13:
+                raise ValueError("PNG does not start with IHDR")
+            width = int.from_bytes(data[pos + 8:pos + 12], "big")
+            height = int.from_bytes(data[pos + 12:pos + 16], "big")
+            colour = data[pos + 17]
+        trns = trns or kind == b"tRNS"
+        last = kind
+        pos = stop + 4
+    if last != b"IEND":
+        raise ValueError("PNG cut short (no IEND)")
+    return width, height, colour, trns
+
+
 def decode_answer(data: bytes, size: tuple[int, int]):
     """('image', RGB PIL image) | ('blank', None) for a GetMap body; raises ``ValueError``/``OSError``
-    for a body that is not an image (the http layer fetches it again) and
-    :class:`_ServiceException` for an XML exception report."""
+    for a body that is not an intact image of ``size`` (the http layer fetches it again) and
+    :class:`_ServiceException` for an XML exception report.
+
+    An intact PNG of real imagery (8-bit RGB or grey, no transparency, larger than
+    :data:`BLANK_CHECK_BYTES`) is returned opened but not yet decoded: the engine's preprocessing
+    threads decode it, so the request workers only wait on the network."""
     from PIL import Image
 
     head = data[:400].lstrip().lower()
     if head.startswith(b"<?xml") or b"serviceexception" in head:
         text = re.sub(rb"<[^>]+>", b" ", data[:2000]).decode("utf-8", "replace")
         raise _ServiceException(" ".join(text.split())[:300] or "ServiceException")
+    if data.startswith(PNG_SIGNATURE):
+        width, height, colour, trns = png_header(data)
+        if (width, height) != size:
+            raise ValueError(f"the server sent {width}x{height} px, asked for {size[0]}x{size[1]}")
+        if len(data) > BLANK_CHECK_BYTES and colour in (0, 2) and not trns:
+            img = Image.open(io.BytesIO(data))
+            return "image", img if img.mode == "RGB" else img.convert("RGB")
     img = Image.open(io.BytesIO(data))
     img.load()
     if img.size != size:
