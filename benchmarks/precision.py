@@ -1,6 +1,6 @@
 """fp32 vs bf16 for the satellite encoder: how much do the embeddings and the score maps move?
 
-    nice python benchmarks/precision.py [--patches 500] [--device cpu] [--models DIR]
+    nice python benchmarks/precision.py [--patches 500] [--device cpu|cuda] [--models DIR]
 
 TaxaBind trained the satellite encoder in float32; taxamap's CUDA path runs it in bf16 (weights
 cast to bf16, ``SatelliteEncoder.weights_cast``). This script embeds the same patches three ways
@@ -22,7 +22,8 @@ Figures (unit-norm embeddings e, e' in float32):
 
 Patches are smooth multi-octave colour noise (texture at several scales, like fields, forest and
 rivers at 10 m/px), 256 x 256 px, through TaxaBind's preprocessing (squash 256, crop 224,
-ImageNet mean/std). Subnormals are not flushed. On a CPU, bf16 runs on oneDNN (AVX-512 BF16 here).
+ImageNet mean/std). Subnormals are not flushed. On a CPU, bf16 runs on oneDNN (AVX-512 BF16 where
+the CPU has it); ``--device cuda`` measures the GPU's kernels instead.
 """
 
 from __future__ import annotations
@@ -75,23 +76,29 @@ def build_model(models_dir: str | None, tmp: Path):
     return load_satellite_encoder(models_dir, device="cpu"), models_dir
 
 
-def embed(model, pixels, mode: str, batch: int) -> tuple[np.ndarray, float]:
+def embed(model, pixels, mode: str, batch: int, device: str = "cpu") -> tuple[np.ndarray, float]:
     """Unit-norm float32 embeddings and seconds, for fp32 / bf16-weights / bf16-autocast."""
     import torch
 
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     out = []
+    sync()
     t = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, pixels.shape[0], batch):
-            x = pixels[start:start + batch]
+            x = pixels[start:start + batch].to(device)
             if mode == "fp32":
                 e = model(pixel_values=x).image_embeds
             elif mode == "bf16 weights":
                 e = model(pixel_values=x.to(torch.bfloat16)).image_embeds
             else:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
                     e = model(pixel_values=x).image_embeds
-            out.append(e.float().numpy())
+            out.append(e.float().cpu().numpy())
+    sync()
     seconds = time.perf_counter() - t
     e = np.concatenate(out).astype(np.float64)
     return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32), seconds
@@ -121,6 +128,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=20, help="held-out patches used as data queries")
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--models", default=None, help="a models folder with the real MVRL/ecosat")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--json", default=None, help="also write the figures as JSON")
     args = ap.parse_args()
 
@@ -136,10 +144,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         encoder, where = build_model(args.models, Path(tmp))
-        fp32 = encoder.model.float().eval()
+        fp32 = encoder.model.float().eval().to(args.device)
+        # The reference is true fp32 on a GPU too (the patch embedding is a convolution, for which
+        # cuDNN allows TF32 by default).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         half = copy.deepcopy(fp32).to(torch.bfloat16).eval()
-        ref, t32 = embed(fp32, pixels, "fp32", args.batch)
-        results = {"machine": machine(), "patches": args.patches, "queries": args.queries,
+        embed(fp32, pixels[:args.batch], "fp32", args.batch, args.device)  # warm-up
+        ref, t32 = embed(fp32, pixels, "fp32", args.batch, args.device)
+        results = {"machine": machine(), "device": args.device, "patches": args.patches,
+                   "queries": args.queries,
                    "weights": "random (released size)" if args.models is None else where,
                    "threads": torch.get_num_threads(), "fp32_seconds": t32, "variants": {}}
         q_rand = rng.normal(size=(args.queries, ref.shape[1]))
@@ -147,7 +161,8 @@ def main() -> None:
         q_data = ref[args.patches:]
         ref_cells = ref[:args.patches]
         for mode, model in (("bf16 weights", half), ("bf16 autocast", fp32)):
-            emb, seconds = embed(model, pixels, mode, args.batch)
+            embed(model, pixels[:args.batch], mode, args.batch, args.device)
+            emb, seconds = embed(model, pixels, mode, args.batch, args.device)
             cells = emb[:args.patches]
             cos = np.sum(cells * ref_cells, axis=1)
             d_rand = cells @ q_rand.T - ref_cells @ q_rand.T

@@ -54,7 +54,7 @@ def test_wms_patches_are_the_training_requests(tmp_path, capsys):
     assert "s2maps.eu" in meta["attribution"] and meta["license"] == "CC BY-NC-SA 4.0"
     assert meta["file"] == "-26.77723_152.88014.png"
     _, pole = read(tmp_path / "p", 89.999, 0.0)
-    assert pole["missing"] is True and pole["failed"] is False
+    assert pole["missing"] is True and pole["failed"] is False and "pole" in pole["reason"]
     assert not list((tmp_path / "p").glob(".*"))  # no temporary leftovers
 
 

@@ -223,3 +223,23 @@ def test_predict_default_satellite_is_the_training_request(tmp_path, models_dir,
     assert any(max(abs(a - b) for a, b in zip(box, sent)) < 1e-9 for sent in server.bboxes)
     half_lon = 1280 / (111320 * math.cos(math.radians(lat)))
     assert box[2] - box[0] == pytest.approx(2 * half_lon, rel=0.01)
+
+
+def test_answers_are_validated_before_use():
+    """Every chunk's CRC is checked (a flipped byte, a cut body, another size are refused); real
+    imagery is handed on undecoded, small answers are checked for blankness."""
+    from taxamap.sources.wms import decode_answer
+    from tests.wmsserver import png, texture
+
+    body = png(texture(256))
+    kind, img = decode_answer(body, (256, 256))
+    assert kind == "image" and img.size == (256, 256) and np.asarray(img).shape == (256, 256, 3)
+    damaged = bytearray(body)
+    damaged[len(body) // 2] ^= 0x40
+    for bad in (bytes(damaged), body[:-6], body[: len(body) // 3]):
+        with pytest.raises(ValueError, match="PNG"):
+            decode_answer(bad, (256, 256))
+    with pytest.raises(ValueError, match="asked for 128x128"):
+        decode_answer(body, (128, 128))
+    grey = png(np.full((256, 256, 3), 17, np.uint8))
+    assert decode_answer(grey, (256, 256)) == ("blank", None)

@@ -145,8 +145,20 @@ def patches_at(source: SatelliteSource, latlon) -> list[tuple[np.ndarray | None,
         info = describe_patch(source, float(lat), float(lon))
         info["missing"] = img is None
         info["failed"] = bool(bad)
+        if img is None:
+            info["reason"] = _missing_reason(info, bool(bad))
         out.append((None if img is None else np.asarray(img.convert("RGB")), info))
     return out
+
+
+def _missing_reason(info: dict, failed: bool) -> str:
+    if failed:
+        return "the source still failed after retries (a rerun may get it)"
+    if "bbox" not in info:
+        return "no footprint here: a pole lies inside it"
+    if info.get("source", {}).get("kind") == "xyz" and not info.get("tiles"):
+        return "beyond Web Mercator's +-85.05 deg"
+    return "no imagery here (not found, blank, or not enough valid pixels)"
 
 
 def patch_at(source: SatelliteSource, lat: float, lon: float) -> tuple[np.ndarray | None, dict]:
