@@ -73,14 +73,14 @@ def _satellite_options(s) -> None:
                    help="wms (default): exactly TaxaBind's training request, EOX Sentinel-2 "
                    "cloudless 2020 by WMS GetMap; xyz tiles (default: the same EOX mosaic), a "
                    "local raster, or Earth Engine; all deliver the same footprint")
-    s.add_argument("--sat-url", help="WMS endpoint for wms (default https://tiles.maps.eox.at/wms), "
+    s.add_argument("--sat-url", metavar="URL", help="WMS endpoint for wms (default https://tiles.maps.eox.at/wms), "
                    "or an XYZ template with {z}/{x}/{y} for xyz (default: EOX s2cloudless-2020)")
     s.add_argument("--sat-footprint", type=float, metavar="METRES",
                    help="ground size of a patch: a square in the cell's tangent plane (default "
                    "2560, TaxaBind's training footprint)")
     s.add_argument("--sat-size", type=int, metavar="PX",
                    help="patch size in pixels (default 256, TaxaBind's; ~10 m/px)")
-    s.add_argument("--sat-zoom", type=int, help="xyz only: fix the tile zoom (default: chosen per "
+    s.add_argument("--sat-zoom", type=int, metavar="Z", help="xyz only: fix the tile zoom (default: chosen per "
                    "cell from its latitude so tiles are at least as fine as the patch)")
     s.add_argument("--sat-file", help="raster for --sat-source file (COG, VRT, GeoTIFF; any CRS)")
     s.add_argument("--ee-project", help="Google Cloud project for --sat-source earthengine")
@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "patches", help="write the satellite patches the encoder sees at some points",
-        description="For each --lat/--lon pair, write OUT/<lat>_<lon>.png, the exact RGB patch "
-        "handed to the satellite encoder's preprocessing, and OUT/<lat>_<lon>.json with its "
+        description="For each --lat/--lon pair, write OUT/<lat>_<lon>.png, the exact RGB patch\n"
+        "handed to the satellite encoder's preprocessing, and OUT/<lat>_<lon>.json with its\n"
         "footprint (bbox, metres per pixel), the source and the request(s) or tiles used.",
         epilog="examples:\n  taxamap patches --lat 40.0 --lon -83.0 --out patches/\n"
         "  taxamap patches --lat 60.1 --lon 24.9 --lat -70 --lon 140 --sat-source xyz --out p/",
