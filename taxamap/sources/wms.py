@@ -288,9 +288,9 @@ class WMSSource:
             pool = self._executor
         futures = {}
         for plan in plans:
-            for _, _, url in plan or ():
+            for col0, col1, url in plan or ():
                 if url not in futures:
-                    futures[url] = pool.submit(self._get, url)
+                    futures[url] = pool.submit(self._get, url, col1 - col0)
         out: list = [None] * len(plans)
         failed = [False] * len(plans)
         try:
@@ -345,8 +345,8 @@ class WMSSource:
         digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
         return f"{digest[:2]}/{digest[2:26]}"
 
-    def _get(self, url: str):
-        """(RGB image or None, failed) for one GetMap URL."""
+    def _get(self, url: str, width: int):
+        """(RGB image or None, failed) for one GetMap URL of ``width`` x ``size`` px."""
         key = self._key(url)
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -356,7 +356,6 @@ class WMSSource:
             if hit is not None:
                 self.stats.add(cache_hits=1)
                 return hit, False
-        width = int(re.search(r"[?&]width=(\d+)", url).group(1))
         self.stats.add(requests=1)
         try:
             answer = http.get_checked(
