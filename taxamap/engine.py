@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from taxamap.io import DiskFull
 from taxamap.store import EmbeddingStore
 
 
@@ -192,8 +193,14 @@ def embed_to_store(
         return 0
     blocks = [(i, store.chunk_slice(i)) for i in todo]
     done_cells = store.n_cells - sum(sl.stop - sl.start for _, sl in blocks) if chunks is None else 0
-    failed = run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
-                        already_done=done_cells)
+    try:
+        failed = run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
+                            already_done=done_cells)
+    except DiskFull as exc:
+        if not exc.per_cell:
+            raise
+        # A cache knows its bytes per cell, the store how many cells are left: the step's need.
+        raise exc.needing(int(exc.per_cell * store.cells_left())) from None
     if failed:
         from taxamap.pipeline import log
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_write
 
 #: Default number of background cells sampled when no background is given (as Maxent does).
 DEFAULT_N_BACKGROUND = 10_000
@@ -556,19 +556,12 @@ def _write_atomic(path: Path, data: bytes) -> Path:
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return atomic_write(path, data, hint="free some space or choose another path")
+    except DiskFull:
+        raise
     except OSError as exc:
         raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another path") \
             from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def evaluate_files(

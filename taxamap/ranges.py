@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_path, atomic_write
 from taxamap.evaluate import DEFAULT_N_BACKGROUND, MapRaster, max_tss, read_map, sample_background
 
 RULE_FORMS = ("percentile:P (0-100, of the valid cells), value:V (a score), or "
@@ -289,32 +289,30 @@ def threshold_map(
     )
 
 
-def _temp_sibling(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # GDAL drivers want to create the file themselves
-    return Path(tmp)
+_OUT_HINT = "free some space or choose another --out"
 
 
 def _write_binary(path: Path, binary: np.ndarray, raster: MapRaster, tags: dict) -> None:
     import rasterio
+    from rasterio.io import MemoryFile
 
-    tmp = _temp_sibling(path)
     profile = dict(driver="GTiff", width=raster.width, height=raster.height, count=1,
                    dtype="uint8", nodata=NODATA, crs=raster.crs, transform=raster.transform,
                    compress="deflate")
     try:
-        with rasterio.open(tmp, "w", **profile) as ds:
-            ds.write(binary, 1)
-            ds.set_band_description(1, "range")
-            ds.write_colormap(1, PALETTE)
-            ds.update_tags(**tags)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, rasterio.errors.RasterioError)):
-            raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
+        # Built in memory and written by Python: a full disk is then one named error, not GDAL's.
+        with MemoryFile() as mem:
+            with mem.open(**profile) as ds:
+                ds.write(binary, 1)
+                ds.set_band_description(1, "range")
+                ds.write_colormap(1, PALETTE)
+                ds.update_tags(**tags)
+            data = mem.read()
+        atomic_write(path, data, hint=_OUT_HINT)
+    except DiskFull:
         raise
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
 
 
 def _write_polygons(path: Path, parts: list, areas: list[float], rule: str, threshold: float,
@@ -322,20 +320,21 @@ def _write_polygons(path: Path, parts: list, areas: list[float], rule: str, thre
     import pyogrio
     import shapely
 
-    tmp = _temp_sibling(path)
     n = len(parts)
     geometry = np.array([shapely.to_wkb(p) for p in parts], dtype=object)
     field_data = [np.arange(1, n + 1, dtype=np.int32), np.asarray(areas, dtype=np.float64),
                   np.array([rule] * n, dtype=object), np.full(n, threshold, dtype=np.float64),
                   np.array([source] * n, dtype=object)]
     try:
-        pyogrio.raw.write(tmp, geometry=geometry, field_data=field_data,
-                          fields=["part", "area_km2", "rule", "threshold", "source_map"],
-                          geometry_type="Polygon", crs="EPSG:4326", driver="GPKG",
-                          layer="range", encoding="UTF-8")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(path, need=sum(len(g) for g in geometry), hint=_OUT_HINT,
+                         create=False) as tmp:
+            pyogrio.raw.write(tmp, geometry=geometry, field_data=field_data,
+                              fields=["part", "area_km2", "rule", "threshold", "source_map"],
+                              geometry_type="Polygon", crs="EPSG:4326", driver="GPKG",
+                              layer="range", encoding="UTF-8")
+    except DiskFull:
+        raise
+    except Exception as exc:
         if isinstance(exc, OSError) or type(exc).__module__.startswith("pyogrio"):
             raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
         raise

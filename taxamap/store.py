@@ -23,9 +23,13 @@ import numpy as np
 
 from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.io import disk_full_guard, disk_full_reason
 
 DEFAULT_CHUNK_CELLS = 16384
 STORE_FORMAT = 1
+
+_FULL_HINT = ("free some space or pass --cache DIR (or --store DIR) on a disk with room; blocks "
+              "already written are kept and the same command resumes")
 
 
 def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict | None) -> str:
@@ -136,7 +140,9 @@ class EmbeddingStore:
         location = str(location)
         # Two runs starting together (two species on a cold cache) must not both create the
         # store: the second would clear blocks the first has already written.
-        with _creation_lock(location):
+        need = max(1, -(-n_cells // chunk_cells)) * chunk_cells * dim * 2  # whole float16 chunks
+        with _creation_lock(location), disk_full_guard(
+                location, need, what="creating the embedding store", hint=_FULL_HINT):
             return cls._open_or_create(location, key, n_cells, dim, attrs, chunk_cells, must_match)
 
     @classmethod
@@ -147,6 +153,8 @@ class EmbeddingStore:
         try:
             group = zarr.open_group(location, mode="a", **_storage_options(location))
         except Exception as exc:
+            if disk_full_reason(exc):
+                raise  # the caller's guard says which folder is full
             raise TaxamapError(f"cannot open embedding store {location}: {exc}") from exc
         existing = group.attrs.get("key")
         if existing is not None and existing != key:
@@ -207,9 +215,21 @@ class EmbeddingStore:
         sl = self.chunk_slice(i)
         if values.shape != (sl.stop - sl.start, self.dim):
             raise ValueError(f"block {i} expects {(sl.stop - sl.start, self.dim)}, got {values.shape}")
-        self.emb[sl] = values.astype(np.float16)
-        if complete:
-            self.done[i] = 1
+        with disk_full_guard(self.location, self.bytes_left, what="writing the embedding store",
+                             hint=_FULL_HINT):
+            self.emb[sl] = values.astype(np.float16)
+            if complete:
+                self.done[i] = 1
+
+    def cells_left(self) -> int:
+        """Cells in the blocks with no completion record."""
+        return sum(self.chunk_slice(i).stop - self.chunk_slice(i).start
+                   for i in self.pending_chunks())
+
+    def bytes_left(self) -> int:
+        """Roughly what the unfinished blocks still need on disk: Zarr writes every chunk whole
+        (the last one padded to ``chunk_cells``), float16, uncompressed."""
+        return len(self.pending_chunks()) * self.chunk_cells * self.dim * self.emb.dtype.itemsize
 
     def read(self, rows: slice | None = None) -> np.ndarray:
         """Embeddings as float32 (all cells, or a slice of rows)."""

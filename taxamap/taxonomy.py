@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -31,6 +30,7 @@ import requests
 
 from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_write
 from taxamap.sources import http
 
 log = logging.getLogger(__name__)
@@ -378,16 +378,9 @@ def _write_cache(cache_dir: Path, query: str, taxon: Taxon) -> None:
               "taxamap": __version__}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=1)
-            os.replace(tmp, _cache_path(cache_dir, query))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        # A read-only cache only costs a repeat lookup next time.
+        atomic_write(_cache_path(cache_dir, query), json.dumps(record, indent=1))
+    except (OSError, DiskFull) as exc:
+        # A read-only or full cache only costs a repeat lookup next time.
         log.warning("could not cache taxonomy answer in %s (%s)", cache_dir, exc)
 
 

@@ -268,3 +268,64 @@ def test_concurrent_fetch_calls_share_tiles(tmp_path):
         # Cache hits finish before their callbacks are attached: must not deadlock either.
         again = src.fetch(cells)
         assert all(p is not None for p in again)
+
+
+def test_stalled_server_trips_the_breaker(tmp_path):
+    from taxamap.sources.http import CircuitOpen
+    from tests.stallserver import StallServer
+
+    cells = np.column_stack([np.linspace(-50, 50, 40), np.linspace(-100, 100, 40)])
+    with StallServer() as stall:
+        host = stall.host
+        src = XYZTileSource(stall.url + "/tiles/{z}/{x}/{y}.png", zoom=8, size=256,
+                            cache_dir=tmp_path / "cache", workers=4, backoff=0.001,
+                            timeout=(1.0, 0.3))
+        t0 = time.monotonic()
+        with pytest.raises(CircuitOpen) as err:
+            src.fetch(cells)
+        src.close()
+        elapsed = time.monotonic() - t0
+        # Two waves of 4 timeouts open it (8 first requests, none answered), not 40 cells x 5 tries.
+        assert stall.accepted <= 12
+    assert elapsed < 3.0
+    message = str(err.value)
+    assert host in message and "not answering" in message and "\n" not in message
+    assert err.value.host == host and src.breaker.is_open
+    with pytest.raises(CircuitOpen):  # stays open: nothing more is sent
+        src.fetch(cells[:1])
+
+
+def test_breaker_rules():
+    from taxamap.sources.http import CircuitBreaker, CircuitOpen
+
+    first = CircuitBreaker("tiles", first=3, consecutive=5, settle=0)
+    for _ in range(2):
+        first.failure("h:1", "ReadTimeoutError")
+    first.check()  # two of the first three: not yet
+    first.failure("h:1", "ReadTimeoutError")
+    with pytest.raises(CircuitOpen, match="no tiles could be fetched: the server h:1 is not answering"):
+        first.check()
+    later = CircuitBreaker("tiles", first=3, consecutive=5, settle=0)
+    later.success()
+    for _ in range(4):
+        later.failure("h:2", "HTTP 503", answered=True)
+    later.success()  # an answer resets the run of failures
+    for _ in range(4):
+        later.failure("h:2", "HTTP 503", answered=True)
+    later.check()
+    later.failure("h:2", "HTTP 503", answered=True)
+    with pytest.raises(CircuitOpen, match="tiles stopped coming: the server h:2 keeps failing"):
+        later.check()
+
+
+def test_server_error_storm_trips_the_breaker_between_retries(tmp_path):
+    from taxamap.sources.http import CircuitOpen
+
+    cells = np.column_stack([np.linspace(-50, 50, 20), np.linspace(-100, 100, 20)])
+    with TileServer(faults={}, fault_rate=1.0, rate_faults=("503",)) as server, \
+            make_source(server, tmp_path, retries=3, fail_fast_after=6, workers=2) as src:
+        t0 = time.monotonic()
+        with pytest.raises(CircuitOpen, match="keeps failing .*HTTP 503"):
+            src.fetch(cells)
+        assert time.monotonic() - t0 < 5.0
+        assert server.requests <= 6 + 2  # stopped mid-retries; the pool was not left stuck

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
 from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
@@ -343,7 +344,11 @@ class EarthEngineSource(PerCellSource):
         if self.cache is not None:
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            self.cache.put(key, buf.getvalue(), validated=True)
+            try:
+                self.cache.put(key, buf.getvalue(), validated=True)
+            except DiskFull as exc:
+                exc.per_cell = len(buf.getvalue())  # one patch per cell
+                raise
         self.stats.add(fetched=1)
         return img, False
 

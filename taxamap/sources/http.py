@@ -25,6 +25,7 @@ or not what ``check`` accepts, e.g. an image that does not decode).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -35,7 +36,12 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 from urllib3.util.retry import Retry
 
 from taxamap import __version__
@@ -52,6 +58,16 @@ RETRY_STATUS = (429, 500, 502, 503, 504)
 DEFAULT_TIMEOUT = (10.0, 20.0)
 
 TIMEOUT_ENV = "TAXAMAP_HTTP_TIMEOUT"
+
+
+def _not_a_retry_note(record: logging.LogRecord) -> bool:
+    # urllib3 logs a WARNING per retry ("Retrying (Retry(total=3...)) after connection broken
+    # by ..."): one line per tile of a flaky server. The sources count retries in their stats and
+    # the breaker says in one line when a server is down, so these lines are only noise.
+    return not str(record.msg).startswith("Retrying (")
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_not_a_retry_note)
 
 
 def default_timeout(fallback: float | tuple[float, float] = DEFAULT_TIMEOUT) -> tuple[float, float]:
@@ -163,9 +179,11 @@ class CircuitBreaker:
 
 def _describe_failure(response, error) -> str:
     if error is not None:
-        text = type(error).__name__
-        reason = getattr(error, "reason", None)  # NewConnectionError etc. say why inside
-        return f"{text} ({type(reason).__name__})" if isinstance(reason, Exception) else text
+        if isinstance(error, NewConnectionError):  # refused, DNS (a ConnectTimeoutError subclass)
+            return "could not connect (NewConnectionError)"
+        if isinstance(error, (ReadTimeoutError, ConnectTimeoutError)):
+            return f"timed out ({type(error).__name__})"
+        return f"connection failed ({type(error).__name__})"
     status = getattr(response, "status", None)
     return f"HTTP {status}" if status else "no answer"
 
@@ -187,11 +205,12 @@ class _ReportingRetry(Retry):
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None,
                   _stacktrace=None):
-        if self.breaker is not None:
+        # A 429 is a server asking to slow down (Retry-After), not a sign it is gone. The breaker
+        # is only checked in sleep(): raising here would strand the response's pooled connection.
+        if self.breaker is not None and getattr(response, "status", None) != 429:
             host = f"{_pool.host}:{_pool.port}" if _pool is not None else host_of(url or "")
             self.breaker.failure(host, _describe_failure(response, error),
                                  answered=response is not None)
-            self.breaker.check()
         nxt = super().increment(method, url, response, error, _pool, _stacktrace)
         nxt._no_answer = response is None
         if self.on_retry is not None:

@@ -15,8 +15,6 @@ so their patches are comparable.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,22 +164,13 @@ def patch_at(source: SatelliteSource, lat: float, lon: float) -> tuple[np.ndarra
     return patches_at(source, [[lat, lon]])[0]
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_patches(points, out: str | Path, source: SatelliteSource) -> list[PatchFile]:
     """``taxamap patches``: per (lat, lon), ``out/<lat>_<lon>.png`` (the patch, lossless) and
     ``out/<lat>_<lon>.json`` (:func:`patches_at`'s description). Each file is written under a
     temporary name and renamed; a point without a patch gets the JSON only."""
     from PIL import Image
+
+    from taxamap.io import atomic_path, atomic_write
 
     folder = Path(out).expanduser()
     try:
@@ -196,11 +185,12 @@ def write_patches(points, out: str | Path, source: SatelliteSource) -> list[Patc
             png = None
             if rgb is not None:
                 png = folder / f"{stem}.png"
-                _write_atomic(png, lambda tmp, rgb=rgb: Image.fromarray(rgb, "RGB").save(tmp, format="PNG"))
+                with atomic_path(png, need=rgb.nbytes, what="writing satellite patches") as tmp:
+                    Image.fromarray(rgb, "RGB").save(tmp, format="PNG")
                 info["file"] = png.name
             meta = folder / f"{stem}.json"
-            text = json.dumps(info, indent=1, sort_keys=True)
-            _write_atomic(meta, lambda tmp, text=text: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+            atomic_write(meta, json.dumps(info, indent=1, sort_keys=True) + "\n",
+                         what="writing satellite patches")
             written.append(PatchFile(float(lat), float(lon), png, meta))
     except OSError as exc:
         raise TaxamapError(f"cannot write patches to {folder}: {exc.strerror or exc}") from None

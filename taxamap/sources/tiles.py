@@ -43,9 +43,10 @@ from pathlib import Path
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull
 from taxamap.sources import http
-from taxamap.sources.cache import MISSING, TileCache, decode_image
 from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.cache import MISSING, TileCache, decode_image
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
 
 #: EOX Sentinel-2 cloudless 2020, Web Mercator (the layer TaxaBind trained on).
@@ -259,6 +260,7 @@ class XYZTileSource:
         self._inflight: dict[tuple[int, int, int], Future] = {}
         # Re-entrant: add_done_callback runs _forget at once, in this thread, if the tile is done.
         self._lock = threading.RLock()
+        self._fatal: Exception | None = None  # an error that ends the run (a full cache disk)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -393,6 +395,8 @@ class XYZTileSource:
 
     def _get_tile(self, tile: tuple[int, int, int]):
         """(decoded RGB tile or None, failed): failed when it is missing after retries (not absent)."""
+        if self._fatal is not None:
+            raise self._fatal
         z, x, y = tile
         key = f"{z}/{x}/{y}"
         if self.cache is not None:
@@ -411,7 +415,13 @@ class XYZTileSource:
             timeout=self.timeout)
         if answer.status == 200 and not answer.failed:
             if self.cache is not None:
-                self.cache.put(key, answer.body, validated=True)
+                try:
+                    self.cache.put(key, answer.body, validated=True)
+                except DiskFull as exc:
+                    # A window of `size` px touches (1 + size/tile)^2 tiles on average.
+                    exc.per_cell = len(answer.body) * (1 + self.size / self.tile_size) ** 2
+                    self._fatal = exc  # tiles queued behind this one are not fetched for nothing
+                    raise
             self.stats.add(fetched=1)
             return self._check_size(answer.value), False
         if answer.status in ABSENT_STATUS:

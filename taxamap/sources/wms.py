@@ -45,6 +45,7 @@ from urllib.parse import quote
 
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
@@ -228,6 +229,7 @@ class WMSSource:
         self._own_session = session is None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._fatal: Exception | None = None  # an error that ends the run (a full cache disk)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -347,6 +349,8 @@ class WMSSource:
 
     def _get(self, url: str, width: int):
         """(RGB image or None, failed) for one GetMap URL of ``width`` x ``size`` px."""
+        if self._fatal is not None:
+            raise self._fatal
         key = self._key(url)
         if self.cache is not None:
             hit = self.cache.get(key)
@@ -373,7 +377,12 @@ class WMSSource:
                 self.stats.add(not_found=1)
                 return None, False
             if self.cache is not None:
-                self.cache.put(key, answer.body, validated=True)
+                try:
+                    self.cache.put(key, answer.body, validated=True)
+                except DiskFull as exc:
+                    exc.per_cell = len(answer.body)  # one request per cell
+                    self._fatal = exc  # requests queued behind this one are not sent for nothing
+                    raise
             self.stats.add(fetched=1)
             return img, False
         if answer.status in ABSENT_STATUS:

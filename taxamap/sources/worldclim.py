@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_write, disk_full_guard
 from taxamap.sources import http
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ MANIFEST_FILE = "taxamap-worldclim-download.json"
 
 _STATS_VERSION = 1
 _PARTIAL_HASH_BYTES = 1 << 20
+_FULL_HINT = "free some space or choose another folder; the same command resumes"
 
 
 def _missing_message(directory: Path, missing: Sequence[str]) -> str:
@@ -83,17 +85,6 @@ def fingerprint(path: Path) -> str:
             fh.seek(-_PARTIAL_HASH_BYTES, os.SEEK_END)
             h.update(fh.read(_PARTIAL_HASH_BYTES))
     return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:32]}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _mask_invalid(values: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -270,8 +261,8 @@ class WorldClimFeatures:
                 indent=1,
             )
             try:
-                _atomic_write_text(self.stats_path, text)
-            except OSError as exc:  # a read-only data folder still works, just slower next time
+                atomic_write(self.stats_path, text)
+            except (OSError, DiskFull) as exc:  # a read-only data folder still works, just slower
                 log.warning("could not cache WorldClim statistics in %s: %s", self.stats_path, exc)
         return out
 
@@ -454,7 +445,9 @@ def _fetch(session, url: str, part: Path, *, progress: bool, timeout) -> None:
             total = int(length) if length and length.isdigit() else None
         bar = _progress_bar(url, total, have, progress)
         try:
-            with open(part, mode) as fh:
+            with disk_full_guard(part.parent, total - have if total else None,
+                                 what=f"downloading {part.name[:-5]}", hint=_FULL_HINT), \
+                    open(part, mode) as fh:
                 try:
                     for chunk in _body_chunks(resp):
                         fh.write(chunk)
@@ -515,18 +508,21 @@ def _unpack(zip_path: Path, members: Sequence[str], target: Path) -> dict[str, i
             bad = zf.testzip()
             if bad is not None:
                 raise zipfile.BadZipFile(f"CRC error in {bad}")
-            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target))
-            try:
-                sizes = {}
-                for name in members:
-                    dest = tmp / name
-                    with zf.open(by_name[name]) as src, open(dest, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                    sizes[name] = dest.stat().st_size
-                for name in members:
-                    os.replace(tmp / name, target / name)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            need = sum(by_name[m].file_size for m in members)
+            with disk_full_guard(target, need, what=f"unpacking {zip_path.name}", hint=_FULL_HINT):
+                tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target))
+                try:
+                    sizes = {}
+                    for name in members:
+                        dest = tmp / name
+                        with zf.open(by_name[name]) as src, open(dest, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                        sizes[name] = dest.stat().st_size
+                    # A set of files, moved in once all are complete (no half-unpacked set).
+                    for name in members:
+                        os.replace(tmp / name, target / name)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
     except zipfile.BadZipFile as exc:
         zip_path.unlink(missing_ok=True)
         raise TaxamapError(
@@ -592,11 +588,11 @@ def download_worldclim(
             "downloaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         manifest["files"].update(sizes)
-        _atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest, indent=1))
+        atomic_write(target / MANIFEST_FILE, json.dumps(manifest, indent=1), hint=_FULL_HINT)
         if not keep_zips:
             zip_path.unlink(missing_ok=True)
     if json.dumps(manifest, sort_keys=True) != before:  # rasters found unpacked by hand
-        _atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest, indent=1))
+        atomic_write(target / MANIFEST_FILE, json.dumps(manifest, indent=1), hint=_FULL_HINT)
     return [target / name for name in WORLDCLIM_FILES]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 import taxamap
 from taxamap.errors import TaxamapError
-from taxamap.writers.style import UNITS, atomic_path, imagery_credit
+from taxamap.writers.style import UNITS, imagery_credit, output_path, write_bytes
 
 #: Tile size of the COG. 256 keeps overviews for grids as small as the USA at 0.1 degree.
 BLOCKSIZE = 256
@@ -86,6 +86,7 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
     import rasterio.shutil
     from rasterio.io import MemoryFile
 
+    output_path(path)  # a bad --out fails before the COG is built
     profile = {
         "driver": "GTiff",
         "width": grid.width,
@@ -96,19 +97,21 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
         "transform": grid.transform,
         "nodata": float("nan"),
     }
-    with atomic_path(path) as tmp:
-        # Build the bands in memory, then let GDAL's COG driver lay out tiles and overviews.
-        with MemoryFile() as mem:
-            with mem.open(**profile) as ds:
-                for i, (name, raster) in enumerate(bands, start=1):
-                    ds.write(np.asarray(raster, dtype=np.float32), i)
-                    ds.set_band_description(i, name)
-                    ds.set_band_unit(i, "cosine similarity")
-                    ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
-                ds.update_tags(**tags)
-            with mem.open() as src:
-                rasterio.shutil.copy(src, str(tmp), driver="COG", **COG_OPTIONS)
-    return Path(path)
+    # Build the bands in memory, then let GDAL's COG driver lay out tiles and overviews, also in
+    # memory: the file is then written by Python in one go, so a full disk is an OSError we can
+    # name (GDAL would print its own lines and fail with "TIFFAppendToStrip: Seek error").
+    with MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            for i, (name, raster) in enumerate(bands, start=1):
+                ds.write(np.asarray(raster, dtype=np.float32), i)
+                ds.set_band_description(i, name)
+                ds.set_band_unit(i, "cosine similarity")
+                ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
+            ds.update_tags(**tags)
+        with mem.open() as src, MemoryFile() as cog:
+            rasterio.shutil.copy(src, cog.name, driver="COG", **COG_OPTIONS)
+            data = cog.read()
+    return write_bytes(path, data)
 
 
 def write_geotiff(scoremap, path: str | os.PathLike) -> Path:

@@ -26,12 +26,12 @@ from taxamap.writers.style import (
     STRETCH_PERCENTILE,
     UNITS,
     Stretch,
-    atomic_path,
     colorize,
     gradient_css,
     imagery_credit,
     mercator_rows,
     stretch_of,
+    write_bytes,
 )
 
 #: Largest overlay side in pixels; bigger rasters are subsampled (nearest) for the browser only.
@@ -413,6 +413,4 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         if left:
             raise TaxamapError(f"--self-contained page still loads {left[0]}; this is a taxamap "
                                "bug, please report it (or write the map without --self-contained)")
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return Path(path)
+    return write_bytes(path, page)
