@@ -153,7 +153,8 @@ def test_stalled_tile_server_ends_the_run_in_one_line(tmp_path, models_dir):
         host = stall.host
         args = ["predict", "--species", "Cardinalis cardinalis", "--bbox=-83,40,-82.8,40.2",
                 "--resolution", "0.1", "--modalities", "location,satellite",
-                "--models", str(models_dir), "--sat-url", stall.url + "/tiles/{z}/{x}/{y}.jpg",
+                "--models", str(models_dir), "--sat-source", "xyz",
+                "--sat-url", stall.url + "/tiles/{z}/{x}/{y}.jpg",
                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress"]
         t0 = time.monotonic()
         proc = run(args, tmp_path, env={"TAXAMAP_HTTP_TIMEOUT": "1,0.5"})
