@@ -10,6 +10,10 @@ mosaic in Web Mercator), ``file`` (any raster GDAL reads) and ``earthengine`` (a
 median composite). All four deliver the same footprint, the 2,560 m square in the cell's local
 tangent plane at 256 x 256 px that the encoder was trained on (:mod:`taxamap.sources.footprint`),
 so their patches are comparable.
+
+To look at what the encoder sees: :func:`patch_at` / :func:`patches_at` give the exact RGB patch
+handed to its preprocessing plus the footprint and request(s) behind it (the web app shows them per
+cell); :func:`write_patches` is ``taxamap patches``.
 """
 
 from __future__ import annotations
