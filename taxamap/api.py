@@ -31,25 +31,33 @@ PathLike = str | os.PathLike
 BBoxLike = str | Sequence[float]
 
 
-def _grid_options(region, bbox, resolution, cells, modalities, models, device, cache, store,
-                  sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
-                  workers, worldclim, env_array, progress, dask) -> dict:
-    """API keyword names -> the fields of :class:`taxamap.pipeline.GridRequest`."""
+#: The grid, model and source options predict, embed (and the web app) share, by API name.
+GRID_OPTIONS = ("region", "bbox", "resolution", "cells", "modalities", "models", "device",
+                "cache", "store", "sat_source", "sat_url", "sat_zoom", "sat_size",
+                "sat_footprint", "sat_file", "ee_project", "sat_year", "workers", "worldclim",
+                "env_array", "progress", "dask")
+
+
+def _fspath(value):
+    return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def grid_request_fields(given: dict) -> dict:
+    """API keyword arguments (``given``: a function's ``locals()``) -> the fields of
+    :class:`taxamap.pipeline.GridRequest` (paths as strings, tuples for boxes)."""
+    o = {k: given[k] for k in GRID_OPTIONS}
+    bbox = o["bbox"]
     return dict(
-        region=None if region is None else os.fspath(region) if isinstance(
-            region, os.PathLike) else region,
+        region=_fspath(o["region"]),
         bbox=bbox if bbox is None or isinstance(bbox, str) else tuple(float(v) for v in bbox),
-        resolution=resolution, cells=cells,
-        modalities=modalities if isinstance(modalities, str) else list(modalities),
-        models_dir=None if models is None else os.fspath(models), device=device,
-        cache_dir=None if cache is None else os.fspath(cache),
-        store=None if store is None else os.fspath(store),
-        sat_source=sat_source, sat_url=sat_url, sat_zoom=sat_zoom, sat_size=sat_size,
-        sat_file=None if sat_file is None else os.fspath(sat_file), ee_project=ee_project,
-        sat_year=sat_year, workers=workers,
-        worldclim=None if worldclim is None else os.fspath(worldclim),
-        env_array=None if env_array is None else os.fspath(env_array),
-        progress=progress, dask=dask,
+        resolution=o["resolution"], cells=o["cells"],
+        modalities=o["modalities"] if isinstance(o["modalities"], str) else list(o["modalities"]),
+        models_dir=_fspath(o["models"]), device=o["device"], cache_dir=_fspath(o["cache"]),
+        store=_fspath(o["store"]), sat_source=o["sat_source"], sat_url=o["sat_url"],
+        sat_zoom=o["sat_zoom"], sat_size=o["sat_size"], sat_footprint=o["sat_footprint"],
+        sat_file=_fspath(o["sat_file"]), ee_project=o["ee_project"], sat_year=o["sat_year"],
+        workers=o["workers"], worldclim=_fspath(o["worldclim"]),
+        env_array=_fspath(o["env_array"]), progress=o["progress"], dask=o["dask"],
     )
 
 
@@ -70,10 +78,11 @@ def predict(
     device: str = "auto",
     cache: PathLike | None = None,
     store: str | None = None,
-    sat_source: str = "xyz",
+    sat_source: str = "wms",
     sat_url: str | None = None,
     sat_zoom: int | None = None,
     sat_size: int | None = None,
+    sat_footprint: float | None = None,
     sat_file: PathLike | None = None,
     ee_project: str | None = None,
     sat_year: int = 2020,
@@ -117,9 +126,7 @@ def predict(
         species_file=None if species_file is None else os.fspath(species_file), fusion=fusion,
         skip_unknown=skip_unknown, occurrences=occurrences, background=background, fit=fit,
         cv_blocks=cv_blocks, seed=seed,
-        **_grid_options(region, bbox, resolution, cells, modalities, models, device, cache, store,
-                        sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
-                        workers, worldclim, env_array, progress, dask),
+        **grid_request_fields(locals()),
     )
     ds, _timings = predict_dataset(req)
     return ds
@@ -162,10 +169,11 @@ def embed(
     device: str = "auto",
     cache: PathLike | None = None,
     store: str | None = None,
-    sat_source: str = "xyz",
+    sat_source: str = "wms",
     sat_url: str | None = None,
     sat_zoom: int | None = None,
     sat_size: int | None = None,
+    sat_footprint: float | None = None,
     sat_file: PathLike | None = None,
     ee_project: str | None = None,
     sat_year: int = 2020,
@@ -179,10 +187,7 @@ def embed(
     ``{modality: store location}``."""
     from taxamap.pipeline import GridRequest, embed as embed_grid
 
-    filled = embed_grid(GridRequest(**_grid_options(
-        region, bbox, resolution, cells, modalities, models, device, cache, store, sat_source, sat_url,
-        sat_zoom, sat_size, sat_file, ee_project, sat_year, workers, worldclim, env_array,
-        progress, dask)))
+    filled = embed_grid(GridRequest(**grid_request_fields(locals())))
     return {m: str(s.location) for m, s in filled.stores.items()}
 
 

@@ -19,7 +19,8 @@ EXAMPLES_PREDICT = """examples:
   taxamap predict --species "animalia chordata aves passeriformes cardinalidae cardinalis cardinalis" --bbox -90,30,-75,45
   taxamap predict --image bird.jpg --region ohio --resolution 0.05 --out maps/
   taxamap predict --species "Ursus arctos" --region canada --modalities location,environment --worldclim ~/data/worldclim
-  taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite --sat-zoom 14
+  taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite
+  taxamap patches --lat 40.0 --lon -83.0 --out patches/
 """
 
 
@@ -63,17 +64,7 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    help="embed blocks on a Dask cluster: a scheduler address (tcp://host:8786) "
                    "or local[:N] for a LocalCluster of N processes; the store must be reachable "
                    "by every worker")
-    s = p.add_argument_group("satellite source (with --modalities ...,satellite)")
-    s.add_argument("--sat-source", default="xyz", choices=["xyz", "file", "earthengine"],
-                   help="xyz tiles (default: EOX Sentinel-2 cloudless 2020), a local raster, or "
-                   "Earth Engine")
-    s.add_argument("--sat-url", help="XYZ template with {z}/{x}/{y} (default: EOX s2cloudless-2020)")
-    s.add_argument("--sat-zoom", type=int, help="XYZ zoom level (default 14, ~10 m/px like Sentinel-2)")
-    s.add_argument("--sat-size", type=int, help="patch size in pixels around each cell (default 256)")
-    s.add_argument("--sat-file", help="raster for --sat-source file (COG, VRT, GeoTIFF; any CRS)")
-    s.add_argument("--ee-project", help="Google Cloud project for --sat-source earthengine")
-    s.add_argument("--sat-year", type=int, default=2020, help="composite year for Earth Engine (2020)")
-    s.add_argument("--workers", type=int, default=8, help="concurrent tile downloads (default 8)")
+    _satellite_options(p.add_argument_group("satellite source (with --modalities ...,satellite)"))
     e = p.add_argument_group("climate source (with --modalities ...,environment)")
     e.add_argument("--worldclim", metavar="DIR",
                    help="folder with WorldClim 2.1 5-minute rasters ('taxamap data worldclim DIR')")
@@ -81,12 +72,34 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    help="TaxaBind/SINR's pre-scaled bioclim_elevation_scaled.npy instead")
 
 
+def _satellite_options(s) -> None:
+    """The satellite source options (predict, embed and patches share them)."""
+    s.add_argument("--sat-source", default="wms", choices=["wms", "xyz", "file", "earthengine"],
+                   help="wms (default): exactly TaxaBind's training request, EOX Sentinel-2 "
+                   "cloudless 2020 by WMS GetMap; xyz tiles (default: the same EOX mosaic), a "
+                   "local raster, or Earth Engine; all deliver the same footprint")
+    s.add_argument("--sat-url", metavar="URL", help="WMS endpoint for wms (default https://tiles.maps.eox.at/wms), "
+                   "or an XYZ template with {z}/{x}/{y} for xyz (default: EOX s2cloudless-2020)")
+    s.add_argument("--sat-footprint", type=float, metavar="METRES",
+                   help="ground size of a patch: a square in the cell's tangent plane (default "
+                   "2560, TaxaBind's training footprint)")
+    s.add_argument("--sat-size", type=int, metavar="PX",
+                   help="patch size in pixels (default 256, TaxaBind's; ~10 m/px)")
+    s.add_argument("--sat-zoom", type=int, metavar="Z", help="xyz only: fix the tile zoom (default: chosen per "
+                   "cell from its latitude so tiles are at least as fine as the patch)")
+    s.add_argument("--sat-file", help="raster for --sat-source file (COG, VRT, GeoTIFF; any CRS)")
+    s.add_argument("--ee-project", help="Google Cloud project for --sat-source earthengine")
+    s.add_argument("--sat-year", type=int, default=2020, help="composite year for Earth Engine (2020)")
+    s.add_argument("--workers", type=int, default=8, help="concurrent satellite requests (default 8)")
+
+
 def _grid_kwargs(args) -> dict:
     return dict(
         region=args.region, bbox=args.bbox, resolution=args.resolution, cells=args.cells,
         modalities=args.modalities, models_dir=args.models, device=args.device,
         cache_dir=args.cache, store=args.store, sat_source=args.sat_source, sat_url=args.sat_url,
-        sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_file=args.sat_file,
+        sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_footprint=args.sat_footprint,
+        sat_file=args.sat_file,
         ee_project=args.ee_project, sat_year=args.sat_year, workers=args.workers,
         worldclim=args.worldclim, env_array=args.env_array, progress=not args.no_progress,
         dask=args.dask,
@@ -228,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", metavar="DIR", default=None, help="cache folder")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    p = sub.add_parser(
+        "patches", help="write the satellite patches the encoder sees at some points",
+        description="For each --lat/--lon pair, write OUT/<lat>_<lon>.png, the exact RGB patch\n"
+        "handed to the satellite encoder's preprocessing, and OUT/<lat>_<lon>.json with its\n"
+        "footprint (bbox, metres per pixel), the source and the request(s) or tiles used.",
+        epilog="examples:\n  taxamap patches --lat 40.0 --lon -83.0 --out patches/\n"
+        "  taxamap patches --lat 60.1 --lon 24.9 --lat -70 --lon 140 --sat-source xyz --out p/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--lat", type=float, action="append", required=True, metavar="LAT",
+                   help="latitude in degrees (repeat, one per --lon)")
+    p.add_argument("--lon", type=float, action="append", required=True, metavar="LON",
+                   help="longitude in degrees (repeat, one per --lat)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--cache", metavar="DIR", default=None, help="cache folder (as predict's)")
+    _satellite_options(p.add_argument_group("satellite source"))
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     p = sub.add_parser("regions", help="list region presets")
     p.add_argument("--kind", help="only this kind (world, continent, country, state, province)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -302,6 +333,28 @@ def _cmd_embed(args) -> int:
     cells = embed(GridRequest(**_grid_kwargs(args)))
     for modality, store in cells.stores.items():
         print(f"{modality}\t{store.location}\t{cells.computed_blocks[modality]} blocks computed")
+    return 0
+
+
+def _cmd_patches(args) -> int:
+    from taxamap.paths import cache_subdir
+    from taxamap.sources.satellite import make_satellite_source, write_patches
+
+    if len(args.lat) != len(args.lon):
+        raise TaxamapError(f"give one --lon per --lat ({len(args.lat)} --lat, {len(args.lon)} --lon)")
+    source = make_satellite_source(
+        args.sat_source, url=args.sat_url, zoom=args.sat_zoom, size=args.sat_size,
+        footprint_m=args.sat_footprint, file=args.sat_file, ee_project=args.ee_project,
+        year=args.sat_year, cache_dir=cache_subdir("tiles", args.cache), workers=args.workers,
+    )
+    with source:
+        written = write_patches(list(zip(args.lat, args.lon)), args.out, source)
+    for item in written:
+        if item.png is None:
+            print(f"no imagery at ({item.lat}, {item.lon}): see {item.json}", file=sys.stderr)
+        else:
+            print(item.png)
+        print(item.json)
     return 0
 
 
@@ -421,6 +474,7 @@ COMMANDS = {
     "predict": _cmd_predict,
     "embed": _cmd_embed,
     "regions": _cmd_regions,
+    "patches": _cmd_patches,
     "models": _cmd_models,
     "cache": _cmd_cache,
     "data": _cmd_data,
@@ -434,8 +488,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("--bbox", "--resolution") and i + 1 < len(argv) and argv[i + 1].startswith("-") \
-                and len(argv[i + 1]) > 1 and (argv[i + 1][1].isdigit() or argv[i + 1][1] == "."):
+        if arg in ("--bbox", "--resolution", "--lat", "--lon") and i + 1 < len(argv) \
+                and argv[i + 1].startswith("-") and len(argv[i + 1]) > 1 \
+                and (argv[i + 1][1].isdigit() or argv[i + 1][1] == "."):
             out.append(f"{arg}={argv[i + 1]}")
             i += 2
             continue

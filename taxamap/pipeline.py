@@ -47,11 +47,12 @@ class GridRequest:
     device: str = "auto"
     cache_dir: str | None = None
     store: str | None = None
-    # satellite source
-    sat_source: str = "xyz"
+    # satellite source (default: the WMS request TaxaBind trained on; see sources/satellite.py)
+    sat_source: str = "wms"
     sat_url: str | None = None
     sat_zoom: int | None = None
     sat_size: int | None = None
+    sat_footprint: float | None = None
     sat_file: str | None = None
     ee_project: str | None = None
     sat_year: int = 2020
@@ -171,6 +172,8 @@ class CellEmbeddings:
     attribution: str | None
     license: str | None
     computed_blocks: dict[str, int]
+    #: Per modality, its source's describe() (what the satellite patches were: GeoTIFF tags).
+    sources: dict[str, dict] = field(default_factory=dict)
 
 
 def _complete_store(location: str, key: str):
@@ -195,7 +198,7 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
     from taxamap.store import EmbeddingStore, store_key, store_location
 
     latlon = None
-    stores, refs, computed = {}, {}, {}
+    stores, refs, computed, sources = {}, {}, {}, {}
     attribution = license_ = None
     for modality in req.modalities:
         plan = plan_modality(modality, req, config, device, grid.n_cells)
@@ -236,7 +239,23 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
             attribution, license_ = plan.attribution, plan.license
         stores[modality] = store
         refs[modality] = plan.model_ref
-    return CellEmbeddings(stores, refs, attribution, license_, computed)
+        sources[modality] = plan.source
+    return CellEmbeddings(stores, refs, attribution, license_, computed, sources)
+
+
+def satellite_tags(source: dict | None) -> dict[str, str]:
+    """GeoTIFF tags saying what the satellite modality saw: the source's settings (JSON), and its
+    footprint and patch size on their own (empty without a satellite modality)."""
+    import json
+
+    if not source:
+        return {}
+    tags = {"SATELLITE_SOURCE": json.dumps(source, sort_keys=True)}
+    if source.get("footprint_m") is not None:
+        tags["SATELLITE_FOOTPRINT_M"] = f"{float(source['footprint_m']):g}"
+    if source.get("size") is not None:
+        tags["SATELLITE_SIZE_PX"] = str(int(source["size"]))
+    return tags
 
 
 def read_species_file(path: str | os.PathLike) -> list[str]:
@@ -546,6 +565,7 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
         models={"config": config_ref, "query": query_ref, **cells.model_refs},
         region_name=region.name, region_spec=_region_spec(req), cells=req.cells,
         attribution=cells.attribution, license_=cells.license,
+        extra=satellite_tags(cells.sources.get("satellite")),
     )
     if skipped:
         attrs["skipped_species"] = "; ".join(skipped)

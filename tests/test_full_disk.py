@@ -147,6 +147,28 @@ def test_tile_cache_on_a_full_disk_names_it(small_disk):
             assert all(p is not None for p in src.fetch(cells))
 
 
+def test_wms_cache_on_a_full_disk_names_it(small_disk):
+    from taxamap.sources.wms import WMSSource
+    from tests.wmsserver import WMSServer
+
+    cache = small_disk.path / "tiles"
+    cells = np.column_stack([np.linspace(-40, 40, 30), np.linspace(-120, 120, 30)])
+    with WMSServer(content="constant") as server:
+        small_disk.fill(free=300_000)  # two GetMap answers (~135 KB each)
+        with WMSSource(server.url, cache_dir=cache, workers=2, timeout=(2.0, 2.0)) as src:
+            with pytest.raises(DiskFull) as err:
+                src.fetch(cells)
+        message = str(err.value)
+        assert f"in {cache}" in message and "--cache" in message and "\n" not in message
+        assert _temps(cache) == []
+        assert err.value.per_cell > 100_000  # one answer per cell
+        assert server.requests < len(cells)  # the queued requests were not sent for nothing
+
+        small_disk.free_up()
+        with WMSSource(server.url, cache_dir=cache, workers=2) as src:
+            assert all(p is not None for p in src.fetch(cells))
+
+
 # -- predict, end to end -----------------------------------------------------------------------
 
 def _predict(args, tmp_path):

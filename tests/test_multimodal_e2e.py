@@ -38,8 +38,8 @@ def test_three_modalities_fused_and_cached(tmp_path, models_dir, worldclim, fusi
         args = ["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
                 "--resolution", "0.1", "--modalities", "location,satellite,environment",
                 "--fusion", fusion, "--models", str(models_dir), "--worldclim", str(worldclim),
-                "--sat-url", server.url_template, "--sat-zoom", "12", "--sat-size", "64",
-                "--workers", "4", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
+                "--sat-source", "xyz", "--sat-url", server.url_template, "--sat-zoom", "12",
+                "--sat-size", "64", "--workers", "4", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
                 "--no-progress"]
         first = run(args, tmp_path)
         assert first.returncode == 0, first.stderr
@@ -107,8 +107,8 @@ def test_failed_tiles_leave_their_block_unfinished_and_a_rerun_fills_them(tmp_pa
     with TileServer(latency=0.0, faults={(12, 1104, 1542): "500"}) as server:
         args = ["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
                 "--resolution", "0.1", "--modalities", "location,satellite",
-                "--models", str(models_dir), "--sat-url", server.url_template, "--sat-zoom", "12",
-                "--sat-size", "64", "--workers", "4", "--cache", str(tmp_path / "cache"),
+                "--models", str(models_dir), "--sat-source", "xyz", "--sat-url", server.url_template,
+                "--sat-zoom", "12", "--sat-size", "64", "--workers", "4", "--cache", str(tmp_path / "cache"),
                 "--out", str(tmp_path / "o"), "--no-progress"]
         first = run(args, tmp_path)
         assert first.returncode == 0, first.stderr
@@ -153,7 +153,8 @@ def test_stalled_tile_server_ends_the_run_in_one_line(tmp_path, models_dir):
         host = stall.host
         args = ["predict", "--species", "Cardinalis cardinalis", "--bbox=-83,40,-82.8,40.2",
                 "--resolution", "0.1", "--modalities", "location,satellite",
-                "--models", str(models_dir), "--sat-url", stall.url + "/tiles/{z}/{x}/{y}.jpg",
+                "--models", str(models_dir), "--sat-source", "xyz",
+                "--sat-url", stall.url + "/tiles/{z}/{x}/{y}.jpg",
                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress"]
         t0 = time.monotonic()
         proc = run(args, tmp_path, env={"TAXAMAP_HTTP_TIMEOUT": "1,0.5"})

@@ -44,7 +44,8 @@ def expected_patch(server: TileServer, lat: float, lon: float, zoom: int, size: 
 
 
 def make_source(server: TileServer, tmp_path, **kw) -> XYZTileSource:
-    opts = dict(zoom=8, size=256, cache_dir=tmp_path / "cache", workers=4, **FAST)
+    # footprint_m=None: native tile pixels, so patches can be compared with the tiles bit for bit.
+    opts = dict(zoom=8, size=256, footprint_m=None, cache_dir=tmp_path / "cache", workers=4, **FAST)
     opts.update(kw)
     return XYZTileSource(server.url_template, **opts)
 
@@ -224,7 +225,9 @@ def test_template_checks_and_defaults(tmp_path):
     assert isinstance(src, SatelliteSource)
     assert src.url == DEFAULT_URL and "{y}/{x}" in DEFAULT_URL
     assert src.license == EOX_LICENSE and "EOX" in src.attribution and "2020" in src.attribution
-    assert src.describe() == {"kind": "xyz", "url": DEFAULT_URL, "zoom": 14, "size": 256, "tile_size": 256}
+    # The default is TaxaBind's footprint (2,560 m, 256 px) with the zoom chosen per cell.
+    assert src.describe() == {"kind": "xyz", "url": DEFAULT_URL, "zoom": "auto", "size": 256, "tile_size": 256,
+                              "footprint_m": 2560.0, "max_zoom": 19, "resampling": "triangle"}
     custom = make_satellite_source("xyz", url="https://example.org/{z}/{x}/{y}.png", zoom=12, size=128,
                                    cache_dir=tmp_path)
     assert custom.attribution is None and custom.license is None and custom.describe()["zoom"] == 12
@@ -233,6 +236,8 @@ def test_template_checks_and_defaults(tmp_path):
     assert tms.tile_url(3, 1, 2) in {f"https://{s}.example.org/3/1/5.png" for s in "abc"}
     with pytest.raises(TaxamapError, match="unknown satellite source"):
         make_satellite_source("sentinel")
+    with pytest.raises(TaxamapError, match="--sat-zoom applies to --sat-source xyz only"):
+        make_satellite_source("wms", zoom=14, cache_dir=tmp_path)
     with pytest.raises(TaxamapError, match="--sat-file"):
         make_satellite_source("file")
     with pytest.raises(TaxamapError, match="--workers"):

@@ -1,17 +1,19 @@
 """Satellite patches cut from a local raster: any file GDAL reads (COG, VRT, GeoTIFF), any CRS.
 
-Every patch is the same Web-Mercator window the XYZ source would mosaic for that cell (``zoom``,
-``size``: see :mod:`taxamap.sources.tiles`), so a local copy of a mosaic and its tile server give
-comparable patches. Each patch is one GDAL warp of just that window (a per-cell ``WarpedVRT``): only
-the source blocks under the window are read, whatever the file's size or projection.
+Every patch is TaxaBind's footprint (:mod:`taxamap.sources.footprint`): the ``footprint_m``
+(2,560 m) square in the cell's tangent plane on the same lon/lat pixel grid (``size`` = 256 px) the
+WMS source asks for, so a local copy of a mosaic and a server give comparable patches. Each patch is
+one GDAL warp of just that box (a per-cell ``WarpedVRT`` onto the box's EPSG:4326 grid; two at the
+antimeridian, side by side): only the source blocks under it are read, whatever the file's size
+or projection.
 
 * Bands 1-3 are red, green, blue (a 1- or 2-band file is read as grey from band 1).
 * ``uint8`` data is used as is. Any other type is stretched linearly, the same for every patch of
   the file: ``stretch=(lo, hi)`` maps lo..hi to 0..255; ``"auto"`` (default) takes the 2nd and
   98th percentiles of bands 1-3 together (one pair, so colour balance is kept) over a decimated
   read of the whole file, computed once per source.
-* Resampling: ``average`` when the file is finer than the patch (no aliasing from e.g. 0.5 m aerial
-  photos), ``bilinear`` otherwise.
+* Resampling: ``average`` when the file is finer than the patch's pixels (no aliasing from e.g.
+  0.5 m aerial photos), ``bilinear`` otherwise.
 * A cell whose window is not entirely covered by valid data (outside the raster, nodata, alpha 0)
   gets ``None``: a patch is never padded with black. ``min_coverage`` < 1 relaxes this; the
   uncovered pixels are then filled with the covered pixels' mean colour.
@@ -25,31 +27,15 @@ import os
 import threading
 from pathlib import Path
 
-import mercantile
 import numpy as np
 
 from taxamap.errors import TaxamapError
 from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
-from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, MAX_LAT, TILE_SIZE
+from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 
 log = logging.getLogger(__name__)
 
-_WORLD = mercantile.xy_bounds(0, 0, 0)
 _EQUATOR_M_PER_DEG = 111_319.49
-
-
-def mercator_window(lat: float, lon: float, zoom: int, size: int) -> tuple[float, float, float] | None:
-    """(left, top, pixel size) in EPSG:3857 metres of the XYZ source's patch window for a cell."""
-    if not (np.isfinite(lat) and np.isfinite(lon)) or abs(lat) >= MAX_LAT:
-        return None
-    res = (_WORLD.right - _WORLD.left) / (TILE_SIZE * (1 << zoom))
-    mx, my = mercantile.xy(lon, lat)
-    # Snap like the tile mosaic does: the window starts on a whole pixel of the zoom level's grid.
-    gx = (mx - _WORLD.left) / res
-    gy = (_WORLD.top - my) / res
-    x0 = math.floor(gx - size / 2 + 0.5)
-    y0 = math.floor(gy - size / 2 + 0.5)
-    return _WORLD.left + x0 * res, _WORLD.top - y0 * res, res
 
 
 def _open(path: Path):
@@ -76,8 +62,8 @@ class RasterFileSource(PerCellSource):
         self,
         path: str | Path,
         *,
-        zoom: int = DEFAULT_ZOOM,
         size: int = DEFAULT_SIZE,
+        footprint_m: float = DEFAULT_FOOTPRINT_M,
         workers: int = DEFAULT_WORKERS,
         stretch: str | tuple[float, float] | None = "auto",
         min_coverage: float = 1.0,
@@ -91,7 +77,8 @@ class RasterFileSource(PerCellSource):
         if not 16 <= int(size) <= 4096:
             raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
         super().__init__(workers)
-        self.zoom, self.size = int(zoom), int(size)
+        self.size = int(size)
+        self.footprint_m = float(footprint_m)
         self.min_coverage = float(min_coverage)
         self.attribution, self.license = attribution, license
         self._local = threading.local()
@@ -123,7 +110,7 @@ class RasterFileSource(PerCellSource):
             "bytes": st.st_size,
             "mtime": int(st.st_mtime),
             "crs": self.crs,
-            "zoom": self.zoom,
+            "footprint_m": self.footprint_m,
             "size": self.size,
             "stretch": None if self.stretch is None else [float(v) for v in self.stretch],
             "resampling": self._resampling.name,
@@ -182,18 +169,29 @@ class RasterFileSource(PerCellSource):
             src_res *= _EQUATOR_M_PER_DEG
         else:
             src_res *= src.crs.linear_units_factor[1]
-        dst_res = (_WORLD.right - _WORLD.left) / (TILE_SIZE * (1 << self.zoom))
+        dst_res = self.footprint_m / self.size
         return Resampling.average if src_res < dst_res * 0.75 else Resampling.bilinear
 
+    def footprint(self, lat: float, lon: float) -> Footprint | None:
+        """The box the patch of (lat, lon) covers (None near a pole)."""
+        return footprint(lat, lon, self.footprint_m, self.size)
+
+    def explain(self, lat: float, lon: float) -> dict:
+        """What the patch of (lat, lon) is cut from (no reading): footprint, file, resampling."""
+        fp = self.footprint(lat, lon)
+        out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon)}
+        out["source"] = self.describe()
+        return out
+
     def patch(self, lat: float, lon: float):
-        """(RGB patch or None, failed) of one cell; failed when the window could not be read."""
+        """(RGB patch or None, failed) of one cell; failed when the box could not be read."""
         import rasterio
 
-        window = mercator_window(lat, lon, self.zoom, self.size)
-        if window is None:
+        fp = self.footprint(lat, lon)
+        if fp is None:
             return None, False
         try:
-            return self._warp(*window), False
+            return self._render(fp), False
         except rasterio.errors.RasterioError as exc:
             # A damaged block or a missing VRT member fails these cells, not the run.
             with self._lock:
@@ -206,24 +204,16 @@ class RasterFileSource(PerCellSource):
             self.stats.add(failures=1)
             return None, True
 
-    def _warp(self, left: float, top: float, res: float):
-        from affine import Affine
+    def _render(self, fp: Footprint):
+        """The patch warped onto the footprint's grid (None without enough valid data)."""
         from PIL import Image
-        from rasterio.vrt import WarpedVRT
 
-        src = self._dataset()
-        with WarpedVRT(
-            src,
-            crs="EPSG:3857",
-            transform=Affine(res, 0.0, left, 0.0, -res, top),
-            width=self.size,
-            height=self.size,
-            resampling=self._resampling,
-            add_alpha=True,
-        ) as vrt:
-            data = vrt.read(self._bands)
-            alpha = vrt.read(vrt.count)
-        valid = alpha > 0
+        data = np.zeros((len(self._bands), self.size, self.size), dtype=self.dtype)
+        valid = np.zeros((self.size, self.size), dtype=bool)
+        for part in fp.parts():
+            d, a = self._warp(part.bbox, part.width)
+            data[:, :, part.col0:part.col1] = d
+            valid[:, part.col0:part.col1] = a > 0
         coverage = float(valid.mean())
         if coverage < self.min_coverage or coverage == 0.0:
             self.stats.add(not_found=1)
@@ -234,6 +224,22 @@ class RasterFileSource(PerCellSource):
             rgb[:, ~valid] = fill[:, None]
         self.stats.add(fetched=1)
         return Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), "RGB")
+
+    def _warp(self, bbox, width: int):
+        """(bands, alpha) of the file warped onto an EPSG:4326 box ``width`` x ``size`` px."""
+        from rasterio.transform import from_bounds
+        from rasterio.vrt import WarpedVRT
+
+        with WarpedVRT(
+            self._dataset(),
+            crs="EPSG:4326",
+            transform=from_bounds(*bbox, width, self.size),
+            width=width,
+            height=self.size,
+            resampling=self._resampling,
+            add_alpha=True,
+        ) as vrt:
+            return vrt.read(self._bands), vrt.read(vrt.count)
 
     def _to_uint8(self, data: np.ndarray) -> np.ndarray:
         if self.stretch is None:

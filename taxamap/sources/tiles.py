@@ -5,17 +5,21 @@ encoder was trained on, served in Web Mercator (WMTS tile matrix set ``g`` = Goo
 URL order ``{z}/{y}/{x}``: TileMatrix/TileRow/TileCol). It is CC BY-NC-SA 4.0: outputs made from it
 must carry :data:`EOX_ATTRIBUTION` and :data:`EOX_LICENSE` (the source exposes both).
 
-Defaults, and why (TaxaBind did not publish the ground size of its patches):
+What a patch is (TaxaBind's training footprint, :mod:`taxamap.sources.footprint`): the 2,560 m
+square around the cell centre in its local tangent plane, ``size`` = 256 px on a lon/lat-regular
+grid, exactly the box the default WMS source asks for. This source mosaics the Web-Mercator tiles
+under that box and resamples them onto its grid (anti-aliased triangle filter, rows and columns
+separately: Mercator x depends on longitude only, y on latitude only). The zoom is chosen per cell
+from its latitude: the coarsest level whose pixels are no larger than the footprint's
+(``footprint_m / size``, 10 m): zoom 14 at the equator (9.55 m), 13 at 60 deg (9.55 m). A fixed
+``zoom`` may be given instead. Cells whose box reaches past Web Mercator's +-85.05 deg get ``None``.
 
-* ``zoom = 14``: 156543 m / 2**14 = 9.55 m per pixel at the equator, the closest Web-Mercator
-  level to Sentinel-2's native 10 m (EOX's highest zoom with native detail). Lower zooms blur the
-  texture the encoder saw; higher zooms only upsample the same 10 m pixels.
-* ``size = 256`` px: the encoder's preprocessing resizes to 256 then centre-crops 224, so a 256 px
-  patch goes in without resampling. At zoom 14 it spans ~2.4 km at the equator (Web Mercator
-  shrinks the ground size by cos(latitude): ~1.7 km at 45 deg).
+``footprint_m=None`` keeps the tiles' native pixels instead: a ``size`` x ``size`` window of the
+``zoom`` level centred on the cell (no resampling; its ground size shrinks with cos(latitude), so
+it is *not* what the encoder learned from; for looking at raw tiles).
 
-A patch is centred on the cell centre to within half a pixel and mosaicked from every tile it
-touches (usually 2 x 2). Networking is deliberately boring and shared with every other client
+Every tile a patch touches is fetched once (usually 2 x 2 or 3 x 3) and shared by neighbouring
+cells. Networking is deliberately boring and shared with every other client
 (:mod:`taxamap.sources.http`): a thread pool of ``workers`` requests (never more in flight), one
 session whose pool holds ``workers`` connections, (connect, read) timeouts, urllib3 retries with
 exponential backoff and jitter on 429, 5xx, timeouts and connection errors (``Retry-After``
@@ -36,7 +40,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import mercantile
 import numpy as np
 
 from taxamap.errors import TaxamapError
@@ -44,12 +47,19 @@ from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
 from taxamap.sources.cache import MISSING, TileCache, decode_image
+from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
 
 #: EOX Sentinel-2 cloudless 2020, Web Mercator (the layer TaxaBind trained on).
 DEFAULT_URL = "https://tiles.maps.eox.at/wmts/1.0.0/s2cloudless-2020_3857/default/g/{z}/{y}/{x}.jpg"
+#: The zoom of ``footprint_m=None`` (native-pixel) patches when none is given: ~10 m/px at the
+#: equator, Sentinel-2's native resolution.
 DEFAULT_ZOOM = 14
 DEFAULT_SIZE = 256
 TILE_SIZE = 256
+#: The finest zoom the automatic choice goes to (1 m pixels at 30 deg).
+MAX_AUTO_ZOOM = 19
+#: Equatorial circumference of the Web-Mercator sphere (metres).
+_EARTH_CIRCUMFERENCE = 2 * math.pi * 6378137.0
 
 EOX_LICENSE = "CC BY-NC-SA 4.0"
 EOX_ATTRIBUTION = (
@@ -64,9 +74,6 @@ ABSENT_STATUS = frozenset({404, 410})
 
 #: Latitude limit of Web Mercator tiles.
 MAX_LAT = 85.0511287798066
-
-# The Web-Mercator world square (metres), from mercantile rather than a hand-typed constant.
-_WORLD = mercantile.xy_bounds(0, 0, 0)
 
 
 def eox_metadata(url: str) -> tuple[str | None, str | None]:
@@ -91,46 +98,89 @@ def check_template(url: str) -> None:
 
 @dataclass(frozen=True)
 class PatchPlan:
-    """Where a cell's patch lies in the world pixel space of one zoom level."""
+    """The window of one zoom level's world pixels a cell's patch is made from."""
 
-    x0: int  # world pixel column of the patch's left edge (may be <0 or >= world: wraps)
-    y0: int  # world pixel row of the patch's top edge
+    zoom: int
+    x0: int  # world pixel column of the window's left edge (may be <0 or >= world: wraps)
+    y0: int  # world pixel row of the window's top edge
+    width: int  # window size in pixels
+    height: int
     tx0: int  # first tile column touched (unwrapped)
     ty0: int  # first tile row touched
     ncols: int  # tiles across
     nrows: int  # tiles down
+    #: The box resampled onto; None: the window itself is the patch (native pixels).
+    footprint: Footprint | None = None
 
-    def tiles(self, zoom: int) -> list[tuple[int, int, int]]:
+    def tiles(self, zoom: int | None = None) -> list[tuple[int, int, int]]:
         """The (z, x, y) tiles to fetch, row-major, x wrapped around the antimeridian."""
-        n = 1 << zoom
-        return [
-            (zoom, (self.tx0 + c) % n, self.ty0 + r) for r in range(self.nrows) for c in range(self.ncols)
-        ]
+        z = self.zoom if zoom is None else zoom
+        n = 1 << z
+        return [(z, (self.tx0 + c) % n, self.ty0 + r) for r in range(self.nrows) for c in range(self.ncols)]
+
+
+def _world_xy(lon, lat, zoom: int, tile_size: int = TILE_SIZE):
+    """World pixel coordinates (edges at integers) of lon/lat at ``zoom``; lon unwrapped."""
+    world = tile_size * (1 << zoom)
+    x = (np.asarray(lon, dtype=np.float64) + 180.0) / 360.0 * world
+    y = (1.0 - np.arcsinh(np.tan(np.radians(lat))) / math.pi) / 2.0 * world
+    return x, y
+
+
+def _window(x0: int, y0: int, width: int, height: int, zoom: int, tile_size: int,
+            fp: Footprint | None = None) -> PatchPlan | None:
+    world = tile_size * (1 << zoom)
+    if y0 < 0 or y0 + height > world:
+        return None  # the window would reach past the top/bottom of the map
+    tx0, ty0 = x0 // tile_size, y0 // tile_size
+    tx1, ty1 = (x0 + width - 1) // tile_size, (y0 + height - 1) // tile_size
+    return PatchPlan(zoom, x0, y0, width, height, tx0, ty0, tx1 - tx0 + 1, ty1 - ty0 + 1, fp)
 
 
 def plan_patch(lat: float, lon: float, zoom: int, size: int, tile_size: int = TILE_SIZE) -> PatchPlan | None:
-    """The ``size`` x ``size`` window centred on (lat, lon) at ``zoom``; None beyond Mercator's poles."""
+    """The native ``size`` x ``size`` window centred on (lat, lon) at ``zoom`` (no resampling);
+    None beyond Mercator's poles."""
     if not (np.isfinite(lat) and np.isfinite(lon)) or abs(lat) >= MAX_LAT:
         return None
-    mx, my = mercantile.xy(lon, lat)
-    world = tile_size * (1 << zoom)
-    gx = (mx - _WORLD.left) / (_WORLD.right - _WORLD.left) * world
-    gy = (_WORLD.top - my) / (_WORLD.top - _WORLD.bottom) * world
+    gx, gy = _world_xy(lon, lat, zoom, tile_size)
     # Patch centre at its pixel-edge position size/2: round the origin to whole pixels (no resampling).
-    x0 = math.floor(gx - size / 2 + 0.5)
-    y0 = math.floor(gy - size / 2 + 0.5)
-    if y0 < 0 or y0 + size > world:
-        return None  # the patch would reach past the top/bottom of the map
-    tx0, ty0 = x0 // tile_size, y0 // tile_size
-    tx1, ty1 = (x0 + size - 1) // tile_size, (y0 + size - 1) // tile_size
-    return PatchPlan(x0, y0, tx0, ty0, tx1 - tx0 + 1, ty1 - ty0 + 1)
+    x0 = math.floor(float(gx) - size / 2 + 0.5)
+    y0 = math.floor(float(gy) - size / 2 + 0.5)
+    return _window(x0, y0, size, size, zoom, tile_size)
+
+
+def auto_zoom(lat: float, metres_per_pixel: float, tile_size: int = TILE_SIZE,
+              max_zoom: int = MAX_AUTO_ZOOM) -> int:
+    """The coarsest zoom whose pixels at ``lat`` are no larger than ``metres_per_pixel``."""
+    ground = _EARTH_CIRCUMFERENCE * math.cos(math.radians(lat)) / tile_size  # zoom-0 pixel
+    need = math.log2(max(ground, 1e-9) / metres_per_pixel)
+    return int(min(max(math.ceil(need - 1e-9), 0), max_zoom))
+
+
+def plan_footprint(fp: Footprint, zoom: int | None, tile_size: int = TILE_SIZE,
+                   max_zoom: int = MAX_AUTO_ZOOM) -> PatchPlan | None:
+    """The tile window under a footprint (plus the resampling filter's reach); None past Mercator."""
+    if fp.north >= MAX_LAT or fp.south <= -MAX_LAT:
+        return None
+    z = auto_zoom(fp.lat, fp.metres_per_pixel, tile_size, max_zoom) if zoom is None else int(zoom)
+    xs, ys = _world_xy([fp.west, fp.east], [fp.north, fp.south], z, tile_size)
+    # The filter reaches one target pixel (>= 1 source pixel) beyond the box's edge pixels.
+    reach_x = max(1.0, (xs[1] - xs[0]) / fp.size) + 1
+    reach_y = max(1.0, (ys[1] - ys[0]) / fp.size) + 1
+    x0, x1 = math.floor(xs[0] - reach_x), math.ceil(xs[1] + reach_x)
+    y0, y1 = math.floor(ys[0] - reach_y), math.ceil(ys[1] + reach_y)
+    world = tile_size * (1 << z)
+    y0, y1 = max(y0, 0), min(y1, world)
+    return _window(x0, y0, x1 - x0, y1 - y0, z, tile_size, fp)
 
 
 class XYZTileSource:
     """Patches mosaicked from ``{z}/{x}/{y}`` tiles (see the module docstring for the behaviour).
 
     Parameters: ``url`` template (``{z}``, ``{x}``, ``{y}`` or ``{-y}`` for TMS, optional ``{s}``
-    with ``subdomains``); ``zoom``; ``size`` of the square patch in pixels; ``cache_dir`` root of
+    with ``subdomains``); ``footprint_m`` ground size of the patch (default TaxaBind's 2,560 m;
+    None: native pixels, see the module docstring); ``zoom`` (None: chosen per cell from its
+    latitude, at most ``max_zoom``); ``size`` of the square patch in pixels; ``cache_dir`` root of
     the tile cache (None: user cache dir) or ``cache=False`` for none; ``workers`` parallel
     requests; ``retries`` after the first attempt; ``backoff`` base delay in seconds (doubling per
     retry, with jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
@@ -149,8 +199,10 @@ class XYZTileSource:
         self,
         url: str = DEFAULT_URL,
         *,
-        zoom: int = DEFAULT_ZOOM,
+        zoom: int | None = None,
         size: int = DEFAULT_SIZE,
+        footprint_m: float | None = DEFAULT_FOOTPRINT_M,
+        max_zoom: int = MAX_AUTO_ZOOM,
         tile_size: int = TILE_SIZE,
         cache_dir: str | Path | None = None,
         cache: bool = True,
@@ -170,15 +222,19 @@ class XYZTileSource:
         prefetch: int | None = None,
     ):
         check_template(url)
-        if not 0 <= int(zoom) <= 24:
+        if footprint_m is None and zoom is None:
+            zoom = DEFAULT_ZOOM
+        if zoom is not None and not 0 <= int(zoom) <= 24:
             raise TaxamapError(f"--sat-zoom must be between 0 and 24, got {zoom}")
         if not 16 <= int(size) <= 4096:
             raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
         if int(workers) < 1:
             raise TaxamapError(f"--workers must be at least 1, got {workers}")
         self.url = url
-        self.zoom = int(zoom)
+        self.zoom = None if zoom is None else int(zoom)
+        self.max_zoom = int(max_zoom)
         self.size = int(size)
+        self.footprint_m = None if footprint_m is None else float(footprint_m)
         self.tile_size = int(tile_size)
         self.workers = int(workers)
         self.retries = int(retries)
@@ -210,8 +266,32 @@ class XYZTileSource:
 
     def describe(self) -> dict:
         """The settings that identify these patches (store key and provenance)."""
-        return {"kind": self.kind, "url": self.url, "zoom": self.zoom, "size": self.size,
-                "tile_size": self.tile_size}
+        if self.footprint_m is None:
+            return {"kind": self.kind, "url": self.url, "zoom": self.zoom, "size": self.size,
+                    "tile_size": self.tile_size, "footprint_m": None}
+        return {"kind": self.kind, "url": self.url, "footprint_m": self.footprint_m,
+                "size": self.size, "zoom": "auto" if self.zoom is None else self.zoom,
+                "max_zoom": self.max_zoom, "tile_size": self.tile_size,
+                "resampling": "triangle"}
+
+    def plan(self, lat: float, lon: float) -> PatchPlan | None:
+        """The tile window a cell's patch is made from; None where there is no patch."""
+        if self.footprint_m is None:
+            return plan_patch(lat, lon, self.zoom, self.size, self.tile_size)
+        fp = footprint(lat, lon, self.footprint_m, self.size)
+        return None if fp is None else plan_footprint(fp, self.zoom, self.tile_size, self.max_zoom)
+
+    def explain(self, lat: float, lon: float) -> dict:
+        """What the patch of (lat, lon) is made of (no request): footprint, zoom, tile URLs."""
+        plan = self.plan(lat, lon)
+        fp = footprint(lat, lon, self.footprint_m, self.size) if self.footprint_m else None
+        out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon),
+                                                   "footprint_m": None, "size_px": self.size}
+        out["source"] = self.describe()
+        if plan is not None:
+            out["zoom"] = plan.zoom
+            out["tiles"] = [self.tile_url(*t) for t in plan.tiles()]
+        return out
 
     def fetch(self, latlon) -> list:
         """One RGB ``size`` x ``size`` PIL image per (lat, lon) row, ``None`` where missing.
@@ -232,8 +312,8 @@ class XYZTileSource:
         Raises :class:`~taxamap.sources.http.CircuitOpen` once the server is given up on.
         """
         latlon = as_latlon(latlon)
-        plans = [plan_patch(lat, lon, self.zoom, self.size, self.tile_size) for lat, lon in latlon]
-        need = [p.tiles(self.zoom) if p is not None else [] for p in plans]
+        plans = [self.plan(lat, lon) for lat, lon in latlon]
+        need = [p.tiles() if p is not None else [] for p in plans]
         refs = Counter(t for tiles in need for t in tiles)
         futures: dict[tuple[int, int, int], Future] = {}
         ahead = self.prefetch
@@ -365,10 +445,20 @@ class XYZTileSource:
 
         ts = self.tile_size
         left, top = plan.x0 - plan.tx0 * ts, plan.y0 - plan.ty0 * ts
-        box = (left, top, left + self.size, top + self.size)
+        box = (left, top, left + plan.width, top + plan.height)
         if len(images) == 1:
-            return images[0].crop(box)
-        canvas = Image.new("RGB", (plan.ncols * ts, plan.nrows * ts))
-        for k, img in enumerate(images):
-            canvas.paste(img, ((k % plan.ncols) * ts, (k // plan.ncols) * ts))
-        return canvas.crop(box)
+            window = images[0].crop(box)
+        else:
+            canvas = Image.new("RGB", (plan.ncols * ts, plan.nrows * ts))
+            for k, img in enumerate(images):
+                canvas.paste(img, ((k % plan.ncols) * ts, (k // plan.ncols) * ts))
+            window = canvas.crop(box)
+        fp = plan.footprint
+        if fp is None:
+            return window
+        # Target pixel centres in the window's pixel coordinates: x is linear in longitude, y in
+        # Mercator's stretched latitude, so the two axes resample separately.
+        xs, _ = _world_xy(fp.col_lons(), 0.0, plan.zoom, ts)
+        _, ys = _world_xy(0.0, fp.row_lats(), plan.zoom, ts)
+        rgb = resample(np.asarray(window), ys - plan.y0, xs - plan.x0)
+        return Image.fromarray(rgb, "RGB")
