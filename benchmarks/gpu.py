@@ -100,6 +100,10 @@ class SyntheticPatches:
     def fetch(self, latlon):
         return [self.tiles[i % 16] for i in range(len(latlon))]
 
+    def fetch_status(self, latlon):
+        """The source interface (taxamap.sources.base): patches, and none failed."""
+        return self.fetch(latlon), [False] * len(latlon)
+
     def describe(self):
         return {"kind": "synthetic"}
 

@@ -23,8 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from taxamap.sources.satellite import DEFAULT_WORKERS  # noqa: E402
-from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, XYZTileSource, plan_patch  # noqa: E402
+from taxamap.sources.base import DEFAULT_WORKERS  # noqa: E402
+from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE  # noqa: E402
+from taxamap.sources.tiles import XYZTileSource  # noqa: E402
 from tests.tileserver import TileServer  # noqa: E402
 
 
@@ -35,7 +36,8 @@ def random_cells(n: int, seed: int) -> np.ndarray:
 
 def warm(server: TileServer, cells: np.ndarray) -> int:
     """Encode every tile the cells need before timing; returns how many distinct tiles."""
-    tiles = {t for lat, lon in cells for t in plan_patch(lat, lon, DEFAULT_ZOOM, DEFAULT_SIZE).tiles(DEFAULT_ZOOM)}
+    planner = XYZTileSource(server.url_template, cache=False)  # the default footprint and zooms
+    tiles = {t for lat, lon in cells for t in planner.plan(lat, lon).tiles()}
     for t in tiles:
         server.tile_bytes(*t)
     return len(tiles)
@@ -91,7 +93,8 @@ def main() -> None:
     ap.add_argument("--fault-rate", type=float, default=0.10)
     args = ap.parse_args()
 
-    print(f"XYZ source, zoom {DEFAULT_ZOOM}, {DEFAULT_SIZE} px patches, server latency "
+    print(f"XYZ source, {DEFAULT_FOOTPRINT_M:.0f} m footprint, {DEFAULT_SIZE} px patches, zoom per "
+          f"latitude, server latency "
           f"{args.latency * 1000:.0f} ms, default workers {DEFAULT_WORKERS}\n")
     print("| workers | cells | tiles | tiles/s | bound w/lat | % of bound | peak concurrent | cached tiles/s |")
     print("|---|---|---|---|---|---|---|---|")

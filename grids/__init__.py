@@ -6,7 +6,8 @@ Files in this folder (regenerate them with ``python grids/build_presets.py``):
   geometry) and the alias table that maps every accepted spelling to one preset.
 - ``countries.json.gz``, ``subdivisions.json.gz``, ``continents.json.gz``: gzipped GeoJSON
   (EPSG:4326) of the preset outlines; QGIS opens them directly.
-- ``land.json.gz``: the land mask (Natural Earth 1:50m land), one polygon per feature.
+- ``land.json.gz``: the land mask (Natural Earth 1:50m land minus the 1:50m lakes, whose water
+  the land polygons include), one polygon per feature.
 
 Made with Natural Earth. Free vector and raster map data @ naturalearthdata.com.
 """
@@ -131,7 +132,8 @@ def get_region(name: str):
 
 @functools.lru_cache(maxsize=1)
 def land():
-    """The land mask (Natural Earth 1:50m land) as one shapely MultiPolygon, cached."""
+    """The land mask (Natural Earth 1:50m land minus 1:50m lakes) as one shapely MultiPolygon,
+    cached: the Great Lakes, the Great Salt Lake, Lake Victoria... are holes in it."""
     import shapely
 
     with gzip.open(HERE / "land.json.gz", "rt", encoding="utf-8") as fh:

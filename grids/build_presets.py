@@ -4,14 +4,15 @@ Usage (from the repository root)::
 
     python grids/build_presets.py [--source ../shared/data/naturalearth] [--tolerance 0.005]
 
-Reads ne_50m_admin_0_countries.json, ne_50m_admin_1_states_provinces.json and ne_50m_land.json
-(Natural Earth 1:50m, public domain) and writes, next to this script:
+Reads ne_50m_admin_0_countries.json, ne_50m_admin_1_states_provinces.json, ne_50m_land.json and
+ne_50m_lakes.json (Natural Earth 1:50m, public domain) and writes, next to this script:
 
 - countries.json.gz     every admin-0 feature (241), simplified
 - subdivisions.json.gz  US states (+DC), Canadian provinces/territories, Brazilian and
                         Australian states, and the ``usa`` preset (lower 48 + DC, dissolved)
 - continents.json.gz    the union of the countries of each Natural Earth CONTINENT
-- land.json.gz          the land mask, one polygon per feature
+- land.json.gz          the land mask: land minus lakes (Natural Earth's land polygons include
+                        large lakes), one polygon per feature
 - index.json            names, kinds, codes and the alias table used by taxamap.grids
 
 Geometries are made valid and simplified with ``--tolerance`` degrees (topology preserving;
@@ -246,11 +247,23 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
     for a in USA_PRESET["aliases"]:
         claim(a, P_PRESET, "usa")
 
-    # Land mask, one polygon per feature so a reader can index it spatially.
+    # Land mask, one polygon per feature so a reader can index it spatially. Natural Earth's land
+    # polygons include the large lakes (the Great Lakes, Great Salt Lake, Victoria, Baikal...):
+    # cut the 1:50m lakes out before simplifying, so lake shores get the same tolerance as coasts.
+    # No lake crosses the antimeridian, so both files share one longitude frame.
+    lakes = shapely.union_all([shapely.make_valid(shapely.from_geojson(json.dumps(f["geometry"])))
+                               for f in _load(source / "ne_50m_lakes.json")])
+    shapely.prepare(lakes)
     land_parts = []
     for f in _load(source / "ne_50m_land.json"):
-        geom = _clean(shapely.from_geojson(json.dumps(f["geometry"])), tolerance)
-        land_parts.extend(p for p in shapely.get_parts(geom) if not p.is_empty)
+        geom = shapely.make_valid(shapely.from_geojson(json.dumps(f["geometry"])))
+        if shapely.intersects(lakes, geom):
+            geom = shapely.difference(geom, lakes)
+            if geom.is_empty:
+                continue
+        geom = _clean(geom, tolerance)
+        land_parts.extend(p for p in shapely.get_parts(geom)
+                          if not p.is_empty and p.geom_type == "Polygon")
     land_features = [{"type": "Feature", "properties": {},
                       "geometry": json.loads(shapely.to_geojson(p))} for p in land_parts]
 
@@ -276,7 +289,8 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
     _write_collection(out / "land.json.gz", land_features)
     index = {
         "attribution": "Made with Natural Earth. Free vector and raster map data @ naturalearthdata.com.",
-        "source": "Natural Earth 1:50m (ne_50m_admin_0_countries, ne_50m_admin_1_states_provinces, ne_50m_land)",
+        "source": "Natural Earth 1:50m (ne_50m_admin_0_countries, ne_50m_admin_1_states_provinces, "
+                  "ne_50m_land minus ne_50m_lakes)",
         "simplify_tolerance_deg": tolerance,
         "regions": regions,
         "aliases": alias_table,

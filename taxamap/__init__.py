@@ -6,7 +6,7 @@ The public API (see :mod:`taxamap.api`)::
     ds = taxamap.predict(species="Cardinalis cardinalis", region="usa")   # xarray.Dataset
     taxamap.write(ds, out="maps")                                          # COG, HTML, PNG
     rng = taxamap.threshold(ds, "percentile:90")                           # .raster, .polygons
-    table = taxamap.products.evaluate(ds, occurrences=points)                       # pandas.DataFrame
+    table = taxamap.evaluate(ds, occurrences=points)                       # pandas.DataFrame
 
 ``import taxamap`` stays light: the API's modules (and torch) load on first use.
 """

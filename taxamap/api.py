@@ -4,7 +4,7 @@
 >>> ds = taxamap.predict(species="Cardinalis cardinalis", region="usa", resolution=0.1)
 >>> paths = taxamap.write(ds, out="maps", formats=("tif", "html", "png"))
 >>> rng = taxamap.threshold(ds, "percentile:90")   # .threshold, .raster, .polygons
->>> table = taxamap.products.evaluate(ds, occurrences=gdf)  # a pandas.DataFrame, one row per band
+>>> table = taxamap.evaluate(ds, occurrences=gdf)  # a pandas.DataFrame, one row per band
 
 Keyword names are the CLI's option names in snake_case, with Python types. Score maps are
 ``xarray.Dataset`` objects (:mod:`taxamap.dataset`), vector things ``geopandas.GeoDataFrame``
@@ -33,25 +33,33 @@ PathLike = str | os.PathLike
 BBoxLike = str | Sequence[float]
 
 
-def _grid_options(region, bbox, resolution, modalities, models, device, cache, store,
-                  sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
-                  workers, worldclim, env_array, progress, dask) -> dict:
-    """API keyword names -> the fields of :class:`taxamap.pipeline.GridRequest`."""
+#: The grid, model and source options predict, embed (and the web app) share, by API name.
+GRID_OPTIONS = ("region", "bbox", "resolution", "cells", "modalities", "models", "device",
+                "cache", "store", "sat_source", "sat_url", "sat_zoom", "sat_size",
+                "sat_footprint", "sat_file", "ee_project", "sat_year", "workers", "worldclim",
+                "env_array", "progress", "dask")
+
+
+def _fspath(value):
+    return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def grid_request_fields(given: dict) -> dict:
+    """API keyword arguments (``given``: a function's ``locals()``) -> the fields of
+    :class:`taxamap.pipeline.GridRequest` (paths as strings, tuples for boxes)."""
+    o = {k: given[k] for k in GRID_OPTIONS}
+    bbox = o["bbox"]
     return dict(
-        region=None if region is None else os.fspath(region) if isinstance(
-            region, os.PathLike) else region,
+        region=_fspath(o["region"]),
         bbox=bbox if bbox is None or isinstance(bbox, str) else tuple(float(v) for v in bbox),
-        resolution=resolution,
-        modalities=modalities if isinstance(modalities, str) else list(modalities),
-        models_dir=None if models is None else os.fspath(models), device=device,
-        cache_dir=None if cache is None else os.fspath(cache),
-        store=None if store is None else os.fspath(store),
-        sat_source=sat_source, sat_url=sat_url, sat_zoom=sat_zoom, sat_size=sat_size,
-        sat_file=None if sat_file is None else os.fspath(sat_file), ee_project=ee_project,
-        sat_year=sat_year, workers=workers,
-        worldclim=None if worldclim is None else os.fspath(worldclim),
-        env_array=None if env_array is None else os.fspath(env_array),
-        progress=progress, dask=dask,
+        resolution=o["resolution"], cells=o["cells"],
+        modalities=o["modalities"] if isinstance(o["modalities"], str) else list(o["modalities"]),
+        models_dir=_fspath(o["models"]), device=o["device"], cache_dir=_fspath(o["cache"]),
+        store=_fspath(o["store"]), sat_source=o["sat_source"], sat_url=o["sat_url"],
+        sat_zoom=o["sat_zoom"], sat_size=o["sat_size"], sat_footprint=o["sat_footprint"],
+        sat_file=_fspath(o["sat_file"]), ee_project=o["ee_project"], sat_year=o["sat_year"],
+        workers=o["workers"], worldclim=_fspath(o["worldclim"]),
+        env_array=_fspath(o["env_array"]), progress=o["progress"], dask=o["dask"],
     )
 
 
@@ -61,19 +69,22 @@ def predict(
     image: PathLike | None = None,
     audio: PathLike | None = None,
     species_file: PathLike | None = None,
+    skip_unknown: bool = False,
     region: str | PathLike | None = None,
     bbox: BBoxLike | None = None,
     resolution: float = DEFAULT_RESOLUTION,
+    cells: str = "land",
     modalities: str | Sequence[str] = ("location",),
     fusion: str = DEFAULT_FUSION,
     models: PathLike | None = None,
     device: str = "auto",
     cache: PathLike | None = None,
     store: str | None = None,
-    sat_source: str = "xyz",
+    sat_source: str = "wms",
     sat_url: str | None = None,
     sat_zoom: int | None = None,
     sat_size: int | None = None,
+    sat_footprint: float | None = None,
     sat_file: PathLike | None = None,
     ee_project: str | None = None,
     sat_year: int = 2020,
@@ -82,12 +93,19 @@ def predict(
     env_array: PathLike | None = None,
     progress: bool = True,
     dask: str | None = None,
+    occurrences: Any = None,
+    background: Any = None,
+    fit: bool = False,
+    cv_blocks: float = 1.0,
+    seed: int = 0,
 ) -> "xr.Dataset":
     """Score maps of a query over a region, as an ``xarray.Dataset``; writes no output file.
 
     The query is one of ``species`` (a binomial, a seven-rank string, or a list of them),
-    ``species_file``, ``image`` (a photo) or ``audio`` (a recording). The region is ``region``
-    (a preset name or vector file) and/or ``bbox=(W, S, E, N)``. Cell embeddings are computed
+    ``species_file`` (``skip_unknown`` maps the names that resolve), ``image`` (a photo) or
+    ``audio`` (a recording). The region is ``region`` (a preset name or vector file) and/or
+    ``bbox=(W, S, E, N)``; ``cells`` keeps the region's "land" cells (default; lakes and sea are
+    not land), its "water" cells (ocean and lakes) or "all". Cell embeddings are computed
     once per grid and modality and stored in the cache (``cache``/``store``); a later query on
     the same grid only embeds its prompt.
 
@@ -95,6 +113,12 @@ def predict(
     and one per modality (raw cosines, NaN off the cells); coords ``y``/``x`` (cell centres)
     and rioxarray's ``spatial_ref`` (``ds.rio.crs``, ``ds.rio.transform()``); ``attrs`` the
     provenance (query, prompt, modalities, fusion, models, version, region, imagery credit).
+
+    With ``fit=True`` and ``occurrences`` (presence points: a file, GeoDataFrame, DataFrame or
+    (N, 2) lat/lon; ``background`` likewise, else ``seed``-sampled cells) two more variables:
+    ``fitted``, a presence/background classifier on the stored cell embeddings (in [0, 1]), and
+    ``combined``, the same with the zero-shot fused score as an input; the spatially blocked
+    cross-validation (``cv_blocks`` degrees, 5 folds) is logged and kept in ``attrs["fit_cv"]``.
     """
     from taxamap.pipeline import PredictRequest, predict_dataset
 
@@ -102,9 +126,9 @@ def predict(
         species=species, image=None if image is None else os.fspath(image),
         audio=None if audio is None else os.fspath(audio),
         species_file=None if species_file is None else os.fspath(species_file), fusion=fusion,
-        **_grid_options(region, bbox, resolution, modalities, models, device, cache, store,
-                        sat_source, sat_url, sat_zoom, sat_size, sat_file, ee_project, sat_year,
-                        workers, worldclim, env_array, progress, dask),
+        skip_unknown=skip_unknown, occurrences=occurrences, background=background, fit=fit,
+        cv_blocks=cv_blocks, seed=seed,
+        **grid_request_fields(locals()),
     )
     ds, _timings = predict_dataset(req)
     return ds
@@ -115,16 +139,18 @@ def open_session(
     region: str | PathLike | None = None,
     bbox: BBoxLike | None = None,
     resolution: float = DEFAULT_RESOLUTION,
+    cells: str = "land",
     modalities: str | Sequence[str] = ("location",),
     fusion: str = DEFAULT_FUSION,
     models: PathLike | None = None,
     device: str = "auto",
     cache: PathLike | None = None,
     store: str | None = None,
-    sat_source: str = "xyz",
+    sat_source: str = "wms",
     sat_url: str | None = None,
     sat_zoom: int | None = None,
     sat_size: int | None = None,
+    sat_footprint: float | None = None,
     sat_file: PathLike | None = None,
     ee_project: str | None = None,
     sat_year: int = 2020,
@@ -144,10 +170,7 @@ def open_session(
     from taxamap.pipeline import GridRequest
     from taxamap.session import MapSession
 
-    req = GridRequest(**_grid_options(region, bbox, resolution, modalities, models, device, cache,
-                                      store, sat_source, sat_url, sat_zoom, sat_size, sat_file,
-                                      ee_project, sat_year, workers, worldclim, env_array,
-                                      progress, dask))
+    req = GridRequest(**grid_request_fields(locals()))
     return MapSession(req, fusion, prompt_cache=prompt_cache, map_cache=map_cache)
 
 
@@ -182,15 +205,17 @@ def embed(
     region: str | PathLike | None = None,
     bbox: BBoxLike | None = None,
     resolution: float = DEFAULT_RESOLUTION,
+    cells: str = "land",
     modalities: str | Sequence[str] = ("location",),
     models: PathLike | None = None,
     device: str = "auto",
     cache: PathLike | None = None,
     store: str | None = None,
-    sat_source: str = "xyz",
+    sat_source: str = "wms",
     sat_url: str | None = None,
     sat_zoom: int | None = None,
     sat_size: int | None = None,
+    sat_footprint: float | None = None,
     sat_file: PathLike | None = None,
     ee_project: str | None = None,
     sat_year: int = 2020,
@@ -204,19 +229,18 @@ def embed(
     ``{modality: store location}``."""
     from taxamap.pipeline import GridRequest, embed as embed_grid
 
-    cells = embed_grid(GridRequest(**_grid_options(
-        region, bbox, resolution, modalities, models, device, cache, store, sat_source, sat_url,
-        sat_zoom, sat_size, sat_file, ee_project, sat_year, workers, worldclim, env_array,
-        progress, dask)))
-    return {m: str(s.location) for m, s in cells.stores.items()}
+    filled = embed_grid(GridRequest(**grid_request_fields(locals())))
+    return {m: str(s.location) for m, s in filled.stores.items()}
 
 
 @dataclass
 class Range:
     """A range cut from a map: the ``threshold`` value and ``rule``, the binary ``raster``
     (``xarray.DataArray``: 1 in range, 0 out, NaN off the cells, on the map's grid), the
-    ``polygons`` (``geopandas.GeoDataFrame`` in EPSG:4326 with ``area_km2``), and, when files were
-    written (``out=``), their ``paths``."""
+    ``polygons`` (``geopandas.GeoDataFrame`` in EPSG:4326 with ``area_km2``), the IUCN extent of
+    occurrence and area of occupancy (``eoo_km2``, ``aoo_km2``, and ``criterion_b``: which
+    criterion B area thresholds they meet; the other conditions of B are not assessed), and,
+    when files were written (``out=``), their ``paths``."""
 
     threshold: float
     rule: str
@@ -227,6 +251,9 @@ class Range:
     n_valid: int
     area_km2: float
     paths: dict[str, Path]
+    eoo_km2: float = float("nan")
+    aoo_km2: float = float("nan")
+    criterion_b: str = ""
 
 
 def threshold(
@@ -246,6 +273,7 @@ def threshold(
     import xarray as xr
 
     from taxamap.dataset import as_dataset, georeference
+    from taxamap.products.iucn import range_metrics
     from taxamap.products.ranges import NODATA, cut_range, write_range
 
     ds = as_dataset(map)
@@ -264,58 +292,99 @@ def threshold(
     if out is not None:
         stem = None if ds.attrs.get("source_path") else str(ds.attrs.get("slug") or "map")
         paths = dict(write_range(cut, out, stem=stem).paths)
+    metrics = range_metrics(cut.cells)
     parts = cut.parts()
-    polygons = gpd.GeoDataFrame({"area_km2": [a for _, a in parts]},
+    polygons = gpd.GeoDataFrame({"area_km2": [a for _, a in parts],
+                                 "eoo_km2": metrics.eoo_km2, "aoo_km2": metrics.aoo_km2},
                                 geometry=[g for g, _ in parts], crs="EPSG:4326")
     return Range(threshold=cut.threshold, rule=cut.rule_text, band=cut.band_name, raster=raster,
                  polygons=polygons, n_in_range=cut.n_in_range, n_valid=cut.n_valid,
-                 area_km2=float(polygons["area_km2"].sum()), paths=paths)
+                 area_km2=float(polygons["area_km2"].sum()), paths=paths,
+                 eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2,
+                 criterion_b=metrics.criterion_b)
 
 
 def evaluate(
     map: Any,
-    occurrences: Any,
+    occurrences: Any = None,
     *,
     background: Any = None,
     presence_column: str | None = None,
+    range: Any = None,
+    rule: str = "maxf1",
     n_background: int = 10_000,
     seed: int = 0,
     bands: Sequence[int | str] | None = None,
+    out: PathLike | None = None,
     json: PathLike | None = None,
     roc: PathLike | None = None,
 ) -> "pd.DataFrame":
-    """Presence/background metrics of every band of ``map`` (a Dataset of :func:`predict` or a
-    GeoTIFF path) as a ``pandas.DataFrame`` indexed by band: ROC-AUC, average precision, the
-    max-TSS threshold and its TSS, the continuous Boyce index, and point counts.
+    """How good is ``map`` (a Dataset of :func:`predict` or a GeoTIFF path)? A
+    ``pandas.DataFrame`` indexed by band.
 
-    ``occurrences``/``background``: files, GeoDataFrames (any CRS), DataFrames with lat/lon
-    columns or (N, 2) (lat, lon) arrays; without ``background`` cells are sampled (``seed``).
-    ``presence_column`` splits one labelled file (1 presence, 0 background). ``json`` and
-    ``roc`` also write the metrics as JSON and the ROC curves as a PNG. The table's ``attrs``
-    hold the point counts and the background source.
+    Against ``occurrences`` (presence points: files, GeoDataFrames in any CRS, DataFrames with
+    lat/lon columns or (N, 2) (lat, lon) arrays; ``background`` likewise, else cells sampled with
+    ``seed``; ``presence_column`` splits one labelled file): ROC-AUC, average precision, the
+    max-TSS threshold and its TSS, the continuous Boyce index and point counts.
+
+    Against an expert ``range`` (polygons: a file in any CRS, a GeoDataFrame or a shapely
+    geometry), the SINR protocol on H3 resolution-5 cells: ``range_ap``, ``range_auc``, and at
+    the threshold ``rule`` (default: the one maximising F1) ``precision``, ``recall``, ``f1``,
+    ``jaccard``, with ``n_h3_cells`` and ``n_h3_positive``; ``out`` also writes the agreement
+    raster (1 both, 2 map only, 3 expert only). ``json`` and ``roc`` write the records and the
+    ROC curves. The table's ``attrs`` hold the point counts and the background source.
     """
     import pandas as pd
 
     from taxamap.products.evaluate import evaluate_map, plot_roc
     from taxamap.products.occurrences import as_latlon_points, read_labelled_points
 
-    if presence_column:
-        presences, labelled_background = read_labelled_points(occurrences, presence_column)
-        back = labelled_background if background is None else as_latlon_points(
-            background, "background")
-    else:
-        presences = as_latlon_points(occurrences, "occurrences")
-        back = None if background is None else as_latlon_points(background, "background")
-    result = evaluate_map(map, presences, back, n_background=n_background, seed=seed,
-                          bands=bands)
+    if occurrences is None and range is None:
+        raise TaxamapError("give occurrences (presence points) and/or range (an expert range) "
+                           "to evaluate the map against")
+    table = None
+    records: dict = {}
+    if occurrences is not None:
+        if presence_column:
+            presences, labelled_background = read_labelled_points(occurrences, presence_column)
+            back = labelled_background if background is None else as_latlon_points(
+                background, "background")
+        else:
+            presences = as_latlon_points(occurrences, "occurrences")
+            back = None if background is None else as_latlon_points(background, "background")
+        result = evaluate_map(map, presences, back, n_background=n_background, seed=seed,
+                              bands=bands)
+        if roc is not None:
+            plot_roc(result, roc)
+        records["occurrences"] = result.to_dict()
+        table = pd.DataFrame([b.to_dict() for b in result.bands]).rename(columns={"name": "band"})
+        table = table.set_index("band")
+        table.attrs.update({k: v for k, v in result.to_dict().items() if k != "bands"})
+    if range is not None:
+        from taxamap.products.expert import compare_files
+
+        comparison = compare_files(map, range, rule=rule, out_dir=out,
+                                   occurrences=None if occurrences is None else presences,
+                                   seed=seed)
+        records["range"] = comparison.to_records()
+        expert = comparison.table.set_index("band")
+        if bands is not None:
+            expert = expert.loc[[b for b in expert.index if b in set(_band_names(bands, expert))]]
+        table = expert if table is None else table.join(expert, how="outer",
+                                                         rsuffix="_range")
+        table.attrs["range_files"] = {k: str(v) for k, v in comparison.paths.items()}
     if json is not None:
-        result.to_json(json)
-    if roc is not None:
-        plot_roc(result, roc)
-    table = pd.DataFrame([b.to_dict() for b in result.bands]).rename(columns={"name": "band"})
-    table = table.set_index("band")
-    table.attrs.update({k: v for k, v in result.to_dict().items() if k != "bands"})
+        from taxamap.products.expert import write_json
+
+        only = next(iter(records.values())) if len(records) == 1 else records
+        write_json(json, only)
     return table
+
+
+def _band_names(bands: Sequence[int | str], table) -> list[str]:
+    """Band names of ``bands`` (1-based numbers or names) among the rows of ``table``."""
+    names = list(table.index)
+    return [names[int(b) - 1] if str(b).isdigit() else str(b) for b in bands]
 
 
 def occurrences(

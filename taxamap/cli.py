@@ -19,7 +19,8 @@ EXAMPLES_PREDICT = """examples:
   taxamap predict --species "animalia chordata aves passeriformes cardinalidae cardinalis cardinalis" --bbox -90,30,-75,45
   taxamap predict --image bird.jpg --region ohio --resolution 0.05 --out maps/
   taxamap predict --species "Ursus arctos" --region canada --modalities location,environment --worldclim ~/data/worldclim
-  taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite --sat-zoom 14
+  taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite
+  taxamap patches --lat 40.0 --lon -83.0 --out patches/
 """
 
 
@@ -55,7 +56,11 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    "antimeridian. With --region, the two are intersected")
     g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
                    help=f"cell size in degrees (default {DEFAULT_RESOLUTION}: the contiguous USA is "
-                   "~80k land cells)")
+                   "81,541 land cells, a ~12 s cold map on 2 CPU cores)")
+    g.add_argument("--cells", default="land", type=str.lower, choices=["land", "water", "all"],
+                   help="which cells of the region are kept: land (default; Natural Earth 1:50m "
+                   "land minus its lakes), water (ocean and lakes, for fish and waterbirds) or "
+                   "all (every cell whose centre is in the region)")
     m = p.add_argument_group("what to embed")
     m.add_argument("--modalities", default="location",
                    help="comma list of location,satellite,environment (default: location)")
@@ -73,17 +78,7 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    help="embed blocks on a Dask cluster: a scheduler address (tcp://host:8786) "
                    "or local[:N] for a LocalCluster of N processes; the store must be reachable "
                    "by every worker")
-    s = p.add_argument_group("satellite source (with --modalities ...,satellite)")
-    s.add_argument("--sat-source", default="xyz", choices=["xyz", "file", "earthengine"],
-                   help="xyz tiles (default: EOX Sentinel-2 cloudless 2020), a local raster, or "
-                   "Earth Engine")
-    s.add_argument("--sat-url", help="XYZ template with {z}/{x}/{y} (default: EOX s2cloudless-2020)")
-    s.add_argument("--sat-zoom", type=int, help="XYZ zoom level (default 14, ~10 m/px like Sentinel-2)")
-    s.add_argument("--sat-size", type=int, help="patch size in pixels around each cell (default 256)")
-    s.add_argument("--sat-file", help="raster for --sat-source file (COG, VRT, GeoTIFF; any CRS)")
-    s.add_argument("--ee-project", help="Google Cloud project for --sat-source earthengine")
-    s.add_argument("--sat-year", type=int, default=2020, help="composite year for Earth Engine (2020)")
-    s.add_argument("--workers", type=int, default=8, help="concurrent tile downloads (default 8)")
+    _satellite_options(p.add_argument_group("satellite source (with --modalities ...,satellite)"))
     e = p.add_argument_group("climate source (with --modalities ...,environment)")
     e.add_argument("--worldclim", metavar="DIR",
                    help="folder with WorldClim 2.1 5-minute rasters ('taxamap data worldclim DIR')")
@@ -91,12 +86,34 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
                    help="TaxaBind/SINR's pre-scaled bioclim_elevation_scaled.npy instead")
 
 
+def _satellite_options(s) -> None:
+    """The satellite source options (predict, embed and patches share them)."""
+    s.add_argument("--sat-source", default="wms", choices=["wms", "xyz", "file", "earthengine"],
+                   help="wms (default): exactly TaxaBind's training request, EOX Sentinel-2 "
+                   "cloudless 2020 by WMS GetMap; xyz tiles (default: the same EOX mosaic), a "
+                   "local raster, or Earth Engine; all deliver the same footprint")
+    s.add_argument("--sat-url", metavar="URL", help="WMS endpoint for wms (default https://tiles.maps.eox.at/wms), "
+                   "or an XYZ template with {z}/{x}/{y} for xyz (default: EOX s2cloudless-2020)")
+    s.add_argument("--sat-footprint", type=float, metavar="METRES",
+                   help="ground size of a patch: a square in the cell's tangent plane (default "
+                   "2560, TaxaBind's training footprint)")
+    s.add_argument("--sat-size", type=int, metavar="PX",
+                   help="patch size in pixels (default 256, TaxaBind's; ~10 m/px)")
+    s.add_argument("--sat-zoom", type=int, metavar="Z", help="xyz only: fix the tile zoom (default: chosen per "
+                   "cell from its latitude so tiles are at least as fine as the patch)")
+    s.add_argument("--sat-file", help="raster for --sat-source file (COG, VRT, GeoTIFF; any CRS)")
+    s.add_argument("--ee-project", help="Google Cloud project for --sat-source earthengine")
+    s.add_argument("--sat-year", type=int, default=2020, help="composite year for Earth Engine (2020)")
+    s.add_argument("--workers", type=int, default=8, help="concurrent satellite requests (default 8)")
+
+
 def _grid_kwargs(args) -> dict:
     return dict(
-        region=args.region, bbox=args.bbox, resolution=args.resolution,
+        region=args.region, bbox=args.bbox, resolution=args.resolution, cells=args.cells,
         modalities=args.modalities, models_dir=args.models, device=args.device,
         cache_dir=args.cache, store=args.store, sat_source=args.sat_source, sat_url=args.sat_url,
-        sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_file=args.sat_file,
+        sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_footprint=args.sat_footprint,
+        sat_file=args.sat_file,
         ee_project=args.ee_project, sat_year=args.sat_year, workers=args.workers,
         worldclim=args.worldclim, env_array=args.env_array, progress=not args.no_progress,
         dask=args.dask,
@@ -126,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    'seven-rank string ("Animalia Chordata Aves ... Cardinalis cardinalis")')
     q.add_argument("--species-file", metavar="FILE",
                    help="many species: one name per line, or a CSV with a 'species' column; all "
-                   "prompts are embedded in one batch and one map is written per species")
+                   "prompts are embedded in one batch and one map is written per species; "
+                   "every name is checked first and all unknown ones are listed")
+    q.add_argument("--skip-unknown", action="store_true",
+                   help="with --species-file: map the names that resolve and list the unknown "
+                   "ones as skipped in the summary table (default: stop and list them)")
     q.add_argument("--image", help="photo of the species (JPEG, PNG, WebP)")
     q.add_argument("--audio", help="recording of the species (WAV, FLAC, MP3, OGG)")
     _grid_options(p)
@@ -141,8 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--occurrences", metavar="FILE",
                    help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
                    "GeoJSON) shown as clustered markers on the HTML map")
+    r.add_argument("--expert-range", metavar="FILE",
+                   help="an expert range (polygons, any CRS) drawn as a dashed outline on the "
+                   "HTML map; compare numerically with 'taxamap evaluate MAP --range FILE'")
     r.add_argument("--self-contained", action="store_true",
                    help="one HTML file that renders with no internet (needs taxamap[offline])")
+    f = p.add_argument_group("fit on occurrences (few-shot maps)")
+    f.add_argument("--fit", action="store_true",
+                   help="with --occurrences: add bands 'fitted' (logistic regression on the stored "
+                   "cell embeddings, presences vs background) and 'combined' (the same with the "
+                   "zero-shot score as an input); prints their spatial cross-validation")
+    f.add_argument("--background", metavar="FILE",
+                   help="background points for --fit (default: 10,000 cells sampled uniformly)")
+    f.add_argument("--cv-blocks", type=float, default=1.0, metavar="DEG",
+                   help="block size of the spatial 5-fold cross-validation (default 1 degree)")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of the background sample and the fold assignment (default 0)")
     p.add_argument("--stack", action="store_true",
                    help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
                    "instead of files per species")
@@ -179,18 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
-        "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce)",
-        description="Per band of MAP (fused and each modality): ROC-AUC, average precision, the "
-        "threshold maximising TSS and that TSS, and the continuous Boyce index. Points outside "
-        "the map or on nodata are counted and reported.",
+        "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce) or an "
+        "expert range (H3 cells: AP, AUC, precision, recall, F1, Jaccard)",
+        description="Per band of MAP (fused and each modality): with --occurrences, ROC-AUC, "
+        "average precision, the threshold maximising TSS and that TSS, and the continuous Boyce "
+        "index (points outside the map or on nodata are counted and reported); with --range, "
+        "the SINR protocol on every H3 resolution-5 cell whose centre is on the map: AP and "
+        "ROC-AUC against the expert range, and precision, recall, F1 and Jaccard at --rule.",
         epilog="examples:\n  taxamap evaluate cardinalis-cardinalis.tif --occurrences gbif.csv\n"
-        "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json",
+        "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json\n"
+        "  taxamap evaluate map.tif --range iucn_range.gpkg --out compare/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("map", help="a GeoTIFF written by taxamap predict")
-    p.add_argument("--occurrences", required=True, metavar="FILE",
+    p.add_argument("--occurrences", metavar="FILE",
                    help="presences: CSV (lat/lon, latitude/longitude or GBIF's decimalLatitude/"
                    "decimalLongitude), GeoPackage, Shapefile or GeoJSON in any CRS")
+    p.add_argument("--range", metavar="FILE", dest="expert_range",
+                   help="an expert range map: polygons in a vector file (any CRS)")
+    p.add_argument("--rule", default="maxf1", help="with --range: threshold for precision/"
+                   "recall/F1/Jaccard: maxf1 (default) | percentile:P | value:V | maxtss:OCC_FILE")
+    p.add_argument("--band", default="1", help="with --range --out: band of the agreement "
+                   "raster (number or name; default 1 = fused)")
+    p.add_argument("--out", metavar="DIR", help="with --range: write MAP_agreement.tif "
+                   "(1 both, 2 map only, 3 expert only) and its QGIS style there")
     p.add_argument("--background", metavar="FILE", help="absence/background points (default: "
                    "sampled uniformly over the map's valid cells)")
     p.add_argument("--presence-column", metavar="COL", help="one file with a 1/0 column COL "
@@ -226,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="CSV to write")
     p.add_argument("--limit", type=int, default=5000, help="most records to fetch (default 5000)")
     p.add_argument("--cache", metavar="DIR", default=None, help="cache folder")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "patches", help="write the satellite patches the encoder sees at some points",
+        description="For each --lat/--lon pair, write OUT/<lat>_<lon>.png, the exact RGB patch\n"
+        "handed to the satellite encoder's preprocessing, and OUT/<lat>_<lon>.json with its\n"
+        "footprint (bbox, metres per pixel), the source and the request(s) or tiles used.",
+        epilog="examples:\n  taxamap patches --lat 40.0 --lon -83.0 --out patches/\n"
+        "  taxamap patches --lat 60.1 --lon 24.9 --lat -70 --lon 140 --sat-source xyz --out p/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--lat", type=float, action="append", required=True, metavar="LAT",
+                   help="latitude in degrees (repeat, one per --lon)")
+    p.add_argument("--lon", type=float, action="append", required=True, metavar="LON",
+                   help="longitude in degrees (repeat, one per --lat)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--cache", metavar="DIR", default=None, help="cache folder (as predict's)")
+    _satellite_options(p.add_argument_group("satellite source"))
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("regions", help="list region presets")
@@ -264,20 +329,31 @@ def _cmd_predict(args) -> int:
 
     if args.stack and not args.species_file:
         raise TaxamapError("--stack needs --species-file")
+    if args.skip_unknown and not args.species_file:
+        raise TaxamapError("--skip-unknown needs --species-file (a single --species that is "
+                           "unknown is an error)")
     result = predict_and_write(
         PredictRequest(species=args.species, image=args.image, audio=args.audio,
-                       species_file=args.species_file, fusion=args.fusion, **_grid_kwargs(args)),
+                       species_file=args.species_file, skip_unknown=args.skip_unknown,
+                       fusion=args.fusion, occurrences=args.occurrences if args.fit else None,
+                       background=args.background, fit=args.fit, cv_blocks=args.cv_blocks,
+                       seed=args.seed, **_grid_kwargs(args)),
         WriteRequest(out=args.out, threshold=args.threshold, occurrences=args.occurrences,
                      self_contained=args.self_contained, stack=args.stack,
+                     expert_range=args.expert_range,
                      stack_name=os.path.splitext(os.path.basename(args.species_file))[0]
                      if args.species_file else None),
     )
     t = result.timings
+    fit = f", fit {t['fit']:.1f} s" if "fit" in t else ""
     _say(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
-         f"score {t['score']:.1f} s, write {t['write']:.1f} s)")
+         f"score {t['score']:.1f} s{fit}, write {t['write']:.1f} s)")
     if len(result.summary) > 1:
         _say(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:
+            if row["taxonomy"] == "skipped":
+                _say(f"{row['species'][:32]:<32} {'skipped':<12} {'-':>7} {'-':>7}  unknown species")
+                continue
             _say(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} "
                  f"{row['mean']:>7.3f}")
     for path in result.paths.values():
@@ -304,6 +380,28 @@ def _cmd_serve(args) -> int:
     req = GridRequest(**_grid_kwargs(args))
     return serve(lambda: MapSession(req, args.fusion), host=args.host, port=args.port,
                  max_upload=int(args.max_upload * 2**20), say=_say)
+
+
+def _cmd_patches(args) -> int:
+    from taxamap.paths import cache_subdir
+    from taxamap.sources.satellite import make_satellite_source, write_patches
+
+    if len(args.lat) != len(args.lon):
+        raise TaxamapError(f"give one --lon per --lat ({len(args.lat)} --lat, {len(args.lon)} --lon)")
+    source = make_satellite_source(
+        args.sat_source, url=args.sat_url, zoom=args.sat_zoom, size=args.sat_size,
+        footprint_m=args.sat_footprint, file=args.sat_file, ee_project=args.ee_project,
+        year=args.sat_year, cache_dir=cache_subdir("tiles", args.cache), workers=args.workers,
+    )
+    with source:
+        written = write_patches(list(zip(args.lat, args.lon)), args.out, source)
+    for item in written:
+        if item.png is None:
+            print(f"no imagery at ({item.lat}, {item.lon}): see {item.json}", file=sys.stderr)
+        else:
+            print(item.png)
+        print(item.json)
+    return 0
 
 
 def _cmd_regions(args) -> int:
@@ -355,16 +453,34 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from taxamap.products.evaluate import evaluate_files
+    from taxamap.products.evaluate import evaluate_files, format_table
 
-    result = evaluate_files(
-        args.map, args.occurrences, background=args.background,
-        presence_column=args.presence_column, n_background=args.n_background, seed=args.seed,
-        json_path=args.json, roc_path=args.roc,
-    )
-    from taxamap.products.evaluate import format_table
+    if not args.occurrences and not args.expert_range:
+        raise TaxamapError("give --occurrences FILE (presence points) and/or --range FILE (an "
+                           "expert range) to evaluate the map against")
+    result = comparison = None
+    if args.occurrences:
+        result = evaluate_files(
+            args.map, args.occurrences, background=args.background,
+            presence_column=args.presence_column, n_background=args.n_background,
+            seed=args.seed, json_path=None if args.expert_range else args.json,
+            roc_path=args.roc,
+        )
+        print(format_table(result))
+    if args.expert_range:
+        from taxamap.products.expert import compare_files, write_json
 
-    print(format_table(result))
+        band = int(args.band) if args.band.isdigit() else args.band
+        comparison = compare_files(args.map, args.expert_range, rule=args.rule, band=band,
+                                   out_dir=args.out, occurrences=args.occurrences,
+                                   seed=args.seed)
+        print(comparison.format_table())
+        for path in comparison.paths.values():
+            print(path)
+        if args.json:
+            records = comparison.to_records()
+            write_json(args.json, records if result is None
+                       else {"occurrences": result.to_dict(), "range": records})
     return 0
 
 
@@ -377,6 +493,8 @@ def _cmd_threshold(args) -> int:
     print(result.paths["polygons"])
     print(f"threshold {result.threshold:.4f}: {result.n_in_range:,} of {result.n_valid:,} cells, "
           f"{result.area_km2:,.0f} km2", file=sys.stderr)
+    print(f"EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km grid): "
+          f"{result.criterion_b}", file=sys.stderr)
     return 0
 
 
@@ -403,6 +521,7 @@ COMMANDS = {
     "embed": _cmd_embed,
     "serve": _cmd_serve,
     "regions": _cmd_regions,
+    "patches": _cmd_patches,
     "models": _cmd_models,
     "cache": _cmd_cache,
     "data": _cmd_data,
@@ -416,8 +535,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("--bbox", "--resolution") and i + 1 < len(argv) and argv[i + 1].startswith("-") \
-                and len(argv[i + 1]) > 1 and (argv[i + 1][1].isdigit() or argv[i + 1][1] == "."):
+        if arg in ("--bbox", "--resolution", "--lat", "--lon") and i + 1 < len(argv) \
+                and argv[i + 1].startswith("-") and len(argv[i + 1]) > 1 \
+                and (argv[i + 1][1].isdigit() or argv[i + 1][1] == "."):
             out.append(f"{arg}={argv[i + 1]}")
             i += 2
             continue

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from taxamap.io import DiskFull
 from taxamap.store import EmbeddingStore
 
 
@@ -36,8 +37,9 @@ class CellEmbedder:
     batch_cells: int = 16384
     #: Threads running ``prepare`` ahead of ``compute`` (fetching, decoding, preprocessing).
     workers: int = 1
-    #: How many cells of a prepared batch failed for a reason a rerun may fix (a tile still failing
-    #: after retries). A block with such cells is written but not recorded complete.
+    #: How many cells of a prepared batch failed for a reason a rerun may fix (a tile or patch
+    #: still failing after retries, an unreadable window). A block with such cells is written but
+    #: not recorded complete.
     failures: Callable[[Any], int] | None = None
 
 
@@ -61,10 +63,9 @@ def satellite_embedder(encoder, source, batch_cells: int | None = None,
     """
 
     def prepare(latlon):
-        if hasattr(source, "fetch_status"):
-            patches, failed = source.fetch_status(latlon)
-        else:
-            patches, failed = source.fetch(latlon), []
+        # Every source says which missing patches failed (taxamap.sources.base): a block holding
+        # any is stored unfinished, so a rerun fetches it again, whatever the source.
+        patches, failed = source.fetch_status(latlon)
         ok = [i for i, p in enumerate(patches) if p is not None]
         pixels = encoder.preprocess([patches[i] for i in ok]) if ok else None
         return len(patches), ok, pixels, sum(failed)
@@ -193,8 +194,14 @@ def embed_to_store(
         return 0
     blocks = [(i, store.chunk_slice(i)) for i in todo]
     done_cells = store.n_cells - sum(sl.stop - sl.start for _, sl in blocks) if chunks is None else 0
-    failed = run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
-                        already_done=done_cells)
+    try:
+        failed = run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
+                            already_done=done_cells)
+    except DiskFull as exc:
+        if not exc.per_cell:
+            raise
+        # A cache knows its bytes per cell, the store how many cells are left: the step's need.
+        raise exc.needing(int(exc.per_cell * store.cells_left())) from None
     if failed:
         logging.getLogger("taxamap").info(f"{embedder.modality}: {failed:,} cells failed to fetch and are NaN in this map; their "
             "blocks are left unfinished in the store, so running the same command again retries "

@@ -1,8 +1,10 @@
-"""Region names, bounding boxes and vector files -> one shapely geometry on land.
+"""Region names, bounding boxes and vector files -> one shapely geometry on land (or water).
 
 A region is resolved to a :class:`Region` whose ``geometry`` is what :func:`taxamap.grid.make_grid`
-lays cells over (the region intersected with the land mask) and whose ``outline`` is the region's
-own boundary, for drawing. Coordinates are EPSG:4326 (lon, lat) degrees.
+lays cells over (by default the region intersected with the land mask: Natural Earth 1:50m land
+minus its 1:50m lakes; ``cells="water"`` keeps the ocean and lakes instead, ``cells="all"`` the whole
+region) and whose ``outline`` is the region's own boundary, for drawing. Coordinates are EPSG:4326
+(lon, lat) degrees.
 
 Regions that cross the antimeridian (Fiji, Russia, Oceania, ``--bbox 170,-20,-170,10``) are
 expressed in one continuous longitude frame, e.g. 170..190 rather than two pieces at +/-180, so the
@@ -34,14 +36,30 @@ VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".zip", ".fgb", ".kml",
                    ".geojson.gz", ".json.gz", ".shp.zip")
 
 
+#: What ``--cells`` keeps of a region: cells on land (the default), cells on water (ocean and
+#: lakes: for fish and waterbirds), or every cell whose centre is in the region.
+CELL_CHOICES = ("land", "water", "all")
+
+
+def check_cells(cells: str) -> str:
+    """The ``--cells`` choice, normalised ("Land " -> "land"); a one-line error for anything else."""
+    value = cells.strip().lower() if isinstance(cells, str) else cells
+    if value not in CELL_CHOICES:
+        raise TaxamapError(f"--cells {cells!r} is not one of land, water or all (land: cells on "
+                           "land, the default; water: ocean and lakes; all: every cell in the "
+                           "region)")
+    return value
+
+
 @dataclass(frozen=True, eq=False)
 class Region:
     """A resolved region.
 
-    ``geometry``: where cells are kept (the region, intersected with land unless
-    ``land_only=False``); ``outline``: the region's boundary before land clipping, for drawing;
-    ``bounds``: (west, south, east, north) of ``geometry`` (east may exceed 180 and west may be
-    below -180 for regions across the antimeridian); ``kind``: the preset kind, "file" or "bbox".
+    ``geometry``: where cells are kept (the region intersected with land, or with water, or the
+    whole region, as ``cells`` says); ``outline``: the region's boundary before land clipping, for
+    drawing; ``bounds``: (west, south, east, north) of ``geometry`` (east may exceed 180 and west
+    may be below -180 for regions across the antimeridian); ``kind``: the preset kind, "file" or
+    "bbox"; ``cells``: one of :data:`CELL_CHOICES`.
     """
 
     name: str
@@ -50,21 +68,30 @@ class Region:
     outline: object
     bounds: BBox
     kind: str = "preset"
+    cells: str = "land"
 
 
 def resolve_region(
     region: Optional[str] = None,
     bbox: Union[str, tuple, list, None] = None,
     land_only: bool = True,
+    cells: Optional[str] = None,
 ) -> Region:
     """Turn ``--region`` and/or ``--bbox`` into a :class:`Region`.
 
     ``region`` is a preset name (see ``taxamap regions``; any case) or a path to a vector file
     (GeoJSON, GeoPackage, Shapefile; any CRS, reprojected to EPSG:4326; all polygon features of
     the first layer are unioned). ``bbox`` is "W,S,E,N" in degrees or a 4-tuple; W > E means the
-    box crosses the antimeridian. Given both, the region is the intersection of the two. With
-    ``land_only`` (default) the geometry is intersected with the Natural Earth land mask.
+    box crosses the antimeridian. Given both, the region is the intersection of the two.
+
+    ``cells`` chooses what the geometry keeps: "land" (the region intersected with the land mask,
+    Natural Earth 1:50m land minus lakes), "water" (the region minus that land: ocean and lakes) or
+    "all" (the region as it is). Without ``cells``, ``land_only`` (default True) means "land" and
+    ``land_only=False`` means "all".
     """
+    if cells is None:
+        cells = "land" if land_only else "all"
+    cells = check_cells(cells)
     if region is None and bbox is None:
         raise TaxamapError("give a region: --region NAME|FILE (see 'taxamap regions') or "
                            "--bbox W,S,E,N")
@@ -82,15 +109,20 @@ def resolve_region(
                                    "use a box that covers part of it")
             name, slug = f"{name} in {box_name}", f"{slug}_bbox_{box_slug}"
     outline = _compact_frame(outline)
-    if land_only:
+    if cells == "land":
         geometry = _on_land(outline, is_box=(region is None))
         if geometry.is_empty:
             raise TaxamapError(f"region {name!r} has no land; cells are kept only on land, so use "
-                               "a region or --bbox that covers some land")
+                               "a region or --bbox that covers some land (or --cells water|all)")
+    elif cells == "water":
+        geometry = _in_water(outline)
+        if geometry.is_empty:
+            raise TaxamapError(f"region {name!r} has no water (ocean or lake) with --cells water; "
+                               "use a region or --bbox that covers some, or --cells land|all")
     else:
         geometry = outline
     return Region(name=name, slug=slug, geometry=geometry, outline=outline,
-                  bounds=tuple(float(v) for v in geometry.bounds), kind=kind)
+                  bounds=tuple(float(v) for v in geometry.bounds), kind=kind, cells=cells)
 
 
 # --- presets and files --------------------------------------------------------------------------
@@ -296,8 +328,8 @@ def _land_index():
 
 
 def land_within(west: float, south: float, east: float, north: float):
-    """The land mask inside a box, in the box's longitude frame (the box may extend past
-    +/-180; land beyond it is the land at lon -/+ 360)."""
+    """The land mask (Natural Earth 1:50m land minus 1:50m lakes) inside a box, in the box's
+    longitude frame (the box may extend past +/-180; land beyond it is the land at lon -/+ 360)."""
     parts, tree = _land_index()
     pieces = []
     for k in (-1, 0, 1):
@@ -328,3 +360,13 @@ def _on_land(outline, is_box: bool):
         # land_within already clipped to the box, which is the whole region.
         return land
     return _as_polygonal(shapely.intersection(outline, land))
+
+
+def _in_water(outline):
+    """The part of ``outline`` off the land mask: ocean and lakes, in the outline's frame."""
+    if outline.is_empty:
+        return outline
+    land = land_within(*outline.bounds)
+    if land.is_empty:
+        return outline
+    return _as_polygonal(shapely.difference(outline, land))

@@ -21,8 +21,9 @@ from taxamap.errors import TaxamapError
 #: 20 M cells would be ~40 GiB of embeddings per modality.
 MAX_CELLS = 20_000_000
 
-#: Default cell size in degrees: the contiguous USA is ~80 k land cells, which the real location
-#: encoder embeds in well under a minute on a laptop CPU.
+#: Default cell size in degrees: the contiguous USA is 81,541 land cells (lakes excluded), which
+#: the full-size location encoder embedded in 9.7 s of a 11.6 s cold ``taxamap predict`` on a
+#: 2-core x86 machine (README, "What a run looks like").
 DEFAULT_RESOLUTION = 0.1
 
 
@@ -38,6 +39,10 @@ def _snap_up(value: float, step: float) -> float:
 class Grid:
     """Cells of ``resolution`` degrees; ``mask[row, col]`` is True for cells that are kept.
 
+    ``cells`` records which cells of the region were kept ("land", "water" or "all"; see
+    :data:`taxamap.geography.CELL_CHOICES`); it is part of :meth:`definition`, so grids of different
+    choices never share a store even where their masks coincide.
+
     ``west`` may be below -180 or ``west + width * resolution`` above 180 for regions that cross
     the antimeridian; :meth:`cell_latlon` wraps longitudes back into [-180, 180) for the encoders.
     """
@@ -49,6 +54,7 @@ class Grid:
     height: int
     mask: np.ndarray = field(repr=False)
     crs: str = "EPSG:4326"
+    cells: str = "land"
 
     @property
     def east(self) -> float:
@@ -114,6 +120,7 @@ class Grid:
             "width": self.width,
             "height": self.height,
             "crs": self.crs,
+            "cells": self.cells,
             "mask_sha1": hashlib.sha1(np.packbits(self.mask).tobytes()).hexdigest(),
         }
 
@@ -140,33 +147,62 @@ def check_resolution(resolution: float, bounds: tuple[float, float, float, float
         )
 
 
-def make_grid(geometry, resolution: float = DEFAULT_RESOLUTION) -> Grid:
-    """Lay a grid over a shapely ``geometry`` (EPSG:4326 degrees) and keep the cells whose centre
-    falls inside it.
-
-    The geometry may extend past +/-180 degrees of longitude (antimeridian regions); the grid then
-    does too.
-    """
-    import shapely
-
-    minx, miny, maxx, maxy = geometry.bounds
-    check_resolution(resolution, (minx, miny, maxx, maxy))
+def _frame(bounds: tuple[float, float, float, float], resolution: float):
+    """(west, north, width, height) of the snapped grid that covers ``bounds``."""
+    minx, miny, maxx, maxy = bounds
     west = _snap_down(minx, resolution)
     east = _snap_up(maxx, resolution)
     south = max(_snap_down(miny, resolution), -90.0)
     north = min(_snap_up(maxy, resolution), 90.0)
     width = max(1, int(round((east - west) / resolution)))
     height = max(1, int(round((north - south) / resolution)))
+    return west, north, width, height
+
+
+def _rows_inside(geometry, resolution: float):
+    """Yield, row by row (north to south), which snapped cell centres fall inside ``geometry``;
+    first yields the frame (west, north, width, height). One row of points at a time keeps peak
+    memory flat even for very large grids."""
+    import shapely
+
+    west, north, width, height = _frame(geometry.bounds, resolution)
+    yield west, north, width, height
     lons = west + (np.arange(width) + 0.5) * resolution
-    lats = north - (np.arange(height) + 0.5) * resolution
     shapely.prepare(geometry)
+    for r in range(height):
+        lat = north - (r + 0.5) * resolution
+        yield shapely.contains_xy(geometry, lons, np.full(width, lat))
+
+
+def count_cells(geometry, resolution: float) -> int:
+    """How many cell centres of the snapped ``resolution`` grid fall inside ``geometry`` (what
+    :func:`make_grid` would keep, without building the mask); 0 for an empty geometry."""
+    if geometry.is_empty:
+        return 0
+    rows = _rows_inside(geometry, resolution)
+    next(rows)
+    return int(sum(int(row.sum()) for row in rows))
+
+
+def make_grid(geometry, resolution: float = DEFAULT_RESOLUTION, cells: str = "land") -> Grid:
+    """Lay a grid over a shapely ``geometry`` (EPSG:4326 degrees) and keep the cells whose centre
+    falls inside it; ``cells`` ("land", "water", "all") records what the geometry is (it is part
+    of the grid's key).
+
+    The geometry may extend past +/-180 degrees of longitude (antimeridian regions); the grid then
+    does too.
+    """
+    check_resolution(resolution, geometry.bounds)
+    rows = _rows_inside(geometry, resolution)
+    west, north, width, height = next(rows)
     mask = np.zeros((height, width), dtype=bool)
-    # Row by row keeps peak memory at one row of points even for very large grids.
-    for r, lat in enumerate(lats):
-        mask[r] = shapely.contains_xy(geometry, lons, np.full(width, lat))
+    for r, inside in enumerate(rows):
+        mask[r] = inside
     if not mask.any():
+        where = {"land": " (on land)", "water": " (on water)"}.get(cells, "")
         raise TaxamapError(
-            f"no cell centre of a {resolution} degree grid falls inside the region (on land); "
+            f"no cell centre of a {resolution} degree grid falls inside the region{where}; "
             "use a finer --resolution or a larger region"
         )
-    return Grid(west=west, north=north, resolution=resolution, width=width, height=height, mask=mask)
+    return Grid(west=west, north=north, resolution=resolution, width=width, height=height,
+                mask=mask, cells=cells)

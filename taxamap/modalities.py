@@ -67,7 +67,7 @@ def _satellite_plan(options, config: dict, device: Callable[[], str], n_cells: i
 
     source = make_satellite_source(
         options.sat_source, url=options.sat_url, zoom=options.sat_zoom, size=options.sat_size,
-        file=options.sat_file, ee_project=options.ee_project, year=options.sat_year,
+        footprint_m=options.sat_footprint, file=options.sat_file, ee_project=options.ee_project, year=options.sat_year,
         cache_dir=cache_subdir("tiles", options.cache_dir), workers=options.workers,
     )
     return ModalityPlan(

@@ -40,16 +40,19 @@ class GridRequest:
     region: str | None = None
     bbox: str | None = None
     resolution: float = DEFAULT_RESOLUTION
+    # which cells of the region: "land" (off lakes and sea), "water" (ocean + lakes) or "all"
+    cells: str = "land"
     modalities: list[str] = field(default_factory=lambda: ["location"])
     models_dir: str | None = None
     device: str = "auto"
     cache_dir: str | None = None
     store: str | None = None
-    # satellite source
-    sat_source: str = "xyz"
+    # satellite source (default: the WMS request TaxaBind trained on; see sources/satellite.py)
+    sat_source: str = "wms"
     sat_url: str | None = None
     sat_zoom: int | None = None
     sat_size: int | None = None
+    sat_footprint: float | None = None
     sat_file: str | None = None
     ee_project: str | None = None
     sat_year: int = 2020
@@ -69,7 +72,15 @@ class PredictRequest(GridRequest):
     image: str | None = None
     audio: str | None = None
     species_file: str | None = None
+    # with species_file: map the names that resolve and list the others in the summary
+    skip_unknown: bool = False
     fusion: str = DEFAULT_FUSION
+    # fit=True: a classifier on the stored cell embeddings at the occurrences (products.fit)
+    occurrences: object = None
+    background: object = None
+    fit: bool = False
+    cv_blocks: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -83,6 +94,7 @@ class WriteRequest:
     self_contained: bool = False
     stack: bool = False
     stack_name: str | None = None
+    expert_range: object = None
 
 
 @dataclass
@@ -127,11 +139,27 @@ def check_out_dir(out: str | os.PathLike) -> Path:
 
 
 def build_grid(req: GridRequest):
-    """Resolve the region and lay the grid over it; returns (region, grid)."""
-    from taxamap.geography import resolve_region
+    """Resolve the region and lay the grid over it; returns (region, grid).
 
-    region = resolve_region(req.region, req.bbox)
-    grid = make_grid(region.geometry, req.resolution)
+    Logs the grid's size and, with ``cells`` "land" or "water", how many of the region's cells
+    the mask removed.
+    """
+    from taxamap.geography import resolve_region
+    from taxamap.grid import MAX_CELLS, count_cells
+
+    region = resolve_region(req.region, req.bbox, cells=req.cells)
+    grid = make_grid(region.geometry, req.resolution, cells=region.cells)
+    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
+        f"({grid.width} x {grid.height} grid)")
+    if region.cells != "all":
+        west, south, east, north = region.outline.bounds
+        # Counting the outline's cells is one more pass over its frame: skip it where that frame
+        # is far larger than any grid taxamap accepts.
+        if (east - west) * (north - south) / req.resolution ** 2 <= MAX_CELLS:
+            removed = count_cells(region.outline, req.resolution) - grid.n_cells
+            other = "water" if region.cells == "land" else "land"
+            if removed > 0:  # a box wholly on land needs no word about the mask
+                log(f"{region.cells} mask: {removed:,} {other} cells removed")
     return region, grid
 
 
@@ -144,6 +172,8 @@ class CellEmbeddings:
     attribution: str | None
     license: str | None
     computed_blocks: dict[str, int]
+    #: Per modality, its source's describe() (what the satellite patches were: GeoTIFF tags).
+    sources: dict[str, dict] = field(default_factory=dict)
 
 
 def _complete_store(location: str, key: str):
@@ -168,7 +198,7 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
     from taxamap.store import EmbeddingStore, store_key, store_location
 
     latlon = None
-    stores, refs, computed = {}, {}, {}
+    stores, refs, computed, sources = {}, {}, {}, {}
     attribution = license_ = None
     for modality in req.modalities:
         plan = plan_modality(modality, req, config, device, grid.n_cells)
@@ -209,7 +239,23 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
             attribution, license_ = plan.attribution, plan.license
         stores[modality] = store
         refs[modality] = plan.model_ref
-    return CellEmbeddings(stores, refs, attribution, license_, computed)
+        sources[modality] = plan.source
+    return CellEmbeddings(stores, refs, attribution, license_, computed, sources)
+
+
+def satellite_tags(source: dict | None) -> dict[str, str]:
+    """GeoTIFF tags saying what the satellite modality saw: the source's settings (JSON), and its
+    footprint and patch size on their own (empty without a satellite modality)."""
+    import json
+
+    if not source:
+        return {}
+    tags = {"SATELLITE_SOURCE": json.dumps(source, sort_keys=True)}
+    if source.get("footprint_m") is not None:
+        tags["SATELLITE_FOOTPRINT_M"] = f"{float(source['footprint_m']):g}"
+    if source.get("size") is not None:
+        tags["SATELLITE_SIZE_PX"] = str(int(source["size"]))
+    return tags
 
 
 def read_species_file(path: str | os.PathLike) -> list[str]:
@@ -233,6 +279,41 @@ def read_species_file(path: str | os.PathLike) -> list[str]:
         raise TaxamapError(f"--species-file {path} names no species (one per line, or a CSV "
                            "with a 'species' column)")
     return names
+
+
+def resolve_species_file(names: list[str], source: str, cache: Path | None,
+                         skip_unknown: bool = False) -> tuple[list, list[str]]:
+    """Resolve every name of a species file; returns (taxa, names skipped).
+
+    Every name is tried before anything fails, so one message lists all the unknown (or
+    malformed) ones; with ``skip_unknown`` those are returned as skipped instead, unless none
+    resolves.
+    """
+    from taxamap.taxonomy import resolve_species
+
+    taxa, unknown = [], []
+    for name in names:
+        try:
+            taxa.append(resolve_species(name, cache_dir=cache))
+        except TaxamapError:
+            unknown.append(name)
+    if not unknown:
+        return taxa, []
+    listed = ", ".join(f'"{n}"' for n in unknown)
+    if not taxa:
+        raise TaxamapError(
+            f"none of the {len(names)} species in {source} could be resolved "
+            f"({listed}); check the spelling, or give all seven ranks per line "
+            '("Kingdom Phylum Class Order Family Genus epithet")'
+        )
+    if not skip_unknown:
+        raise TaxamapError(
+            f"{len(unknown)} of {len(names)} species in {source} are unknown: "
+            f"{listed}; fix their spelling, give all seven ranks ('Kingdom Phylum Class Order "
+            "Family Genus epithet'), remove them, or pass --skip-unknown to map the others"
+        )
+    log(f"skipping {len(unknown)} unknown species of {len(names)}: {listed}")
+    return taxa, unknown
 
 
 class QueryEncoders:
@@ -275,11 +356,13 @@ class QueryEncoders:
 
 
 def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
+                  skipped: list[str] | None = None,
                   encoders: QueryEncoders | None = None) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
-    Every species prompt goes through the text encoder in one batch. ``encoders`` (kept by a
-    long-lived caller) supplies already loaded encoders.
+    Every species prompt goes through the text encoder in one batch. Names of a species file
+    that ``req.skip_unknown`` leaves out are appended to ``skipped`` (when given). ``encoders``
+    (kept by a long-lived caller) supplies already loaded encoders.
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:
@@ -310,16 +393,20 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
         return [Query(vector, None, f"image {name}", slug, "image")], clip.ref
     from taxamap.taxonomy import resolve_species
 
+    cache = cache_subdir("taxonomy", req.cache_dir)
     if isinstance(req.species, str):
-        names = [req.species]
+        resolved = [resolve_species(req.species, cache_dir=cache)]
     elif req.species:
         names = list(dict.fromkeys(str(n).strip() for n in req.species if str(n).strip()))
+        resolved, left_out = resolve_species_file(names, "species=[...]", cache, False)
     else:
-        names = read_species_file(req.species_file)
-    cache = cache_subdir("taxonomy", req.cache_dir)
+        resolved, left_out = resolve_species_file(read_species_file(req.species_file),
+                                                  f"--species-file {req.species_file}", cache,
+                                                  req.skip_unknown)
+        if skipped is not None:
+            skipped.extend(left_out)
     taxa, seen = [], set()
-    for name in names:
-        taxon = resolve_species(name, cache_dir=cache)
+    for taxon in resolved:
         if taxon.prompt in seen:  # spellings of one species would overwrite each other's files
             continue
         seen.add(taxon.prompt)
@@ -415,9 +502,11 @@ def check_write_request(wreq: WriteRequest) -> dict:
     unknown = [f for f in wreq.formats if f not in FORMATS]
     if unknown:
         raise TaxamapError(f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
-    if wreq.stack and (wreq.threshold or wreq.occurrences is not None or wreq.self_contained):
+    if wreq.stack and (wreq.threshold or wreq.occurrences is not None or wreq.self_contained
+                       or wreq.expert_range is not None):
         raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
-                           "--occurrences and --self-contained, or map species one by one")
+                           "--occurrences, --expert-range and --self-contained, or map species "
+                           "one by one")
     read: dict = {"occurrences": None}
     if wreq.occurrences is not None:
         from taxamap.products.occurrences import as_latlon_points
@@ -435,10 +524,15 @@ def check_write_request(wreq: WriteRequest) -> dict:
             elif read["occurrences"] is None:
                 raise TaxamapError("--threshold maxtss needs occurrences: maxtss:FILE, or "
                                    "--occurrences FILE")
-    if wreq.self_contained and "html" in wreq.formats:
-        from taxamap.writers import assets
+    read["expert"] = None
+    if wreq.expert_range is not None:
+        from taxamap.products.expert import read_expert_range
 
-        assets.offline_libraries()
+        read["expert"] = read_expert_range(wreq.expert_range)
+    if wreq.self_contained and "html" in wreq.formats:
+        from taxamap.writers.assets import check_offline_assets
+
+        check_offline_assets()  # a missing offline extra fails now, not after every cell
     read["out_dir"] = check_out_dir(wreq.out)
     return read
 
@@ -465,28 +559,37 @@ def query_provenance(req: PredictRequest, region, cells: CellEmbeddings, config_
     return provenance(
         modalities=modalities, fusion=req.fusion,
         models={"config": config_ref, "query": query_ref, **cells.model_refs},
-        region_name=region.name, region_spec=region_spec(req),
+        region_name=region.name, region_spec=region_spec(req), cells=req.cells,
         attribution=cells.attribution, license_=cells.license,
+        extra=satellite_tags(cells.sources.get("satellite")),
     )
 
 
-def queries_dataset(req: PredictRequest, region, grid: Grid, cells: CellEmbeddings,
-                    config_ref: str, queries: list[Query], query_ref: str, fused: np.ndarray,
-                    per: dict[str, np.ndarray]):
-    """The Dataset of scored ``queries`` (fused (S, N), per modality (S, N)) with its provenance;
-    TaxamapError when a modality has no embedded cell at all."""
-    from taxamap.dataset import scores_dataset
-
+def check_scored(per: dict[str, np.ndarray]) -> None:
+    """TaxamapError when a modality has no embedded cell at all."""
     for modality, scores in per.items():
         if not np.isfinite(scores).any():
             raise TaxamapError(
                 f"no cell could be embedded from the {modality} modality (every input missing or "
                 "failed); check its source (--sat-url, the network, --worldclim) and run again"
             )
+
+
+def queries_dataset(req: PredictRequest, region, grid: Grid, cells: CellEmbeddings,
+                    config_ref: str, queries: list[Query], query_ref: str, fused: np.ndarray,
+                    per: dict[str, np.ndarray], *, more_attrs: dict | None = None,
+                    extra: dict[str, np.ndarray] | None = None):
+    """The Dataset of scored ``queries`` (fused (S, N), per modality (S, N), ``extra`` bands)
+    with its provenance (plus ``more_attrs``); TaxamapError when a modality has no embedded
+    cell at all."""
+    from taxamap.dataset import scores_dataset
+
+    check_scored(per)
     attrs = query_provenance(req, region, cells, config_ref, query_ref, list(per))
+    attrs.update(more_attrs or {})
     ds = scores_dataset(grid, fused, per, labels=[q.label for q in queries],
                         prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
-                        attrs=attrs)
+                        attrs=attrs, extra=extra)
     if len(queries) > 1:
         ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
     return ds
@@ -499,23 +602,39 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
+    from taxamap.geography import check_cells
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
+    req.cells = check_cells(req.cells)
+    # Inputs read later are checked now: a bad one fails in seconds, not after the cells.
+    occurrences = None
+    if req.occurrences is not None:
+        from taxamap.products.occurrences import as_latlon_points
+
+        occurrences = as_latlon_points(req.occurrences, "occurrences")
+    background = _check_fit_inputs(req, occurrences)
     device = lazy_device(req.device)
     if (req.device or "auto").lower() not in ("auto", "cpu"):
         device()  # a GPU the user named must exist before any work starts
     config, config_ref = load_config(req.models_dir)
 
     region, grid = build_grid(req)
-    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
-        f"({grid.width} x {grid.height} grid)")
     timings["grid"] = time.perf_counter() - t0
+    if req.fit:
+        from taxamap.products.fit import locate_occurrences
+
+        locate_occurrences(occurrences, grid)  # wholly off the grid: fail before any embedding
 
     # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
-    queries, query_ref = embed_queries(req, config, device)
+    skipped: list[str] = []
+    queries, query_ref = embed_queries(req, config, device, skipped)
     timings["query"] = time.perf_counter() - t
+    if req.fit and len(queries) > 1:
+        raise TaxamapError("--fit fits one species' occurrences: map one species at a time "
+                           "(--species NAME, not --species-file)")
 
     t = time.perf_counter()
     cells = embed_cells(req, grid, config, device)
@@ -523,8 +642,22 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
 
     t = time.perf_counter()
     fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]), req.fusion)
-    ds = queries_dataset(req, region, grid, cells, config_ref, queries, query_ref, fused, per)
+    check_scored(per)  # before a fit: a modality with no cell fails with its own message
+    more_attrs = {"skipped_species": "; ".join(skipped)} if skipped else {}
     timings["score"] = time.perf_counter() - t
+    extra = None
+    if req.fit:
+        from taxamap.products.fit import fit_grid
+
+        t = time.perf_counter()
+        fit = fit_grid(grid, cells.stores, fused[0], occurrences, background, seed=req.seed,
+                       cv_blocks_deg=req.cv_blocks)
+        timings["fit"] = time.perf_counter() - t
+        log(fit.format_table())
+        extra = {"fitted": fit.fitted[None], "combined": fit.combined[None]}
+        more_attrs.update({k.lower(): v for k, v in fit.tags().items()})
+    ds = queries_dataset(req, region, grid, cells, config_ref, queries, query_ref, fused, per,
+                         more_attrs=more_attrs, extra=extra)
     timings["total"] = time.perf_counter() - t0
     return ds, timings
 
@@ -566,7 +699,8 @@ def write_dataset(ds, wreq: WriteRequest, *, checked: dict | None = None,
     for one in iter_species(ds):
         files = write_outputs(one, out_dir, wreq.formats, threshold=wreq.threshold,
                               occurrences=checked["occurrences"],
-                              self_contained=wreq.self_contained, outline=outline)
+                              self_contained=wreq.self_contained, outline=outline,
+                              expert_geometry=checked["expert"])
         for ext, path in files.items():
             paths[f"{one.attrs['slug']}.{ext}"] = path
     return paths
@@ -589,6 +723,10 @@ def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
             "files": ", ".join(str(p) for k, p in paths.items()
                                if k.startswith(f"{slug}.") or k == "stack.tif"),
         })
+    skipped = str(ds.attrs.get("skipped_species", "") or "")
+    rows.extend({"species": name, "taxonomy": "skipped", "max": float("nan"),
+                 "mean": float("nan"), "files": "skipped: unknown species"}
+                for name in skipped.split("; ") if name)
     return rows
 
 
@@ -606,6 +744,27 @@ def predict_and_write(req: PredictRequest, wreq: WriteRequest) -> PredictResult:
     return PredictResult(ds, paths, timings, summary_rows(ds, paths))
 
 
+def _check_fit_inputs(req: PredictRequest, occurrences: np.ndarray | None) -> np.ndarray | None:
+    """Check the --fit options before any long work; returns the background points (or None)."""
+    if not req.fit:
+        if req.background is not None:
+            raise TaxamapError("--background is used by --fit; add --fit or drop --background")
+        return None
+    if occurrences is None:
+        raise TaxamapError("--fit needs --occurrences FILE: the presence records to fit on")
+    import math
+
+    if not (isinstance(req.cv_blocks, (int, float)) and math.isfinite(req.cv_blocks)
+            and req.cv_blocks > 0):
+        raise TaxamapError(f"--cv-blocks must be a positive number of degrees, not "
+                           f"{req.cv_blocks!r}")
+    if req.background is not None:
+        from taxamap.products.occurrences import as_latlon_points
+
+        return as_latlon_points(req.background, "background")
+    return None
+
+
 def write_outputs(
     ds,
     out_dir: Path,
@@ -615,6 +774,7 @@ def write_outputs(
     occurrences: np.ndarray | None = None,
     self_contained: bool = False,
     outline=None,
+    expert_geometry=None,
 ) -> dict[str, Path]:
     """Write the requested files for the (y, x) Dataset ``ds`` into ``out_dir`` (each atomically).
 
@@ -637,6 +797,8 @@ def write_outputs(
         range_geometry = result.geometry
         log(f"range ({threshold}): threshold {result.threshold:.4f}, {result.n_in_range:,} of "
             f"{result.n_valid:,} cells, {result.area_km2:,.0f} km2")
+        log(f"range EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km "
+            f"grid): {result.criterion_b}")
     if "html" in formats:
         from taxamap.writers.html import write_html
 
@@ -648,6 +810,8 @@ def write_outputs(
             extras["range_label"] = threshold
         if self_contained:
             extras["self_contained"] = True
+        if expert_geometry is not None:
+            extras["expert_geometry"] = expert_geometry
         paths["html"] = write_html(ds, out_dir / f"{slug}.html", outline=outline, **extras)
     if "png" in formats:
         from taxamap.writers.png import write_png
@@ -661,9 +825,11 @@ def embed(req: GridRequest) -> CellEmbeddings:
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
+    from taxamap.geography import check_cells
+
     req.modalities = parse_modalities(req.modalities)
+    req.cells = check_cells(req.cells)
     device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)
-    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg")
     return embed_cells(req, grid, config, device)

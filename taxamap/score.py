@@ -136,6 +136,8 @@ class ScoreMap:
     region_geometry: "object | None" = None
     slug: str = "map"
     extra_tags: dict[str, str] = field(default_factory=dict)
+    #: Bands after the modalities (``fitted``, ``combined`` of ``--fit``), values in [0, 1].
+    extra_bands: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -143,8 +145,10 @@ class ScoreMap:
         return f"{self.query}{where}"
 
     def bands(self) -> list[tuple[str, np.ndarray]]:
-        """(description, raster) in GeoTIFF band order: fused first, then each modality."""
-        return [("fused", self.fused)] + [(m, self.layers[m]) for m in self.layers]
+        """(description, raster) in GeoTIFF band order: fused first, then each modality, then
+        the extra bands (``fitted``, ``combined``)."""
+        return ([("fused", self.fused)] + [(m, self.layers[m]) for m in self.layers]
+                + list(self.extra_bands.items()))
 
     @classmethod
     def from_dataset(cls, ds, outline=None) -> "ScoreMap":
@@ -167,7 +171,10 @@ class ScoreMap:
         return cls(
             grid=grid_of(ds),
             fused=np.asarray(ds["fused"].values, dtype=np.float32),
-            layers={n: np.asarray(ds[n].values, dtype=np.float32) for n in names if n != "fused"},
+            layers={n: np.asarray(ds[n].values, dtype=np.float32) for n in names
+                    if n in CELL_MODALITIES},
+            extra_bands={n: np.asarray(ds[n].values, dtype=np.float32) for n in names
+                         if n != "fused" and n not in CELL_MODALITIES},
             query=str(attrs.get("query", "map")),
             prompt=str(attrs["prompt"]) if attrs.get("prompt") else None,
             fusion=str(attrs.get("fusion", DEFAULT_FUSION)),

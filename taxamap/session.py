@@ -108,6 +108,7 @@ class MapSession:
         import time
 
         from taxamap.devices import lazy_device
+        from taxamap.geography import check_cells
         from taxamap.models.hub import load_config
         from taxamap.pipeline import (GridRequest, PredictRequest, QueryEncoders, build_grid,
                                       embed_cells, log)
@@ -118,14 +119,13 @@ class MapSession:
         grid_options = {f.name: getattr(req, f.name) for f in fields(GridRequest)}
         self.request = PredictRequest(**grid_options, fusion=fusion)
         self.request.modalities = parse_modalities(self.request.modalities)
+        self.request.cells = check_cells(self.request.cells)
         self.fusion = fusion
         self._device = lazy_device(self.request.device)
         if (self.request.device or "auto").lower() not in ("auto", "cpu"):
             self._device()  # a GPU the user named must exist before any work starts
         self.config, self.config_ref = load_config(self.request.models_dir)
         self.region, self.grid = build_grid(self.request)
-        log(f"region {self.region.name}: {self.grid.n_cells:,} cells of {self.grid.resolution} "
-            f"deg ({self.grid.width} x {self.grid.height} grid)")
         self.cells = embed_cells(self.request, self.grid, self.config, self._device)
         self._embeddings: dict[str, np.ndarray] = {}
         self._norms: dict[str, np.ndarray] = {}
@@ -186,12 +186,14 @@ class MapSession:
             return None
         return row, col
 
-    def satellite_patch(self, lat: float, lon: float):
-        """The satellite patch the encoder was given for the cell holding (``lat``, ``lon``): an
-        RGB PIL image (from the source's tile cache after embedding), or None where the source
-        has none. TaxamapError without a satellite modality or outside the grid's cells."""
+    def satellite_patch(self, lat: float, lon: float) -> tuple[np.ndarray | None, dict]:
+        """The satellite patch the encoder was given for the cell holding (``lat``, ``lon``):
+        (an (size, size, 3) uint8 RGB array or None where the source has none, and
+        :func:`taxamap.sources.satellite.patch_at`'s description: footprint, request, credit,
+        why it is missing). TaxamapError without a satellite modality or outside the cells."""
         from taxamap.crs import wrap_lon
         from taxamap.modalities import plan_modality
+        from taxamap.sources.satellite import patch_at
 
         if "satellite" not in self.modalities:
             raise TaxamapError("this session has no satellite modality, so no patches")
@@ -205,8 +207,8 @@ class MapSession:
                 self._satellite = plan.data_source
         row, col = where
         # The cell centre: the point the patch was cut around when the cell was embedded.
-        centre = [[float(self.grid.row_lats()[row]), float(wrap_lon(self.grid.column_lons()[col]))]]
-        return self._satellite.fetch(np.asarray(centre, dtype=np.float64))[0]
+        return patch_at(self._satellite, float(self.grid.row_lats()[row]),
+                        float(wrap_lon(self.grid.column_lons()[col])))
 
     # ------------------------------------------------------------------ queries
 
@@ -231,7 +233,7 @@ class MapSession:
                       image=None if image is None else os.fspath(image),
                       audio=None if audio is None else os.fspath(audio), species_file=None)
         with self._embed_lock:
-            queries, ref = embed_queries(req, self.config, self._device, self.encoders)
+            queries, ref = embed_queries(req, self.config, self._device, encoders=self.encoders)
         embedded = EmbeddedQuery(queries[0], ref)
         if key is not None:
             self._species.put(key, embedded)

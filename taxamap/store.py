@@ -23,9 +23,13 @@ import numpy as np
 
 from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.io import disk_full_guard, disk_full_reason
 
 DEFAULT_CHUNK_CELLS = 16384
 STORE_FORMAT = 1
+
+_FULL_HINT = ("free some space or pass --cache DIR (or --store DIR) on a disk with room; blocks "
+              "already written are kept and the same command resumes")
 
 
 def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict | None) -> str:
@@ -73,11 +77,21 @@ def _creation_lock(location: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _storage_options(location: str) -> dict:
-    """fsspec options for URL locations: local ``file://`` stores need their folders made."""
+def _zarr_store(location: str):
+    """What ``zarr.open_group`` is given for ``location``, the same on every zarr 3.x.
+
+    ``file://`` URLs become a :class:`zarr.storage.LocalStore` (it makes its folders): zarr 3.0-3.1
+    open them through fsspec, which needs ``auto_mkdir``, while later releases open them locally
+    and refuse any ``storage_options``. Other URLs go to zarr as they are (fsspec), local paths
+    too.
+    """
     if location.startswith("file://"):
-        return {"storage_options": {"auto_mkdir": True}}
-    return {}
+        from urllib.parse import unquote, urlsplit
+
+        from zarr.storage import LocalStore
+
+        return LocalStore(unquote(urlsplit(location).path))
+    return location
 
 
 @dataclass
@@ -136,7 +150,9 @@ class EmbeddingStore:
         location = str(location)
         # Two runs starting together (two species on a cold cache) must not both create the
         # store: the second would clear blocks the first has already written.
-        with _creation_lock(location):
+        need = max(1, -(-n_cells // chunk_cells)) * chunk_cells * dim * 2  # whole float16 chunks
+        with _creation_lock(location), disk_full_guard(
+                location, need, what="creating the embedding store", hint=_FULL_HINT):
             return cls._open_or_create(location, key, n_cells, dim, attrs, chunk_cells, must_match)
 
     @classmethod
@@ -145,8 +161,10 @@ class EmbeddingStore:
         import zarr
 
         try:
-            group = zarr.open_group(location, mode="a", **_storage_options(location))
+            group = zarr.open_group(_zarr_store(location), mode="a")
         except Exception as exc:
+            if disk_full_reason(exc):
+                raise  # the caller's guard says which folder is full
             raise TaxamapError(f"cannot open embedding store {location}: {exc}") from exc
         existing = group.attrs.get("key")
         if existing is not None and existing != key:
@@ -155,7 +173,7 @@ class EmbeddingStore:
                     f"the store at {location} was made for other settings (grid, model or source "
                     f"differ: key {existing} != {key}); use another --store or delete it"
                 )
-            group = zarr.open_group(location, mode="w", **_storage_options(location))
+            group = zarr.open_group(_zarr_store(location), mode="w")
             existing = None
         if existing is None or "emb" not in group or "done" not in group:
             n_chunks = max(1, -(-n_cells // chunk_cells))
@@ -184,7 +202,7 @@ class EmbeddingStore:
         """Open a store another process created (Dask workers); its key must match."""
         import zarr
 
-        group = zarr.open_group(str(location), mode="r+", **_storage_options(str(location)))
+        group = zarr.open_group(_zarr_store(str(location)), mode="r+")
         if group.attrs.get("key") != key:
             raise TaxamapError(f"the store at {location} does not have key {key}")
         return cls(group=group, location=str(location), key=key)
@@ -207,9 +225,21 @@ class EmbeddingStore:
         sl = self.chunk_slice(i)
         if values.shape != (sl.stop - sl.start, self.dim):
             raise ValueError(f"block {i} expects {(sl.stop - sl.start, self.dim)}, got {values.shape}")
-        self.emb[sl] = values.astype(np.float16)
-        if complete:
-            self.done[i] = 1
+        with disk_full_guard(self.location, self.bytes_left, what="writing the embedding store",
+                             hint=_FULL_HINT):
+            self.emb[sl] = values.astype(np.float16)
+            if complete:
+                self.done[i] = 1
+
+    def cells_left(self) -> int:
+        """Cells in the blocks with no completion record."""
+        return sum(self.chunk_slice(i).stop - self.chunk_slice(i).start
+                   for i in self.pending_chunks())
+
+    def bytes_left(self) -> int:
+        """Roughly what the unfinished blocks still need on disk: Zarr writes every chunk whole
+        (the last one padded to ``chunk_cells``), float16, uncompressed."""
+        return len(self.pending_chunks()) * self.chunk_cells * self.dim * self.emb.dtype.itemsize
 
     def read(self, rows: slice | None = None) -> np.ndarray:
         """Embeddings as float32 (all cells, or a slice of rows)."""

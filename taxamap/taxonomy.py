@@ -19,8 +19,8 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -31,12 +31,14 @@ import requests
 
 from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_write
+from taxamap.sources import http
 
 log = logging.getLogger(__name__)
 
 INATURALIST_URL = "https://api.inaturalist.org/v1"
 GBIF_URL = "https://api.gbif.org/v1"
-USER_AGENT = f"taxamap/{__version__} (+https://github.com/taxamap)"
+USER_AGENT = http.USER_AGENT
 
 #: The seven ranks of a prompt, in order.
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
@@ -105,15 +107,26 @@ class Taxon:
 
 
 class TaxonomyServiceError(Exception):
-    """A taxonomy web service could not answer (network down, timeouts, HTTP error)."""
+    """A taxonomy web service could not answer (network down, timeouts, HTTP error).
+
+    ``unreachable`` is True when no connection could be made at all (no network, DNS failure,
+    refused or timed-out connect): the caller falls back quietly instead of warning.
+    """
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class TaxonomyClient:
     """The one place taxamap's taxonomy code talks HTTP.
 
     Base URLs are configurable so tests (or a mirror) can stand in for iNaturalist and GBIF.
-    Requests retry with exponential backoff on 429, 5xx and timeouts only; anything else fails
-    at once, so a machine without a network falls back to the offline table quickly.
+    The session (:func:`taxamap.sources.http.make_session`) retries 429, 5xx and read timeouts
+    with backoff (``Retry-After`` honoured up to ``max_wait``); refused connections and DNS
+    failures are not retried, so a machine without a network falls back to the offline table
+    quickly. A ``session`` given by the caller is used as it is (its own retries, if any). A host that could not be connected
+    to is not asked again by the same client.
     """
 
     def __init__(
@@ -130,41 +143,44 @@ class TaxonomyClient:
     ) -> None:
         self.inaturalist_url = inaturalist_url.rstrip("/")
         self.gbif_url = gbif_url.rstrip("/")
-        self.session = session if session is not None else requests.Session()
+        self.timeout = http.default_timeout(timeout)
+        self.retries = retries
+        if session is None:
+            session = http.make_session(workers=4, retries=retries, connect_retries=0,
+                                        backoff=backoff, max_backoff=max_wait,
+                                        max_retry_after=max_wait, timeout=self.timeout)
+        self.session = session
         self.session.headers["User-Agent"] = user_agent
         self.session.headers.setdefault("Accept", "application/json")
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_wait = max_wait
+        self._unreachable: dict[str, str] = {}  # host -> why no connection could be made
 
     def get_json(self, url: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET ``url`` and decode its JSON body; raise :class:`TaxonomyServiceError` on failure."""
-        last = "no attempt made"
-        for attempt in range(self.retries + 1):
-            wait = self.backoff * (2**attempt)
-            try:
-                response = self.session.get(url, params=params, timeout=self.timeout)
-            except requests.Timeout as exc:
-                last = f"timed out ({exc.__class__.__name__})"
-            except requests.RequestException as exc:
-                # Refused connections, DNS failures: retrying would only delay the fallback.
-                raise TaxonomyServiceError(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-            else:
-                if response.status_code == 429 or response.status_code >= 500:
-                    last = f"HTTP {response.status_code}"
-                    wait = max(wait, _retry_after(response))
-                elif response.status_code != 200:
-                    raise TaxonomyServiceError(f"{url}: HTTP {response.status_code}")
-                else:
-                    try:
-                        return response.json()
-                    except ValueError as exc:
-                        raise TaxonomyServiceError(f"{url}: response is not JSON") from exc
-            if attempt < self.retries:
-                log.debug("taxonomy request %s failed (%s); retrying in %.2fs", url, last, wait)
-                time.sleep(min(wait, self.max_wait))
-        raise TaxonomyServiceError(f"{url}: {last} after {self.retries + 1} attempts")
+        host = urllib.parse.urlsplit(url).netloc
+        if host in self._unreachable:
+            raise TaxonomyServiceError(f"{url}: {self._unreachable[host]}", unreachable=True)
+        try:
+            response = self.session.get(url, params=params, timeout=self.timeout)
+        except requests.RequestException as exc:
+            unreachable = _no_connection(exc)
+            if unreachable is not None:
+                # DNS failures, refused or timed-out connects: retrying would only delay the
+                # fallback, and so would asking this host again.
+                self._unreachable[host] = unreachable
+                raise TaxonomyServiceError(f"{url}: {unreachable}", unreachable=True) from exc
+            timed_out = "timeout" in type(exc).__name__.lower() or "Timeout" in str(exc)
+            why = f"timed out ({exc.__class__.__name__})" if timed_out else \
+                f"{exc.__class__.__name__}: {exc}"
+            raise TaxonomyServiceError(f"{url}: {why}") from exc
+        if response.status_code in http.RETRY_STATUS:
+            raise TaxonomyServiceError(
+                f"{url}: HTTP {response.status_code} after {self.retries + 1} attempts")
+        if response.status_code != 200:
+            raise TaxonomyServiceError(f"{url}: HTTP {response.status_code}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise TaxonomyServiceError(f"{url}: response is not JSON") from exc
 
     def inaturalist(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         """GET an iNaturalist API path, e.g. ``"taxa"`` or ``"taxa/9083"``."""
@@ -175,12 +191,34 @@ class TaxonomyClient:
         return self.get_json(f"{self.gbif_url}/{path.lstrip('/')}", params)
 
 
-def _retry_after(response: requests.Response) -> float:
-    value = response.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return 0.0
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors inside it (requests wraps urllib3, which wraps the socket error)."""
+    chain, seen = [], exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        inner = seen.__cause__ or seen.__context__
+        if inner is None:
+            reason = getattr(seen, "reason", None)
+            first = seen.args[0] if seen.args else None
+            inner = reason if isinstance(reason, BaseException) else (
+                first if isinstance(first, BaseException) else None)
+        seen = inner
+    return chain
+
+
+def _no_connection(exc: BaseException) -> str | None:
+    """Why no connection could be made (DNS, refused, connect timeout), or None for errors on a
+    connection that was made (a dropped answer is a flake, not a missing network)."""
+    import socket
+
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    chain = _causes(exc)
+    if not any(isinstance(e, (socket.gaierror, ConnectionRefusedError, NewConnectionError,
+                              ConnectTimeoutError)) for e in chain):
+        return None
+    inner = chain[-1]
+    return f"{inner.__class__.__name__}: {inner}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,16 +428,9 @@ def _write_cache(cache_dir: Path, query: str, taxon: Taxon) -> None:
               "taxamap": __version__}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=1)
-            os.replace(tmp, _cache_path(cache_dir, query))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        # A read-only cache only costs a repeat lookup next time.
+        atomic_write(_cache_path(cache_dir, query), json.dumps(record, indent=1))
+    except (OSError, DiskFull) as exc:
+        # A read-only or full cache only costs a repeat lookup next time.
         log.warning("could not cache taxonomy answer in %s (%s)", cache_dir, exc)
 
 
@@ -411,6 +442,13 @@ def offline_requested() -> bool:
     """True when ``TAXAMAP_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
     return any(os.environ.get(name, "").strip().lower() in _TRUTHY
                for name in ("TAXAMAP_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@lru_cache(maxsize=1)
+def _default_client() -> TaxonomyClient:
+    """The client of a process's lookups, shared so an unreachable host is tried only once per
+    run (a species file on a machine without a network)."""
+    return TaxonomyClient()
 
 
 def resolve_species(
@@ -440,13 +478,16 @@ def resolve_species(
 
     failure = None
     if not offline:
-        client = client if client is not None else TaxonomyClient()
+        client = client if client is not None else _default_client()
         for lookup in (lookup_inaturalist, lookup_gbif):
             try:
                 taxon = lookup(binomial, client)
             except TaxonomyServiceError as exc:
                 failure = str(exc)
-                log.warning("taxonomy lookup failed, trying the next source: %s", exc)
+                # No network at all is the common offline case: the caller reports the table as
+                # the source, so stay quiet. A service that answers badly deserves a warning.
+                (log.info if exc.unreachable else log.warning)(
+                    "taxonomy lookup failed, trying the next source: %s", exc)
                 continue
             except (LookupError, TypeError, ValueError, AttributeError) as exc:
                 # An answer in a shape we do not know: treat the service as unavailable.

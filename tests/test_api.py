@@ -180,3 +180,43 @@ def test_bad_inputs_are_taxamap_errors(ds, models_dir, cache):
         taxamap.write(np.zeros((3, 3)), out=".")
     with pytest.raises(taxamap.TaxamapError, match="select one"):
         taxamap.threshold(ds.expand_dims(species=["a", "b"]), "percentile:90")
+
+
+def test_fit_adds_fitted_and_combined_variables(models_dir, cache):
+    pres = np.column_stack([np.random.default_rng(6).uniform(40.0, 40.9, 40),
+                            np.random.default_rng(7).uniform(-83.9, -83.0, 40)])
+    ds = taxamap.predict(species="Cardinalis cardinalis", bbox=BBOX, resolution=0.1,
+                         models=models_dir, cache=cache, progress=False, occurrences=pres,
+                         fit=True, cv_blocks=0.5, seed=1)
+    assert list(ds.data_vars) == ["fused", "location", "fitted", "combined"]
+    fitted = ds["fitted"].values[np.isfinite(ds["fitted"].values)]
+    assert fitted.size == 400 and fitted.min() >= 0.0 and fitted.max() <= 1.0
+    assert "fit_cv" in ds.attrs and "fit_model" in ds.attrs
+    # the records pull the fitted map up where they are
+    north = ds["fitted"].sel(y=slice(40.9, 40.0)).mean()
+    south = ds["fitted"].sel(y=slice(39.9, 39.0)).mean()
+    assert float(north) > float(south)
+
+
+def test_threshold_reports_eoo_and_aoo(ds):
+    rng = taxamap.threshold(ds, "percentile:50")
+    assert rng.eoo_km2 > 0 and rng.aoo_km2 > 0
+    assert rng.aoo_km2 <= rng.area_km2 * 1.2 + 100
+    assert "EOO" in rng.criterion_b and "B1" in rng.criterion_b and "not a Red List" in rng.criterion_b
+    assert float(rng.polygons["eoo_km2"].iloc[0]) == pytest.approx(rng.eoo_km2)
+
+
+def test_evaluate_against_an_expert_range_geodataframe(ds):
+    import geopandas as gpd
+    import shapely
+
+    expert = gpd.GeoDataFrame(geometry=[shapely.box(-84, 40, -82, 41)],
+                              crs="EPSG:4326").to_crs("EPSG:5070")
+    table = taxamap.evaluate(ds, range=expert)
+    for column in ("range_ap", "range_auc", "precision", "recall", "f1", "jaccard",
+                   "n_h3_cells", "n_h3_positive"):
+        assert column in table.columns
+    assert list(table.index) == ["fused", "location"]
+    assert 0 < table.loc["fused", "n_h3_positive"] < table.loc["fused", "n_h3_cells"]
+    with pytest.raises(taxamap.TaxamapError, match="occurrences"):
+        taxamap.evaluate(ds)

@@ -259,3 +259,26 @@ def test_store_path_with_trailing_slash_lands_inside(tmp_path, models_dir):
                 str(models_dir), "--store", f"{tmp_path}/st/", "--no-progress"])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "st" / "location").is_dir()
+
+
+def test_self_contained_without_the_offline_extra_fails_before_any_cell(tmp_path, models_dir):
+    # A user without the taxamap[offline] extra: a sitecustomize module, run at interpreter start,
+    # makes `import xstatic.pkg.leaflet` fail as if XStatic-Leaflet were not installed.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['xstatic.pkg.leaflet'] = None\n")
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(shim), str(root), os.environ.get("PYTHONPATH")) if p)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    proc = run(["predict", "--species", "Cardinalis cardinalis", "--bbox", BBOX,
+                "--resolution", "0.1", "--models", str(models_dir), "--out", str(out),
+                "--cache", str(cache), "--self-contained", "--no-progress"],
+               env_extra={"PYTHONPATH": path})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'taxamap[offline]'" in lines[0], lines
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    # Nothing was embedded or written: no store in the cache, no file in --out.
+    for folder in (cache, out):
+        assert not folder.exists() or not [p for p in folder.rglob("*") if p.is_file()], folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 import types
@@ -52,13 +53,13 @@ class FakeClient:
 
 
 def make(tmp_path, client, **kw):
-    opts = dict(project="my-project", zoom=12, size=64, cache_dir=tmp_path / "cache", workers=2,
+    opts = dict(project="my-project", size=64, cache_dir=tmp_path / "cache", workers=2,
                 client=client, backoff=0.001, max_backoff=0.01)
     opts.update(kw)
     return EarthEngineSource(**opts)
 
 
-def test_request_grid_is_the_mercator_window_centred_on_the_cell(tmp_path):
+def test_request_grid_is_the_footprint_centred_on_the_cell(tmp_path):
     client = FakeClient()
     with make(tmp_path, client, year=2021) as src:
         (patch,) = src.fetch([[40.0, -83.0]])
@@ -70,16 +71,48 @@ def test_request_grid_is_the_mercator_window_centred_on_the_cell(tmp_path):
     assert comp["collection"] == "COPERNICUS/S2_SR_HARMONIZED" and comp["year"] == 2021
     assert comp["cloud_mask"] == "SCL" and 9 not in comp["scl_keep"] and 4 in comp["scl_keep"]
     grid = req["grid"]
-    assert grid["crsCode"] == "EPSG:3857" and grid["dimensions"] == {"width": 64, "height": 64}
+    assert grid["crsCode"] == "EPSG:4326" and grid["dimensions"] == {"width": 64, "height": 64}
     t = grid["affineTransform"]
-    res = 156543.03392804097 / 2**12
-    assert t["scaleX"] == pytest.approx(res) and t["scaleY"] == pytest.approx(-res)
-    assert t["shearX"] == 0 and t["shearY"] == 0
-    # Centre of the window = the cell centre in Web Mercator (textbook formula), within a pixel.
-    mx = math.radians(-83.0) * 6378137.0
-    my = math.log(math.tan(math.pi / 4 + math.radians(40.0) / 2)) * 6378137.0
-    assert abs(t["translateX"] + 32 * res - mx) <= res / 2 + 1e-6
-    assert abs(t["translateY"] - 32 * res - my) <= res / 2 + 1e-6
+    assert t["shearX"] == 0 and t["shearY"] == 0 and t["scaleX"] > 0 > t["scaleY"]
+    # The box is TaxaBind's footprint: 2,560 m on the ground each way (pyproj's geodesics), centred
+    # on the cell.
+    from pyproj import Geod
+
+    west, north = t["translateX"], t["translateY"]
+    east, south = west + 64 * t["scaleX"], north + 64 * t["scaleY"]
+    geod = Geod(ellps="WGS84")
+    assert geod.inv(west, 40.0, east, 40.0)[2] == pytest.approx(2560, rel=1e-3)
+    assert geod.inv(-83.0, south, -83.0, north)[2] == pytest.approx(2560, rel=1e-3)
+    assert (west + east) / 2 == pytest.approx(-83.0, abs=1e-9)
+    assert (south + north) / 2 == pytest.approx(40.0, abs=1e-6)
+
+
+def test_antimeridian_cell_is_two_requests_side_by_side(tmp_path):
+    class Halves(FakeClient):
+        def compute_pixels(self, request):
+            self.requests.append(request)
+            west = request["grid"]["affineTransform"]["translateX"] > 0
+            dims = request["grid"]["dimensions"]
+            dtype = [("B4", "<u2"), ("B3", "<u2"), ("B2", "<u2"), ("valid", "<u2")]
+            arr = np.zeros((dims["height"], dims["width"]), dtype=dtype)
+            arr["B4"] = 3000 if west else 0  # red on the west side, blue on the east
+            arr["B2"] = 0 if west else 3000
+            arr["valid"] = 1
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            return buf.getvalue()
+
+    client = Halves()
+    with make(tmp_path, client, size=256) as src:
+        (patch,) = src.fetch([[0.0, 179.999]])
+    west, east = client.requests
+    wt, et = west["grid"]["affineTransform"], east["grid"]["affineTransform"]
+    split = west["grid"]["dimensions"]["width"]
+    assert split + east["grid"]["dimensions"]["width"] == 256
+    assert wt["translateX"] + split * wt["scaleX"] == pytest.approx(180.0)
+    assert et["translateX"] == -180.0
+    rgb = np.asarray(patch)
+    assert (rgb[:, :split, 0] == 255).all() and (rgb[:, split:, 2] == 255).all()
 
 
 def test_stretch_is_the_documented_one(tmp_path):
@@ -159,7 +192,7 @@ def test_cells_without_clear_data_are_none_and_remembered(tmp_path):
 
 
 def test_second_run_makes_no_request(tmp_path):
-    cells = np.array([[10.0, 10.0], [-5.0, 120.0], [89.9, 0.0]])
+    cells = np.array([[10.0, 10.0], [-5.0, 120.0], [89.999, 0.0]])  # no footprint at the pole
     client = FakeClient()
     with make(tmp_path, client) as src:
         first = src.fetch(cells)
@@ -177,9 +210,53 @@ def test_describe_and_factory(tmp_path):
     src = make_satellite_source("earthengine", ee_project="p", year=2019, client=FakeClient(), cache_dir=tmp_path)
     assert isinstance(src, SatelliteSource)
     d = src.describe()
-    assert d["kind"] == "earthengine" and d["year"] == 2019 and d["zoom"] == 14 and d["size"] == 256
+    assert d["kind"] == "earthengine" and d["year"] == 2019 and d["size"] == 256
+    assert d["footprint_m"] == 2560
     assert d["stretch"] == {"reflectance_max": 0.3, "gamma": 1.2}
     assert "Copernicus Sentinel data 2019" in src.attribution
     with pytest.raises(TaxamapError, match="sat-year"):
         make_satellite_source("earthengine", year=2014, client=FakeClient(), cache_dir=tmp_path)
     src.close()
+
+
+class FlakyClient(FakeClient):
+    """Earth Engine down for some windows while ``down`` is set (every retry fails too)."""
+
+    def __init__(self, failing_grids):
+        super().__init__()
+        self.failing = [json.dumps(g, sort_keys=True) for g in failing_grids]
+        self.down = True
+
+    def compute_pixels(self, request):
+        if self.down and json.dumps(request["grid"], sort_keys=True) in self.failing:
+            self.requests.append(request)
+            raise Exception("503 Service Unavailable: backend error")
+        return super().compute_pixels(request)
+
+
+def test_failed_patches_leave_their_block_for_the_rerun(tmp_path, models_dir):
+    from taxamap.models.satellite import load_satellite_encoder
+    from tests.source_rerun import embed_through
+
+    encoder = load_satellite_encoder(models_dir)
+    cells = np.array([[10.0, 10.0], [10.5, 10.5], [-5.0, 120.0], [-5.5, 120.5], [30.0, -60.0],
+                      [30.5, -60.5]])
+    probe = make(tmp_path, FakeClient(), cache=False)
+    failing = [probe.requests_for(*cells[i])[1][0][2]["grid"] for i in (2, 3)]  # block 1 of 3
+    probe.close()
+    client = FlakyClient(failing)
+    with make(tmp_path, client, retries=1) as src:
+        first = embed_through(src, cells, encoder, tmp_path / "store")
+        assert src.stats.failures == 2 and src.stats.cells_failed == 2
+    assert first.pending_chunks() == [1]  # the failed block is not recorded complete
+    values = first.read()
+    assert np.isnan(values[2:4]).all() and np.isfinite(values[[0, 1, 4, 5]]).all()
+
+    client.down = False  # Earth Engine is back
+    client.requests.clear()
+    with make(tmp_path, client) as src:
+        again = embed_through(src, cells, encoder, tmp_path / "store")
+    assert again.pending_chunks() == [] and len(client.requests) == 2  # only block 1 again
+    with make(tmp_path / "clean", FakeClient()) as src:
+        reference = embed_through(src, cells, encoder, tmp_path / "reference").read()
+    np.testing.assert_array_equal(again.read(), reference)

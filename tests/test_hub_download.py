@@ -50,3 +50,45 @@ def test_first_predict_downloads_into_the_hf_cache(tmp_path, models_dir):
     offline = run(args + ["--out", str(tmp_path / "o2")], {**env, "HF_HUB_OFFLINE": "1",
                                                            "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert offline.returncode == 0, offline.stderr
+    # And with the Hub unreachable but HF_HUB_OFFLINE unset: the cache serves, without retries.
+    unreachable = run(args + ["--out", str(tmp_path / "o3")],
+                      {**env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"})
+    assert unreachable.returncode == 0, unreachable.stderr
+    assert "Retry" not in unreachable.stderr
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on: connecting to it is refused at once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_hub_fails_fast_in_one_line(tmp_path):
+    """No network and no HF_HUB_OFFLINE: one probe, one line naming both ways, exit 2, no retries."""
+    import time
+
+    env = {"HF_HOME": str(tmp_path / "hf"), "TAXAMAP_CACHE": str(tmp_path / "c"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+    start = time.monotonic()
+    proc = run(["predict", "--species", "Cardinalis cardinalis", "--bbox=-83,40,-82.5,40.5",
+                "--resolution", "0.1", "--out", str(tmp_path / "o"), "--no-progress"], env)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("taxamap: error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    assert "cannot be reached" in errors[0] and "Connection refused" in errors[0]
+    assert "taxamap models download DIR" in errors[0] and "--models DIR" in errors[0]
+    assert "Hugging Face cache" in errors[0] and "HF_HUB_OFFLINE" not in errors[0]
+    assert "Retry" not in proc.stderr and "Traceback" not in proc.stderr
+    assert len(lines) <= 3, proc.stderr  # the region and prompt lines, then the error
+    assert elapsed < 10, elapsed
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    # The download command, too, says at once that it needs a network.
+    proc = run(["models", "download", str(tmp_path / "dl")], env)
+    assert proc.returncode == 2 and "cannot be reached" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+

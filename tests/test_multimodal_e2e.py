@@ -17,12 +17,12 @@ from tests.worldclim_fixtures import write_rasters
 BBOX = "-83,40,-82,40.6"  # Ohio: 60 cells at 0.1 deg
 
 
-def run(args, tmp_path, timeout=600):
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TAXAMAP_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-                "TAXAMAP_CACHE": str(tmp_path / "cache")})
+def run(args, tmp_path, timeout=600, env=None):
+    environ = dict(os.environ)
+    environ.update({"HF_HUB_OFFLINE": "1", "TAXAMAP_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+                    "TAXAMAP_CACHE": str(tmp_path / "cache"), **(env or {})})
     return subprocess.run([sys.executable, "-m", "taxamap.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+                          text=True, env=environ, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def test_three_modalities_fused_and_cached(tmp_path, models_dir, worldclim, fusi
         args = ["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
                 "--resolution", "0.1", "--modalities", "location,satellite,environment",
                 "--fusion", fusion, "--models", str(models_dir), "--worldclim", str(worldclim),
-                "--sat-url", server.url_template, "--sat-zoom", "12", "--sat-size", "64",
-                "--workers", "4", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
+                "--sat-source", "xyz", "--sat-url", server.url_template, "--sat-zoom", "12",
+                "--sat-size", "64", "--workers", "4", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"),
                 "--no-progress"]
         first = run(args, tmp_path)
         assert first.returncode == 0, first.stderr
@@ -107,8 +107,8 @@ def test_failed_tiles_leave_their_block_unfinished_and_a_rerun_fills_them(tmp_pa
     with TileServer(latency=0.0, faults={(12, 1104, 1542): "500"}) as server:
         args = ["predict", "--species", "Cardinalis cardinalis", f"--bbox={BBOX}",
                 "--resolution", "0.1", "--modalities", "location,satellite",
-                "--models", str(models_dir), "--sat-url", server.url_template, "--sat-zoom", "12",
-                "--sat-size", "64", "--workers", "4", "--cache", str(tmp_path / "cache"),
+                "--models", str(models_dir), "--sat-source", "xyz", "--sat-url", server.url_template,
+                "--sat-zoom", "12", "--sat-size", "64", "--workers", "4", "--cache", str(tmp_path / "cache"),
                 "--out", str(tmp_path / "o"), "--no-progress"]
         first = run(args, tmp_path)
         assert first.returncode == 0, first.stderr
@@ -137,3 +137,39 @@ def test_image_query_never_overwrites_the_photo(tmp_path, models_dir):
     assert proc.returncode == 0, proc.stderr
     assert photo.read_bytes() == before
     assert (tmp_path / "image-bird.png").is_file() and (tmp_path / "image-bird.tif").is_file()
+
+
+def test_stalled_tile_server_ends_the_run_in_one_line(tmp_path, models_dir):
+    """A server that accepts connections and never answers: the breaker stops the run after the
+    first wave of timeouts (exit 2, one line naming the server), instead of every tile's retries;
+    the satellite blocks stay unfinished for a rerun."""
+    import time
+
+    import zarr
+
+    from tests.stallserver import StallServer
+
+    with StallServer() as stall:
+        host = stall.host
+        args = ["predict", "--species", "Cardinalis cardinalis", "--bbox=-83,40,-82.8,40.2",
+                "--resolution", "0.1", "--modalities", "location,satellite",
+                "--models", str(models_dir), "--sat-source", "xyz",
+                "--sat-url", stall.url + "/tiles/{z}/{x}/{y}.jpg",
+                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress"]
+        t0 = time.monotonic()
+        proc = run(args, tmp_path, env={"TAXAMAP_HTTP_TIMEOUT": "1,0.5"})
+        ended = time.monotonic()
+        assert stall.accepted <= 16  # 4 cells x 4 tiles, each tried once: no retry storm
+        assert stall.first_at is not None
+        # From the first request to the exit: one wave of 0.5 s timeouts, then nothing is sent.
+        # (Without the breaker: 16 tiles x 5 attempts x 0.5 s plus backoff, over 8 workers.)
+        assert ended - stall.first_at < 6.0, ended - stall.first_at
+    assert ended - t0 < 60  # the whole run, tiny models loading on a busy CPU included
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if host in line]
+    assert len(errors) == 1 and errors[0].startswith("taxamap: error: no satellite tiles")
+    assert "not answering" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "cardinalis-cardinalis.tif").exists()
+    (done,) = [zarr.open_group(str(p), mode="r")["done"][:]
+               for p in (tmp_path / "cache" / "stores").glob("*/satellite-*") if p.is_dir()]
+    assert not done.any()  # nothing recorded complete: a rerun computes every block

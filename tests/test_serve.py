@@ -513,7 +513,8 @@ def satellite_server(models_dir, tmp_path_factory):
         session = taxamap.open_session(
             bbox=(-83.0, 40.0, -82.0, 40.6), resolution=0.1, modalities=("location", "satellite"),
             models=models_dir, cache=tmp_path_factory.mktemp("sat-cache"), progress=False,
-            sat_url=tiles.url_template, sat_zoom=12, sat_size=64, workers=4)
+            sat_source="xyz", sat_url=tiles.url_template, sat_zoom=12, sat_size=64,
+            workers=4)
         with ServeServer(session) as srv:
             yield srv, tiles
 

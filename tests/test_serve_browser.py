@@ -192,7 +192,8 @@ def test_cell_popup_shows_the_satellite_patch(browser, models_dir, tmp_path_fact
         session = taxamap.open_session(
             bbox=(-83.0, 40.0, -82.0, 40.6), resolution=0.1, modalities=("location", "satellite"),
             models=models_dir, cache=tmp_path_factory.mktemp("sat-browser"), progress=False,
-            sat_url=tiles.url_template, sat_zoom=12, sat_size=64, workers=4)
+            sat_source="xyz", sat_url=tiles.url_template, sat_zoom=12, sat_size=64,
+            workers=4)
         with ServeServer(session) as server:
             context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
             pg = context.new_page()

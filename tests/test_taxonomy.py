@@ -288,6 +288,59 @@ def test_unreachable_network_falls_back_to_table(tmp_path):
     assert "\n" not in str(err.value)
 
 
+
+def test_unreachable_network_falls_back_quietly_and_once(tmp_path, caplog):
+    """No network: no warnings (the caller reports the table as the source), and each host is
+    tried once per client, not once per species."""
+    import logging
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = f"http://127.0.0.1:{port}"
+    client = TaxonomyClient(dead + INAT, dead + GBIF, backoff=0.01)
+    attempts = []
+    real_get = client.session.get
+    client.session.get = lambda url, **kw: attempts.append(url) or real_get(url, **kw)
+    with caplog.at_level(logging.INFO, logger="taxamap.taxonomy"):
+        for name in ("Cardinalis cardinalis", "Calypte anna"):
+            taxon = resolve_species(name, offline=False, cache_dir=tmp_path, client=client)
+            assert taxon.source == "table"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(attempts) == 1  # one refused connect to the shared host, then remembered
+
+
+def test_dropped_connection_still_warns(tmp_path, caplog):
+    """A server that accepts and hangs up is a flake, not a missing network: it is reported."""
+    import logging
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def hang_up():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    live = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    client = TaxonomyClient(live + INAT, live + GBIF, backoff=0.01)
+    try:
+        with caplog.at_level(logging.INFO, logger="taxamap.taxonomy"):
+            taxon = resolve_species("Cardinalis cardinalis", offline=False, cache_dir=tmp_path,
+                                    client=client)
+    finally:
+        listener.close()
+    assert taxon.source == "table"
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+
 def test_harmonize_ranks_rules():
     assert harmonize_ranks({"class": "Aves", "order": "Caprimulgiformes",
                             "family": "Apodidae"})["order"] == "Apodiformes"

@@ -44,7 +44,8 @@ def expected_patch(server: TileServer, lat: float, lon: float, zoom: int, size: 
 
 
 def make_source(server: TileServer, tmp_path, **kw) -> XYZTileSource:
-    opts = dict(zoom=8, size=256, cache_dir=tmp_path / "cache", workers=4, **FAST)
+    # footprint_m=None: native tile pixels, so patches can be compared with the tiles bit for bit.
+    opts = dict(zoom=8, size=256, footprint_m=None, cache_dir=tmp_path / "cache", workers=4, **FAST)
     opts.update(kw)
     return XYZTileSource(server.url_template, **opts)
 
@@ -224,7 +225,9 @@ def test_template_checks_and_defaults(tmp_path):
     assert isinstance(src, SatelliteSource)
     assert src.url == DEFAULT_URL and "{y}/{x}" in DEFAULT_URL
     assert src.license == EOX_LICENSE and "EOX" in src.attribution and "2020" in src.attribution
-    assert src.describe() == {"kind": "xyz", "url": DEFAULT_URL, "zoom": 14, "size": 256, "tile_size": 256}
+    # The default is TaxaBind's footprint (2,560 m, 256 px) with the zoom chosen per cell.
+    assert src.describe() == {"kind": "xyz", "url": DEFAULT_URL, "zoom": "auto", "size": 256, "tile_size": 256,
+                              "footprint_m": 2560.0, "max_zoom": 19, "resampling": "triangle"}
     custom = make_satellite_source("xyz", url="https://example.org/{z}/{x}/{y}.png", zoom=12, size=128,
                                    cache_dir=tmp_path)
     assert custom.attribution is None and custom.license is None and custom.describe()["zoom"] == 12
@@ -233,6 +236,8 @@ def test_template_checks_and_defaults(tmp_path):
     assert tms.tile_url(3, 1, 2) in {f"https://{s}.example.org/3/1/5.png" for s in "abc"}
     with pytest.raises(TaxamapError, match="unknown satellite source"):
         make_satellite_source("sentinel")
+    with pytest.raises(TaxamapError, match="--sat-zoom applies to --sat-source xyz only"):
+        make_satellite_source("wms", zoom=14, cache_dir=tmp_path)
     with pytest.raises(TaxamapError, match="--sat-file"):
         make_satellite_source("file")
     with pytest.raises(TaxamapError, match="--workers"):
@@ -263,3 +268,64 @@ def test_concurrent_fetch_calls_share_tiles(tmp_path):
         # Cache hits finish before their callbacks are attached: must not deadlock either.
         again = src.fetch(cells)
         assert all(p is not None for p in again)
+
+
+def test_stalled_server_trips_the_breaker(tmp_path):
+    from taxamap.sources.http import CircuitOpen
+    from tests.stallserver import StallServer
+
+    cells = np.column_stack([np.linspace(-50, 50, 40), np.linspace(-100, 100, 40)])
+    with StallServer() as stall:
+        host = stall.host
+        src = XYZTileSource(stall.url + "/tiles/{z}/{x}/{y}.png", zoom=8, size=256,
+                            cache_dir=tmp_path / "cache", workers=4, backoff=0.001,
+                            timeout=(1.0, 0.3))
+        t0 = time.monotonic()
+        with pytest.raises(CircuitOpen) as err:
+            src.fetch(cells)
+        src.close()
+        elapsed = time.monotonic() - t0
+        # Two waves of 4 timeouts open it (8 first requests, none answered), not 40 cells x 5 tries.
+        assert stall.accepted <= 12
+    assert elapsed < 3.0
+    message = str(err.value)
+    assert host in message and "not answering" in message and "\n" not in message
+    assert err.value.host == host and src.breaker.is_open
+    with pytest.raises(CircuitOpen):  # stays open: nothing more is sent
+        src.fetch(cells[:1])
+
+
+def test_breaker_rules():
+    from taxamap.sources.http import CircuitBreaker, CircuitOpen
+
+    first = CircuitBreaker("tiles", first=3, consecutive=5, settle=0)
+    for _ in range(2):
+        first.failure("h:1", "ReadTimeoutError")
+    first.check()  # two of the first three: not yet
+    first.failure("h:1", "ReadTimeoutError")
+    with pytest.raises(CircuitOpen, match="no tiles could be fetched: the server h:1 is not answering"):
+        first.check()
+    later = CircuitBreaker("tiles", first=3, consecutive=5, settle=0)
+    later.success()
+    for _ in range(4):
+        later.failure("h:2", "HTTP 503", answered=True)
+    later.success()  # an answer resets the run of failures
+    for _ in range(4):
+        later.failure("h:2", "HTTP 503", answered=True)
+    later.check()
+    later.failure("h:2", "HTTP 503", answered=True)
+    with pytest.raises(CircuitOpen, match="tiles stopped coming: the server h:2 keeps failing"):
+        later.check()
+
+
+def test_server_error_storm_trips_the_breaker_between_retries(tmp_path):
+    from taxamap.sources.http import CircuitOpen
+
+    cells = np.column_stack([np.linspace(-50, 50, 20), np.linspace(-100, 100, 20)])
+    with TileServer(faults={}, fault_rate=1.0, rate_faults=("503",)) as server, \
+            make_source(server, tmp_path, retries=3, fail_fast_after=6, workers=2) as src:
+        t0 = time.monotonic()
+        with pytest.raises(CircuitOpen, match="keeps failing .*HTTP 503"):
+            src.fetch(cells)
+        assert time.monotonic() - t0 < 5.0
+        assert server.requests <= 6 + 2  # stopped mid-retries; the pool was not left stuck

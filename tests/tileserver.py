@@ -7,7 +7,9 @@
 
 Tiles are generated JPEGs (PNG with ``fmt="png"``) whose pixels depend on (z, x, y) and the
 position inside the tile: red = column, green = row, blue = a per-tile constant. A mosaic that is
-shifted, flipped or stitched from the wrong tile is therefore visible pixel by pixel.
+shifted, flipped or stitched from the wrong tile is therefore visible pixel by pixel. With
+``content="coords"`` the blue byte is ``(x % 16) * 16 + y % 16`` instead, so every pixel of a
+(lossless, PNG) tile names its own world pixel: :func:`world_pixel_of` decodes it.
 :meth:`TileServer.tile_image` decodes the exact bytes the server sends, so tests can build the
 expected patch from them.
 
@@ -39,13 +41,32 @@ from PIL import Image
 _PATH = re.compile(r"^/tiles/(\d+)/(\d+)/(\d+)\.(jpg|png)$")
 
 
-def tile_pixels(z: int, x: int, y: int, tile_size: int = 256) -> np.ndarray:
+def tile_pixels(z: int, x: int, y: int, tile_size: int = 256, content: str = "ramps") -> np.ndarray:
     """The (tile_size, tile_size, 3) uint8 content of tile (z, x, y) before encoding."""
     ramp = np.arange(tile_size, dtype=np.int64) * 255 // max(tile_size - 1, 1)
     red = np.broadcast_to(ramp[None, :], (tile_size, tile_size))  # varies along a row
     green = np.broadcast_to(ramp[:, None], (tile_size, tile_size))  # varies down a column
-    blue = np.full((tile_size, tile_size), (x * 53 + y * 97 + z * 31) % 200 + 40)
+    code = (x % 16) * 16 + y % 16 if content == "coords" else (x * 53 + y * 97 + z * 31) % 200 + 40
+    blue = np.full((tile_size, tile_size), code)
     return np.stack([red, green, blue], axis=-1).astype(np.uint8)
+
+
+def world_pixel_of(rgb, near_x: float, near_y: float, tile_size: int = 256):
+    """Decode ``content="coords"`` pixels (..., 3) back to world pixel centres (x, y) at their
+    zoom; ``near_x``/``near_y`` (world pixels) pick the tile among those with the same code
+    (x unwrapped around it). Pixels a tile seam blended are NaN: red or green near 0 or 255
+    (the blue code blends across both kinds of seam)."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    red, green, blue = rgb[..., 0], rgb[..., 1], np.rint(rgb[..., 2]).astype(np.int64)
+    tx_code, ty_code = blue // 16, blue % 16
+    base_x, base_y = near_x // tile_size, near_y // tile_size
+    tx = base_x + ((tx_code - base_x + 8) % 16) - 8
+    ty = base_y + ((ty_code - base_y + 8) % 16) - 8
+    x = tx * tile_size + red + 0.5
+    y = ty * tile_size + green + 0.5
+    seam = 6
+    blended = (red < seam) | (red > tile_size - 1 - seam) | (green < seam) | (green > tile_size - 1 - seam)
+    return np.where(blended, np.nan, x), np.where(blended, np.nan, y)
 
 
 class TileServer:
@@ -64,6 +85,7 @@ class TileServer:
         tile_size: int = 256,
         fmt: str = "jpeg",
         max_zoom: int = 22,
+        content: str = "ramps",
     ):
         self.latency = latency
         self.faults = {self._key(k): (list(v) if isinstance(v, (list, tuple)) else v)
@@ -75,6 +97,7 @@ class TileServer:
         self.tile_size = tile_size
         self.fmt = fmt
         self.max_zoom = max_zoom
+        self.content = content
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._bytes: dict[tuple[int, int, int], bytes] = {}
@@ -144,7 +167,7 @@ class TileServer:
             data = self._bytes.get(key)
         if data is None:
             buf = io.BytesIO()
-            img = Image.fromarray(tile_pixels(z, x, y, self.tile_size))
+            img = Image.fromarray(tile_pixels(z, x, y, self.tile_size, self.content))
             if self.fmt == "jpeg":
                 img.save(buf, format="JPEG", quality=90)
             else:

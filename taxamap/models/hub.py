@@ -128,13 +128,86 @@ def _alternatives(spec: FileSpec) -> list[str]:
     return [spec] if isinstance(spec, str) else list(spec)
 
 
-def _missing_message(repo_id: str, missing: list[str], where: str) -> str:
-    return (
-        f"model files missing for {repo_id}: {', '.join(missing)} ({where}); either run "
-        "'taxamap models download DIR' on a connected machine and pass --models DIR "
-        "(or set TAXAMAP_MODELS=DIR), or connect to the internet (unset HF_HUB_OFFLINE) so they "
-        "download into the Hugging Face cache"
-    )
+#: Seconds the one reachability probe of the Hub waits for a TCP connection (and DNS).
+HUB_PROBE_TIMEOUT_S = 3.0
+
+#: The probe's answer per endpoint, for this process: None (reachable) or why not.
+_HUB_PROBES: dict[str, str | None] = {}
+
+_TO_DOWNLOAD = ("either run 'taxamap models download DIR' on a connected machine and pass "
+                "--models DIR (or set TAXAMAP_MODELS=DIR)")
+
+
+def _missing_message(repo_id: str, missing: list[str], where: str, cache_hint: str) -> str:
+    """One line: what is missing, where it was looked for, and the two ways to provide it."""
+    return f"model files missing for {repo_id}: {', '.join(missing)} ({where}); {_TO_DOWNLOAD}, or {cache_hint}"
+
+
+def _cache_hint() -> str:
+    """How the Hugging Face cache would get the files, given the environment now."""
+    if hf_offline():
+        return ("unset HF_HUB_OFFLINE on a connected machine so they download into the Hugging "
+                "Face cache")
+    return ("connect to the internet so they download into the Hugging Face cache (or copy a cache "
+            "filled on a connected machine to HF_HOME)")
+
+
+def hub_endpoint() -> str:
+    """The Hub URL downloads use: huggingface_hub's endpoint (HF_ENDPOINT, read at its import)."""
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT).rstrip("/")
+    except ImportError:  # pragma: no cover - a dependency of the package
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_unreachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hub (or the proxy in front of it) accepts a TCP connection, else why not.
+
+    One short probe per endpoint and process, so a machine without a network learns it in a few
+    seconds instead of huggingface_hub retrying every file for ~20 s. A Hub that accepts
+    connections but then fails keeps huggingface_hub's own retries.
+    """
+    endpoint = endpoint or hub_endpoint()
+    if endpoint not in _HUB_PROBES:
+        _HUB_PROBES[endpoint] = _probe(endpoint, timeout)
+    return _HUB_PROBES[endpoint]
+
+
+def _probe(url: str, timeout: float) -> str | None:
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    # Behind a proxy the Hub is reached through it: probe the proxy instead.
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxied = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = proxied.hostname or host, proxied.port or 8080
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except socket.gaierror as exc:
+            outcome.append(f"cannot resolve {host}")
+        except OSError as exc:
+            outcome.append(f"{host}:{port}: {exc.strerror or exc.__class__.__name__}")
+
+    # A thread bounds name resolution too, which has no timeout of its own.
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout + 1.0)
+    if not outcome:
+        return f"{host}:{port}: no answer within {timeout:g} s"
+    log.debug("hub probe %s: %s", url, outcome[0] or "reachable")
+    return outcome[0]
 
 
 def resolve(
@@ -162,7 +235,9 @@ def resolve(
             else:
                 found[alts[0]] = hit
         if missing:
-            raise ModelFilesMissing(_missing_message(repo_id, missing, f"looked in {folder}"))
+            raise ModelFilesMissing(_missing_message(
+                repo_id, missing, f"looked in {folder}",
+                "drop --models/TAXAMAP_MODELS to use the Hugging Face cache"))
         return ResolvedRepo(repo_id, folder, "local-" + fingerprint(found.values()), found)
     return _resolve_from_hub(repo_id, files, revision or revision_for(repo_id))
 
@@ -178,7 +253,11 @@ def _resolve_from_hub(repo_id: str, files: list[FileSpec], revision: str) -> Res
         )
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise TaxamapError(f"huggingface_hub is required to download models: {exc}") from exc
-    found, missing = {}, []
+    # Offline by choice, or the Hub is unreachable: only the cache can serve (and huggingface_hub
+    # is not left to retry each file against a dead network).
+    unreachable = None if hf_offline() else hub_unreachable()
+    local_only = hf_offline() or unreachable is not None
+    found, missing, last_error = {}, [], None
     for spec in files:
         alts = _alternatives(spec)
         hit = None
@@ -190,7 +269,7 @@ def _resolve_from_hub(repo_id: str, files: list[FileSpec], revision: str) -> Res
                         name,
                         revision=revision,
                         cache_dir=hf_cache_dir(),
-                        local_files_only=hf_offline(),
+                        local_files_only=local_only,
                     )
                 )
                 break
@@ -203,16 +282,22 @@ def _resolve_from_hub(repo_id: str, files: list[FileSpec], revision: str) -> Res
                 ) from exc
             except OSError as exc:  # network down, disk full...
                 log.debug("download of %s/%s failed: %s", repo_id, name, exc)
+                last_error = exc
                 continue
         if hit is None:
             missing.append(" or ".join(alts))
         else:
             found[alts[0]] = hit
     if missing:
-        where = "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache" if hf_offline() else (
-            "not in the Hugging Face cache and the download failed"
-        )
-        raise ModelFilesMissing(_missing_message(repo_id, missing, where))
+        if hf_offline():
+            where = "HF_HUB_OFFLINE is set and they are not in the Hugging Face cache"
+        elif unreachable is not None:
+            where = (f"not in the Hugging Face cache; the Hugging Face Hub at {hub_endpoint()} "
+                     f"cannot be reached: {unreachable}")
+        else:
+            reason = f": {' '.join(str(last_error).split())[:200]}" if last_error else ""
+            where = f"not in the Hugging Face cache and the download failed{reason}"
+        raise ModelFilesMissing(_missing_message(repo_id, missing, where, _cache_hint()))
     any_path = next(iter(found.values()))
     # .../snapshots/<commit>/<file>: the folder name is the exact commit used.
     commit = any_path.parent.name if any_path.parent.parent.name == "snapshots" else revision
@@ -355,6 +440,11 @@ def download_models(
     unknown = [r for r in repos if r not in REPO_FILES]
     if unknown:
         raise TaxamapError(f"unknown repo {', '.join(unknown)}; choose from {', '.join(REPO_FILES)}")
+    unreachable = hub_unreachable()
+    if unreachable is not None:
+        raise TaxamapError(f"the Hugging Face Hub at {hub_endpoint()} cannot be reached: {unreachable}; "
+                           "run 'taxamap models download' on a machine with internet access and "
+                           "copy the folder here")
     written = []
     for repo_id in repos:
         folder = target / repo_id

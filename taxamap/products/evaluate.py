@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 
 from taxamap.crs import from_lonlat, is_wgs84, to_lonlat, wrap_lon
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_write
 
 #: Default number of background cells sampled when no background is given (as Maxent does).
 DEFAULT_N_BACKGROUND = 10_000
@@ -342,7 +342,7 @@ class BandEvaluation:
         keys = ("name", "n_presence", "n_background", "presence_nodata", "background_nodata",
                 "auc", "average_precision", "tss", "tss_threshold", "sensitivity",
                 "specificity", "boyce")
-        return {k: _json_value(getattr(self, k)) for k in keys}
+        return {k: json_value(getattr(self, k)) for k in keys}
 
 
 @dataclass(eq=False)
@@ -393,7 +393,8 @@ class EvaluationResult:
         return format_table(self)
 
 
-def _json_value(value: Any) -> Any:
+def json_value(value: Any) -> Any:
+    """A number ready for JSON: floats rounded to 6 digits (NaN/inf as None), NumPy ints as int."""
     if isinstance(value, (float, np.floating)):
         return None if not math.isfinite(float(value)) else round(float(value), 6)
     if isinstance(value, np.integer):
@@ -490,13 +491,21 @@ def format_table(result: EvaluationResult) -> str:
                      f"{b.presence_nodata}/{b.background_nodata}", _fmt(b.auc),
                      _fmt(b.average_precision), _fmt(b.tss), _fmt(b.tss_threshold, 4),
                      _fmt(b.boyce)))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines.extend(text_table(rows))
+    return "\n".join(lines)
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a plain-text table: ``rows[0]`` is the header (underlined with dashes), the
+    first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = []
     for n, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def plot_roc(result: EvaluationResult, path: str | os.PathLike) -> Path:
@@ -535,19 +544,12 @@ def _write_atomic(path: Path, data: bytes) -> Path:
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return atomic_write(path, data, hint="free some space or choose another path")
+    except DiskFull:
+        raise
     except OSError as exc:
         raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another path") \
             from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def evaluate_files(

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import numpy as np
 
 from taxamap.crs import as_crs, to_lonlat
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,7 @@ def download_occurrences(
             "spatial": spatial, "limit": limit, "count": count, "n_records": len(records),
             "downloaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, indent=1))
-    except OSError as exc:
+    except (OSError, DiskFull) as exc:
         log.warning("could not cache GBIF occurrences in %s (%s)", cache_root, exc)
     return DownloadResult(out, len(records), count, taxon_key, scientific, False)
 
@@ -687,27 +687,16 @@ def _write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, text, hint="free some space or choose another --out")
+    except DiskFull:
+        raise
     except OSError as exc:
         raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") \
             from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst, need=Path(src).stat().st_size) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

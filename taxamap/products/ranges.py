@@ -17,6 +17,11 @@ A cell is in the range when its value is ``>= threshold``. :func:`threshold_map`
   of just under half a cell (so the outline loses the staircase but never uncovers an in-range
   cell centre), made valid, in EPSG:4326, one feature per part with its geodesic area in km2.
 
+Both also carry the range's IUCN metrics (:mod:`taxamap.products.iucn`), measured on the in-range cells
+themselves (not the simplified outline): EOO and AOO in km2 (GeoPackage fields ``eoo_km2`` and
+``aoo_km2`` on every part, GeoTIFF tags ``EOO_KM2`` and ``AOO_KM2``, and ``IUCN_B``: which
+criterion B area thresholds they fall under).
+
 :func:`range_outline` returns the same geometry without writing files (for the HTML map).
 """
 
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ import numpy as np
 
 from taxamap.crs import geometry_to_lonlat, is_wgs84
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_path, atomic_write
 from taxamap.products.evaluate import DEFAULT_N_BACKGROUND, MapRaster, max_tss, read_map, sample_background
 
 RULE_FORMS = ("percentile:P (0-100, of the valid cells), value:V (a score), or "
@@ -90,6 +95,15 @@ class RangeResult:
     n_valid: int
     area_km2: float
     geometry: Any = field(repr=False, default=None)
+    eoo_km2: float = math.nan
+    aoo_km2: float = math.nan
+
+    @property
+    def criterion_b(self) -> str:
+        """Which IUCN criterion B area thresholds EOO and AOO fall under (never a listing)."""
+        from taxamap.products.iucn import criterion_b
+
+        return criterion_b(self.eoo_km2, self.aoo_km2)
 
     @property
     def raster_path(self) -> Path:
@@ -111,6 +125,7 @@ class RangeCut:
     threshold: float
     binary: np.ndarray
     geometry: Any
+    cells: Any = None   # the in-range cells dissolved, unsimplified, EPSG:4326 (IUCN metrics)
     rule_text: str = ""
 
     @property
@@ -181,17 +196,19 @@ def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | 
     with np.errstate(invalid="ignore"):
         inside = valid & (values >= threshold)
     binary = np.where(valid, inside, NODATA).astype(np.uint8)
-    return RangeCut(raster, index, threshold, binary, _polygons(inside, raster), parsed.text)
+    outline, cells = _polygons(inside, raster)
+    return RangeCut(raster, index, threshold, binary, outline, cells, parsed.text)
 
 
 def _polygons(inside: np.ndarray, raster: MapRaster):
-    """Dissolved, simplified, valid polygons of the True cells, in EPSG:4326."""
+    """(dissolved, simplified, valid polygons of the True cells; the same unsimplified), both in
+    EPSG:4326."""
     import shapely
     from rasterio.features import shapes
     from shapely.geometry import shape
 
     if not inside.any():
-        return shapely.MultiPolygon()
+        return shapely.MultiPolygon(), shapely.MultiPolygon()
     pieces = [shape(geom) for geom, _ in
               shapes(inside.astype(np.uint8), mask=inside, transform=raster.transform,
                      connectivity=4)]
@@ -201,35 +218,23 @@ def _polygons(inside: np.ndarray, raster: MapRaster):
                                                     preserve_topology=True))
     if not is_wgs84(raster.crs):
         simplified = geometry_to_lonlat(simplified, raster.crs, f"map {raster.path.name}")
-    return _multipolygon(simplified)
+        merged = geometry_to_lonlat(shapely.segmentize(merged, cell / 4.0), raster.crs,
+                                    f"map {raster.path.name}")
+    return _multipolygon(simplified), _multipolygon(merged)
 
 
 def _wrap_longitudes(geom):
     """Polygons of a grid that runs past +/-180 degrees, cut at the antimeridian and moved back into
     [-180, 180] so GIS tools read the GeoPackage's EPSG:4326 coordinates as they should."""
-    import shapely
+    from taxamap.products.iucn import wrap_longitudes
 
-    west, _, east, _ = geom.bounds if not geom.is_empty else (0, 0, 0, 0)
-    if geom.is_empty or (west >= -180 and east <= 180):
-        return geom
-    pieces = []
-    for shift in (-360.0, 0.0, 360.0):
-        window = shapely.box(-180 - shift, -90, 180 - shift, 90)
-        part = shapely.intersection(geom, window)
-        if not part.is_empty:
-            pieces.append(shapely.transform(part, lambda xy, s=shift: xy + np.array([s, 0.0])))
-    return _multipolygon(shapely.make_valid(shapely.union_all(pieces)))
+    return wrap_longitudes(geom)
 
 
 def _multipolygon(geom):
-    import shapely
+    from taxamap.products.iucn import polygon_parts
 
-    parts = [p for p in shapely.get_parts(geom) if p.geom_type == "Polygon" and not p.is_empty]
-    nested = [g for g in shapely.get_parts(geom) if g.geom_type in ("MultiPolygon",
-                                                                    "GeometryCollection")]
-    for g in nested:
-        parts.extend(p for p in shapely.get_parts(g) if p.geom_type == "Polygon")
-    return shapely.MultiPolygon(parts)
+    return polygon_parts(geom)
 
 
 def geodesic_area_km2(geom) -> float:
@@ -285,9 +290,14 @@ def write_range(result: RangeCut, out_dir: str | os.PathLike | None = None,
         raise TaxamapError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another "
                            "--out") from None
     band_name = result.band_name
+    from taxamap.products.iucn import range_metrics
+
+    metrics = range_metrics(result.cells)
     tags = {"RULE": result.rule_text, "THRESHOLD": repr(result.threshold),
             "SOURCE_MAP": raster.path.name, "SOURCE_BAND": band_name,
-            "VALUES": "1 = in range (value >= threshold), 0 = out of range, 255 = nodata"}
+            "VALUES": "1 = in range (value >= threshold), 0 = out of range, 255 = nodata",
+            "EOO_KM2": f"{metrics.eoo_km2:.3f}", "AOO_KM2": f"{metrics.aoo_km2:.3f}",
+            "IUCN_B": metrics.criterion_b}
     for key in ("QUERY", "PROMPT", "TAXAMAP_VERSION"):
         if key in raster.tags:
             tags[f"SOURCE_{key}"] = raster.tags[key]
@@ -297,61 +307,65 @@ def write_range(result: RangeCut, out_dir: str | os.PathLike | None = None,
     parts = result.parts()
     areas = [a for _, a in parts]
     _write_polygons(polygons_path, [p for p, _ in parts], areas, tags["RULE"], result.threshold,
-                    raster.path.name)
+                    raster.path.name, metrics)
     return RangeResult(
         paths={"raster": raster_path, "polygons": polygons_path}, threshold=result.threshold,
         rule=tags["RULE"], band=band_name, n_in_range=result.n_in_range,
         n_valid=result.n_valid, area_km2=float(sum(areas)), geometry=result.geometry,
+        eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2,
     )
 
 
-def _temp_sibling(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # GDAL drivers want to create the file themselves
-    return Path(tmp)
+_OUT_HINT = "free some space or choose another --out"
 
 
 def _write_binary(path: Path, binary: np.ndarray, raster: MapRaster, tags: dict) -> None:
     import rasterio
+    from rasterio.io import MemoryFile
 
-    tmp = _temp_sibling(path)
     profile = dict(driver="GTiff", width=raster.width, height=raster.height, count=1,
                    dtype="uint8", nodata=NODATA, crs=raster.crs, transform=raster.transform,
                    compress="deflate")
     try:
-        with rasterio.open(tmp, "w", **profile) as ds:
-            ds.write(binary, 1)
-            ds.set_band_description(1, "range")
-            ds.write_colormap(1, PALETTE)
-            ds.update_tags(**tags)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, rasterio.errors.RasterioError)):
-            raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
+        # Built in memory and written by Python: a full disk is then one named error, not GDAL's.
+        with MemoryFile() as mem:
+            with mem.open(**profile) as ds:
+                ds.write(binary, 1)
+                ds.set_band_description(1, "range")
+                ds.write_colormap(1, PALETTE)
+                ds.update_tags(**tags)
+            data = mem.read()
+        atomic_write(path, data, hint=_OUT_HINT)
+    except DiskFull:
         raise
+    except (OSError, rasterio.errors.RasterioError) as exc:
+        raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
 
 
 def _write_polygons(path: Path, parts: list, areas: list[float], rule: str, threshold: float,
-                    source: str) -> None:
+                    source: str, metrics) -> None:
     import pyogrio
     import shapely
 
-    tmp = _temp_sibling(path)
     n = len(parts)
     geometry = np.array([shapely.to_wkb(p) for p in parts], dtype=object)
     field_data = [np.arange(1, n + 1, dtype=np.int32), np.asarray(areas, dtype=np.float64),
                   np.array([rule] * n, dtype=object), np.full(n, threshold, dtype=np.float64),
-                  np.array([source] * n, dtype=object)]
+                  np.array([source] * n, dtype=object),
+                  # EOO and AOO belong to the whole range: every part carries them.
+                  np.full(n, metrics.eoo_km2, dtype=np.float64),
+                  np.full(n, metrics.aoo_km2, dtype=np.float64)]
     try:
-        pyogrio.raw.write(tmp, geometry=geometry, field_data=field_data,
-                          fields=["part", "area_km2", "rule", "threshold", "source_map"],
-                          geometry_type="Polygon", crs="EPSG:4326", driver="GPKG",
-                          layer="range", encoding="UTF-8")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        with atomic_path(path, need=sum(len(g) for g in geometry), hint=_OUT_HINT,
+                         create=False) as tmp:
+            pyogrio.raw.write(tmp, geometry=geometry, field_data=field_data,
+                              fields=["part", "area_km2", "rule", "threshold", "source_map",
+                                      "eoo_km2", "aoo_km2"],
+                              geometry_type="Polygon", crs="EPSG:4326", driver="GPKG",
+                              layer="range", encoding="UTF-8")
+    except DiskFull:
+        raise
+    except Exception as exc:
         if isinstance(exc, OSError) or type(exc).__module__.startswith("pyogrio"):
             raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
         raise

@@ -513,13 +513,15 @@ class MapService:
         if hit is not None:
             return hit
         try:
-            image = self.session.satellite_patch(lat, lon)
+            rgb, info = self.session.satellite_patch(lat, lon)
         except TaxamapError as exc:
             raise ApiError(400, _one_line(exc)) from None
-        if image is None:
-            raise ApiError(404, "the imagery source has no patch for this cell (it is NaN in "
-                           "the satellite band)")
-        png = encode_png(np.asarray(image.convert("RGBA")))
+        if rgb is None:
+            reason = _one_line(info.get("reason") or "the source has no imagery there")
+            raise ApiError(404, f"no patch for this cell (it is NaN in the satellite band): "
+                           f"{reason}")
+        rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+        png = encode_png(rgba)
         self.patch_cache.put(key, png)
         return png
 

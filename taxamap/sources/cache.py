@@ -10,9 +10,10 @@ Layout under the cache root (default ``<user cache dir>/taxamap/tiles``, ``--cac
 templates never share entries and one template's entries are found again by every run.
 
 Rules that keep the cache trustworthy: an entry is written only after its bytes decode as an
-image, through a temporary file in the same folder and ``os.replace`` (a crash never leaves a
-half-written entry under the real name); an entry that fails to decode on read is deleted and
-reported as absent, so the caller fetches it again.
+image, through :func:`taxamap.io.atomic_write` (a crash never leaves a half-written entry under
+the real name; no fsync per tile, since a damaged entry is caught on read anyway); an entry that
+fails to decode on read is deleted and reported as absent, so the caller fetches it again. A full
+disk is one :class:`~taxamap.io.DiskFull` line naming the cache folder.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import io
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_write, disk_full_guard
 
 #: Suffix of a cached image and of a negative ("404") marker.
 IMAGE_SUFFIX = ".img"
@@ -75,29 +76,20 @@ def decode_image(data: bytes):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+def _write_entry(root: Path, path: Path, data: bytes) -> None:
+    hint = "free some space or pass --cache DIR on a disk with room; the same command resumes"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        with disk_full_guard(root, len(data), what="caching satellite tiles", hint=hint):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data, fsync=False, what="caching satellite tiles", hint=hint)
+    except DiskFull as exc:
+        raise DiskFull(root, exc.need, what=exc.what, hint=hint, reason=exc.reason,
+                       per_cell=exc.per_cell) from None
     except OSError as exc:
-        _discard(tmp)
         raise TaxamapError(
             f"cannot write the tile cache at {path.parent} ({exc.strerror or exc}): "
             "free some space or pass --cache DIR"
         ) from None
-    except BaseException:
-        _discard(tmp)
-        raise
-
-
-def _discard(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass  # the folder itself is unusable; nothing was written there
 
 
 class TileCache:
@@ -139,13 +131,13 @@ class TileCache:
         if not validated:
             decode_image(data)  # raises on bytes that are not an image: nothing is written
         self._describe()
-        _atomic_write(self._path(key, IMAGE_SUFFIX), data)
+        _write_entry(self.root, self._path(key, IMAGE_SUFFIX), data)
         self._path(key, MISSING_SUFFIX).unlink(missing_ok=True)
 
     def put_missing(self, key: str) -> None:
         """Remember that ``key`` does not exist on the server (so reruns send no request)."""
         self._describe()
-        _atomic_write(self._path(key, MISSING_SUFFIX), b"")
+        _write_entry(self.root, self._path(key, MISSING_SUFFIX), b"")
 
     def _describe(self) -> None:
         if self._described:
@@ -153,7 +145,7 @@ class TileCache:
         meta = self.dir / SOURCE_FILE
         if not meta.exists():
             body = {"identity": self.identity, "label": self._label or _label_of(self.identity)}
-            _atomic_write(meta, json.dumps(body, indent=1, sort_keys=True).encode("utf-8"))
+            _write_entry(self.root, meta, json.dumps(body, indent=1, sort_keys=True).encode("utf-8"))
         self._described = True
 
 

@@ -14,10 +14,12 @@ What is computed (state it in a paper's methods section as is):
   ``255 * clip(reflectance / 0.3, 0, 1) ** (1 / 1.2)``: reflectance 0..0.3 fills the range, a mild
   gamma brightens mid-tones, approximating the look of EOX's Sentinel-2 cloudless mosaic (whose
   exact processing is not published).
-* Window: the same Web-Mercator window as the XYZ source (``zoom``, ``size``; EPSG:3857 grid
-  snapped to the zoom level's pixels), fetched as NPY with ``ee.data.computePixels``. A fourth
-  band ``valid`` says where at least one clear observation exists; a patch with more than
-  ``max_invalid`` (1 %) of pixels without one is ``None`` (never a black patch).
+* Window: TaxaBind's footprint (:mod:`taxamap.sources.footprint`), the ``footprint_m`` (2,560 m)
+  square in the cell's tangent plane on the EPSG:4326 grid of ``size`` (256) px the WMS source
+  asks for, fetched as NPY with ``ee.data.computePixels`` (two requests side by side at the
+  antimeridian). A fourth band ``valid`` says where at least one clear observation exists; a
+  patch with more than ``max_invalid`` (1 %) of pixels without one is ``None`` (never a black
+  patch).
 
 All Earth Engine calls go through one small object, :class:`EarthEngineClient`
 (``initialize(project)``, ``compute_pixels(request) -> bytes``); tests pass a fake one. Transient
@@ -28,21 +30,22 @@ it would fail for every cell alike. The ``earthengine-api`` package is optional.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull
+from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
-from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, TILE_SIZE, plan_patch
+from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
+from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 
 COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
 RGB_BANDS = ("B4", "B3", "B2")
@@ -67,8 +70,6 @@ _AUTH_TEXT = (
     "authenticate", "credential", "authoriz", "permission denied", "not registered",
     "no project found", "project is not", "unauthenticated", "401", "403",
 )
-
-_WORLD_SPAN = 2 * 20037508.342789244  # Web-Mercator world width in metres (EPSG:3857)
 
 
 def stretch_to_uint8(dn: np.ndarray, reflectance_max: float = REFLECTANCE_MAX, gamma: float = GAMMA) -> np.ndarray:
@@ -182,18 +183,23 @@ def decode_npy(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     raise ValueError(f"unexpected NPY array shape {arr.shape}")
 
 
-class EarthEngineSource:
-    """Sentinel-2 median-composite patches from Earth Engine (see the module docstring)."""
+class EarthEngineSource(PerCellSource):
+    """Sentinel-2 median-composite patches from Earth Engine (see the module docstring).
+
+    A patch whose request still fails after the retries is ``None`` and *failed* (``fetch_status``):
+    its block stays unfinished in the store and a rerun asks again.
+    """
 
     kind = "earthengine"
+    _thread_name = "taxamap-ee"
 
     def __init__(
         self,
         project: str | None = None,
         *,
         year: int = 2020,
-        zoom: int = DEFAULT_ZOOM,
         size: int = DEFAULT_SIZE,
+        footprint_m: float = DEFAULT_FOOTPRINT_M,
         cache_dir: str | Path | None = None,
         cache: bool = True,
         workers: int = DEFAULT_WORKERS,
@@ -209,9 +215,10 @@ class EarthEngineSource:
             raise TaxamapError(f"--sat-year must be 2017 or later (Sentinel-2 L2A), got {year}")
         if not 16 <= int(size) <= 1024:
             raise TaxamapError(f"--sat-size must be between 16 and 1024 pixels for Earth Engine, got {size}")
+        super().__init__(workers)
         self.project = project
-        self.year, self.zoom, self.size = int(year), int(zoom), int(size)
-        self.workers = max(1, int(workers))
+        self.year, self.size = int(year), int(size)
+        self.footprint_m = float(footprint_m)
         self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
         self.reflectance_max, self.gamma = float(reflectance_max), float(gamma)
         self.max_invalid = float(max_invalid)
@@ -219,14 +226,10 @@ class EarthEngineSource:
             f"Contains modified Copernicus Sentinel data {self.year}, composited with Google Earth Engine"
         )
         self.license = "Copernicus Sentinel data terms (free, full and open access); Earth Engine terms of service"
-        self.stats = SourceStats()
         self.client = client if client is not None else EarthEngineClient()
         self.client.initialize(project)
         self.cache = TileCache(cache_dir, self.describe(), label=f"earthengine {COLLECTION} {self.year}") \
             if cache else None
-        self._executor: ThreadPoolExecutor | None = None
-        # The engine calls fetch from several prepare threads at once: one pool, made once.
-        self._executor_lock = threading.Lock()
 
     def composite_spec(self) -> dict:
         """The JSON description of the composite the client turns into an ``ee.Image``."""
@@ -247,86 +250,93 @@ class EarthEngineSource:
             "year": self.year,
             "cloud_mask": "SCL",
             "scl_keep": list(SCL_KEEP),
-            "zoom": self.zoom,
+            "footprint_m": self.footprint_m,
             "size": self.size,
             "stretch": {"reflectance_max": self.reflectance_max, "gamma": self.gamma},
         }
 
-    def request_for(self, lat: float, lon: float) -> tuple[str, dict] | None:
-        """(cache key, computePixels request) for the cell's window; None beyond Mercator's poles."""
-        plan = plan_patch(lat, lon, self.zoom, self.size, TILE_SIZE)
-        if plan is None:
-            return None
-        res = _WORLD_SPAN / (TILE_SIZE * (1 << self.zoom))
-        world_px = TILE_SIZE * (1 << self.zoom)
-        x0 = plan.x0 % world_px  # the same window east of the antimeridian
-        grid = {
-            "dimensions": {"width": self.size, "height": self.size},
-            "affineTransform": {
-                "scaleX": res, "shearX": 0.0, "translateX": -_WORLD_SPAN / 2 + x0 * res,
-                "shearY": 0.0, "scaleY": -res, "translateY": _WORLD_SPAN / 2 - plan.y0 * res,
-            },
-            "crsCode": "EPSG:3857",
-        }
-        request = {
-            "composite": self.composite_spec(),
-            "fileFormat": "NPY",
-            "bandIds": [*RGB_BANDS, VALID_BAND],
-            "grid": grid,
-        }
-        return f"{x0}/{plan.y0}", request
+    def footprint(self, lat: float, lon: float) -> Footprint | None:
+        """The box the patch of (lat, lon) covers (None near a pole)."""
+        return footprint(lat, lon, self.footprint_m, self.size)
 
-    def fetch(self, latlon) -> list:
-        """One RGB patch per (lat, lon) row; None without clear data or after failed retries."""
-        latlon = as_latlon(latlon)
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-ee")
-        out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
-        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
+    def requests_for(self, lat: float, lon: float) -> tuple[str, list[tuple[int, int, dict]]] | None:
+        """(cache key, [(first column, last column + 1, computePixels request), ...]) for the
+        cell's footprint: one request, or two side by side at the antimeridian; None near a pole."""
+        fp = self.footprint(lat, lon)
+        if fp is None:
+            return None
+        out = []
+        for part in fp.parts():
+            w, s, e, n = part.bbox
+            grid = {
+                "dimensions": {"width": part.width, "height": self.size},
+                "affineTransform": {
+                    "scaleX": (e - w) / part.width, "shearX": 0.0, "translateX": w,
+                    "shearY": 0.0, "scaleY": -(n - s) / self.size, "translateY": n,
+                },
+                "crsCode": "EPSG:4326",
+            }
+            request = {
+                "composite": self.composite_spec(),
+                "fileFormat": "NPY",
+                "bandIds": [*RGB_BANDS, VALID_BAND],
+                "grid": grid,
+            }
+            out.append((part.col0, part.col1, request))
+        grids = json.dumps([r["grid"] for _, _, r in out], sort_keys=True)
+        digest = hashlib.sha256(grids.encode("utf-8")).hexdigest()
+        return f"{digest[:2]}/{digest[2:24]}", out
+
+    def explain(self, lat: float, lon: float) -> dict:
+        """What the patch of (lat, lon) is computed from (no request): footprint and EE grids."""
+        fp = self.footprint(lat, lon)
+        out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon)}
+        out["source"] = self.describe()
+        planned = self.requests_for(lat, lon)
+        if planned is not None:
+            # The composite is the source's (out["source"]); each request adds its grid.
+            out["requests"] = [{k: v for k, v in r.items() if k != "composite"} for _, _, r in planned[1]]
         return out
 
-    def close(self) -> None:
-        """Stop the worker threads."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _patch(self, lat: float, lon: float):
+    def patch(self, lat: float, lon: float):
+        """(RGB patch or None, failed) of one cell: failed when Earth Engine still errs after the
+        retries; None without failure beyond Mercator's poles or without clear observations."""
         from PIL import Image
 
-        planned = self.request_for(lat, lon)
+        planned = self.requests_for(lat, lon)
         if planned is None:
-            return None
-        key, request = planned
+            return None, False
+        key, parts = planned
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is MISSING:
                 self.stats.add(cache_hits=1, not_found=1)
-                return None
+                return None, False
             if hit is not None:
                 self.stats.add(cache_hits=1)
-                return hit
-        data = self._compute(request)
-        if data is None:
-            return None
-        try:
-            dn, valid = decode_npy(data)
-        except (ValueError, OSError) as exc:
-            raise TaxamapError(f"Earth Engine returned an unreadable patch: {exc}") from None
-        if valid is None:
-            valid = dn.any(axis=-1)  # no mask band: all-zero DN means no observation
+                return hit, False
+        dn = np.zeros((self.size, self.size, 3), np.float64)
+        valid = np.zeros((self.size, self.size), bool)
+        for col0, col1, request in parts:
+            data = self._compute(request)
+            if data is None:
+                return None, True
+            try:
+                part_dn, part_valid = decode_npy(data)
+            except (ValueError, OSError) as exc:
+                raise TaxamapError(f"Earth Engine returned an unreadable patch: {exc}") from None
+            if part_dn.shape[:2] != (self.size, col1 - col0):
+                raise TaxamapError(f"Earth Engine returned a {part_dn.shape[1]}x{part_dn.shape[0]} "
+                                   f"patch for a {col1 - col0}x{self.size} request")
+            if part_valid is None:
+                part_valid = part_dn.any(axis=-1)  # no mask band: all-zero DN means no observation
+            dn[:, col0:col1] = part_dn
+            valid[:, col0:col1] = part_valid
         if 1.0 - float(valid.mean()) > self.max_invalid:
             self.stats.add(not_found=1)
             if self.cache is not None:
                 self.cache.put_missing(key)
-            return None
+            return None, False
         rgb = stretch_to_uint8(dn, self.reflectance_max, self.gamma)
         if not valid.all():
             rgb[~valid] = rgb[valid].mean(axis=0).round().astype(np.uint8)
@@ -334,9 +344,13 @@ class EarthEngineSource:
         if self.cache is not None:
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            self.cache.put(key, buf.getvalue(), validated=True)
+            try:
+                self.cache.put(key, buf.getvalue(), validated=True)
+            except DiskFull as exc:
+                exc.per_cell = len(buf.getvalue())  # one patch per cell
+                raise
         self.stats.add(fetched=1)
-        return img
+        return img, False
 
     def _compute(self, request: dict) -> bytes | None:
         for attempt in range(self.retries + 1):
@@ -354,6 +368,6 @@ class EarthEngineSource:
                         raise _credentials_error(exc) from None
                     raise TaxamapError(f"Earth Engine refused the request: {text}") from None
             if attempt < self.retries:
-                time.sleep(random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt)))
+                time.sleep(http.backoff_delay(attempt, self.backoff, self.max_backoff))
         self.stats.add(failures=1)
         return None

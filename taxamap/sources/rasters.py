@@ -1,17 +1,19 @@
 """Satellite patches cut from a local raster: any file GDAL reads (COG, VRT, GeoTIFF), any CRS.
 
-Every patch is the same Web-Mercator window the XYZ source would mosaic for that cell (``zoom``,
-``size``: see :mod:`taxamap.sources.tiles`), so a local copy of a mosaic and its tile server give
-comparable patches. Each patch is one GDAL warp of just that window (a per-cell ``WarpedVRT``): only
-the source blocks under the window are read, whatever the file's size or projection.
+Every patch is TaxaBind's footprint (:mod:`taxamap.sources.footprint`): the ``footprint_m``
+(2,560 m) square in the cell's tangent plane on the same lon/lat pixel grid (``size`` = 256 px) the
+WMS source asks for, so a local copy of a mosaic and a server give comparable patches. Each patch is
+one GDAL warp of just that box (a per-cell ``WarpedVRT`` onto the box's EPSG:4326 grid; two at the
+antimeridian, side by side): only the source blocks under it are read, whatever the file's size
+or projection.
 
 * Bands 1-3 are red, green, blue (a 1- or 2-band file is read as grey from band 1).
 * ``uint8`` data is used as is. Any other type is stretched linearly, the same for every patch of
   the file: ``stretch=(lo, hi)`` maps lo..hi to 0..255; ``"auto"`` (default) takes the 2nd and
   98th percentiles of bands 1-3 together (one pair, so colour balance is kept) over a decimated
   read of the whole file, computed once per source.
-* Resampling: ``average`` when the file is finer than the patch (no aliasing from e.g. 0.5 m aerial
-  photos), ``bilinear`` otherwise.
+* Resampling: ``average`` when the file is finer than the patch's pixels (no aliasing from e.g.
+  0.5 m aerial photos), ``bilinear`` otherwise.
 * A cell whose window is not entirely covered by valid data (outside the raster, nodata, alpha 0)
   gets ``None``: a patch is never padded with black. ``min_coverage`` < 1 relaxes this; the
   uncovered pixels are then filled with the covered pixels' mean colour.
@@ -19,35 +21,21 @@ the source blocks under the window are read, whatever the file's size or project
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import mercantile
 import numpy as np
 
 from taxamap.errors import TaxamapError
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
-from taxamap.sources.tiles import DEFAULT_SIZE, DEFAULT_ZOOM, MAX_LAT, TILE_SIZE
+from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
+from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 
-_WORLD = mercantile.xy_bounds(0, 0, 0)
+log = logging.getLogger(__name__)
+
 _EQUATOR_M_PER_DEG = 111_319.49
-
-
-def mercator_window(lat: float, lon: float, zoom: int, size: int) -> tuple[float, float, float] | None:
-    """(left, top, pixel size) in EPSG:3857 metres of the XYZ source's patch window for a cell."""
-    if not (np.isfinite(lat) and np.isfinite(lon)) or abs(lat) >= MAX_LAT:
-        return None
-    res = (_WORLD.right - _WORLD.left) / (TILE_SIZE * (1 << zoom))
-    mx, my = mercantile.xy(lon, lat)
-    # Snap like the tile mosaic does: the window starts on a whole pixel of the zoom level's grid.
-    gx = (mx - _WORLD.left) / res
-    gy = (_WORLD.top - my) / res
-    x0 = math.floor(gx - size / 2 + 0.5)
-    y0 = math.floor(gy - size / 2 + 0.5)
-    return _WORLD.left + x0 * res, _WORLD.top - y0 * res, res
 
 
 def _open(path: Path):
@@ -59,17 +47,23 @@ def _open(path: Path):
         raise TaxamapError(f"cannot read satellite raster {path}: {str(exc).splitlines()[0]}") from None
 
 
-class RasterFileSource:
-    """Patches warped from a local raster (see the module docstring)."""
+class RasterFileSource(PerCellSource):
+    """Patches warped from a local raster (see the module docstring).
+
+    A window that cannot be read (a damaged block, a VRT member missing or unreadable, a share
+    that went away) is ``None`` and *failed* (``fetch_status``): its block stays unfinished in
+    the store, so the same command reads it again once the file is fixed.
+    """
 
     kind = "file"
+    _thread_name = "taxamap-raster"
 
     def __init__(
         self,
         path: str | Path,
         *,
-        zoom: int = DEFAULT_ZOOM,
         size: int = DEFAULT_SIZE,
+        footprint_m: float = DEFAULT_FOOTPRINT_M,
         workers: int = DEFAULT_WORKERS,
         stretch: str | tuple[float, float] | None = "auto",
         min_coverage: float = 1.0,
@@ -82,16 +76,15 @@ class RasterFileSource:
             raise TaxamapError(f"satellite raster {path} does not exist: pass an existing --sat-file")
         if not 16 <= int(size) <= 4096:
             raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
-        self.zoom, self.size, self.workers = int(zoom), int(size), max(1, int(workers))
+        super().__init__(workers)
+        self.size = int(size)
+        self.footprint_m = float(footprint_m)
         self.min_coverage = float(min_coverage)
         self.attribution, self.license = attribution, license
-        self.stats = SourceStats()
         self._local = threading.local()
         self._datasets: list = []
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        # The engine calls fetch from several prepare threads at once: one pool, made once.
-        self._executor_lock = threading.Lock()
+        self._read_errors = 0
         try:
             src = self._dataset()
             if src.crs is None:
@@ -117,38 +110,20 @@ class RasterFileSource:
             "bytes": st.st_size,
             "mtime": int(st.st_mtime),
             "crs": self.crs,
-            "zoom": self.zoom,
+            "footprint_m": self.footprint_m,
             "size": self.size,
             "stretch": None if self.stretch is None else [float(v) for v in self.stretch],
             "resampling": self._resampling.name,
         }
 
-    def fetch(self, latlon) -> list:
-        """One RGB ``size`` x ``size`` patch per (lat, lon) row; None outside the raster's data."""
-        latlon = as_latlon(latlon)
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="taxamap-raster")
-        out = list(self._executor.map(lambda row: self._patch(float(row[0]), float(row[1])), latlon))
-        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out))
-        return out
-
     def close(self) -> None:
         """Close the per-thread datasets and stop the workers."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        super().close()
         with self._lock:
             for ds in self._datasets:
                 ds.close()
             self._datasets.clear()
         self._local = threading.local()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -194,31 +169,51 @@ class RasterFileSource:
             src_res *= _EQUATOR_M_PER_DEG
         else:
             src_res *= src.crs.linear_units_factor[1]
-        dst_res = (_WORLD.right - _WORLD.left) / (TILE_SIZE * (1 << self.zoom))
+        dst_res = self.footprint_m / self.size
         return Resampling.average if src_res < dst_res * 0.75 else Resampling.bilinear
 
-    def _patch(self, lat: float, lon: float):
-        from affine import Affine
-        from PIL import Image
-        from rasterio.vrt import WarpedVRT
+    def footprint(self, lat: float, lon: float) -> Footprint | None:
+        """The box the patch of (lat, lon) covers (None near a pole)."""
+        return footprint(lat, lon, self.footprint_m, self.size)
 
-        window = mercator_window(lat, lon, self.zoom, self.size)
-        if window is None:
-            return None
-        left, top, res = window
-        src = self._dataset()
-        with WarpedVRT(
-            src,
-            crs="EPSG:3857",
-            transform=Affine(res, 0.0, left, 0.0, -res, top),
-            width=self.size,
-            height=self.size,
-            resampling=self._resampling,
-            add_alpha=True,
-        ) as vrt:
-            data = vrt.read(self._bands)
-            alpha = vrt.read(vrt.count)
-        valid = alpha > 0
+    def explain(self, lat: float, lon: float) -> dict:
+        """What the patch of (lat, lon) is cut from (no reading): footprint, file, resampling."""
+        fp = self.footprint(lat, lon)
+        out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon)}
+        out["source"] = self.describe()
+        return out
+
+    def patch(self, lat: float, lon: float):
+        """(RGB patch or None, failed) of one cell; failed when the box could not be read."""
+        import rasterio
+
+        fp = self.footprint(lat, lon)
+        if fp is None:
+            return None, False
+        try:
+            return self._render(fp), False
+        except rasterio.errors.RasterioError as exc:
+            # A damaged block or a missing VRT member fails these cells, not the run.
+            with self._lock:
+                self._read_errors += 1
+                first = self._read_errors == 1
+            if first:
+                why = exc.__cause__ or exc  # GDAL's own message ("m1.tif: No such file ...")
+                log.warning("cannot read %s around (%.4f, %.4f): %s; those cells are left for a "
+                            "rerun", self.path, lat, lon, str(why).splitlines()[0])
+            self.stats.add(failures=1)
+            return None, True
+
+    def _render(self, fp: Footprint):
+        """The patch warped onto the footprint's grid (None without enough valid data)."""
+        from PIL import Image
+
+        data = np.zeros((len(self._bands), self.size, self.size), dtype=self.dtype)
+        valid = np.zeros((self.size, self.size), dtype=bool)
+        for part in fp.parts():
+            d, a = self._warp(part.bbox, part.width)
+            data[:, :, part.col0:part.col1] = d
+            valid[:, part.col0:part.col1] = a > 0
         coverage = float(valid.mean())
         if coverage < self.min_coverage or coverage == 0.0:
             self.stats.add(not_found=1)
@@ -229,6 +224,22 @@ class RasterFileSource:
             rgb[:, ~valid] = fill[:, None]
         self.stats.add(fetched=1)
         return Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), "RGB")
+
+    def _warp(self, bbox, width: int):
+        """(bands, alpha) of the file warped onto an EPSG:4326 box ``width`` x ``size`` px."""
+        from rasterio.transform import from_bounds
+        from rasterio.vrt import WarpedVRT
+
+        with WarpedVRT(
+            self._dataset(),
+            crs="EPSG:4326",
+            transform=from_bounds(*bbox, width, self.size),
+            width=width,
+            height=self.size,
+            resampling=self._resampling,
+            add_alpha=True,
+        ) as vrt:
+            return vrt.read(self._bands), vrt.read(vrt.count)
 
     def _to_uint8(self, data: np.ndarray) -> np.ndarray:
         if self.stretch is None:

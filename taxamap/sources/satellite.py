@@ -1,103 +1,50 @@
-"""The satellite-imagery interface every source implements, and the factory the CLI calls.
+"""The factory the CLI calls to build the satellite source a user asked for.
 
-A source turns cell centres into RGB patches for the satellite encoder:
+The interface every source implements (``fetch_status``/``fetch``, ``describe``, ``stats``...)
+lives in :mod:`taxamap.sources.base`; :class:`SatelliteSource` and :class:`SourceStats` are
+re-exported here for callers that only know this module.
 
-* ``fetch(latlon) -> list[PIL.Image.Image | None]``: one patch per (lat, lon) row; ``None`` where
-  the patch could not be had (404, still failing after retries, outside the imagery). A missing
-  patch must stay missing (NaN downstream): sources never return zero-filled or black images.
-* ``describe() -> dict``: JSON-able settings that identify the imagery (a store key; provenance).
-* ``attribution`` / ``license``: what outputs made from this imagery must carry (or ``None``).
-* ``stats``: a :class:`SourceStats` (requests, cache hits, failures, retries, ...).
-* ``close()``: release connections and threads (sources are also context managers).
+Four kinds exist: ``wms`` (the default: exactly the GetMap request of TaxaBind's training set,
+EOX Sentinel-2 cloudless 2020), ``xyz`` (any ``{z}/{x}/{y}`` tile server; default the same EOX
+mosaic in Web Mercator), ``file`` (any raster GDAL reads) and ``earthengine`` (a Sentinel-2
+median composite). All four deliver the same footprint, the 2,560 m square in the cell's local
+tangent plane at 256 x 256 px that the encoder was trained on (:mod:`taxamap.sources.footprint`),
+so their patches are comparable.
 
-Three kinds exist: ``xyz`` (any ``{z}/{x}/{y}`` tile server; default EOX Sentinel-2 cloudless
-2020), ``file`` (any raster GDAL reads) and ``earthengine`` (a Sentinel-2 median composite).
-All three cut the same Web-Mercator window around a cell (``zoom``/``size``), so their patches are
-comparable: see :mod:`taxamap.sources.tiles` for the defaults and why.
+To look at what the encoder sees: :func:`patch_at` / :func:`patches_at` give the exact RGB patch
+handed to its preprocessing plus the footprint and request(s) behind it (the web app shows them per
+cell); :func:`write_patches` is ``taxamap patches``.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.sources.base import DEFAULT_WORKERS, SatelliteSource, SourceStats, as_latlon
+
+__all__ = ["DEFAULT_SOURCE", "DEFAULT_WORKERS", "SOURCE_KINDS", "PatchFile", "SatelliteSource",
+           "SourceStats", "as_latlon", "describe_patch", "make_satellite_source", "patch_at",
+           "patch_name", "patches_at", "write_patches"]
 
 #: The kinds ``make_satellite_source`` accepts (``--sat-source``).
-SOURCE_KINDS = ("xyz", "file", "earthengine")
-
-#: Default parallel requests. Eight keeps a public tile server's per-client limits happy (most ask
-#: for "a few" connections) while hiding ~50-100 ms of latency per tile.
-DEFAULT_WORKERS = 8
-
-
-@dataclass
-class SourceStats:
-    """Counters a source keeps across its ``fetch`` calls (thread-safe through :meth:`add`)."""
-
-    requests: int = 0  # network requests sent, retries included
-    cache_hits: int = 0  # tiles/patches answered from the on-disk cache (negative entries too)
-    retries: int = 0  # requests repeated after a transient error
-    failures: int = 0  # tiles/patches given up on (still failing after retries, permanent error)
-    not_found: int = 0  # tiles/patches the server says do not exist (404) or with no data
-    fetched: int = 0  # tiles/patches obtained from the network and validated
-    cells: int = 0  # cells asked for
-    cells_missing: int = 0  # cells answered with None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **counts: int) -> None:
-        """Increment counters atomically: ``stats.add(requests=1, retries=1)``."""
-        with self._lock:
-            for name, value in counts.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict (for summaries and logs)."""
-        with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-
-
-@runtime_checkable
-class SatelliteSource(Protocol):
-    """What the satellite encoder's driver needs from an imagery source."""
-
-    attribution: str | None
-    license: str | None
-    stats: SourceStats
-
-    def fetch(self, latlon: np.ndarray) -> list[Any]:
-        """One RGB ``PIL.Image`` (``size`` x ``size``) per (lat, lon) row, ``None`` where missing."""
-        ...
-
-    def describe(self) -> dict:
-        """JSON-able settings that identify the imagery (store key, provenance tags)."""
-        ...
-
-    def close(self) -> None:
-        """Release network connections, open files and worker threads."""
-        ...
-
-
-def as_latlon(latlon) -> np.ndarray:
-    """Check and convert cell centres to a float64 (N, 2) array of (lat, lon) degrees."""
-    arr = np.asarray(latlon, dtype=np.float64)
-    if arr.ndim == 1 and arr.size == 2:
-        arr = arr.reshape(1, 2)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise TaxamapError(f"satellite fetch needs an (N, 2) array of (lat, lon), got shape {arr.shape}")
-    return arr
+SOURCE_KINDS = ("wms", "xyz", "file", "earthengine")
+#: The default: the WMS request TaxaBind's satellite encoder was trained on (EOX s2cloudless-2020).
+DEFAULT_SOURCE = "wms"
 
 
 def make_satellite_source(
-    kind: str = "xyz",
+    kind: str = DEFAULT_SOURCE,
     *,
     url: str | None = None,
     zoom: int | None = None,
     size: int | None = None,
+    footprint_m: float | None = None,
     file: str | Path | None = None,
     ee_project: str | None = None,
     year: int = 2020,
@@ -107,36 +54,148 @@ def make_satellite_source(
 ) -> SatelliteSource:
     """Build the satellite source a user asked for (``--sat-source``, ``--sat-url`` ...).
 
-    ``zoom``/``size`` default to :data:`taxamap.sources.tiles.DEFAULT_ZOOM` /
-    :data:`~taxamap.sources.tiles.DEFAULT_SIZE` for every kind. ``cache_dir`` is the root of the
-    on-disk cache (default: the user cache dir); ``options`` go to the source's constructor
-    (e.g. ``retries``, ``timeout``, ``backoff`` for xyz; ``client`` for earthengine).
+    Every kind delivers TaxaBind's footprint: ``footprint_m`` (default 2,560 m) square in the
+    cell's tangent plane at ``size`` (default 256) px (:mod:`taxamap.sources.footprint`).
+    ``zoom`` fixes the tile level of ``xyz`` (default: chosen per cell from its latitude) and is
+    refused for the other kinds. ``cache_dir`` is the root of the on-disk cache (default: the user
+    cache dir); ``options`` go to the source's constructor (e.g. ``retries``, ``timeout``,
+    ``backoff`` for wms/xyz; ``client`` for earthengine).
     """
-    from taxamap.sources import tiles
+    from taxamap.sources.footprint import check_footprint_options
 
-    zoom = tiles.DEFAULT_ZOOM if zoom is None else int(zoom)
-    size = tiles.DEFAULT_SIZE if size is None else int(size)
     # Checked once here for every kind of source.
-    if not 0 <= zoom <= 24:
-        raise TaxamapError(f"--sat-zoom must be between 0 and 24, not {zoom}")
-    if size < 16:
-        raise TaxamapError(f"--sat-size must be at least 16 pixels, not {size}")
+    footprint_m, size = check_footprint_options(footprint_m, size)
     if int(workers) < 1:
         raise TaxamapError(f"--workers must be at least 1, not {workers}")
+    if zoom is not None:
+        if kind != "xyz":
+            raise TaxamapError(f"--sat-zoom applies to --sat-source xyz only (a {kind} source "
+                               "resamples its imagery to --sat-footprint / --sat-size)")
+        if not 0 <= int(zoom) <= 24:
+            raise TaxamapError(f"--sat-zoom must be between 0 and 24, not {zoom}")
+    common = dict(size=size, footprint_m=footprint_m, workers=workers)
+    if kind == "wms":
+        from taxamap.sources.wms import DEFAULT_WMS_URL, WMSSource
+
+        return WMSSource(url or DEFAULT_WMS_URL, cache_dir=cache_dir, **common, **options)
     if kind == "xyz":
-        return tiles.XYZTileSource(
-            url or tiles.DEFAULT_URL, zoom=zoom, size=size, cache_dir=cache_dir, workers=workers, **options
-        )
+        from taxamap.sources import tiles
+
+        return tiles.XYZTileSource(url or tiles.DEFAULT_URL, zoom=zoom, cache_dir=cache_dir, **common,
+                                   **options)
+    if url is not None and kind in ("file", "earthengine"):
+        raise TaxamapError(f"--sat-url applies to --sat-source wms or xyz, not {kind}")
     if kind == "file":
         if file is None:
             raise TaxamapError("--sat-source file needs --sat-file PATH (a GeoTIFF, COG or VRT)")
         from taxamap.sources.rasters import RasterFileSource
 
-        return RasterFileSource(file, zoom=zoom, size=size, workers=workers, **options)
+        return RasterFileSource(file, **common, **options)
     if kind == "earthengine":
         from taxamap.sources.earthengine import EarthEngineSource
 
-        return EarthEngineSource(
-            project=ee_project, year=year, zoom=zoom, size=size, cache_dir=cache_dir, workers=workers, **options
-        )
+        return EarthEngineSource(project=ee_project, year=year, cache_dir=cache_dir, **common, **options)
     raise TaxamapError(f"unknown satellite source {kind!r}: use one of {', '.join(SOURCE_KINDS)}")
+
+
+@dataclass
+class PatchFile:
+    """What :func:`write_patches` wrote for one point (``png`` None where there was no patch)."""
+
+    lat: float
+    lon: float
+    png: Path | None
+    json: Path
+
+
+def patch_name(lat: float, lon: float) -> str:
+    """``<lat>_<lon>`` with up to 6 decimals, trailing zeros dropped: ``40.1_-83.25``."""
+    def fmt(v: float) -> str:
+        text = f"{float(v):.6f}".rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+
+    return f"{fmt(lat)}_{fmt(lon)}"
+
+
+def describe_patch(source: SatelliteSource, lat: float, lon: float) -> dict:
+    """What the patch of (lat, lon) is, without fetching it: footprint (bbox, metres per pixel),
+    the source's settings, the request URL(s) or tiles, and the imagery credit."""
+    explain = getattr(source, "explain", None)
+    info = explain(lat, lon) if explain is not None else {"lat": float(lat), "lon": float(lon),
+                                                           "source": source.describe()}
+    info["attribution"] = getattr(source, "attribution", None)
+    info["license"] = getattr(source, "license", None)
+    return info
+
+
+def _fetch_status(source: SatelliteSource, latlon: np.ndarray) -> tuple[list, list[bool]]:
+    status = getattr(source, "fetch_status", None)
+    if status is not None:
+        return status(latlon)
+    patches = source.fetch(latlon)
+    return patches, [False] * len(patches)
+
+
+def patches_at(source: SatelliteSource, latlon) -> list[tuple[np.ndarray | None, dict]]:
+    """For each (lat, lon) row: the exact RGB patch the satellite encoder's preprocessing is handed
+    (an (size, size, 3) uint8 array, None where there is none) and :func:`describe_patch`'s dict
+    plus ``missing`` / ``failed`` (failed: a rerun may get it). One fetch for all rows."""
+    latlon = as_latlon(latlon)
+    patches, failed = _fetch_status(source, latlon)
+    out = []
+    for (lat, lon), img, bad in zip(latlon, patches, failed):
+        info = describe_patch(source, float(lat), float(lon))
+        info["missing"] = img is None
+        info["failed"] = bool(bad)
+        if img is None:
+            info["reason"] = _missing_reason(info, bool(bad))
+        out.append((None if img is None else np.asarray(img.convert("RGB")), info))
+    return out
+
+
+def _missing_reason(info: dict, failed: bool) -> str:
+    if failed:
+        return "the source still failed after retries (a rerun may get it)"
+    if "bbox" not in info:
+        return "no footprint here: a pole lies inside it"
+    if info.get("source", {}).get("kind") == "xyz" and not info.get("tiles"):
+        return "beyond Web Mercator's +-85.05 deg"
+    return "no imagery here (not found, blank, or not enough valid pixels)"
+
+
+def patch_at(source: SatelliteSource, lat: float, lon: float) -> tuple[np.ndarray | None, dict]:
+    """:func:`patches_at` for one point (the web app shows it per cell)."""
+    return patches_at(source, [[lat, lon]])[0]
+
+
+def write_patches(points, out: str | Path, source: SatelliteSource) -> list[PatchFile]:
+    """``taxamap patches``: per (lat, lon), ``out/<lat>_<lon>.png`` (the patch, lossless) and
+    ``out/<lat>_<lon>.json`` (:func:`patches_at`'s description). Each file is written under a
+    temporary name and renamed; a point without a patch gets the JSON only."""
+    from PIL import Image
+
+    from taxamap.io import atomic_path, atomic_write
+
+    folder = Path(out).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TaxamapError(f"cannot create --out {folder}: {exc.strerror or exc}") from None
+    latlon = as_latlon(points)
+    written = []
+    try:
+        for (lat, lon), (rgb, info) in zip(latlon, patches_at(source, latlon)):
+            stem = patch_name(lat, lon)
+            png = None
+            if rgb is not None:
+                png = folder / f"{stem}.png"
+                with atomic_path(png, need=rgb.nbytes, what="writing satellite patches") as tmp:
+                    Image.fromarray(rgb, "RGB").save(tmp, format="PNG")
+                info["file"] = png.name
+            meta = folder / f"{stem}.json"
+            atomic_write(meta, json.dumps(info, indent=1, sort_keys=True) + "\n",
+                         what="writing satellite patches")
+            written.append(PatchFile(float(lat), float(lon), png, meta))
+    except OSError as exc:
+        raise TaxamapError(f"cannot write patches to {folder}: {exc.strerror or exc}") from None
+    return written

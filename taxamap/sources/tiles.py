@@ -5,50 +5,61 @@ encoder was trained on, served in Web Mercator (WMTS tile matrix set ``g`` = Goo
 URL order ``{z}/{y}/{x}``: TileMatrix/TileRow/TileCol). It is CC BY-NC-SA 4.0: outputs made from it
 must carry :data:`EOX_ATTRIBUTION` and :data:`EOX_LICENSE` (the source exposes both).
 
-Defaults, and why (TaxaBind did not publish the ground size of its patches):
+What a patch is (TaxaBind's training footprint, :mod:`taxamap.sources.footprint`): the 2,560 m
+square around the cell centre in its local tangent plane, ``size`` = 256 px on a lon/lat-regular
+grid, exactly the box the default WMS source asks for. This source mosaics the Web-Mercator tiles
+under that box and resamples them onto its grid (anti-aliased triangle filter, rows and columns
+separately: Mercator x depends on longitude only, y on latitude only). The zoom is chosen per cell
+from its latitude: the coarsest level whose pixels are no larger than the footprint's
+(``footprint_m / size``, 10 m): zoom 14 at the equator (9.55 m), 13 at 60 deg (9.55 m). A fixed
+``zoom`` may be given instead. Cells whose box reaches past Web Mercator's +-85.05 deg get ``None``.
 
-* ``zoom = 14``: 156543 m / 2**14 = 9.55 m per pixel at the equator, the closest Web-Mercator
-  level to Sentinel-2's native 10 m (EOX's highest zoom with native detail). Lower zooms blur the
-  texture the encoder saw; higher zooms only upsample the same 10 m pixels.
-* ``size = 256`` px: the encoder's preprocessing resizes to 256 then centre-crops 224, so a 256 px
-  patch goes in without resampling. At zoom 14 it spans ~2.4 km at the equator (Web Mercator
-  shrinks the ground size by cos(latitude): ~1.7 km at 45 deg).
+``footprint_m=None`` keeps the tiles' native pixels instead: a ``size`` x ``size`` window of the
+``zoom`` level centred on the cell (no resampling; its ground size shrinks with cos(latitude), so
+it is *not* what the encoder learned from; for looking at raw tiles).
 
-A patch is centred on the cell centre to within half a pixel and mosaicked from every tile it
-touches (usually 2 x 2). Networking is deliberately boring: a thread pool of ``workers`` requests
-(never more in flight), one ``requests.Session`` whose pool holds ``workers`` connections,
-(connect, read) timeouts, retries with exponential backoff and full jitter on 429, 5xx, timeouts,
-connection errors and truncated/undecodable bodies (``Retry-After`` honoured, capped), no retry on
-404 (cached as a negative entry so reruns send nothing) or other 4xx, and a descriptive
-User-Agent. A tile that still fails makes the cells that need it ``None``; it is never cached.
+Every tile a patch touches is fetched once (usually 2 x 2 or 3 x 3) and shared by neighbouring
+cells. Networking is deliberately boring and shared with every other client
+(:mod:`taxamap.sources.http`): a thread pool of ``workers`` requests (never more in flight), one
+session whose pool holds ``workers`` connections, (connect, read) timeouts, urllib3 retries with
+exponential backoff and jitter on 429, 5xx, timeouts and connection errors (``Retry-After``
+honoured, capped), a refetch of truncated/undecodable bodies, no retry on 404 (cached as a
+negative entry so reruns send nothing) or other 4xx, a descriptive User-Agent, and a circuit
+breaker: when the first requests all fail without an answer (a stalled or unreachable server),
+or many in a row fail, the run stops with one line naming the server. A tile that still fails
+makes the cells that need it ``None`` and "failed" (a rerun retries them); it is never cached.
 """
 
 from __future__ import annotations
 
-import email.utils
 import math
-import random
 import re
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import mercantile
 import numpy as np
 
-from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull
+from taxamap.sources import http
+from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
 from taxamap.sources.cache import MISSING, TileCache, decode_image
-from taxamap.sources.satellite import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
 
 #: EOX Sentinel-2 cloudless 2020, Web Mercator (the layer TaxaBind trained on).
 DEFAULT_URL = "https://tiles.maps.eox.at/wmts/1.0.0/s2cloudless-2020_3857/default/g/{z}/{y}/{x}.jpg"
+#: The zoom of ``footprint_m=None`` (native-pixel) patches when none is given: ~10 m/px at the
+#: equator, Sentinel-2's native resolution.
 DEFAULT_ZOOM = 14
 DEFAULT_SIZE = 256
 TILE_SIZE = 256
+#: The finest zoom the automatic choice goes to (1 m pixels at 30 deg).
+MAX_AUTO_ZOOM = 19
+#: Equatorial circumference of the Web-Mercator sphere (metres).
+_EARTH_CIRCUMFERENCE = 2 * math.pi * 6378137.0
 
 EOX_LICENSE = "CC BY-NC-SA 4.0"
 EOX_ATTRIBUTION = (
@@ -56,18 +67,13 @@ EOX_ATTRIBUTION = (
     "(Contains modified Copernicus Sentinel data {year})"
 )
 
-USER_AGENT = f"taxamap/{__version__} (zero-shot species-distribution maps; python-requests)"
+USER_AGENT = http.USER_AGENT
 
-#: Statuses worth retrying: the server is busy or briefly broken.
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Statuses that mean "this tile does not exist": cached as a negative entry, never retried.
 ABSENT_STATUS = frozenset({404, 410})
 
 #: Latitude limit of Web Mercator tiles.
 MAX_LAT = 85.0511287798066
-
-# The Web-Mercator world square (metres), from mercantile rather than a hand-typed constant.
-_WORLD = mercantile.xy_bounds(0, 0, 0)
 
 
 def eox_metadata(url: str) -> tuple[str | None, str | None]:
@@ -92,73 +98,99 @@ def check_template(url: str) -> None:
 
 @dataclass(frozen=True)
 class PatchPlan:
-    """Where a cell's patch lies in the world pixel space of one zoom level."""
+    """The window of one zoom level's world pixels a cell's patch is made from."""
 
-    x0: int  # world pixel column of the patch's left edge (may be <0 or >= world: wraps)
-    y0: int  # world pixel row of the patch's top edge
+    zoom: int
+    x0: int  # world pixel column of the window's left edge (may be <0 or >= world: wraps)
+    y0: int  # world pixel row of the window's top edge
+    width: int  # window size in pixels
+    height: int
     tx0: int  # first tile column touched (unwrapped)
     ty0: int  # first tile row touched
     ncols: int  # tiles across
     nrows: int  # tiles down
+    #: The box resampled onto; None: the window itself is the patch (native pixels).
+    footprint: Footprint | None = None
 
-    def tiles(self, zoom: int) -> list[tuple[int, int, int]]:
+    def tiles(self, zoom: int | None = None) -> list[tuple[int, int, int]]:
         """The (z, x, y) tiles to fetch, row-major, x wrapped around the antimeridian."""
-        n = 1 << zoom
-        return [
-            (zoom, (self.tx0 + c) % n, self.ty0 + r) for r in range(self.nrows) for c in range(self.ncols)
-        ]
+        z = self.zoom if zoom is None else zoom
+        n = 1 << z
+        return [(z, (self.tx0 + c) % n, self.ty0 + r) for r in range(self.nrows) for c in range(self.ncols)]
+
+
+def _world_xy(lon, lat, zoom: int, tile_size: int = TILE_SIZE):
+    """World pixel coordinates (edges at integers) of lon/lat at ``zoom``; lon unwrapped."""
+    world = tile_size * (1 << zoom)
+    x = (np.asarray(lon, dtype=np.float64) + 180.0) / 360.0 * world
+    y = (1.0 - np.arcsinh(np.tan(np.radians(lat))) / math.pi) / 2.0 * world
+    return x, y
+
+
+def _window(x0: int, y0: int, width: int, height: int, zoom: int, tile_size: int,
+            fp: Footprint | None = None) -> PatchPlan | None:
+    world = tile_size * (1 << zoom)
+    if y0 < 0 or y0 + height > world:
+        return None  # the window would reach past the top/bottom of the map
+    tx0, ty0 = x0 // tile_size, y0 // tile_size
+    tx1, ty1 = (x0 + width - 1) // tile_size, (y0 + height - 1) // tile_size
+    return PatchPlan(zoom, x0, y0, width, height, tx0, ty0, tx1 - tx0 + 1, ty1 - ty0 + 1, fp)
 
 
 def plan_patch(lat: float, lon: float, zoom: int, size: int, tile_size: int = TILE_SIZE) -> PatchPlan | None:
-    """The ``size`` x ``size`` window centred on (lat, lon) at ``zoom``; None beyond Mercator's poles."""
+    """The native ``size`` x ``size`` window centred on (lat, lon) at ``zoom`` (no resampling);
+    None beyond Mercator's poles."""
     if not (np.isfinite(lat) and np.isfinite(lon)) or abs(lat) >= MAX_LAT:
         return None
-    mx, my = mercantile.xy(lon, lat)
-    world = tile_size * (1 << zoom)
-    gx = (mx - _WORLD.left) / (_WORLD.right - _WORLD.left) * world
-    gy = (_WORLD.top - my) / (_WORLD.top - _WORLD.bottom) * world
+    gx, gy = _world_xy(lon, lat, zoom, tile_size)
     # Patch centre at its pixel-edge position size/2: round the origin to whole pixels (no resampling).
-    x0 = math.floor(gx - size / 2 + 0.5)
-    y0 = math.floor(gy - size / 2 + 0.5)
-    if y0 < 0 or y0 + size > world:
-        return None  # the patch would reach past the top/bottom of the map
-    tx0, ty0 = x0 // tile_size, y0 // tile_size
-    tx1, ty1 = (x0 + size - 1) // tile_size, (y0 + size - 1) // tile_size
-    return PatchPlan(x0, y0, tx0, ty0, tx1 - tx0 + 1, ty1 - ty0 + 1)
+    x0 = math.floor(float(gx) - size / 2 + 0.5)
+    y0 = math.floor(float(gy) - size / 2 + 0.5)
+    return _window(x0, y0, size, size, zoom, tile_size)
 
 
-def _retry_after(value: str | None, cap: float) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; None if absent/bad."""
-    if not value:
+def auto_zoom(lat: float, metres_per_pixel: float, tile_size: int = TILE_SIZE,
+              max_zoom: int = MAX_AUTO_ZOOM) -> int:
+    """The coarsest zoom whose pixels at ``lat`` are no larger than ``metres_per_pixel``."""
+    ground = _EARTH_CIRCUMFERENCE * math.cos(math.radians(lat)) / tile_size  # zoom-0 pixel
+    need = math.log2(max(ground, 1e-9) / metres_per_pixel)
+    return int(min(max(math.ceil(need - 1e-9), 0), max_zoom))
+
+
+def plan_footprint(fp: Footprint, zoom: int | None, tile_size: int = TILE_SIZE,
+                   max_zoom: int = MAX_AUTO_ZOOM) -> PatchPlan | None:
+    """The tile window under a footprint (plus the resampling filter's reach); None past Mercator."""
+    if fp.north >= MAX_LAT or fp.south <= -MAX_LAT:
         return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    return min(max(seconds, 0.0), cap)
-
-
-class _TileFailed(Exception):
-    """A transient failure of one attempt (retry it)."""
+    z = auto_zoom(fp.lat, fp.metres_per_pixel, tile_size, max_zoom) if zoom is None else int(zoom)
+    xs, ys = _world_xy([fp.west, fp.east], [fp.north, fp.south], z, tile_size)
+    # The filter reaches one target pixel (>= 1 source pixel) beyond the box's edge pixels.
+    reach_x = max(1.0, (xs[1] - xs[0]) / fp.size) + 1
+    reach_y = max(1.0, (ys[1] - ys[0]) / fp.size) + 1
+    x0, x1 = math.floor(xs[0] - reach_x), math.ceil(xs[1] + reach_x)
+    y0, y1 = math.floor(ys[0] - reach_y), math.ceil(ys[1] + reach_y)
+    world = tile_size * (1 << z)
+    y0, y1 = max(y0, 0), min(y1, world)
+    return _window(x0, y0, x1 - x0, y1 - y0, z, tile_size, fp)
 
 
 class XYZTileSource:
     """Patches mosaicked from ``{z}/{x}/{y}`` tiles (see the module docstring for the behaviour).
 
     Parameters: ``url`` template (``{z}``, ``{x}``, ``{y}`` or ``{-y}`` for TMS, optional ``{s}``
-    with ``subdomains``); ``zoom``; ``size`` of the square patch in pixels; ``cache_dir`` root of
+    with ``subdomains``); ``footprint_m`` ground size of the patch (default TaxaBind's 2,560 m;
+    None: native pixels, see the module docstring); ``zoom`` (None: chosen per cell from its
+    latitude, at most ``max_zoom``); ``size`` of the square patch in pixels; ``cache_dir`` root of
     the tile cache (None: user cache dir) or ``cache=False`` for none; ``workers`` parallel
     requests; ``retries`` after the first attempt; ``backoff`` base delay in seconds (doubling per
-    retry, full jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
-    ``timeout`` (connect, read) seconds; ``session`` a ready ``requests.Session`` (the network
-    boundary; a new one by default); ``fail_fast_after``: raise if this many tiles in a row failed
-    and none ever succeeded (a wrong URL or no network, rather than a map of holes); ``prefetch``
-    tiles requested ahead of the cell being assembled (see :meth:`fetch`).
+    retry, with jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
+    ``timeout`` (connect, read) seconds (default :func:`taxamap.sources.http.default_timeout`);
+    ``session`` a ready ``requests.Session`` (the network boundary; default one from
+    :func:`~taxamap.sources.http.make_session`, whose retries and breaker a given session lacks);
+    ``fail_fast_after``: stop the run (:class:`~taxamap.sources.http.CircuitOpen`) when this many
+    first requests all failed (a wrong URL, no network, a stalled server) rather than make a map
+    of holes; ``fail_after_in_row`` the same for requests in a row after some succeeded;
+    ``prefetch`` tiles requested ahead of the cell being assembled (see :meth:`fetch`).
     """
 
     kind = "xyz"
@@ -167,8 +199,10 @@ class XYZTileSource:
         self,
         url: str = DEFAULT_URL,
         *,
-        zoom: int = DEFAULT_ZOOM,
+        zoom: int | None = None,
         size: int = DEFAULT_SIZE,
+        footprint_m: float | None = DEFAULT_FOOTPRINT_M,
+        max_zoom: int = MAX_AUTO_ZOOM,
         tile_size: int = TILE_SIZE,
         cache_dir: str | Path | None = None,
         cache: bool = True,
@@ -177,40 +211,48 @@ class XYZTileSource:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         max_retry_after: float = 60.0,
-        timeout: float | tuple[float, float] = (10.0, 30.0),
+        timeout: float | tuple[float, float] | None = None,
         subdomains: str = "abc",
         session=None,
         attribution: str | None = None,
         license: str | None = None,
         user_agent: str = USER_AGENT,
-        fail_fast_after: int = 32,
+        fail_fast_after: int = 8,
+        fail_after_in_row: int = 32,
         prefetch: int | None = None,
     ):
         check_template(url)
-        if not 0 <= int(zoom) <= 24:
+        if footprint_m is None and zoom is None:
+            zoom = DEFAULT_ZOOM
+        if zoom is not None and not 0 <= int(zoom) <= 24:
             raise TaxamapError(f"--sat-zoom must be between 0 and 24, got {zoom}")
         if not 16 <= int(size) <= 4096:
             raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
         if int(workers) < 1:
             raise TaxamapError(f"--workers must be at least 1, got {workers}")
         self.url = url
-        self.zoom = int(zoom)
+        self.zoom = None if zoom is None else int(zoom)
+        self.max_zoom = int(max_zoom)
         self.size = int(size)
+        self.footprint_m = None if footprint_m is None else float(footprint_m)
         self.tile_size = int(tile_size)
         self.workers = int(workers)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.max_retry_after = float(max_retry_after)
-        self.timeout = timeout
+        self.timeout = http.default_timeout(http.DEFAULT_TIMEOUT if timeout is None else timeout)
         self.subdomains = subdomains
-        self.fail_fast_after = int(fail_fast_after)
         self.prefetch = max(64, 16 * self.workers) if prefetch is None else max(1, int(prefetch))
         eox_attr, eox_lic = eox_metadata(url)
         self.attribution = attribution if attribution is not None else eox_attr
         self.license = license if license is not None else eox_lic
         self.stats = SourceStats()
         self.cache = TileCache(cache_dir, url) if cache else None
+        self.breaker = http.CircuitBreaker(
+            "satellite tiles", first=fail_fast_after, consecutive=fail_after_in_row,
+            hint="check --sat-url and the network, or drop the satellite modality; blocks "
+                 "already embedded are kept and the same command resumes")
         self._user_agent = user_agent
         self._session = session
         self._own_session = session is None
@@ -218,19 +260,38 @@ class XYZTileSource:
         self._inflight: dict[tuple[int, int, int], Future] = {}
         # Re-entrant: add_done_callback runs _forget at once, in this thread, if the tile is done.
         self._lock = threading.RLock()
-        self._ok = 0  # tiles obtained (network or cache), for the fail-fast rule
-        self._failed_in_row = 0
-        # Tiles that failed (not "absent"): cells needing them are failures a rerun should retry.
-        self._failed_tiles: set = set()
-        self._outcome = threading.local()
-        self._last_error = ""
+        self._fatal: Exception | None = None  # an error that ends the run (a full cache disk)
 
     # -- public -------------------------------------------------------------------------------
 
     def describe(self) -> dict:
         """The settings that identify these patches (store key and provenance)."""
-        return {"kind": self.kind, "url": self.url, "zoom": self.zoom, "size": self.size,
-                "tile_size": self.tile_size}
+        if self.footprint_m is None:
+            return {"kind": self.kind, "url": self.url, "zoom": self.zoom, "size": self.size,
+                    "tile_size": self.tile_size, "footprint_m": None}
+        return {"kind": self.kind, "url": self.url, "footprint_m": self.footprint_m,
+                "size": self.size, "zoom": "auto" if self.zoom is None else self.zoom,
+                "max_zoom": self.max_zoom, "tile_size": self.tile_size,
+                "resampling": "triangle"}
+
+    def plan(self, lat: float, lon: float) -> PatchPlan | None:
+        """The tile window a cell's patch is made from; None where there is no patch."""
+        if self.footprint_m is None:
+            return plan_patch(lat, lon, self.zoom, self.size, self.tile_size)
+        fp = footprint(lat, lon, self.footprint_m, self.size)
+        return None if fp is None else plan_footprint(fp, self.zoom, self.tile_size, self.max_zoom)
+
+    def explain(self, lat: float, lon: float) -> dict:
+        """What the patch of (lat, lon) is made of (no request): footprint, zoom, tile URLs."""
+        plan = self.plan(lat, lon)
+        fp = footprint(lat, lon, self.footprint_m, self.size) if self.footprint_m else None
+        out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon),
+                                                   "footprint_m": None, "size_px": self.size}
+        out["source"] = self.describe()
+        if plan is not None:
+            out["zoom"] = plan.zoom
+            out["tiles"] = [self.tile_url(*t) for t in plan.tiles()]
+        return out
 
     def fetch(self, latlon) -> list:
         """One RGB ``size`` x ``size`` PIL image per (lat, lon) row, ``None`` where missing.
@@ -248,15 +309,17 @@ class XYZTileSource:
         assembled: enough that one tile waiting out a Retry-After does not idle the other workers,
         few enough that a long list of cells streams. The returned patches are the caller's to chunk.
         Thread-safe: concurrent calls share the workers and never fetch a tile twice.
+        Raises :class:`~taxamap.sources.http.CircuitOpen` once the server is given up on.
         """
         latlon = as_latlon(latlon)
-        plans = [plan_patch(lat, lon, self.zoom, self.size, self.tile_size) for lat, lon in latlon]
-        need = [p.tiles(self.zoom) if p is not None else [] for p in plans]
+        plans = [self.plan(lat, lon) for lat, lon in latlon]
+        need = [p.tiles() if p is not None else [] for p in plans]
         refs = Counter(t for tiles in need for t in tiles)
         futures: dict[tuple[int, int, int], Future] = {}
         ahead = self.prefetch
         submitted = 0
         out: list = [None] * len(plans)
+        failed = [False] * len(plans)
         for i, plan in enumerate(plans):
             while submitted < len(plans) and (submitted <= i or len(futures) < ahead):
                 for tile in need[submitted]:
@@ -264,20 +327,17 @@ class XYZTileSource:
                         futures[tile] = self._tile_future(tile)
                 submitted += 1
             if plan is not None:
-                images = [futures[t].result() for t in need[i]]
-                if all(img is not None for img in images):
-                    out[i] = self._assemble(plan, images)
+                results = [futures[t].result() for t in need[i]]
+                if all(img is not None for img, _ in results):
+                    out[i] = self._assemble(plan, [img for img, _ in results])
+                else:
+                    failed[i] = any(bad for _, bad in results)
                 for tile in need[i]:
                     refs[tile] -= 1
                     if refs[tile] == 0:
                         del futures[tile]
-            self._check_fail_fast()
-        missing = sum(p is None for p in out)
-        self.stats.add(cells=len(out), cells_missing=missing)
-        with self._lock:
-            failed_tiles = set(self._failed_tiles)
-        failed = [out[i] is None and plans[i] is not None and any(t in failed_tiles for t in need[i])
-                  for i in range(len(out))]
+        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out),
+                       cells_failed=sum(failed))
         return out, failed
 
     def close(self) -> None:
@@ -322,97 +382,55 @@ class XYZTileSource:
 
     def _http(self):
         with self._lock:
-            return self._http_locked()
+            if self._session is None:
+                self._session = http.make_session(
+                    workers=self.workers, retries=self.retries, backoff=self.backoff,
+                    max_backoff=self.max_backoff, max_retry_after=self.max_retry_after,
+                    timeout=self.timeout, user_agent=self._user_agent, breaker=self.breaker,
+                    on_retry=self._count_retry)
+            return self._session
 
-    def _http_locked(self):
-        if self._session is None:
-            import requests
-            from requests.adapters import HTTPAdapter
-
-            session = requests.Session()
-            # One pooled connection per worker; block instead of opening extras beyond the bound.
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.workers, pool_block=True, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = self._user_agent
-            self._session = session
-        return self._session
+    def _count_retry(self) -> None:
+        self.stats.add(requests=1, retries=1)
 
     def _get_tile(self, tile: tuple[int, int, int]):
-        """The decoded RGB tile, or None (absent, or still failing after retries)."""
-        img = self._get_tile_once(tile)
-        with self._lock:
-            if img is None and self._last_outcome_failed():
-                self._failed_tiles.add(tile)
-            else:
-                self._failed_tiles.discard(tile)
-        return img
-
-    def _last_outcome_failed(self) -> bool:
-        return bool(getattr(self._outcome, "failed", False))
-
-    def _get_tile_once(self, tile: tuple[int, int, int]):
-        self._outcome.failed = False
+        """(decoded RGB tile or None, failed): failed when it is missing after retries (not absent)."""
+        if self._fatal is not None:
+            raise self._fatal
         z, x, y = tile
         key = f"{z}/{x}/{y}"
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is MISSING:
                 self.stats.add(cache_hits=1, not_found=1)
-                self._note(True)
-                return None
+                return None, False
             if hit is not None:
                 self.stats.add(cache_hits=1)
-                self._note(True)
-                return self._check_size(hit)
-        import requests
-
+                return self._check_size(hit), False
         url = self.tile_url(z, x, y)
-        session = self._http()
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.stats.add(retries=1)
-            self.stats.add(requests=1)
-            wait = None
-            try:
-                resp = session.get(url, timeout=self.timeout)
-                status = resp.status_code
-                if status == 200:
-                    data = resp.content
-                    try:
-                        img = decode_image(data)
-                    except (OSError, ValueError, SyntaxError) as exc:
-                        raise _TileFailed(f"undecodable body ({len(data)} bytes): {exc}") from None
-                    if self.cache is not None:
-                        self.cache.put(key, data, validated=True)
-                    self.stats.add(fetched=1)
-                    self._note(True)
-                    return self._check_size(img)
-                if status in ABSENT_STATUS:
-                    if self.cache is not None:
-                        self.cache.put_missing(key)
-                    self.stats.add(not_found=1)
-                    self._note(True)
-                    return None
-                if status not in TRANSIENT_STATUS:
-                    self._note(False, f"HTTP {status} for {url}")
-                    self.stats.add(failures=1)
-                    self._outcome.failed = True
-                    return None
-                wait = _retry_after(resp.headers.get("Retry-After"), self.max_retry_after)
-                error = f"HTTP {status} for {url}"
-            except _TileFailed as exc:
-                error = f"{exc} for {url}"
-            except requests.RequestException as exc:  # timeouts, resets, short reads
-                error = f"{type(exc).__name__} for {url}"
-            if attempt < self.retries:
-                if wait is None:
-                    wait = random.uniform(0.0, min(self.max_backoff, self.backoff * (2**attempt)))
-                time.sleep(wait)
-        self._note(False, error)
+        self.stats.add(requests=1)
+        answer = http.get_checked(
+            self._http(), url, check=decode_image, retries=self.retries, backoff=self.backoff,
+            max_backoff=self.max_backoff, breaker=self.breaker, on_retry=self._count_retry,
+            timeout=self.timeout)
+        if answer.status == 200 and not answer.failed:
+            if self.cache is not None:
+                try:
+                    self.cache.put(key, answer.body, validated=True)
+                except DiskFull as exc:
+                    # A window of `size` px touches (1 + size/tile)^2 tiles on average.
+                    exc.per_cell = len(answer.body) * (1 + self.size / self.tile_size) ** 2
+                    self._fatal = exc  # tiles queued behind this one are not fetched for nothing
+                    raise
+            self.stats.add(fetched=1)
+            return self._check_size(answer.value), False
+        if answer.status in ABSENT_STATUS:
+            if self.cache is not None:
+                self.cache.put_missing(key)
+            self.stats.add(not_found=1)
+            return None, False
         self.stats.add(failures=1)
-        self._outcome.failed = True
-        return None
+        return None, True
 
     def _check_size(self, img):
         if img.size != (self.tile_size, self.tile_size):
@@ -422,34 +440,25 @@ class XYZTileSource:
             )
         return img
 
-    def _note(self, ok: bool, error: str = "") -> None:
-        with self._lock:
-            if ok:
-                self._ok += 1
-                self._failed_in_row = 0
-            else:
-                self._failed_in_row += 1
-                self._last_error = error
-
-    def _check_fail_fast(self) -> None:
-        with self._lock:
-            dead = self._ok == 0 and self._failed_in_row >= self.fail_fast_after > 0
-            error = self._last_error
-        if dead:
-            raise TaxamapError(
-                f"no satellite tile could be fetched ({self._failed_in_row} failed in a row, last: "
-                f"{error}); check --sat-url and the network, or drop the satellite modality"
-            )
-
     def _assemble(self, plan: PatchPlan, images: list):
         from PIL import Image
 
         ts = self.tile_size
         left, top = plan.x0 - plan.tx0 * ts, plan.y0 - plan.ty0 * ts
-        box = (left, top, left + self.size, top + self.size)
+        box = (left, top, left + plan.width, top + plan.height)
         if len(images) == 1:
-            return images[0].crop(box)
-        canvas = Image.new("RGB", (plan.ncols * ts, plan.nrows * ts))
-        for k, img in enumerate(images):
-            canvas.paste(img, ((k % plan.ncols) * ts, (k // plan.ncols) * ts))
-        return canvas.crop(box)
+            window = images[0].crop(box)
+        else:
+            canvas = Image.new("RGB", (plan.ncols * ts, plan.nrows * ts))
+            for k, img in enumerate(images):
+                canvas.paste(img, ((k % plan.ncols) * ts, (k // plan.ncols) * ts))
+            window = canvas.crop(box)
+        fp = plan.footprint
+        if fp is None:
+            return window
+        # Target pixel centres in the window's pixel coordinates: x is linear in longitude, y in
+        # Mercator's stretched latitude, so the two axes resample separately.
+        xs, _ = _world_xy(fp.col_lons(), 0.0, plan.zoom, ts)
+        _, ys = _world_xy(0.0, fp.row_lats(), plan.zoom, ts)
+        rgb = resample(np.asarray(window), ys - plan.y0, xs - plan.x0)
+        return Image.fromarray(rgb, "RGB")

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.io import DiskFull, atomic_write, disk_full_guard
+from taxamap.sources import http
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ MANIFEST_FILE = "taxamap-worldclim-download.json"
 
 _STATS_VERSION = 1
 _PARTIAL_HASH_BYTES = 1 << 20
-_USER_AGENT = "taxamap (WorldClim downloader; https://github.com/taxamap)"
+_FULL_HINT = "free some space or choose another folder; the same command resumes"
 
 
 def _missing_message(directory: Path, missing: Sequence[str]) -> str:
@@ -83,17 +85,6 @@ def fingerprint(path: Path) -> str:
             fh.seek(-_PARTIAL_HASH_BYTES, os.SEEK_END)
             h.update(fh.read(_PARTIAL_HASH_BYTES))
     return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:32]}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _mask_invalid(values: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -270,8 +261,8 @@ class WorldClimFeatures:
                 indent=1,
             )
             try:
-                _atomic_write_text(self.stats_path, text)
-            except OSError as exc:  # a read-only data folder still works, just slower next time
+                atomic_write(self.stats_path, text)
+            except (OSError, DiskFull) as exc:  # a read-only data folder still works, just slower
                 log.warning("could not cache WorldClim statistics in %s: %s", self.stats_path, exc)
         return out
 
@@ -366,15 +357,16 @@ class WorldClimFeatures:
 # -- download ------------------------------------------------------------------------------
 
 class _Transient(Exception):
-    """A retryable download failure (dropped connection, 5xx, 429, short body)."""
+    """A download that broke off after the server answered (resumed with a Range request)."""
 
 
-def _default_session():
-    import requests
-
-    session = requests.Session()
-    session.headers["User-Agent"] = _USER_AGENT
-    return session
+def download_breaker() -> http.CircuitBreaker:
+    """The breaker of one download run: the downloader is sequential, so two attempts in a row
+    with no answer (about 2 x the read timeout) are enough to say the server is not answering."""
+    return http.CircuitBreaker(
+        "WorldClim downloads", first=2, consecutive=8,
+        hint="check the network, or download the zips by hand into the folder; running the "
+             "same command again resumes")
 
 
 def _unpacked_ok(target: Path, manifest: dict, members: Iterable[str]) -> bool:
@@ -414,22 +406,27 @@ def _read_manifest(target: Path) -> dict:
         return {}
 
 
-def _fetch(session, url: str, part: Path, *, progress: bool, timeout: float) -> None:
-    """One attempt at bringing ``part`` to the full size of ``url``, resuming what is there."""
+def _fetch(session, url: str, part: Path, *, progress: bool, timeout) -> None:
+    """One attempt at bringing ``part`` to the full size of ``url``, resuming what is there.
+
+    Timeouts, refused connections and 429/5xx are retried inside the session (urllib3); what
+    still fails then is final here. A body that breaks off raises :class:`_Transient`.
+    """
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
         resp = session.get(url, headers=headers, stream=True, timeout=timeout)
-    except Exception as exc:  # requests' connection/timeouts; any client's equivalents
-        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+    except http.CircuitOpen:
+        raise
+    except Exception as exc:  # requests' connection/timeouts after retries; any client's equivalents
+        raise TaxamapError(f"download of {url} failed ({type(exc).__name__}); check the network "
+                           "and run the same command again to resume") from None
     with resp:
         status = resp.status_code
         if status == 416 and have:
             # Our .part is already complete or longer than the file: start again.
             part.unlink()
             raise _Transient("range not satisfiable; restarting download")
-        if status == 429 or status >= 500:
-            raise _Transient(f"HTTP {status}")
         if status not in (200, 206):
             raise TaxamapError(f"download of {url} failed: HTTP {status}")
         if status == 206:
@@ -448,7 +445,9 @@ def _fetch(session, url: str, part: Path, *, progress: bool, timeout: float) -> 
             total = int(length) if length and length.isdigit() else None
         bar = _progress_bar(url, total, have, progress)
         try:
-            with open(part, mode) as fh:
+            with disk_full_guard(part.parent, total - have if total else None,
+                                 what=f"downloading {part.name[:-5]}", hint=_FULL_HINT), \
+                    open(part, mode) as fh:
                 try:
                     for chunk in _body_chunks(resp):
                         fh.write(chunk)
@@ -509,18 +508,21 @@ def _unpack(zip_path: Path, members: Sequence[str], target: Path) -> dict[str, i
             bad = zf.testzip()
             if bad is not None:
                 raise zipfile.BadZipFile(f"CRC error in {bad}")
-            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target))
-            try:
-                sizes = {}
-                for name in members:
-                    dest = tmp / name
-                    with zf.open(by_name[name]) as src, open(dest, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                    sizes[name] = dest.stat().st_size
-                for name in members:
-                    os.replace(tmp / name, target / name)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            need = sum(by_name[m].file_size for m in members)
+            with disk_full_guard(target, need, what=f"unpacking {zip_path.name}", hint=_FULL_HINT):
+                tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target))
+                try:
+                    sizes = {}
+                    for name in members:
+                        dest = tmp / name
+                        with zf.open(by_name[name]) as src, open(dest, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                        sizes[name] = dest.stat().st_size
+                    # A set of files, moved in once all are complete (no half-unpacked set).
+                    for name in members:
+                        os.replace(tmp / name, target / name)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
     except zipfile.BadZipFile as exc:
         zip_path.unlink(missing_ok=True)
         raise TaxamapError(
@@ -537,7 +539,7 @@ def download_worldclim(
     base_url: str = WORLDCLIM_BASE_URL,
     retries: int = 5,
     backoff: float = 1.0,
-    timeout: float = 60.0,
+    timeout: float | tuple[float, float] | None = None,
     keep_zips: bool = False,
 ) -> list[Path]:
     """Download and unpack the official WorldClim 2.1 5-minute elevation and bioclim zips.
@@ -549,8 +551,10 @@ def download_worldclim(
     sha256 recorded, and is unpacked through a temporary folder so no half-written raster is ever
     visible. An official zip already in ``target_dir`` (downloaded by hand) is used as is, and
     rasters already unpacked by hand are accepted when they read as rasters. ``session`` is any
-    object with a requests-style ``get(url, headers=, stream=,
-    timeout=)``; the default is a ``requests.Session``.
+    object with a requests-style ``get(url, headers=, stream=, timeout=)``; the default is
+    :func:`taxamap.sources.http.make_session`'s, with retries and a breaker that stops the run
+    in about a minute when the server does not answer. ``timeout`` (connect, read) defaults to
+    :func:`taxamap.sources.http.default_timeout`.
     """
     target = Path(target_dir).expanduser()
     try:
@@ -561,7 +565,10 @@ def download_worldclim(
     manifest.setdefault("zips", {})
     manifest.setdefault("files", {})
     before = json.dumps(manifest, sort_keys=True)
-    session = session if session is not None else _default_session()
+    timeout = http.default_timeout(http.DEFAULT_TIMEOUT if timeout is None else timeout)
+    if session is None:
+        session = http.make_session(workers=1, retries=retries, backoff=backoff, timeout=timeout,
+                                    breaker=download_breaker())
     base = base_url if base_url.endswith("/") else base_url + "/"
     for zip_name, members in WORLDCLIM_ZIPS.items():
         if _unpacked_ok(target, manifest, members):
@@ -581,16 +588,17 @@ def download_worldclim(
             "downloaded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         manifest["files"].update(sizes)
-        _atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest, indent=1))
+        atomic_write(target / MANIFEST_FILE, json.dumps(manifest, indent=1), hint=_FULL_HINT)
         if not keep_zips:
             zip_path.unlink(missing_ok=True)
     if json.dumps(manifest, sort_keys=True) != before:  # rasters found unpacked by hand
-        _atomic_write_text(target / MANIFEST_FILE, json.dumps(manifest, indent=1))
+        atomic_write(target / MANIFEST_FILE, json.dumps(manifest, indent=1), hint=_FULL_HINT)
     return [target / name for name in WORLDCLIM_FILES]
 
 
 def _download_with_retries(session, url: str, part: Path, *, progress: bool, retries: int,
-                           backoff: float, timeout: float) -> None:
+                           backoff: float, timeout) -> None:
+    """Resume a body that broke off, up to ``retries`` times (the session retries the rest)."""
     for attempt in range(retries + 1):
         try:
             _fetch(session, url, part, progress=progress, timeout=timeout)
@@ -601,7 +609,7 @@ def _download_with_retries(session, url: str, part: Path, *, progress: bool, ret
                     f"download of {url} failed after {retries + 1} attempts ({exc}); run the "
                     "same command again to resume"
                 ) from exc
-            delay = backoff * (2 ** attempt)
+            delay = http.backoff_delay(attempt, backoff, 60.0)
             log.warning("download of %s interrupted (%s); resuming in %.1f s", url,
                         type(exc).__name__, delay)
             time.sleep(delay)

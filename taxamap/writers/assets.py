@@ -118,6 +118,13 @@ def offline_libraries() -> list[Library]:
     return found
 
 
+def check_offline_assets() -> None:
+    """Raise TaxamapError saying what to install unless every library a self-contained page
+    embeds is installed with its files. Cheap (imports two small packages): callers run it before
+    any long work, so a missing ``taxamap[offline]`` extra fails in a second, not at the end."""
+    offline_libraries()
+
+
 _CSS_URL = re.compile(r"""url\(\s*(['"]?)([^'")]+)\1\s*\)""")
 _MIME = {".png": "image/png", ".svg": "image/svg+xml", ".gif": "image/gif",
          ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}

@@ -17,10 +17,13 @@ import taxamap
 from taxamap.dataset import tag_key
 from taxamap.errors import TaxamapError
 from taxamap.score import as_scoremap
-from taxamap.writers.style import UNITS, atomic_path, imagery_credit
+from taxamap.writers.style import UNITS, imagery_credit, output_path, write_bytes
 
 #: Tile size of the COG. 256 keeps overviews for grids as small as the USA at 0.1 degree.
 BLOCKSIZE = 256
+
+#: Unit of the ``fitted`` / ``combined`` bands (``taxamap predict --fit``).
+FITTED_UNIT = "relative suitability (0-1)"
 
 #: Options of GDAL's COG driver. DEFLATE with the floating-point predictor is lossless.
 COG_OPTIONS = {
@@ -76,12 +79,13 @@ def check_shapes(scoremap) -> list[tuple[str, np.ndarray]]:
 
 
 def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, str],
-               band_tags: list[dict] | None = None) -> Path:
+               band_tags: list[dict] | None = None, units: list[str] | None = None) -> Path:
     """Write float32 ``bands`` over ``grid`` as a COG at ``path``, atomically."""
     import rasterio
     import rasterio.shutil
     from rasterio.io import MemoryFile
 
+    output_path(path)  # a bad --out fails before the COG is built
     profile = {
         "driver": "GTiff",
         "width": grid.width,
@@ -92,19 +96,21 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
         "transform": grid.transform,
         "nodata": float("nan"),
     }
-    with atomic_path(path) as tmp:
-        # Build the bands in memory, then let GDAL's COG driver lay out tiles and overviews.
-        with MemoryFile() as mem:
-            with mem.open(**profile) as ds:
-                for i, (name, raster) in enumerate(bands, start=1):
-                    ds.write(np.asarray(raster, dtype=np.float32), i)
-                    ds.set_band_description(i, name)
-                    ds.set_band_unit(i, "cosine similarity")
-                    ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
-                ds.update_tags(**tags)
-            with mem.open() as src:
-                rasterio.shutil.copy(src, str(tmp), driver="COG", **COG_OPTIONS)
-    return Path(path)
+    # Build the bands in memory, then let GDAL's COG driver lay out tiles and overviews, also in
+    # memory: the file is then written by Python in one go, so a full disk is an OSError we can
+    # name (GDAL would print its own lines and fail with "TIFFAppendToStrip: Seek error").
+    with MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            for i, (name, raster) in enumerate(bands, start=1):
+                ds.write(np.asarray(raster, dtype=np.float32), i)
+                ds.set_band_description(i, name)
+                ds.set_band_unit(i, units[i - 1] if units else "cosine similarity")
+                ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
+            ds.update_tags(**tags)
+        with mem.open() as src, MemoryFile() as cog:
+            rasterio.shutil.copy(src, cog.name, driver="COG", **COG_OPTIONS)
+            data = cog.read()
+    return write_bytes(path, data)
 
 
 def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
@@ -118,7 +124,11 @@ def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
     """
     scoremap = as_scoremap(scoremap)
     bands = check_shapes(scoremap)
-    return _write_cog(path, scoremap.grid, bands, geotiff_tags(scoremap))
+    extra = set(getattr(scoremap, "extra_bands", None) or {})
+    # Fitted bands are a classifier's output, not a modality's cosine: say so per band.
+    band_tags = [{"PRODUCT": name} if name in extra else {"MODALITY": name} for name, _ in bands]
+    units = [FITTED_UNIT if name in extra else "cosine similarity" for name, _ in bands]
+    return _write_cog(path, scoremap.grid, bands, geotiff_tags(scoremap), band_tags, units)
 
 
 def write_stack(ds, path: str | os.PathLike) -> Path:

@@ -27,12 +27,12 @@ from taxamap.writers.style import (
     STRETCH_PERCENTILE,
     UNITS,
     Stretch,
-    atomic_path,
     colorize,
     gradient_css,
     imagery_credit,
     mercator_rows,
     stretch_of,
+    write_bytes,
 )
 
 #: Largest overlay side in pixels; bigger rasters are subsampled (nearest) for the browser only.
@@ -127,6 +127,9 @@ SEA_COLOR = "#d5e3ec"
 LAND_FILL = "#f3f0e8"
 LAND_LINE = "#9a9a9a"
 RANGE_COLOR = "#7b3294"
+#: The expert range (``predict --expert-range``): dashed, so it reads apart from the range cut.
+EXPERT_NAME = "expert range"
+EXPERT_COLOR = "#d95f02"
 POINT_FILL = "#ff7f00"
 POINT_LINE = "#5a2d00"
 
@@ -162,11 +165,21 @@ def _to_frame(geom, west: float, east: float):
     return shapely.GeometryCollection(parts)
 
 
-def _feature_collection(geom) -> dict:
-    from shapely.geometry import mapping
+#: Decimals kept in the page's GeoJSON: 1e-6 degree is about 0.1 m, far below any cell, and the
+#: shortest float text keeps a fragmented range outline's page about half the size.
+GEOJSON_DECIMALS = 6
 
+
+def _feature_collection(geom) -> dict:
+    import json
+
+    import shapely
+
+    rounded = shapely.transform(geom, lambda xy: np.round(xy, GEOJSON_DECIMALS))
+    # shapely's C GeoJSON writer: several times faster than __geo_interface__ on 10^4 rings.
     return {"type": "FeatureCollection",
-            "features": [{"type": "Feature", "properties": {}, "geometry": mapping(geom)}]}
+            "features": [{"type": "Feature", "properties": {},
+                          "geometry": json.loads(shapely.to_geojson(rounded))}]}
 
 
 def land_context(bounds: tuple[float, float, float, float], tolerance: float):
@@ -282,7 +295,7 @@ def _offline_footer(libraries) -> str:
 
 def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
-               self_contained: bool = False, outline=None) -> Path:
+               self_contained: bool = False, outline=None, expert_geometry=None) -> Path:
     """Write a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) as an interactive
     folium map at ``path`` (atomically); return the path. ``outline``: the region boundary to
     draw (shapely, EPSG:4326).
@@ -294,9 +307,14 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     their own layer (rows with NaN are skipped and counted in the legend).
     ``range_geometry``: a shapely geometry in EPSG:4326 (e.g. :func:`taxamap.products.ranges.range_outline`)
     drawn as an outline in its own layer; ``range_label`` (e.g. the threshold rule) names it.
+    ``expert_geometry``: an expert range (shapely, EPSG:4326) drawn as a dashed outline in its
+    own layer, to compare with the map by eye.
     ``self_contained``: embed Leaflet and the marker-cluster plugin from the installed
     ``taxamap[offline]`` packages (TaxamapError naming them when missing), drop the web basemap
     and draw Natural Earth land instead, so the one file renders with no network.
+
+    Every vector layer is drawn on Leaflet's canvas renderer, so a continent-sized grid's range
+    outline (thousands of rings) paints in well under a second.
     """
     import folium
     import shapely
@@ -317,7 +335,11 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         raise TaxamapError("range_geometry must be a shapely geometry in EPSG:4326 (lon, lat)")
     east = grid.west + grid.width * grid.resolution
 
-    m = folium.Map(tiles=None, control_scale=True)
+    # Canvas, not SVG: one <canvas> per pane redraws thousands of rings (a fragmented range at
+    # 0.05 deg, the land, a detailed region outline) in milliseconds, where Chromium took 5-20 s
+    # to paint as many SVG paths (benchmarks/html_paint.py). The cluster plugin's points are
+    # L.circleMarker vectors, so they go on the canvas too.
+    m = folium.Map(tiles=None, control_scale=True, prefer_canvas=True)
     # Without a tile layer the map has no zoom limit, which the cluster plugin refuses.
     m.options["max_zoom"] = MAX_ZOOM
     if self_contained:
@@ -368,6 +390,9 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         folium.GeoJson(
             _feature_collection(simple),
             name=OUTLINE_NAME,
+            # Outlines have no popups: out of the canvas's hit testing, mouse moves stay cheap
+            # and clicks reach the occurrence points.
+            interactive=False,
             style_function=lambda _f: {"color": "#222222", "weight": 1.5, "fill": False},
         ).add_to(m)
 
@@ -381,8 +406,18 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
             folium.GeoJson(
                 _feature_collection(outline),
                 name=_esc(label),
+                interactive=False,
                 style_function=lambda _f: {"color": RANGE_COLOR, "weight": 2.5, "fill": False},
             ).add_to(m)
+
+    if expert_geometry is not None and not expert_geometry.is_empty:
+        folium.GeoJson(
+            _feature_collection(_to_frame(shapely.simplify(
+                expert_geometry, grid.resolution / 4.0, preserve_topology=True), grid.west, east)),
+            name=EXPERT_NAME,
+            style_function=lambda _f: {"color": EXPERT_COLOR, "weight": 2.5, "fill": False,
+                                       "dashArray": "6 4"},
+        ).add_to(m)
 
     if points is not None and len(points):
         lon = points[:, 1] + 360.0 * np.round(((grid.west + east) / 2.0 - points[:, 1]) / 360.0)
@@ -399,7 +434,11 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         m.get_root().header.add_child(folium.Element(_CLUSTER_CSS))
 
     folium.LayerControl(collapsed=False).add_to(m)
-    m.fit_bounds(bounds)
+    # The map opens on the grid directly: an animated zoom from folium's world view would draw
+    # every layer twice (once at the world zoom, once at the grid's).
+    fit = folium.map.FitBounds(bounds)
+    fit.options["animate"] = False
+    fit.add_to(m)
 
     root = m.get_root()
     title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
@@ -417,6 +456,4 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         if left:
             raise TaxamapError(f"--self-contained page still loads {left[0]}; this is a taxamap "
                                "bug, please report it (or write the map without --self-contained)")
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return Path(path)
+    return write_bytes(path, page)

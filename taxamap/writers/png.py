@@ -5,6 +5,7 @@ coastlines, and the imagery credit.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import textwrap
@@ -20,9 +21,9 @@ from taxamap.writers.style import (
     NODATA_COLOR,
     STRETCH_PERCENTILE,
     UNITS,
-    atomic_path,
     imagery_credit,
     stretch_of,
+    write_bytes,
 )
 
 DPI = 150
@@ -187,6 +188,6 @@ def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
     fig.supxlabel("\n".join(textwrap.fill(f, 150) for f in footer), fontsize=6.5,
                   parse_math=False)
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
-    return Path(path)
+    buffer = io.BytesIO()  # rendered first, so a full disk knows the size it needed
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return write_bytes(path, buffer.getvalue())

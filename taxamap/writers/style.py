@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from taxamap import io
 from taxamap.dataset import UNITS  # noqa: F401  (what a band value is: tags and legends)
 from taxamap.errors import TaxamapError
 
@@ -168,31 +168,32 @@ def output_path(path: str | os.PathLike) -> Path:
     return path
 
 
+#: What to do when --out is full: said by every writer's disk-full line.
+OUT_FULL_HINT = "free some space or choose another --out"
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it.
+def atomic_path(path: str | os.PathLike, need: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it
+    (:func:`taxamap.io.atomic_path`, after :func:`output_path`'s checks).
 
     Readers of ``path`` see either the old file or the complete new one, never a partial write.
+    A full disk is one :class:`~taxamap.io.DiskFull` line naming the folder and ``need`` (bytes).
     """
     path = output_path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") \
-            from exc
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        # mkstemp makes the file private (0600); give the result the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") \
-            from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        with io.atomic_path(path, need=need, hint=OUT_FULL_HINT) as tmp:
+            yield tmp
+    except io.DiskFull:
         raise
+    except OSError as exc:
+        raise TaxamapError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") \
+            from exc
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a whole output file atomically (see :func:`atomic_path`); returns its path."""
+    blob = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path, need=len(blob)) as tmp:
+        tmp.write_bytes(blob)
+    return Path(path)

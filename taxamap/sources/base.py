@@ -1,0 +1,149 @@
+"""The interface every satellite source implements, and the pieces the sources share.
+
+A source turns cell centres into RGB patches for the satellite encoder:
+
+* ``fetch_status(latlon) -> (patches, failed)``: one patch per (lat, lon) row, ``None`` where the
+  patch could not be had; ``failed[i]`` is True when patch i is missing for a reason a rerun may
+  fix (a request still failing after retries, a file that could not be read), False when it is
+  present or absent for good (404, outside the imagery, no clear observation). The engine stores
+  a block holding failed cells as unfinished, so the same command retries exactly those blocks.
+  A missing patch stays missing (NaN downstream): sources never return zero-filled images.
+* ``fetch(latlon) -> list``: the patches alone (``fetch_status(latlon)[0]``).
+* ``describe() -> dict``: JSON-able settings that identify the imagery (a store key; provenance).
+* ``attribution`` / ``license``: what outputs made from this imagery must carry (or ``None``).
+* ``stats``: a :class:`SourceStats` (requests, cache hits, failures, retries, ...).
+* ``close()``: release connections and threads (sources are also context managers).
+
+Concrete sources import this module (and :mod:`taxamap.sources.http`), never the factory in
+:mod:`taxamap.sources.satellite`, so the imports run one way.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+
+#: Default parallel requests. Eight keeps a public tile server's per-client limits happy (most ask
+#: for "a few" connections) while hiding ~50-100 ms of latency per tile.
+DEFAULT_WORKERS = 8
+
+
+@dataclass
+class SourceStats:
+    """Counters a source keeps across its ``fetch`` calls (thread-safe through :meth:`add`)."""
+
+    requests: int = 0  # network requests sent, retries included
+    cache_hits: int = 0  # tiles/patches answered from the on-disk cache (negative entries too)
+    retries: int = 0  # requests repeated after a transient error
+    failures: int = 0  # tiles/patches given up on (still failing after retries, permanent error)
+    not_found: int = 0  # tiles/patches the server says do not exist (404) or with no data
+    fetched: int = 0  # tiles/patches obtained from the network and validated
+    cells: int = 0  # cells asked for
+    cells_missing: int = 0  # cells answered with None
+    cells_failed: int = 0  # of those, cells a rerun may get (their blocks stay unfinished)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        """Increment counters atomically: ``stats.add(requests=1, retries=1)``."""
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for summaries and logs)."""
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+
+@runtime_checkable
+class SatelliteSource(Protocol):
+    """What the satellite encoder's driver needs from an imagery source."""
+
+    attribution: str | None
+    license: str | None
+    stats: SourceStats
+
+    def fetch_status(self, latlon: np.ndarray) -> tuple[list[Any], list[bool]]:
+        """(patches, failed) per (lat, lon) row; see the module docstring."""
+        ...
+
+    def fetch(self, latlon: np.ndarray) -> list[Any]:
+        """One RGB ``PIL.Image`` (``size`` x ``size``) per (lat, lon) row, ``None`` where missing."""
+        ...
+
+    def describe(self) -> dict:
+        """JSON-able settings that identify the imagery (store key, provenance tags)."""
+        ...
+
+    def close(self) -> None:
+        """Release network connections, open files and worker threads."""
+        ...
+
+
+def as_latlon(latlon) -> np.ndarray:
+    """Check and convert cell centres to a float64 (N, 2) array of (lat, lon) degrees."""
+    arr = np.asarray(latlon, dtype=np.float64)
+    if arr.ndim == 1 and arr.size == 2:
+        arr = arr.reshape(1, 2)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise TaxamapError(f"satellite fetch needs an (N, 2) array of (lat, lon), got shape {arr.shape}")
+    return arr
+
+
+class PerCellSource:
+    """Base of sources that make each cell's patch on its own (local rasters, Earth Engine).
+
+    Subclasses call ``super().__init__(workers)`` and implement ``patch(lat, lon) -> (image or
+    None, failed)``; this class gives them ``stats``, ``fetch_status``/``fetch`` over one thread
+    pool (made on first use, shared by concurrent calls), ``close`` and the context manager.
+    """
+
+    _thread_name = "taxamap-source"
+
+    def __init__(self, workers: int = DEFAULT_WORKERS):
+        self.workers = max(1, int(workers))
+        self.stats = SourceStats()
+        self._executor: ThreadPoolExecutor | None = None
+        # The engine calls fetch from several prepare threads at once: one pool, made once.
+        self._executor_lock = threading.Lock()
+
+    def patch(self, lat: float, lon: float) -> tuple[Any, bool]:
+        """(RGB patch or None, failed) for one cell centre."""
+        raise NotImplementedError
+
+    def fetch_status(self, latlon) -> tuple[list, list[bool]]:
+        """(patches, failed) for each (lat, lon) row (see :mod:`taxamap.sources.base`)."""
+        latlon = as_latlon(latlon)
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=self._thread_name)
+            pool = self._executor
+        results = list(pool.map(lambda row: self.patch(float(row[0]), float(row[1])), latlon))
+        out = [img for img, _ in results]
+        failed = [img is None and bool(bad) for img, bad in results]
+        self.stats.add(cells=len(out), cells_missing=sum(p is None for p in out),
+                       cells_failed=sum(failed))
+        return out, failed
+
+    def fetch(self, latlon) -> list:
+        """One RGB patch per (lat, lon) row, ``None`` where missing."""
+        return self.fetch_status(latlon)[0]
+
+    def close(self) -> None:
+        """Stop the worker threads (subclasses release their own resources too)."""
+        with self._executor_lock:
+            pool, self._executor = self._executor, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
