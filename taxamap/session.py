@@ -10,7 +10,7 @@ stay loaded; prompt embeddings and recent maps are kept in LRU caches. Each
 
 >>> import taxamap
 >>> session = taxamap.open_session(region="usa", resolution=0.05)
->>> ds = session.predict(species="Cardinalis cardinalis")     # ~0.1 s on a laptop CPU
+>>> ds = session.predict(species="Cardinalis cardinalis")     # a fraction of a second
 >>> ds = session.predict(image="bird.jpg")
 """
 

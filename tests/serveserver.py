@@ -27,6 +27,20 @@ def open_test_session(models_dir, cache, resolution: float = 0.1):
                                 cache=cache, progress=False)
 
 
+#: 60 cells with the satellite modality (tests/test_multimodal_e2e.py's box).
+SATELLITE_BBOX = (-83.0, 40.0, -82.0, 40.6)
+
+
+def open_satellite_session(models_dir, cache, tiles_url: str):
+    """A session with location + satellite, the patches from a loopback XYZ tile server."""
+    import taxamap
+
+    return taxamap.open_session(
+        bbox=SATELLITE_BBOX, resolution=0.1, modalities=("location", "satellite"),
+        models=models_dir, cache=cache, progress=False, sat_source="xyz", sat_url=tiles_url,
+        sat_zoom=12, sat_size=64, workers=4)
+
+
 class ServeServer:
     """The app of ``session`` served by uvicorn on 127.0.0.1 (a free port) in a thread."""
 

@@ -23,7 +23,8 @@ httpx = pytest.importorskip("httpx")
 
 import taxamap  # noqa: E402
 from taxamap.errors import TaxamapError  # noqa: E402
-from tests.serveserver import BBOX, PROMPT, SPECIES, ServeServer, open_test_session  # noqa: E402
+from tests.serveserver import (BBOX, PROMPT, SPECIES, ServeServer,  # noqa: E402
+                               open_satellite_session, open_test_session)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 256 * 1024  # the test server's upload limit (the default is 20 MB)
@@ -510,11 +511,8 @@ def satellite_server(models_dir, tmp_path_factory):
     from tests.tileserver import TileServer
 
     with TileServer(latency=0.0, faults={(12, 1104, 1542): "404"}) as tiles:
-        session = taxamap.open_session(
-            bbox=(-83.0, 40.0, -82.0, 40.6), resolution=0.1, modalities=("location", "satellite"),
-            models=models_dir, cache=tmp_path_factory.mktemp("sat-cache"), progress=False,
-            sat_source="xyz", sat_url=tiles.url_template, sat_zoom=12, sat_size=64,
-            workers=4)
+        session = open_satellite_session(models_dir, tmp_path_factory.mktemp("sat-cache"),
+                                         tiles.url_template)
         with ServeServer(session) as srv:
             yield srv, tiles
 

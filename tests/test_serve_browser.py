@@ -21,7 +21,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from tests.serveserver import SPECIES, ServeServer, open_test_session  # noqa: E402
+from tests.serveserver import (SPECIES, ServeServer,  # noqa: E402
+                               open_satellite_session, open_test_session)
 
 WIDTH, HEIGHT = 1280, 800
 RANGE_RGB = (0x7B, 0x32, 0x94)
@@ -185,15 +186,11 @@ def test_compare_two_species_side_by_side(page):
 
 
 def test_cell_popup_shows_the_satellite_patch(browser, models_dir, tmp_path_factory):
-    import taxamap
     from tests.tileserver import TileServer
 
     with TileServer(latency=0.0) as tiles:
-        session = taxamap.open_session(
-            bbox=(-83.0, 40.0, -82.0, 40.6), resolution=0.1, modalities=("location", "satellite"),
-            models=models_dir, cache=tmp_path_factory.mktemp("sat-browser"), progress=False,
-            sat_source="xyz", sat_url=tiles.url_template, sat_zoom=12, sat_size=64,
-            workers=4)
+        session = open_satellite_session(models_dir, tmp_path_factory.mktemp("sat-browser"),
+                                         tiles.url_template)
         with ServeServer(session) as server:
             context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
             pg = context.new_page()
