@@ -147,3 +147,44 @@ class PerCellSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class HTTPSource:
+    """The plumbing the HTTP imagery sources (XYZ tiles, WMS) share: one session made on first
+    use from the source's retry settings and circuit breaker (:func:`taxamap.sources.http.
+    make_session`), retries counted in ``stats``, and ``close`` / the context manager.
+
+    Subclasses set ``workers``, ``retries``, ``backoff``, ``max_backoff``, ``max_retry_after``,
+    ``timeout``, ``breaker``, ``stats``, ``_user_agent``, ``_lock``, ``_executor``, ``_session``
+    and ``_own_session``.
+    """
+
+    def close(self) -> None:
+        """Stop the worker threads and close the HTTP connections."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        if self._session is not None and self._own_session:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _http(self):
+        from taxamap.sources import http
+
+        with self._lock:
+            if self._session is None:
+                self._session = http.make_session(
+                    workers=self.workers, retries=self.retries, backoff=self.backoff,
+                    max_backoff=self.max_backoff, max_retry_after=self.max_retry_after,
+                    timeout=self.timeout, user_agent=self._user_agent, breaker=self.breaker,
+                    on_retry=self._count_retry)
+            return self._session
+
+    def _count_retry(self) -> None:
+        self.stats.add(requests=1, retries=1)

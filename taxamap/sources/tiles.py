@@ -45,7 +45,7 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull
 from taxamap.sources import http
-from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
 from taxamap.sources.cache import MISSING, TileCache, decode_image
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
 
@@ -174,7 +174,7 @@ def plan_footprint(fp: Footprint, zoom: int | None, tile_size: int = TILE_SIZE,
     return _window(x0, y0, x1 - x0, y1 - y0, z, tile_size, fp)
 
 
-class XYZTileSource:
+class XYZTileSource(HTTPSource):
     """Patches mosaicked from ``{z}/{x}/{y}`` tiles (see the module docstring for the behaviour).
 
     Parameters: ``url`` template (``{z}``, ``{x}``, ``{y}`` or ``{-y}`` for TMS, optional ``{s}``
@@ -340,21 +340,6 @@ class XYZTileSource:
                        cells_failed=sum(failed))
         return out, failed
 
-    def close(self) -> None:
-        """Stop the worker threads and close the HTTP connections."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        if self._session is not None and self._own_session:
-            self._session.close()
-            self._session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- tiles --------------------------------------------------------------------------------
 
     def tile_url(self, z: int, x: int, y: int) -> str:
@@ -379,19 +364,6 @@ class XYZTileSource:
     def _forget(self, tile) -> None:
         with self._lock:
             self._inflight.pop(tile, None)
-
-    def _http(self):
-        with self._lock:
-            if self._session is None:
-                self._session = http.make_session(
-                    workers=self.workers, retries=self.retries, backoff=self.backoff,
-                    max_backoff=self.max_backoff, max_retry_after=self.max_retry_after,
-                    timeout=self.timeout, user_agent=self._user_agent, breaker=self.breaker,
-                    on_retry=self._count_retry)
-            return self._session
-
-    def _count_retry(self) -> None:
-        self.stats.add(requests=1, retries=1)
 
     def _get_tile(self, tile: tuple[int, int, int]):
         """(decoded RGB tile or None, failed): failed when it is missing after retries (not absent)."""

@@ -49,7 +49,7 @@ from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.cache import MISSING, TileCache
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
-from taxamap.sources.base import DEFAULT_WORKERS, SourceStats, as_latlon
+from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
 from taxamap.sources.tiles import eox_metadata
 
 #: EOX's WMS, the endpoint of every iSatNat training URL.
@@ -163,7 +163,7 @@ def decode_answer(data: bytes, size: tuple[int, int]):
     return "image", rgb
 
 
-class WMSSource:
+class WMSSource(HTTPSource):
     """Patches by one WMS GetMap per cell (see the module docstring).
 
     Parameters: ``url`` the WMS endpoint; ``layer``; ``footprint_m``/``size`` the box and its
@@ -312,35 +312,7 @@ class WMSSource:
                        cells_failed=sum(failed))
         return out, failed
 
-    def close(self) -> None:
-        """Stop the worker threads and close the HTTP connections."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        if self._session is not None and self._own_session:
-            self._session.close()
-            self._session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- requests -----------------------------------------------------------------------------
-
-    def _http(self):
-        with self._lock:
-            if self._session is None:
-                self._session = http.make_session(
-                    workers=self.workers, retries=self.retries, backoff=self.backoff,
-                    max_backoff=self.max_backoff, max_retry_after=self.max_retry_after,
-                    timeout=self.timeout, user_agent=self._user_agent, breaker=self.breaker,
-                    on_retry=self._count_retry)
-            return self._session
-
-    def _count_retry(self) -> None:
-        self.stats.add(requests=1, retries=1)
 
     @staticmethod
     def _key(url: str) -> str:
