@@ -551,8 +551,13 @@ def _say(message: str) -> None:
 
 
 class _StderrHandler(logging.Handler):
-    """The library's progress and notices (logger "taxamap", INFO and up), one line each on
-    stderr; resolved at emit time so a redirected or captured stderr is honoured."""
+    """The library's progress and notices, one line each on stderr (resolved at emit time, so a
+    redirected or captured stderr is honoured): INFO and up from the "taxamap" logger itself,
+    where the pipeline speaks to users; only warnings and errors from the modules' own loggers
+    ("taxamap.taxonomy", ...), whose INFO lines are details (e.g. an offline service skipped)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "taxamap" or record.levelno >= logging.WARNING
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
