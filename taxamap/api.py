@@ -394,16 +394,19 @@ def occurrences(
     bbox: BBoxLike | None = None,
     limit: int = 5000,
     cache: PathLike | None = None,
+    client: Any = None,
 ) -> "gpd.GeoDataFrame":
     """GBIF occurrences of ``species`` inside ``region``/``bbox`` as a GeoDataFrame (EPSG:4326),
-    paged and cached (needs the internet on first call)."""
+    paged and cached (needs the internet on first call). ``client`` is the HTTP boundary
+    (default: a :class:`taxamap.taxonomy.TaxonomyClient` for api.gbif.org)."""
     from taxamap.products.occurrences import download_occurrences, load_points, points_frame
     from taxamap.paths import cache_subdir
     from taxamap.geography import resolve_region
 
     where = resolve_region(region, bbox, land_only=False)
-    result = download_occurrences(species, where.outline, None, limit=limit,
-                                  cache_dir=cache_subdir("occurrences", cache))
+    result = download_occurrences(species, where.outline, None, limit=limit, client=client,
+                                  cache_dir=cache_subdir("occurrences", cache), offline=False
+                                  if client is not None else None)
     points = load_points(result.path)
     frame = points_frame(points.latlon, species=result.scientific_name)
     frame.attrs.update(count=result.count, n_records=result.n_records,

@@ -249,3 +249,19 @@ def test_download_errors_are_one_line(tmp_path, gbif, monkeypatch):
     with pytest.raises(TaxamapError, match="out of range"):
         download_occurrences("Ariolimax buttoni", (-123, 36, -121, 38), tmp_path / "o.csv",
                              limit=200_000, client=client, offline=False)
+
+
+def test_api_occurrences_is_a_geodataframe_from_the_cache(tmp_path, gbif):
+    import taxamap
+
+    server, client = gbif(records=_records(120))
+    gdf = taxamap.occurrences("Ariolimax buttoni", bbox=(-123.5, 35.5, -120.5, 38.5), limit=100,
+                              cache=tmp_path / "cache", client=client)
+    assert gdf.crs.to_epsg() == 4326 and len(gdf) == 100
+    assert {"lat", "lon", "species"} <= set(gdf.columns)
+    np.testing.assert_allclose(gdf.geometry.y, gdf["lat"])
+    assert gdf.attrs["count"] == 120 and not list(tmp_path.glob("*.csv"))
+    again = taxamap.occurrences("Ariolimax buttoni", bbox=(-123.5, 35.5, -120.5, 38.5),
+                                limit=100, cache=tmp_path / "cache", client=client)
+    assert len(server.search_requests()) == 1  # the second answer came from the cache
+    assert again.equals(gdf)
