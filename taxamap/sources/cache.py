@@ -237,3 +237,19 @@ def cache_clear(cache_dir: str | Path | None = None, source: str | None = None) 
         shutil.rmtree(trash, ignore_errors=True)
         removed += entries + missing
     return removed
+
+
+def cached(cache: "TileCache | None", key: str, stats) -> tuple[bool, Any]:
+    """Look ``key`` up in a source's cache (``cache`` may be None): (True, image) for a stored
+    answer, (True, None) for one recorded as absent (404, blank), (False, None) when it must be
+    fetched. Hits are counted in the source's ``stats``."""
+    if cache is None:
+        return False, None
+    hit = cache.get(key)
+    if hit is MISSING:
+        stats.add(cache_hits=1, not_found=1)
+        return True, None
+    if hit is not None:
+        stats.add(cache_hits=1)
+        return True, hit
+    return False, None

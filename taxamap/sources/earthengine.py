@@ -43,7 +43,7 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull
 from taxamap.sources import http
-from taxamap.sources.cache import MISSING, TileCache
+from taxamap.sources.cache import TileCache, cached
 from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 
@@ -307,14 +307,9 @@ class EarthEngineSource(PerCellSource):
         if planned is None:
             return None, False
         key, parts = planned
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is MISSING:
-                self.stats.add(cache_hits=1, not_found=1)
-                return None, False
-            if hit is not None:
-                self.stats.add(cache_hits=1)
-                return hit, False
+        found, hit = cached(self.cache, key, self.stats)
+        if found:
+            return hit, False
         dn = np.zeros((self.size, self.size, 3), np.float64)
         valid = np.zeros((self.size, self.size), bool)
         for col0, col1, request in parts:

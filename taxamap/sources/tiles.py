@@ -46,7 +46,7 @@ from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
-from taxamap.sources.cache import MISSING, TileCache, decode_image
+from taxamap.sources.cache import TileCache, cached, decode_image
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
 
 #: EOX Sentinel-2 cloudless 2020, Web Mercator (the layer TaxaBind trained on).
@@ -371,14 +371,9 @@ class XYZTileSource(HTTPSource):
             raise self._fatal
         z, x, y = tile
         key = f"{z}/{x}/{y}"
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is MISSING:
-                self.stats.add(cache_hits=1, not_found=1)
-                return None, False
-            if hit is not None:
-                self.stats.add(cache_hits=1)
-                return self._check_size(hit), False
+        found, hit = cached(self.cache, key, self.stats)
+        if found:
+            return (None if hit is None else self._check_size(hit)), False
         url = self.tile_url(z, x, y)
         self.stats.add(requests=1)
         answer = http.get_checked(

@@ -47,7 +47,7 @@ from urllib.parse import quote
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull
 from taxamap.sources import http
-from taxamap.sources.cache import MISSING, TileCache
+from taxamap.sources.cache import TileCache, cached
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
 from taxamap.sources.tiles import eox_metadata
@@ -324,14 +324,9 @@ class WMSSource(HTTPSource):
         if self._fatal is not None:
             raise self._fatal
         key = self._key(url)
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is MISSING:
-                self.stats.add(cache_hits=1, not_found=1)
-                return None, False
-            if hit is not None:
-                self.stats.add(cache_hits=1)
-                return hit, False
+        found, hit = cached(self.cache, key, self.stats)
+        if found:
+            return hit, False
         self.stats.add(requests=1)
         try:
             answer = http.get_checked(
