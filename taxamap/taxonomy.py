@@ -375,13 +375,38 @@ def _phrase_match(query: tuple[str, ...], name: tuple[str, ...]) -> tuple[int, i
     return best
 
 
-def _similarity(matcher: difflib.SequenceMatcher, name: str) -> float:
-    """How alike ``name`` and the matcher's second sequence (the query) are; 0 below
-    :data:`SIMILAR`. The query is the matcher's cached side, as in difflib.get_close_matches."""
-    matcher.set_seq1(name)
-    if matcher.real_quick_ratio() < SIMILAR or matcher.quick_ratio() < SIMILAR:
-        return 0.0  # the cheap upper bounds already rule it out
-    return matcher.ratio()
+def _letter_counts(names: Sequence[str]):
+    """(len(names), 128) counts of each character of each (normalised, ASCII) name."""
+    import numpy as np
+
+    counts = np.zeros((len(names), 128), np.int16)
+    for row, name in enumerate(names):
+        codes = np.frombuffer(name.encode("ascii", "ignore"), np.uint8)
+        counts[row] = np.bincount(codes, minlength=128)[:128]
+    return counts
+
+
+def _alike(key: str, rows: "_Keyed", counts=None) -> list[tuple[float, int, int]]:
+    """(ratio, row, name) of the names of ``rows`` at least :data:`SIMILAR` alike to ``key``
+    (difflib's ratio). ``counts`` (:func:`_letter_counts` of the names, row by row) bound every
+    ratio at once, as difflib's quick_ratio does one by one, so few pairs are compared in full."""
+    import numpy as np
+
+    flat = [(i, j, name) for i, names in enumerate(rows) for j, (name, _) in enumerate(names)]
+    if counts is None:
+        counts = _letter_counts([name for _, _, name in flat])
+    query = _letter_counts([key])[0]
+    bound = 2.0 * np.minimum(counts, query).sum(axis=1) / (counts.sum(axis=1) + len(key))
+    matcher = difflib.SequenceMatcher(None)
+    matcher.set_seq2(key)  # the cached side, as in difflib.get_close_matches
+    found = []
+    for k in np.flatnonzero(bound >= SIMILAR):
+        i, j, name = flat[k]
+        matcher.set_seq1(name)
+        ratio = matcher.ratio()
+        if ratio >= SIMILAR:
+            found.append((ratio, i, j))
+    return found
 
 
 _Keyed = Sequence[tuple[tuple[str, tuple[str, ...]], ...]]
@@ -396,12 +421,13 @@ def _keyed(names: Sequence[Sequence[str | None]]) -> list[tuple[tuple[str, tuple
     return rows
 
 
-def _rank(query: str, rows: _Keyed, limit: int | None = None) -> list[tuple[int, int]]:
+def _rank(query: str, rows: _Keyed, limit: int | None = None,
+          counts=None) -> list[tuple[int, int]]:
     """(row, name) indexes of the ``rows`` that match ``query``, best first: exact names, then
     whole words from a name's start, whole words inside it (ending the name first), a partly
     typed last word from the start, then inside, then the text anywhere; when nothing matches
     so (a misspelling of four letters or more), the names at least :data:`SIMILAR` alike, most
-    alike first. Ties go alphabetically."""
+    alike first. Ties go alphabetically. ``counts``: the names' :func:`_letter_counts`, if known."""
     key = normalize_name(query)
     words = tuple(key.split())
     if not words:
@@ -418,13 +444,12 @@ def _rank(query: str, rows: _Keyed, limit: int | None = None) -> list[tuple[int,
         if best is not None:
             scored.append((best, i))
     if not scored and len(key) >= 4:
-        matcher = difflib.SequenceMatcher(None)
-        matcher.set_seq2(key)
-        for i, names in enumerate(rows):
-            alike = [(_similarity(matcher, name), name, j) for j, (name, _) in enumerate(names)]
-            ratio, name, j = max(alike, default=(0.0, "", 0))
-            if ratio >= SIMILAR:
-                scored.append(((6, 1, -ratio, name, j), i))
+        best_of: dict[int, tuple] = {}
+        for ratio, i, j in _alike(key, rows, counts):
+            candidate = (6, 1, -ratio, rows[i][j][0], j)
+            if i not in best_of or candidate < best_of[i]:
+                best_of[i] = candidate
+        scored = [(best, i) for i, best in best_of.items()]
     scored.sort()
     return [(i, best[-1]) for best, i in scored[:limit]]
 
@@ -442,12 +467,18 @@ def _search_rows() -> tuple[list[Taxon], list]:
     return taxa, _keyed([(t.binomial, t.common_name) for t in taxa])
 
 
+@lru_cache(maxsize=1)
+def _search_counts():
+    _, rows = _search_rows()
+    return _letter_counts([name for names in rows for name, _ in names])
+
+
 def search_table(query: str, limit: int | None = 20) -> list[Taxon]:
     """The shipped table's species matching ``query`` by scientific or common name, best first:
     exact names, whole words ("robin" finds American Robin before *Marmosa robinsoni*), names
     being typed, the text anywhere; failing those, similar spellings ("Cardinalis cardinalus")."""
     taxa, rows = _search_rows()
-    return [taxa[i] for i, _ in _rank(query, rows, limit)]
+    return [taxa[i] for i, _ in _rank(query, rows, limit, _search_counts())]
 
 
 def _suggestions(query: str, online: Sequence[tuple[str, str | None]] = (),
@@ -459,8 +490,13 @@ def _suggestions(query: str, online: Sequence[tuple[str, str | None]] = (),
     known = {t.binomial.lower() for t in taxa}
     extra = [(b, c) for b, c in dict(online).items() if b.lower() not in known]
     names = [(t.binomial, t.common_name) for t in taxa] + extra
+    import numpy as np
+
+    more = _keyed(extra)
+    counts = np.vstack([_search_counts(),
+                        _letter_counts([name for names in more for name, _ in names])])
     shown, ranked = [], set()
-    for i, j in _rank(query, rows + _keyed(extra), limit):
+    for i, j in _rank(query, rows + more, limit, counts):
         binomial, common = names[i]
         ranked.add(i)
         shown.append(_shown(common, binomial) if j == 1 else _shown(binomial, common))

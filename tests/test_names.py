@@ -375,3 +375,28 @@ def test_grid_options_in_python_are_keywords(models_dir, cache):
             taxamap.predict(species="Cardinalis cardinalis", models=models_dir, cache=cache,
                             progress=False, **kwargs)
         assert needle in str(err.value) and not FLAG.search(str(err.value)), str(err.value)
+
+
+def test_option_renders_per_surface_and_api_entry_keeps_an_outer_surface():
+    from taxamap.surface import accepts, api_entry, current, option, speaking_to
+
+    said = {}
+    for surface in ("cli", "api", "web"):
+        with speaking_to(surface):
+            said[surface] = (option("species", "Cardinalis cardinalis"),
+                             option("occurrences", metavar="FILE"), option("fit", True),
+                             accepts("occurrences"))
+    assert said["cli"] == ('--species "Cardinalis cardinalis"', "--occurrences FILE", "--fit",
+                           True)
+    assert said["api"] == ('species="Cardinalis cardinalis"', "occurrences=...", "fit=True", True)
+    assert said["web"][0] == '"Cardinalis cardinalis" in the species box'
+    assert said["web"][3] is False  # the page takes no occurrence file
+
+    @api_entry
+    def surface_inside() -> str:
+        return current()
+
+    assert current() == "cli" and surface_inside() == "api"
+    with speaking_to("web"):
+        assert surface_inside() == "web"  # the web app calls the API: its words stay the page's
+    assert current() == "cli"
