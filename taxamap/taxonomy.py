@@ -9,6 +9,11 @@ species either by that full string (used as given) or by its binomial, which is 
 3. offline (``offline=True``, ``TAXAMAP_OFFLINE=1``, ``HF_HUB_OFFLINE=1``, or the network is down),
    from the table shipped in ``taxamap/data/taxonomy.csv``.
 
+A common name ("Northern Cardinal") of that table stands for its binomial; one the table lacks is
+asked of iNaturalist. A name nobody knows is refused with the closest names ("did you mean ...?"),
+ranked by :func:`search_table`'s rules (the web app's search uses the same), from the table and,
+online, from iNaturalist's autocomplete and GBIF's name suggestions.
+
 All HTTP goes through one :class:`TaxonomyClient`, which tests point at a local server.
 """
 
@@ -693,7 +698,7 @@ def resolve_species(
     closest names ("did you mean ...?") of the table and, online, of iNaturalist and GBIF.
     """
     if isinstance(text, str) and text.strip():
-        shared = lookup_common_name(text) if lookup_table_quiet(text) is None else []
+        shared = lookup_common_name(text) if _table_entry(text) is None else []
         if len(shared) > 1:
             names = " or ".join(_shown(t.binomial, None) for t in shared)
             raise TaxamapError(f'"{" ".join(text.split())}" is the common name of {len(shared)} '
@@ -718,7 +723,7 @@ def resolve_species(
 _COMMON = re.compile(r"[^\W\d_]+(?:[ '\u2019/-]+[^\W\d_]+)*'?\Z")
 
 
-def lookup_table_quiet(text: str) -> Taxon | None:
+def _table_entry(text: str) -> Taxon | None:
     """:func:`lookup_table` for any text: None (no error) when ``text`` is not a binomial."""
     return _table().get(" ".join(text.replace("_", " ").split()).lower())
 
@@ -795,6 +800,7 @@ __all__ = [
     "lookup_table",
     "normalize_binomial",
     "offline_requested",
+    "online_suggestions",
     "parse_seven_rank",
     "rank_names",
     "resolve_species",
