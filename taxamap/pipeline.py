@@ -582,7 +582,8 @@ def check_scored(per: dict[str, np.ndarray]) -> None:
         if not np.isfinite(scores).any():
             raise TaxamapError(
                 f"no cell could be embedded from the {modality} modality (every input missing or "
-                "failed); check its source (--sat-url, the network, --worldclim) and run again"
+                f"failed); check its source ({option('sat-url')}, the network, "
+                f"{option('worldclim')}) and run again"
             )
 
 
