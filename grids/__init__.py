@@ -27,18 +27,24 @@ HERE = Path(__file__).resolve().parent
 #: Order in which ``list_regions`` reports kinds.
 KINDS = ("world", "continent", "country", "state", "province")
 
+#: What a subdivision is, by the ISO-3 code of its country ("the US state Georgia").
+SUBDIVISION_WORDS = {"USA": "US state", "CAN": "Canadian province", "BRA": "Brazilian state",
+                     "AUS": "Australian state"}
+
 
 class RegionInfo(NamedTuple):
     """One preset: ``name`` resolves back to it; ``code`` is the ISO-3 code of a country, the
     postal code of a US state / Canadian province, the ISO 3166-2 code of other subdivisions, or
     None; ``country`` is the ISO-3 code of the country a subdivision belongs to; ``title`` is a
-    longer display name where the name is terse (``usa``)."""
+    longer display name where the name is terse (``usa``); ``part_of`` the preset of the whole
+    country where a country preset is only part of it (``usa``: United States of America)."""
 
     name: str
     kind: str
     code: Optional[str] = None
     country: Optional[str] = None
     title: Optional[str] = None
+    part_of: Optional[str] = None
 
 
 def normalize_name(text: str) -> str:
@@ -69,10 +75,12 @@ def _features(stem: str) -> list:
 
 def list_regions() -> list[RegionInfo]:
     """Every preset, grouped by kind (world, continents, countries, states, provinces), each
-    group sorted by name."""
+    group sorted by name; a preset that is part of a country (``usa``) comes right after the
+    whole country (United States of America)."""
     order = {kind: i for i, kind in enumerate(KINDS)}
     infos = [_info(e) for e in _index()["regions"]]
-    return sorted(infos, key=lambda r: (order.get(r.kind, len(order)), normalize_name(r.name)))
+    return sorted(infos, key=lambda r: (order.get(r.kind, len(order)),
+                                        normalize_name(r.part_of or r.name), r.part_of is not None))
 
 
 def aliases() -> dict[str, str]:
@@ -81,8 +89,14 @@ def aliases() -> dict[str, str]:
 
 
 def ambiguous() -> dict[str, list[str]]:
-    """Normalised spellings that several presets claim equally -> those presets' names."""
+    """Normalised spellings that name several presets ("georgia": the country and the US state;
+    "congo") -> those presets' names. Such spellings resolve to none of them."""
     return dict(_index().get("ambiguous", {}))
+
+
+def candidates(name: str) -> list[RegionInfo]:
+    """The presets an ambiguous ``name`` could mean (none when it is not ambiguous)."""
+    return [_info(_entry(n)) for n in _index().get("ambiguous", {}).get(normalize_name(name), [])]
 
 
 def lookup(name: str) -> Optional[RegionInfo]:
@@ -95,7 +109,7 @@ def lookup(name: str) -> Optional[RegionInfo]:
 
 def _info(entry: dict) -> RegionInfo:
     return RegionInfo(entry["name"], entry["kind"], entry.get("code"), entry.get("country"),
-                      entry.get("title"))
+                      entry.get("title"), entry.get("part_of"))
 
 
 @functools.lru_cache(maxsize=1)

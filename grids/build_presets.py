@@ -17,8 +17,11 @@ ne_50m_lakes.json (Natural Earth 1:50m, public domain) and writes, next to this 
 
 Geometries are made valid and simplified with ``--tolerance`` degrees (topology preserving;
 0.005 degrees is a tenth of a 0.05 degree cell), coordinates rounded to 1e-5 degrees (~1 m).
-Aliases that two presets claim equally are left out (listed under "ambiguous" in index.json);
-where one claim is stronger (a country's name over a state's, e.g. Georgia), the stronger wins.
+Aliases that two presets claim equally are left out (listed under "ambiguous" in index.json), and
+so are names that are the own name or code of two presets (Georgia: the country and the US
+state) and the short forms in ``AMBIGUOUS_FORMS`` (Congo): taxamap refuses them and lists the
+candidates, each by a name of its own ("Georgia (country)", "Georgia (USA)"). Otherwise the
+stronger claim wins (an explicit preset such as ``usa`` over the ISO-3 code of the whole country).
 
 Made with Natural Earth. Free vector and raster map data @ naturalearthdata.com.
 """
@@ -49,7 +52,8 @@ def _registry():
     return module
 
 
-normalize_name = _registry().normalize_name
+_REGISTRY = _registry()
+normalize_name = _REGISTRY.normalize_name
 
 CONTINENTS = ("Africa", "Antarctica", "Asia", "Europe", "North America", "Oceania", "South America")
 SUBDIVISION_COUNTRIES = {"USA": "state", "CAN": "province", "BRA": "state", "AUS": "state"}
@@ -91,9 +95,21 @@ COMMON_FORMS = {
     "Federated States of Micronesia": ["micronesia"],
 }
 
+#: Short forms that name several countries equally: refused with the candidates.
+AMBIGUOUS_FORMS = {
+    "congo": ["Democratic Republic of the Congo", "Republic of the Congo"],
+    "korea": ["North Korea", "South Korea"],
+    "virgin islands": ["British Virgin Islands", "United States Virgin Islands"],
+}
+
+#: How a subdivision named like a country is told apart, e.g. "Georgia (US state)".
+SUBDIVISION_WORDS = _REGISTRY.SUBDIVISION_WORDS
+
 USA_PRESET = {
     "name": "usa",
     "title": "Contiguous United States (lower 48 + DC)",
+    # Unlike every other ISO-3 code: USA names the contiguous states, listed beside the whole.
+    "part_of": "United States of America",
     "aliases": ["usa", "conus", "contiguous united states", "contiguous usa", "contiguous us",
                 "lower 48", "lower48", "us48", "us 48", "continental united states"],
 }
@@ -155,7 +171,11 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
     for a in WORLD_ALIASES:
         claim(a, P_PRESET, "world")
 
-    # Countries.
+    # Countries. One named like a subdivision (Georgia) is "Georgia (country)": the bare name
+    # is ambiguous, and each preset must have a name of its own.
+    subdivisions = [f for f in _load(source / "ne_50m_admin_1_states_provinces.json")
+                    if f["properties"]["adm0_a3"] in SUBDIVISION_COUNTRIES]
+    subdivision_names = {f["properties"]["name"] for f in subdivisions}
     countries = _load(source / "ne_50m_admin_0_countries.json")
     country_features = []
     by_continent: dict[str, list] = defaultdict(list)
@@ -166,6 +186,9 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
         name = DISPLAY_NAMES.get(p["ADMIN"], p["ADMIN"])
         code = _iso3(p)
         admin_names[name] = name
+        if name in subdivision_names:
+            name = f"{name} (country)"
+            claim(name, P_COUNTRY, name)
         by_continent[p["CONTINENT"]].append(geom)
         if name in CONTINENTS:
             # Antarctica is both; the continent preset serves both, and takes the country's codes.
@@ -206,17 +229,16 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
     # Subdivisions and the contiguous USA.
     subdivision_features = []
     lower48 = []
-    for f in _load(source / "ne_50m_admin_1_states_provinces.json"):
+    for f in subdivisions:
         p = f["properties"]
         country = p["adm0_a3"]
-        if country not in SUBDIVISION_COUNTRIES:
-            continue
         geom = _clean(shapely.from_geojson(json.dumps(f["geometry"])), tolerance)
         name = p["name"]
         iso = p["iso_3166_2"] if "~" not in (p["iso_3166_2"] or "~") else None
         code = p["postal"] if country in POSTAL_COUNTRIES else iso
-        if any(e["name"] == name for e in regions):
+        if name in admin_names:
             # A subdivision named like a country (Georgia): keep it reachable by a distinct name.
+            claim(f"{name} ({SUBDIVISION_WORDS[country]})", P_SUBDIVISION, f"{name} ({country})")
             name = f"{name} ({country})"
         regions.append({"name": name, "kind": SUBDIVISION_COUNTRIES[country], "code": code,
                         "country": country, "file": "subdivisions",
@@ -241,7 +263,8 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
     usa = shapely.polygons(shapely.get_exterior_ring(shapely.get_parts(usa)))
     usa = shapely.union_all(usa)
     regions.append({"name": USA_PRESET["name"], "kind": "country", "code": "USA",
-                    "title": USA_PRESET["title"], "file": "subdivisions",
+                    "title": USA_PRESET["title"], "part_of": USA_PRESET["part_of"],
+                    "file": "subdivisions",
                     "feature": len(subdivision_features)})
     subdivision_features.append(_feature(usa, name="usa", code="USA"))
     for a in USA_PRESET["aliases"]:
@@ -267,15 +290,26 @@ def build(source: Path, out: Path, tolerance: float) -> dict:
     land_features = [{"type": "Feature", "properties": {},
                       "geometry": json.loads(shapely.to_geojson(p))} for p in land_parts]
 
-    # Resolve aliases: strongest claim wins; equal claims by different presets are ambiguous.
+    # Resolve aliases: strongest claim wins; equal claims by different presets are ambiguous, and
+    # so is a preset's own name or code claimed by another one (unless a preset was chosen).
     alias_table, ambiguous = {}, {}
     for key, cl in sorted(claims.items()):
         best = min(s for s, _ in cl)
         winners = sorted({n for s, n in cl if s == best})
-        if len(winners) == 1:
-            alias_table[key] = winners[0]
-        else:
+        own = sorted({n for s, n in cl if P_CONTINENT <= s <= P_SUBDIVISION})
+        if key in AMBIGUOUS_FORMS:
+            continue
+        if len(winners) > 1:
             ambiguous[key] = winners
+        elif best != P_PRESET and len(own) > 1:
+            ambiguous[key] = own
+        else:
+            alias_table[key] = winners[0]
+    for key, names in AMBIGUOUS_FORMS.items():
+        missing = [n for n in names if n not in {e["name"] for e in regions}]
+        if missing:
+            raise SystemExit(f"AMBIGUOUS_FORMS[{key!r}] names unknown presets {missing}")
+        ambiguous[key] = names
     for e in regions:
         # Every preset must be reachable by its own listed name.
         if alias_table.get(normalize_name(e["name"])) != e["name"]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from taxamap.errors import TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION
 from taxamap.score import DEFAULT_FUSION
+from taxamap.surface import api_entry
 
 if TYPE_CHECKING:  # pragma: no cover
     import geopandas as gpd
@@ -63,6 +64,7 @@ def grid_request_fields(given: dict) -> dict:
     )
 
 
+@api_entry
 def predict(
     species: str | Sequence[str] | None = None,
     *,
@@ -134,6 +136,7 @@ def predict(
     return ds
 
 
+@api_entry
 def open_session(
     *,
     region: str | PathLike | None = None,
@@ -174,6 +177,7 @@ def open_session(
     return MapSession(req, fusion, prompt_cache=prompt_cache, map_cache=map_cache)
 
 
+@api_entry
 def write(
     ds: "xr.Dataset",
     out: PathLike = ".",
@@ -200,6 +204,7 @@ def write(
     return write_dataset(ds, wreq, outline=outline)
 
 
+@api_entry
 def embed(
     *,
     region: str | PathLike | None = None,
@@ -256,6 +261,7 @@ class Range:
     criterion_b: str = ""
 
 
+@api_entry
 def threshold(
     map: Any,
     rule: str = "percentile:90",
@@ -304,6 +310,7 @@ def threshold(
                  criterion_b=metrics.criterion_b)
 
 
+@api_entry
 def evaluate(
     map: Any,
     occurrences: Any = None,
@@ -387,6 +394,7 @@ def _band_names(bands: Sequence[int | str], table) -> list[str]:
     return [names[int(b) - 1] if str(b).isdigit() else str(b) for b in bands]
 
 
+@api_entry
 def occurrences(
     species: str,
     *,
@@ -414,6 +422,7 @@ def occurrences(
     return frame
 
 
+@api_entry
 def region(name: str | PathLike | None = None, *, bbox: BBoxLike | None = None,
            land: bool = False) -> "gpd.GeoDataFrame":
     """A region preset, vector file and/or bbox as a one-row GeoDataFrame (EPSG:4326): its
@@ -430,6 +439,7 @@ def region(name: str | PathLike | None = None, *, bbox: BBoxLike | None = None,
                             geometry=[geometry], crs="EPSG:4326")
 
 
+@api_entry
 def regions(kind: str | None = None) -> "pd.DataFrame":
     """The region presets (``taxamap regions``) as a DataFrame: name, kind, code, title."""
     import pandas as pd

@@ -13,10 +13,12 @@ import sys
 
 from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.surface import speaking_to
 
 EXAMPLES_PREDICT = """examples:
   taxamap predict --species "Cardinalis cardinalis" --region usa
   taxamap predict --species "animalia chordata aves passeriformes cardinalidae cardinalis cardinalis" --bbox -90,30,-75,45
+  taxamap predict --species "American Robin" --region "Georgia (USA)"   # common name; the US state
   taxamap predict --image bird.jpg --region ohio --resolution 0.05 --out maps/
   taxamap predict --species "Ursus arctos" --region canada --modalities location,environment --worldclim ~/data/worldclim
   taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite
@@ -49,9 +51,10 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     from taxamap.grid import DEFAULT_RESOLUTION
 
     g = p.add_argument_group("where")
-    g.add_argument("--region", help="preset name (usa, world, a continent, a country name or ISO-3 "
-                   "code, a US state or Canadian province name/postal code; see 'taxamap regions') "
-                   "or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS)")
+    g.add_argument("--region", help="preset name (usa = the contiguous states, world, a continent, "
+                   "a country name or ISO-3 code, a US state or Canadian province name/postal code; "
+                   "see 'taxamap regions'; a name of several presets, e.g. Georgia, is refused with "
+                   "the name of each) or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS)")
     g.add_argument("--bbox", metavar="W,S,E,N", help="lon/lat box in degrees; W > E crosses the "
                    "antimeridian. With --region, the two are intersected")
     g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
@@ -139,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES_PREDICT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q = p.add_argument_group("query (one of)")
-    q.add_argument("--species", help='binomial ("Cardinalis cardinalis", any case) or the full '
-                   'seven-rank string ("Animalia Chordata Aves ... Cardinalis cardinalis")')
+    q.add_argument("--species", help='binomial ("Cardinalis cardinalis", any case), common name '
+                   '("Northern Cardinal") or the full seven-rank string ("Animalia Chordata Aves '
+                   '... Cardinalis cardinalis"); a name not found gets the closest ones ("did you '
+                   'mean ...?"); the prompt used is printed')
     q.add_argument("--species-file", metavar="FILE",
                    help="many species: one name per line, or a CSV with a 'species' column; all "
                    "prompts are embedded in one batch and one map is written per species; "
@@ -584,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = args.debug or os.environ.get("TAXAMAP_DEBUG") == "1"
     try:
-        return COMMANDS[args.command](args)
+        with speaking_to("cli"):
+            return COMMANDS[args.command](args)
     except TaxamapError as exc:
         if debug:
             raise

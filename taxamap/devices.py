@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -15,11 +16,12 @@ def pick_device(device: str = "auto") -> str:
 
     device = (device or "auto").lower()
     if device not in DEVICES and not device.startswith("cuda:"):
-        raise TaxamapError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+        raise TaxamapError(f"unknown {option('device', device)}; choose auto, cpu or cuda")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TaxamapError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise TaxamapError(f"{option('device', 'cuda')} was asked for but no CUDA GPU is visible; "
+                           f"use {option('device', 'cpu')}")
     if device == "cpu":
         # One intra-op thread per (logical) core, or TAXAMAP_THREADS.
         raw = os.environ.get("TAXAMAP_THREADS", "0")
@@ -40,7 +42,7 @@ def lazy_device(device: str = "auto"):
     """
     name = (device or "auto").lower()
     if name not in DEVICES and not name.startswith("cuda:"):
-        raise TaxamapError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+        raise TaxamapError(f"unknown {option('device', device)}; choose auto, cpu or cuda")
     chosen: list[str] = []
 
     def get() -> str:

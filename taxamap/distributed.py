@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 
 _EMBEDDERS: dict = {}
 
@@ -24,12 +25,14 @@ def open_client(address: str):
     try:
         from distributed import Client, LocalCluster
     except ImportError as exc:
-        raise TaxamapError("--dask needs dask.distributed: pip install 'dask[distributed]'") from exc
+        raise TaxamapError(f"{option('dask')} needs dask.distributed: pip install "
+                           "'dask[distributed]'") from exc
     if address == "local" or address.startswith("local:"):
         try:
             n = int(address.split(":", 1)[1]) if ":" in address else (os.cpu_count() or 1)
         except ValueError as exc:
-            raise TaxamapError(f"--dask {address!r}: use local or local:N (N workers)") from exc
+            raise TaxamapError(f"{option('dask', address)}: use local or local:N (N workers)") \
+                from exc
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                dashboard_address=None)
         return Client(cluster), cluster

@@ -28,6 +28,7 @@ import shapely
 from taxamap import grids
 from taxamap.crs import geometry_to_lonlat
 from taxamap.errors import TaxamapError
+from taxamap.surface import current, option
 
 BBox = tuple[float, float, float, float]
 
@@ -45,9 +46,9 @@ def check_cells(cells: str) -> str:
     """The ``--cells`` choice, normalised ("Land " -> "land"); a one-line error for anything else."""
     value = cells.strip().lower() if isinstance(cells, str) else cells
     if value not in CELL_CHOICES:
-        raise TaxamapError(f"--cells {cells!r} is not one of land, water or all (land: cells on "
-                           "land, the default; water: ocean and lakes; all: every cell in the "
-                           "region)")
+        raise TaxamapError(f"{option('cells', cells)} is not one of land, water or all (land: "
+                           "cells on land, the default; water: ocean and lakes; all: every cell "
+                           "in the region)")
     return value
 
 
@@ -93,8 +94,8 @@ def resolve_region(
         cells = "land" if land_only else "all"
     cells = check_cells(cells)
     if region is None and bbox is None:
-        raise TaxamapError("give a region: --region NAME|FILE (see 'taxamap regions') or "
-                           "--bbox W,S,E,N")
+        raise TaxamapError(f"give a region: {option('region', metavar='NAME|FILE')} (see "
+                           f"{_presets_list()}) or {option('bbox', metavar='W,S,E,N')}")
     if region is not None:
         outline, name, slug, kind = _region_outline(str(region).strip())
     if bbox is not None:
@@ -105,20 +106,22 @@ def resolve_region(
         else:
             outline = _intersect_any_frame(outline, box_geom)
             if outline.is_empty:
-                raise TaxamapError(f"--bbox {_bbox_text(bbox)} does not overlap region {name!r}; "
-                                   "use a box that covers part of it")
+                raise TaxamapError(f"{option('bbox', _bbox_text(bbox))} does not overlap region "
+                                   f"{name!r}; use a box that covers part of it")
             name, slug = f"{name} in {box_name}", f"{slug}_bbox_{box_slug}"
     outline = _compact_frame(outline)
     if cells == "land":
         geometry = _on_land(outline, is_box=(region is None))
         if geometry.is_empty:
             raise TaxamapError(f"region {name!r} has no land; cells are kept only on land, so use "
-                               "a region or --bbox that covers some land (or --cells water|all)")
+                               f"a region or {option('bbox')} that covers some land (or "
+                               f"{option('cells', metavar='water|all')})")
     elif cells == "water":
         geometry = _in_water(outline)
         if geometry.is_empty:
-            raise TaxamapError(f"region {name!r} has no water (ocean or lake) with --cells water; "
-                               "use a region or --bbox that covers some, or --cells land|all")
+            raise TaxamapError(f"region {name!r} has no water (ocean or lake) with "
+                               f"{option('cells', 'water')}; use a region or {option('bbox')} that "
+                               f"covers some, or {option('cells', metavar='land|all')}")
     else:
         geometry = outline
     return Region(name=name, slug=slug, geometry=geometry, outline=outline,
@@ -139,8 +142,8 @@ def _looks_like_path(text: str) -> bool:
 
 def _region_outline(text: str):
     if not text:
-        raise TaxamapError("--region is empty; give a preset name (see 'taxamap regions') or a "
-                           "vector file")
+        raise TaxamapError(f"{option('region')} is empty; give a preset name (see "
+                           f"{_presets_list()}) or a vector file")
     info = None if _looks_like_path(text) else grids.lookup(text)
     if info is not None:
         return (_as_polygonal(grids.get_region(info.name)), info.title or info.name,
@@ -155,10 +158,13 @@ def _region_outline(text: str):
 
 def _unknown_message(text: str) -> str:
     key = grids.normalize_name(text)
-    ambiguous = grids.ambiguous().get(key)
-    if ambiguous:
-        return (f"region {text!r} could mean {' or '.join(ambiguous)}; use one of those names "
-                "(run 'taxamap regions' to list presets)")
+    candidates = grids.candidates(text)
+    if candidates:
+        order = {kind: i for i, kind in enumerate(grids.KINDS)}
+        named = " or ".join(_described(c) for c in sorted(candidates,
+                                                          key=lambda c: order.get(c.kind, 9)))
+        return (f"region {text!r} is ambiguous: {named}; give one of those names or codes "
+                f"(see {_presets_list()})")
     table = grids.aliases()
     close = difflib.get_close_matches(key, list(table), n=8, cutoff=0.6)
     names: list[str] = []
@@ -166,8 +172,19 @@ def _unknown_message(text: str) -> str:
         if table[alias] not in names:
             names.append(table[alias])
     hint = f" (did you mean {' or '.join(repr(n) for n in names[:3])}?)" if names else ""
-    return (f"unknown region {text!r}{hint}; run 'taxamap regions' to list presets, or pass a "
-            "vector file (GeoJSON, GeoPackage, Shapefile)")
+    return (f"unknown region {text!r}{hint}; see {_presets_list()}, or give a vector file "
+            "(GeoJSON, GeoPackage, Shapefile)")
+
+
+def _presets_list() -> str:
+    """Where the caller finds the presets: the command, or the function in Python."""
+    return "taxamap.regions()" if current() == "api" else "'taxamap regions'"
+
+
+def _described(info: grids.RegionInfo) -> str:
+    """A preset as a person tells it apart: "the US state 'Georgia (USA)' (GA)"."""
+    what = grids.SUBDIVISION_WORDS.get(info.country, info.kind) if info.country else info.kind
+    return f"the {what} {info.name!r}" + (f" ({info.code})" if info.code else "")
 
 
 def _read_vector(path: Path):
@@ -197,6 +214,8 @@ def _read_vector(path: Path):
 
 # --- bounding boxes ----------------------------------------------------------------------------
 
+_BBOX_EXAMPLE = "-125,24,-66,50"
+
 _NUMBER = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*"
 
 
@@ -207,8 +226,8 @@ def parse_bbox(bbox: Union[str, tuple, list]) -> BBox:
     if isinstance(bbox, str):
         match = re.fullmatch(",".join([_NUMBER] * 4), bbox.strip())
         if not match:
-            raise TaxamapError(f"--bbox {text!r} is not four numbers W,S,E,N in degrees, "
-                               "e.g. --bbox -125,24,-66,50")
+            raise TaxamapError(f"{option('bbox', text)} is not four numbers W,S,E,N in "
+                               f"degrees, e.g. {option('bbox', _BBOX_EXAMPLE)}")
         values = [float(v) for v in match.groups()]
     else:
         try:
@@ -216,25 +235,26 @@ def parse_bbox(bbox: Union[str, tuple, list]) -> BBox:
         except (TypeError, ValueError):
             values = []
         if len(values) != 4:
-            raise TaxamapError(f"--bbox {text!r} is not four numbers W,S,E,N in degrees, "
-                               "e.g. --bbox -125,24,-66,50")
+            raise TaxamapError(f"{option('bbox', text)} is not four numbers W,S,E,N in "
+                               f"degrees, e.g. {option('bbox', _BBOX_EXAMPLE)}")
     west, south, east, north = values
     if not all(math.isfinite(v) for v in values):
-        raise TaxamapError(f"--bbox {text} has a non-finite number; give W,S,E,N in degrees")
+        raise TaxamapError(f"{option('bbox', text)} has a non-finite number; give W,S,E,N in "
+                           "degrees")
     if not (-90 <= south <= 90 and -90 <= north <= 90):
-        raise TaxamapError(f"--bbox {text}: latitudes must lie in [-90, 90]")
+        raise TaxamapError(f"{option('bbox', text)}: latitudes must lie in [-90, 90]")
     if south >= north:
-        raise TaxamapError(f"--bbox {text}: south ({south:g}) must be less than north "
+        raise TaxamapError(f"{option('bbox', text)}: south ({south:g}) must be less than north "
                            f"({north:g}); the order is W,S,E,N")
     if not (-180 <= west <= 180 and -180 <= east <= 180):
-        raise TaxamapError(f"--bbox {text}: longitudes must lie in [-180, 180] (for a box across "
-                           "the antimeridian give W > E, e.g. 170,-20,-170,10)")
+        raise TaxamapError(f"{option('bbox', text)}: longitudes must lie in [-180, 180] (for a "
+                           "box across the antimeridian give W > E, e.g. 170,-20,-170,10)")
     if west > east:
         east += 360.0
     if west == east or east - west == 360.0 and west == 180.0:
         # 180 and -180 are the same meridian: "180,S,-180,N" is as empty as "10,S,10,N".
-        raise TaxamapError(f"--bbox {text}: west and east are the same meridian; the box has no "
-                           "width")
+        raise TaxamapError(f"{option('bbox', text)}: west and east are the same meridian; the "
+                           "box has no width")
     return (west, south, east, north)
 
 

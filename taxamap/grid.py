@@ -16,6 +16,7 @@ import numpy as np
 
 from taxamap.crs import wrap_lon
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 
 #: Above this many cells a grid is refused: one float32 512-d embedding per cell is 2 KiB, so
 #: 20 M cells would be ~40 GiB of embeddings per modality.
@@ -133,17 +134,19 @@ class Grid:
 def check_resolution(resolution: float, bounds: tuple[float, float, float, float]) -> None:
     """Raise a one-line :class:`TaxamapError` for a resolution that is unusable over ``bounds``."""
     if not (isinstance(resolution, (int, float)) and math.isfinite(resolution)) or resolution <= 0:
-        raise TaxamapError(f"--resolution must be a positive number of degrees, got {resolution!r}")
+        raise TaxamapError(f"{option('resolution')} must be a positive number of degrees, got "
+                           f"{resolution!r}")
     if resolution > 10:
-        raise TaxamapError(f"--resolution {resolution} is coarser than 10 degrees; use e.g. 0.1")
+        raise TaxamapError(f"{option('resolution', resolution)} is coarser than 10 degrees; use "
+                           f"e.g. {option('resolution', 0.1)}")
     west, south, east, north = bounds
     n = ((east - west) / resolution) * ((north - south) / resolution)
     if n > MAX_CELLS:
         suggestion = math.sqrt((east - west) * (north - south) / MAX_CELLS)
         raise TaxamapError(
-            f"--resolution {resolution} gives ~{n:,.0f} cells over this region, more than the "
-            f"{MAX_CELLS:,} that fit in memory; use --resolution {suggestion:.3g} or coarser, or a "
-            "smaller region"
+            f"{option('resolution', resolution)} gives ~{n:,.0f} cells over this region, more "
+            f"than the {MAX_CELLS:,} that fit in memory; use "
+            f"{option('resolution', float(f'{suggestion:.3g}'))} or coarser, or a smaller region"
         )
 
 
@@ -202,7 +205,7 @@ def make_grid(geometry, resolution: float = DEFAULT_RESOLUTION, cells: str = "la
         where = {"land": " (on land)", "water": " (on water)"}.get(cells, "")
         raise TaxamapError(
             f"no cell centre of a {resolution} degree grid falls inside the region{where}; "
-            "use a finer --resolution or a larger region"
+            f"use a finer {option('resolution')} or a larger region"
         )
     return Grid(west=west, north=north, resolution=resolution, width=width, height=height,
                 mask=mask, cells=cells)

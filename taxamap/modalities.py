@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from taxamap.errors import TaxamapError
 from taxamap.paths import cache_subdir
+from taxamap.surface import option
 
 log = logging.getLogger("taxamap")
 
@@ -91,8 +92,10 @@ def _environment_plan(options, config: dict, device: Callable[[], str],
 
     if not options.worldclim and not options.env_array:
         raise TaxamapError(
-            "the environment modality needs climate data: pass --worldclim DIR (fill it once "
-            "with 'taxamap data worldclim DIR') or --env-array bioclim_elevation_scaled.npy"
+            "the environment modality needs climate data: pass "
+            f"{option('worldclim', metavar='DIR')} (fill it once with 'taxamap data worldclim "
+            "DIR') or "
+            f"{option('env-array', 'bioclim_elevation_scaled.npy')}"
         )
     features = WorldClimFeatures(options.worldclim, env_array=options.env_array)
     return ModalityPlan(

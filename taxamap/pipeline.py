@@ -24,6 +24,7 @@ from taxamap.grid import DEFAULT_RESOLUTION, Grid, make_grid
 from taxamap.modalities import licence_notice, plan_modality
 from taxamap.paths import cache_subdir
 from taxamap.score import DEFAULT_FUSION, parse_modalities
+from taxamap.surface import accepts, option
 
 _logger = logging.getLogger("taxamap")
 
@@ -316,6 +317,11 @@ def resolve_species_file(names: list[str], source: str, cache: Path | None,
     return taxa, unknown
 
 
+#: The options that name a query, with their placeholders.
+QUERY_OPTIONS = (("species", "NAME"), ("species-file", "FILE"), ("image", "PATH"),
+                 ("audio", "PATH"))
+
+
 class QueryEncoders:
     """The query encoders of a request (text, photo, sound), each loaded on first use and kept:
     :func:`embed_queries` makes a fresh one per call; a long-lived caller (the web app's
@@ -366,9 +372,10 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:
-        raise TaxamapError(
-            "give exactly one query: --species NAME, --species-file FILE, --image PATH or --audio PATH"
-        )
+        queries = [option(name, metavar=metavar) for name, metavar in QUERY_OPTIONS
+                   if accepts(name)]
+        *first, last = list(dict.fromkeys(queries))  # the web page has one control for two
+        raise TaxamapError(f"give exactly one query: {', '.join(first)} or {last}")
     encoders = encoders if encoders is not None else QueryEncoders(req, config, device)
     if req.audio:
         from taxamap.models.audio import load_audio
@@ -504,9 +511,12 @@ def check_write_request(wreq: WriteRequest) -> dict:
         raise TaxamapError(f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
     if wreq.stack and (wreq.threshold or wreq.occurrences is not None or wreq.self_contained
                        or wreq.expert_range is not None):
-        raise TaxamapError("--stack writes one multi-band GeoTIFF only; drop --threshold, "
-                           "--occurrences, --expert-range and --self-contained, or map species "
-                           "one by one")
+        given = [name for name, value in (
+            ("threshold", wreq.threshold), ("occurrences", wreq.occurrences is not None),
+            ("expert-range", wreq.expert_range is not None),
+            ("self-contained", wreq.self_contained)) if value]
+        raise TaxamapError(f"{option('stack', True)} writes one multi-band GeoTIFF only; drop "
+                           f"{' and '.join(option(n) for n in given)}, or map species one by one")
     read: dict = {"occurrences": None}
     if wreq.occurrences is not None:
         from taxamap.products.occurrences import as_latlon_points
@@ -522,8 +532,9 @@ def check_write_request(wreq: WriteRequest) -> dict:
 
                 read_points(rule.occurrences)
             elif read["occurrences"] is None:
-                raise TaxamapError("--threshold maxtss needs occurrences: maxtss:FILE, or "
-                                   "--occurrences FILE")
+                raise TaxamapError(f"{option('threshold', 'maxtss')} needs occurrences: "
+                                   f"{option('threshold', 'maxtss:FILE')}, or "
+                                   f"{option('occurrences', metavar='FILE')}")
     read["expert"] = None
     if wreq.expert_range is not None:
         from taxamap.products.expert import read_expert_range
@@ -571,7 +582,8 @@ def check_scored(per: dict[str, np.ndarray]) -> None:
         if not np.isfinite(scores).any():
             raise TaxamapError(
                 f"no cell could be embedded from the {modality} modality (every input missing or "
-                "failed); check its source (--sat-url, the network, --worldclim) and run again"
+                f"failed); check its source ({option('sat-url')}, the network, "
+                f"{option('worldclim')}) and run again"
             )
 
 
@@ -633,8 +645,8 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     queries, query_ref = embed_queries(req, config, device, skipped)
     timings["query"] = time.perf_counter() - t
     if req.fit and len(queries) > 1:
-        raise TaxamapError("--fit fits one species' occurrences: map one species at a time "
-                           "(--species NAME, not --species-file)")
+        raise TaxamapError(f"{option('fit', True)} fits one species' occurrences: map one "
+                           f"species at a time ({option('species', metavar='NAME')}, not several)")
 
     t = time.perf_counter()
     cells = embed_cells(req, grid, config, device)
@@ -748,15 +760,17 @@ def _check_fit_inputs(req: PredictRequest, occurrences: np.ndarray | None) -> np
     """Check the --fit options before any long work; returns the background points (or None)."""
     if not req.fit:
         if req.background is not None:
-            raise TaxamapError("--background is used by --fit; add --fit or drop --background")
+            raise TaxamapError(f"{option('background')} is used by {option('fit', True)}; add "
+                               f"{option('fit', True)} or drop {option('background')}")
         return None
     if occurrences is None:
-        raise TaxamapError("--fit needs --occurrences FILE: the presence records to fit on")
+        raise TaxamapError(f"{option('fit', True)} needs {option('occurrences', metavar='FILE')}: "
+                           "the presence records to fit on")
     import math
 
     if not (isinstance(req.cv_blocks, (int, float)) and math.isfinite(req.cv_blocks)
             and req.cv_blocks > 0):
-        raise TaxamapError(f"--cv-blocks must be a positive number of degrees, not "
+        raise TaxamapError(f"{option('cv-blocks')} must be a positive number of degrees, not "
                            f"{req.cv_blocks!r}")
     if req.background is not None:
         from taxamap.products.occurrences import as_latlon_points

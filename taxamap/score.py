@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 
 #: Modalities a cell can be embedded from, in GeoTIFF band order (after the fused band).
 CELL_MODALITIES = ("location", "satellite", "environment")
@@ -66,7 +67,7 @@ def fuse_many(
     pass over the embeddings that computes them, for callers that score the same cells often.
     """
     if fusion not in FUSIONS:
-        raise TaxamapError(f"unknown --fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
+        raise TaxamapError(f"unknown {option('fusion', fusion)}; choose from {', '.join(FUSIONS)}")
     q = normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
     per: dict[str, np.ndarray] = {}
     valid: dict[str, np.ndarray] = {}

@@ -26,6 +26,8 @@ import numpy as np
 
 from taxamap.errors import TaxamapError
 from taxamap.score import DEFAULT_FUSION, FUSIONS, parse_modalities
+from taxamap.surface import api_entry
+from taxamap.surface import option
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -114,7 +116,8 @@ class MapSession:
                                       embed_cells, log)
 
         if fusion not in FUSIONS:
-            raise TaxamapError(f"unknown --fusion {fusion!r}; choose from {', '.join(FUSIONS)}")
+            raise TaxamapError(f"unknown {option('fusion', fusion)}; choose from "
+                               f"{', '.join(FUSIONS)}")
         t0 = time.perf_counter()
         grid_options = {f.name: getattr(req, f.name) for f in fields(GridRequest)}
         self.request = PredictRequest(**grid_options, fusion=fusion)
@@ -134,8 +137,8 @@ class MapSession:
             if not np.isfinite(self._norms[modality]).any():
                 raise TaxamapError(
                     f"no cell could be embedded from the {modality} modality (every input "
-                    "missing or failed); check its source (--sat-url, the network, --worldclim) "
-                    "and run again")
+                    f"missing or failed); check its source ({option('sat-url')}, the network, "
+                    f"{option('worldclim')}) and run again")
         self.encoders = QueryEncoders(self.request, self.config, self._device)
         # One query embedded at a time: the encoders are not all thread-safe (the NumPy text
         # tower narrows BLAS threads process-wide while it runs), and each takes milliseconds.
@@ -212,6 +215,7 @@ class MapSession:
 
     # ------------------------------------------------------------------ queries
 
+    @api_entry
     def embed(self, species: str | None = None, *, image: str | os.PathLike | None = None,
               audio: str | os.PathLike | None = None) -> EmbeddedQuery:
         """Embed one query (a species name, a photo or a recording file) with the session's
@@ -294,6 +298,7 @@ class MapSession:
                     "prompt": q.prompt or "", "slug": str(q.slug)}
         return ds
 
+    @api_entry
     def predict(self, species: str | Sequence[str] | None = None, *,
                 image: str | os.PathLike | None = None,
                 audio: str | os.PathLike | None = None) -> "xr.Dataset":

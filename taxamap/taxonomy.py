@@ -9,30 +9,38 @@ species either by that full string (used as given) or by its binomial, which is 
 3. offline (``offline=True``, ``TAXAMAP_OFFLINE=1``, ``HF_HUB_OFFLINE=1``, or the network is down),
    from the table shipped in ``taxamap/data/taxonomy.csv``.
 
+A common name ("Northern Cardinal") of that table stands for its binomial; one the table lacks is
+asked of iNaturalist. A name nobody knows is refused with the closest names ("did you mean ...?"),
+ranked by :func:`search_table`'s rules (the web app's search uses the same), from the table and,
+online, from iNaturalist's autocomplete and GBIF's name suggestions.
+
 All HTTP goes through one :class:`TaxonomyClient`, which tests point at a local server.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import logging
 import os
 import re
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import requests
 
 from taxamap import __version__
 from taxamap.errors import TaxamapError
+from taxamap.grids import normalize_name
 from taxamap.io import DiskFull, atomic_write
 from taxamap.sources import http
+from taxamap.surface import option
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +57,17 @@ KINGDOMS = frozenset(
      "Viruses"}
 )
 
-SEVEN_RANK_HINT = '--species "Kingdom Phylum Class Order Family Genus epithet"'
+#: The form of a full seven-rank name, as an example value.
+SEVEN_RANKS = "Kingdom Phylum Class Order Family Genus epithet"
+
+#: Least similarity (difflib ratio of the normalised names) for a "did you mean" suggestion.
+SIMILAR = 0.8
+
+
+def seven_rank_hint() -> str:
+    """How the caller gives all seven ranks: ``--species "Kingdom ..."`` on the CLI,
+    ``species="Kingdom ..."`` in Python, the species box on the web page."""
+    return option("species", SEVEN_RANKS)
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z-]*\Z")
 _TRUTHY = {"1", "true", "yes", "on"}
@@ -234,7 +252,8 @@ def normalize_binomial(text: str) -> str:
     if len(words) != 2:
         raise TaxamapError(
             f"species {text.strip()!r} is not a binomial (Genus epithet); give e.g. "
-            f'--species "Cardinalis cardinalis" or the full seven ranks: {SEVEN_RANK_HINT}'
+            f'{option("species", "Cardinalis cardinalis")} or the full seven ranks: '
+            f"{seven_rank_hint()}"
         )
     return f"{words[0].capitalize()} {words[1].lower()}"
 
@@ -242,14 +261,14 @@ def normalize_binomial(text: str) -> str:
 def _words(text: str) -> list[str]:
     if not isinstance(text, str) or not text.strip():
         raise TaxamapError(f"species name is empty; give a binomial such as "
-                           f'--species "Cardinalis cardinalis", or {SEVEN_RANK_HINT}')
+                           f'{option("species", "Cardinalis cardinalis")}, or {seven_rank_hint()}')
     # iNaturalist 2021 folder names join ranks with underscores; accept them as spaces.
     words = text.replace("_", " ").split()
     bad = [w for w in words if not _WORD.match(w)]
     if bad:
         raise TaxamapError(
             f"species {text.strip()!r} contains {bad[0]!r}: names are letters only (no digits, "
-            f'authors or punctuation), e.g. --species "Cardinalis cardinalis"'
+            f'authors or punctuation), e.g. {option("species", "Cardinalis cardinalis")}'
         )
     return words
 
@@ -267,7 +286,7 @@ def parse_seven_rank(text: str) -> Taxon | None:
     if kingdom not in KINGDOMS:
         raise TaxamapError(
             f"species {text.strip()!r} has seven words but {words[0]!r} is not a kingdom "
-            f"({', '.join(sorted(KINGDOMS))}); use {SEVEN_RANK_HINT}"
+            f"({', '.join(sorted(KINGDOMS))}); use {seven_rank_hint()}"
         )
     ranks = [w.capitalize() for w in words[:6]] + [words[6].lower()]
     return Taxon(prompt=" ".join(ranks), binomial=f"{ranks[5]} {ranks[6]}", source="given")
@@ -319,6 +338,181 @@ def list_table_species() -> list[str]:
     return sorted(t.binomial for t in _table().values())
 
 
+@lru_cache(maxsize=1)
+def _common_names() -> dict[str, list[Taxon]]:
+    index: dict[str, list[Taxon]] = {}
+    for taxon in _table().values():
+        if taxon.common_name:
+            index.setdefault(normalize_name(taxon.common_name), []).append(taxon)
+    return index
+
+
+def lookup_common_name(text: str) -> list[Taxon]:
+    """The shipped table's species whose common name is ``text`` ("northern cardinal", case,
+    accents, hyphens and apostrophes ignored): usually one, several where species share a name,
+    none when the table has no such name."""
+    return list(_common_names().get(normalize_name(text), ()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking names against what a person typed (the web app's suggestions and "did you mean")
+
+
+def _phrase_match(query: tuple[str, ...], name: tuple[str, ...]) -> tuple[int, int] | None:
+    """Where ``query``'s words occur in ``name``'s, the last one possibly still being typed, as
+    (tier, ends): tier 0 the whole name, 1 whole words from its start, 2 whole words inside it,
+    3 from its start with the last word partly typed, 4 inside it so; ``ends`` is 0 when the
+    match reaches the name's last word (its head noun: "robin" in "American Robin" rather than
+    in "Robin-chat"). None when the words do not occur."""
+    k, best = len(query), None
+    for i in range(len(name) - k + 1):
+        if name[i:i + k - 1] != query[:-1]:
+            continue
+        last = name[i + k - 1]
+        if last == query[-1]:
+            tier = 0 if i == 0 and k == len(name) else 1 if i == 0 else 2
+        elif last.startswith(query[-1]):
+            tier = 3 if i == 0 else 4
+        else:
+            continue
+        found = (tier, 0 if i + k == len(name) else 1)
+        best = found if best is None or found < best else best
+    return best
+
+
+def _letter_counts(names: Sequence[str]):
+    """(len(names), 128) counts of each character of each (normalised, ASCII) name."""
+    import numpy as np
+
+    counts = np.zeros((len(names), 128), np.int16)
+    for row, name in enumerate(names):
+        codes = np.frombuffer(name.encode("ascii", "ignore"), np.uint8)
+        counts[row] = np.bincount(codes, minlength=128)[:128]
+    return counts
+
+
+def _alike(key: str, rows: "_Keyed", counts=None) -> list[tuple[float, int, int]]:
+    """(ratio, row, name) of the names of ``rows`` at least :data:`SIMILAR` alike to ``key``
+    (difflib's ratio). ``counts`` (:func:`_letter_counts` of the names, row by row) bound every
+    ratio at once, as difflib's quick_ratio does one by one, so few pairs are compared in full."""
+    import numpy as np
+
+    flat = [(i, j, name) for i, names in enumerate(rows) for j, (name, _) in enumerate(names)]
+    if counts is None:
+        counts = _letter_counts([name for _, _, name in flat])
+    query = _letter_counts([key])[0]
+    bound = 2.0 * np.minimum(counts, query).sum(axis=1) / (counts.sum(axis=1) + len(key))
+    matcher = difflib.SequenceMatcher(None)
+    matcher.set_seq2(key)  # the cached side, as in difflib.get_close_matches
+    found = []
+    for k in np.flatnonzero(bound >= SIMILAR):
+        i, j, name = flat[k]
+        matcher.set_seq1(name)
+        ratio = matcher.ratio()
+        if ratio >= SIMILAR:
+            found.append((ratio, i, j))
+    return found
+
+
+_Keyed = Sequence[tuple[tuple[str, tuple[str, ...]], ...]]
+
+
+def _keyed(names: Sequence[Sequence[str | None]]) -> list[tuple[tuple[str, tuple[str, ...]], ...]]:
+    """Each row's names as (normalised key, its words), empty names left out."""
+    rows = []
+    for row in names:
+        keys = (normalize_name(n) for n in row if n)
+        rows.append(tuple((k, tuple(k.split())) for k in keys if k))
+    return rows
+
+
+def _rank(query: str, rows: _Keyed, limit: int | None = None,
+          counts=None) -> list[tuple[int, int]]:
+    """(row, name) indexes of the ``rows`` that match ``query``, best first: exact names, then
+    whole words from a name's start, whole words inside it (ending the name first), a partly
+    typed last word from the start, then inside, then the text anywhere; when nothing matches
+    so (a misspelling of four letters or more), the names at least :data:`SIMILAR` alike, most
+    alike first. Ties go alphabetically. ``counts``: the names' :func:`_letter_counts`, if known."""
+    key = normalize_name(query)
+    words = tuple(key.split())
+    if not words:
+        return []
+    scored = []
+    for i, names in enumerate(rows):
+        best = None
+        for j, (name, name_words) in enumerate(names):
+            if key not in name:  # every word match is also a substring: skip the rest quickly
+                continue
+            found = _phrase_match(words, name_words) or (5, 1)
+            candidate = (*found, 0.0, name, j)
+            best = candidate if best is None or candidate < best else best
+        if best is not None:
+            scored.append((best, i))
+    if not scored and len(key) >= 4:
+        best_of: dict[int, tuple] = {}
+        for ratio, i, j in _alike(key, rows, counts):
+            candidate = (6, 1, -ratio, rows[i][j][0], j)
+            if i not in best_of or candidate < best_of[i]:
+                best_of[i] = candidate
+        scored = [(best, i) for i, best in best_of.items()]
+    scored.sort()
+    return [(i, best[-1]) for best, i in scored[:limit]]
+
+
+def rank_names(query: str, names: Sequence[Sequence[str | None]],
+               limit: int | None = None) -> list[int]:
+    """Indexes of ``names`` (rows of alternative names, e.g. (binomial, common name)) that match
+    ``query`` as a person types it, best first (see :func:`search_table`)."""
+    return [i for i, _ in _rank(query, _keyed(names), limit)]
+
+
+@lru_cache(maxsize=1)
+def _search_rows() -> tuple[list[Taxon], list]:
+    taxa = sorted(_table().values(), key=lambda t: t.binomial)
+    return taxa, _keyed([(t.binomial, t.common_name) for t in taxa])
+
+
+@lru_cache(maxsize=1)
+def _search_counts():
+    _, rows = _search_rows()
+    return _letter_counts([name for names in rows for name, _ in names])
+
+
+def search_table(query: str, limit: int | None = 20) -> list[Taxon]:
+    """The shipped table's species matching ``query`` by scientific or common name, best first:
+    exact names, whole words ("robin" finds American Robin before *Marmosa robinsoni*), names
+    being typed, the text anywhere; failing those, similar spellings ("Cardinalis cardinalus")."""
+    taxa, rows = _search_rows()
+    return [taxa[i] for i, _ in _rank(query, rows, limit, _search_counts())]
+
+
+def _suggestions(query: str, online: Sequence[tuple[str, str | None]] = (),
+                 limit: int = 3) -> list[str]:
+    """Names to offer for an unknown ``query``: the shipped table's and the online services'
+    candidates ranked together (as the name matched: a mistyped common name gets common names),
+    then any other online candidates (the services match in ways the ranking cannot)."""
+    taxa, rows = _search_rows()
+    known = {t.binomial.lower() for t in taxa}
+    extra = [(b, c) for b, c in dict(online).items() if b.lower() not in known]
+    names = [(t.binomial, t.common_name) for t in taxa] + extra
+    import numpy as np
+
+    more = _keyed(extra)
+    counts = np.vstack([_search_counts(),
+                        _letter_counts([name for names in more for name, _ in names])])
+    shown, ranked = [], set()
+    for i, j in _rank(query, rows + more, limit, counts):
+        binomial, common = names[i]
+        ranked.add(i)
+        shown.append(_shown(common, binomial) if j == 1 else _shown(binomial, common))
+    shown += [_shown(b, c) for k, (b, c) in enumerate(extra) if len(taxa) + k not in ranked]
+    return shown[:limit]
+
+
+def _shown(name: str, other: str | None) -> str:
+    return f'"{name}" ({other})' if other else f'"{name}"'
+
+
 # ---------------------------------------------------------------------------------------------
 # Online sources
 
@@ -356,13 +550,47 @@ def lookup_inaturalist(binomial: str, client: TaxonomyClient) -> Taxon | None:
 
 
 def _pick_inaturalist(results: list[dict], binomial: str) -> dict | None:
-    wanted = binomial.lower()
+    wanted = normalize_name(binomial)
     species = [r for r in results if r.get("rank") == "species" and r.get("is_active", True)]
-    for key in ("name", "matched_term"):  # the accepted name first, then a matched synonym
+    # The accepted name first, then a matched synonym or common name, then the English name.
+    for key in ("name", "matched_term", "preferred_common_name"):
         for result in species:
-            if str(result.get(key, "")).lower() == wanted:
+            if normalize_name(str(result.get(key) or "")) == wanted:
                 return result
     return None
+
+
+def online_suggestions(query: str, client: TaxonomyClient) -> list[tuple[str, str | None]]:
+    """Species the online services offer for ``query`` (iNaturalist's taxa autocomplete, GBIF's
+    name suggestions) as (binomial, common name) pairs; a service that cannot answer adds none."""
+    found: dict[str, str | None] = {}
+    asks = (
+        (client.inaturalist, "taxa/autocomplete",
+         {"q": query, "rank": "species", "is_active": "true", "per_page": 10}, "name",
+         "preferred_common_name"),
+        (client.gbif, "species/suggest", {"q": query, "rank": "SPECIES", "limit": 10},
+         "canonicalName", None),
+    )
+    for get, path, params, name_field, common_field in asks:
+        try:
+            answer = get(path, params)
+            records = answer.get("results") if isinstance(answer, dict) else answer
+            for record in records or []:
+                name = " ".join(str(record.get(name_field) or "").split())
+                if str(record.get("rank", "")).lower() != "species" or not _is_binomial(name):
+                    continue
+                common = record.get(common_field) if common_field else None
+                found.setdefault(name, str(common) if common else None)
+        except TaxonomyServiceError as exc:
+            log.info("no suggestions from %s: %s", path, exc)
+        except (LookupError, TypeError, ValueError, AttributeError) as exc:
+            log.info("no suggestions from %s: unexpected answer (%s)", path, exc)
+    return list(found.items())
+
+
+def _is_binomial(text: str) -> bool:
+    words = text.split()
+    return len(words) == 2 and all(_WORD.match(w) for w in words)
 
 
 def lookup_gbif(binomial: str, client: TaxonomyClient) -> Taxon | None:
@@ -404,6 +632,9 @@ def default_cache_dir() -> Path:
 
 
 def _cache_path(cache_dir: Path, binomial: str) -> Path:
+    if not _is_binomial(binomial):
+        # A common name: normalised to letters, digits and spaces, a safe file name too.
+        return cache_dir / f"common_{normalize_name(binomial).replace(' ', '_')}.json"
     # Binomials are validated to letters and hyphens, so this is a safe file name.
     return cache_dir / f"{binomial.lower().replace(' ', '_')}.json"
 
@@ -460,28 +691,63 @@ def resolve_species(
 ) -> Taxon:
     """Turn ``--species`` text into the seven-rank prompt.
 
-    ``text`` is a binomial (any case, any spacing) or a full seven-rank string (used as given).
+    ``text`` is a binomial (any case, any spacing), a common name ("Northern Cardinal": the
+    shipped table's, or online iNaturalist's) or a full seven-rank string (used as given).
     ``offline=None`` reads ``TAXAMAP_OFFLINE`` / ``HF_HUB_OFFLINE``. Raises TaxamapError with a
-    one-line fix for malformed input and for species that cannot be resolved.
+    one-line fix for malformed input and for species that cannot be resolved, offering the
+    closest names ("did you mean ...?") of the table and, online, of iNaturalist and GBIF.
     """
+    if isinstance(text, str) and text.strip():
+        shared = lookup_common_name(text) if _table_entry(text) is None else []
+        if len(shared) > 1:
+            names = " or ".join(_shown(t.binomial, None) for t in shared)
+            raise TaxamapError(f'"{" ".join(text.split())}" is the common name of {len(shared)} '
+                               f"species: {names}; give one of those names")
+        if shared:
+            taxon = _resolve_name(shared[0].binomial, offline, cache_dir, client)
+            return taxon if taxon.common_name else replace(taxon,
+                                                           common_name=shared[0].common_name)
+        words = text.replace("_", " ").split()
+        latin = all(_WORD.match(w) for w in words)
+        if not (latin and len(words) in (2, 7)) and _COMMON.match(" ".join(words)):
+            # Neither a binomial nor seven ranks: a common name the table lacks?
+            return _resolve_name(" ".join(words), offline, cache_dir, client)
     given = parse_seven_rank(text)
     if given is not None:
         return given
-    binomial = normalize_binomial(text)
+    return _resolve_name(normalize_binomial(text), offline, cache_dir, client)
+
+
+#: What a common name may hold: words of letters (any alphabet) joined by spaces, hyphens,
+#: apostrophes or slashes. Digits and dots (authors, years: "L. 1758") are not names.
+_COMMON = re.compile(r"[^\W\d_]+(?:[ '\u2019/-]+[^\W\d_]+)*'?\Z")
+
+
+def _table_entry(text: str) -> Taxon | None:
+    """:func:`lookup_table` for any text: None (no error) when ``text`` is not a binomial."""
+    return _table().get(" ".join(text.replace("_", " ").split()).lower())
+
+
+def _resolve_name(name: str, offline: bool | None, cache_dir: Path | None,
+                  client: TaxonomyClient | None) -> Taxon:
+    """A binomial (or a common name the table lacks) through the cache, iNaturalist and GBIF,
+    then the shipped table; TaxamapError with suggestions when none knows it."""
+    binomial = _is_binomial(name)
     if offline is None:
         offline = offline_requested()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-    cached = _read_cache(cache_dir, binomial)
+    cached = _read_cache(cache_dir, name)
     if cached is not None:
         return cached
 
     failure = None
     if not offline:
         client = client if client is not None else _default_client()
-        for lookup in (lookup_inaturalist, lookup_gbif):
+        # GBIF's backbone matches scientific names only.
+        for lookup in (lookup_inaturalist, lookup_gbif) if binomial else (lookup_inaturalist,):
             try:
-                taxon = lookup(binomial, client)
+                taxon = lookup(name, client)
             except TaxonomyServiceError as exc:
                 failure = str(exc)
                 # No network at all is the common offline case: the caller reports the table as
@@ -495,22 +761,28 @@ def resolve_species(
                 log.warning("taxonomy lookup failed, trying the next source: %s", failure)
                 continue
             if taxon is not None:
-                _write_cache(cache_dir, binomial, taxon)
+                _write_cache(cache_dir, name, taxon)
                 return taxon
 
-    taxon = lookup_table(binomial)
+    taxon = lookup_table(name) if binomial else None
     if taxon is not None:
         return taxon
+    sources = "iNaturalist, GBIF or the built-in table" if binomial else \
+        "iNaturalist or the built-in table (as a common name)"
     if offline:
         where = "offline, and it is not in taxamap's built-in table"
     elif failure:
         where = f"the taxonomy services could not be reached ({failure}) and it is not in the " \
                 "built-in table"
     else:
-        where = "not found in iNaturalist, GBIF or the built-in table (check the spelling)"
-    raise TaxamapError(
-        f'unknown species "{binomial}": {where}; give all seven ranks instead: {SEVEN_RANK_HINT}'
-    )
+        where = f"not found in {sources} (check the spelling)"
+    if not binomial:
+        where = f"not a binomial (Genus epithet); {where}"
+    online = [] if offline or failure else online_suggestions(name, client)
+    close = _suggestions(name, online)
+    hint = f"did you mean {' or '.join(close)}? Otherwise give" if close else "give"
+    raise TaxamapError(f'unknown species "{name}": {where}; {hint} all seven ranks instead: '
+                       f"{seven_rank_hint()}")
 
 
 __all__ = [
@@ -522,11 +794,16 @@ __all__ = [
     "TaxonomyServiceError",
     "harmonize_ranks",
     "list_table_species",
+    "lookup_common_name",
     "lookup_gbif",
     "lookup_inaturalist",
     "lookup_table",
     "normalize_binomial",
     "offline_requested",
+    "online_suggestions",
     "parse_seven_rank",
+    "rank_names",
     "resolve_species",
+    "search_table",
+    "seven_rank_hint",
 ]

@@ -78,10 +78,11 @@ def test_country_by_iso3_where_natural_earth_has_minus_99():
     assert resolve_region("São Paulo").geometry.equals(resolve_region("sao paulo").geometry)
 
 
-def test_country_name_wins_over_a_state_with_the_same_name():
-    assert grids.lookup("georgia").kind == "country"
+def test_a_country_and_a_state_of_one_name_each_have_their_own():
+    assert grids.lookup("georgia") is None  # refused as ambiguous (tests/test_names.py)
+    assert grids.lookup("GEO").name == "Georgia (country)"
     assert grids.lookup("GA").name == "Georgia (USA)"
-    assert inside(resolve_region("georgia").geometry, 44.8, 41.7)  # Tbilisi
+    assert inside(resolve_region("Georgia (country)").geometry, 44.8, 41.7)  # Tbilisi
     assert inside(resolve_region("GA").geometry, -84.4, 33.75)  # Atlanta
 
 
@@ -110,7 +111,8 @@ def test_unknown_region_suggests_a_close_name():
     with pytest.raises(TaxamapError, match="Ohio") as err:
         resolve_region("Ohioo")
     assert "taxamap regions" in str(err.value)
-    with pytest.raises(TaxamapError, match="New Brunswick or Nova Scotia"):
+    with pytest.raises(TaxamapError, match=r"'New Brunswick' \(NB\) or the Canadian province "
+                                           r"'Nova Scotia' \(NS\)"):
         resolve_region("acadia")
 
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ def resolve_device(device=None):
     except (RuntimeError, ValueError) as exc:
         raise TaxamapError(f"unknown device {name!r}; use auto, cpu or cuda") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TaxamapError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise TaxamapError(f"{option('device', 'cuda')} was asked for but no CUDA GPU is "
+                           f"available; use {option('device', 'cpu')}")
     return dev
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 
 #: File types ``--image`` accepts (what Pillow decodes here; checked by the tests).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -115,9 +116,9 @@ def load_image(path: str | os.PathLike):
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise TaxamapError(f"image not found: {path}; check the path given to --image")
+        raise TaxamapError(f"image not found: {path}; check the path given to {option('image')}")
     if not path.is_file():
-        raise TaxamapError(f"--image must be a file, but {path} is not")
+        raise TaxamapError(f"{option('image')} must be a file, but {path} is not")
     try:
         with warnings.catch_warnings():
             # Huge photos raise DecompressionBombWarning; they are fine, they get resized.

@@ -33,6 +33,7 @@ import numpy as np
 from taxamap.crs import from_lonlat, is_wgs84, to_lonlat, wrap_lon
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull, atomic_write
+from taxamap.surface import option
 
 #: Default number of background cells sampled when no background is given (as Maxent does).
 DEFAULT_N_BACKGROUND = 10_000
@@ -72,8 +73,9 @@ class MapRaster:
                                f"{', '.join(self.names)} (or give a number 1..{len(self.names)})")
         number = int(band)
         if not 1 <= number <= len(self.names):
-            raise TaxamapError(f"{self.path.name} has {len(self.names)} bands; give --band "
-                               f"1..{len(self.names)} or a name ({', '.join(self.names)})")
+            raise TaxamapError(f"{self.path.name} has {len(self.names)} bands; give "
+                               f"{option('band')} 1..{len(self.names)} or a name "
+                               f"({', '.join(self.names)})")
         return number - 1
 
     def pixel_of(self, latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -417,7 +419,7 @@ def evaluate_map(
     band 1, and their centres are used. See the module docstring for the metrics.
     """
     if int(n_background) < 1:
-        raise TaxamapError(f"--n-background must be at least 1, not {n_background}")
+        raise TaxamapError(f"{option('n-background')} must be at least 1, not {n_background}")
     raster = read_map(map_path)
     presences = _latlon(presences, "presences")
     if presences.shape[0] == 0:

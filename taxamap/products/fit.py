@@ -58,6 +58,7 @@ from taxamap.products.evaluate import (
     roc_auc,
     text_table,
 )
+from taxamap.surface import option
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def spatial_folds(latlon: np.ndarray, presence: np.ndarray, block_deg: float = 1
     fold holding the smallest share of presences plus share of background so far (ties in an
     order shuffled with ``seed``), so folds hold similar numbers of both."""
     if not (math.isfinite(block_deg) and block_deg > 0):
-        raise TaxamapError(f"--cv-blocks must be a positive number of degrees, not {block_deg}")
+        raise TaxamapError(f"{option('cv-blocks')} must be a positive number of degrees, not "
+                           f"{block_deg}")
     if int(folds) < 2:
         raise TaxamapError(f"cross-validation needs at least 2 folds, not {folds}")
     latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
@@ -395,7 +397,8 @@ def fit_maps(
                 oof[c][test] = x[test] @ coef + b
         if not scored:
             raise TaxamapError("cross-validation impossible: the presences lie in one spatial "
-                               f"block of {cv_blocks_deg:g} deg; use a smaller --cv-blocks")
+                               f"block of {cv_blocks_deg:g} deg; use a smaller "
+                               f"{option('cv-blocks')}")
 
         def mean_auc(values: np.ndarray) -> float:
             aucs = [roc_auc(values[(fold == k) & (y == 1)], values[(fold == k) & (y == 0)])

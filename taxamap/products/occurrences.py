@@ -41,6 +41,7 @@ import numpy as np
 from taxamap.crs import as_crs, to_lonlat
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull, atomic_path, atomic_write
+from taxamap.surface import option
 
 log = logging.getLogger(__name__)
 
@@ -489,12 +490,12 @@ def download_occurrences(
 
     limit = int(limit)
     if not 1 <= limit <= GBIF_MAX_RECORDS:
-        raise TaxamapError(f"--limit {limit} is out of range; GBIF's search API pages through at "
-                           f"most {GBIF_MAX_RECORDS} records (use 1..{GBIF_MAX_RECORDS}, or a "
-                           "GBIF download from gbif.org for more)")
+        raise TaxamapError(f"{option('limit', limit)} is out of range; GBIF's search API pages "
+                           f"through at most {GBIF_MAX_RECORDS} records (use "
+                           f"1..{GBIF_MAX_RECORDS}, or a GBIF download from gbif.org for more)")
     name = normalize_binomial(species) if len(species.split()) == 2 else " ".join(species.split())
     if not name:
-        raise TaxamapError("give a species name, e.g. --species \"Ariolimax buttoni\"")
+        raise TaxamapError(f"give a species name, e.g. {option('species', 'Ariolimax buttoni')}")
     spatial = _spatial_params(bbox_or_geometry)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(json.dumps({"species": name.lower(), "spatial": spatial,
@@ -518,7 +519,7 @@ def download_occurrences(
     if offline:
         raise TaxamapError(f"cannot download GBIF occurrences of {name}: offline "
                            "(TAXAMAP_OFFLINE is set); run it on a connected machine, or give "
-                           "your own --occurrences file")
+                           f"your own {option('occurrences', metavar='FILE')}")
     client = client if client is not None else default_client()
     try:
         taxon_key, scientific = _match_species(client, name)

@@ -39,9 +39,19 @@ from taxamap.crs import geometry_to_lonlat, is_wgs84
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull, atomic_path, atomic_write
 from taxamap.products.evaluate import DEFAULT_N_BACKGROUND, MapRaster, max_tss, read_map, sample_background
+from taxamap.surface import accepts, current, option
 
 RULE_FORMS = ("percentile:P (0-100, of the valid cells), value:V (a score), or "
               "maxtss:OCC_FILE (best TSS against occurrences)")
+
+
+def rule_forms() -> str:
+    """:data:`RULE_FORMS` as the caller's surface accepts them: the web page has no occurrence
+    files (so no maxtss), and its range slider sets percentile:P."""
+    if accepts("occurrences"):
+        return RULE_FORMS
+    return (f"percentile:P (0-100, of the valid cells; {option('threshold')} sets it) or "
+            "value:V (a score)")
 
 #: Simplification tolerance in cells. Just under one half: every cell centre is half a cell from
 #: its cell's edges, so an outline moved by less than that keeps all in-range centres inside.
@@ -73,13 +83,13 @@ def parse_rule(rule: str) -> Rule:
             number = float(arg)
         except ValueError:
             raise TaxamapError(f"threshold {text!r} needs a number after '{kind}:'; use "
-                               f"{RULE_FORMS}") from None
+                               f"{rule_forms()}") from None
         if not math.isfinite(number) or (kind == "percentile" and not 0 <= number <= 100):
-            raise TaxamapError(f"threshold {text!r} is out of range; use {RULE_FORMS}")
+            raise TaxamapError(f"threshold {text!r} is out of range; use {rule_forms()}")
         return Rule(kind, number, None, text)
     if kind == "maxtss":
         return Rule(kind, None, arg or None, text)
-    raise TaxamapError(f"unknown threshold {text!r}; use {RULE_FORMS}")
+    raise TaxamapError(f"unknown threshold {text!r}; use {rule_forms()}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,8 +174,10 @@ def compute_threshold(
         return float(np.percentile(valid.astype(np.float64), rule.value))
     source = rule.occurrences if rule.occurrences is not None else occurrences
     if source is None:
+        # Only the API also takes the points apart from the rule ('taxamap threshold' does not).
+        also = f" or {option('occurrences', metavar='FILE')}" if current() == "api" else ""
         raise TaxamapError("threshold maxtss needs occurrences: use maxtss:OCC_FILE (CSV, "
-                           "GeoPackage, Shapefile or GeoJSON of presences)")
+                           f"GeoPackage, Shapefile or GeoJSON of presences){also}")
     if isinstance(source, (str, os.PathLike)):
         from taxamap.products.occurrences import read_points
 

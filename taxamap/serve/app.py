@@ -32,6 +32,7 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.serve import INSTALL_HINT
 from taxamap.session import LRUCache
+from taxamap.surface import speaking_to
 
 if TYPE_CHECKING:  # pragma: no cover
     from taxamap.session import EmbeddedQuery, MapSession
@@ -110,9 +111,10 @@ def rule_param(params, default: str | None = None) -> str | None:
     rule = text_param(params, "threshold", required=False) or default
     if rule is None:
         return None
+    from taxamap.products.ranges import parse_rule, rule_forms
+
     if not _RULE.match(rule):
-        raise ApiError(400, "threshold must be percentile:P (0-100) or value:V (a score)")
-    from taxamap.products.ranges import parse_rule
+        raise ApiError(400, f"threshold must be {rule_forms()}")
 
     try:
         return parse_rule(rule).text
@@ -206,30 +208,15 @@ class SpeciesIndex:
             if taxon is not None:
                 rows.append((binomial, taxon.prompt, taxon.common_name or ""))
         self.rows = rows
-        self._keys = [(b.lower(), c.lower()) for b, _, c in rows]
 
     def search(self, text: str, limit: int = MAX_SUGGESTIONS) -> list[dict]:
-        """Up to ``limit`` matches of ``text``: binomial prefix first, then a word of the binomial
-        or the common name starting with it, then anywhere."""
-        q = " ".join(text.lower().split())
-        if not q:
-            return []
-        ranked = []
-        for i, (name, common) in enumerate(self._keys):
-            if name.startswith(q):
-                rank = 0
-            elif any(w.startswith(q) for w in name.split()) or common.startswith(q):
-                rank = 1
-            elif any(w.startswith(q) for w in common.split()):
-                rank = 2
-            elif q in name or q in common:
-                rank = 3
-            else:
-                continue
-            ranked.append((rank, name, i))
-        ranked.sort()
-        return [{"name": self.rows[i][0], "prompt": self.rows[i][1],
-                 "common": self.rows[i][2] or None} for _, _, i in ranked[:limit]]
+        """Up to ``limit`` species matching ``text``, ranked as the CLI's suggestions are
+        (:func:`taxamap.taxonomy.search_table`: exact and whole-word matches of scientific and
+        common names first)."""
+        from taxamap.taxonomy import search_table
+
+        return [{"name": t.binomial, "prompt": t.prompt, "common": t.common_name}
+                for t in search_table(text, limit)]
 
 
 # ---------------------------------------------------------------------- the service
@@ -681,7 +668,8 @@ def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Mount("/lib/leaflet", StaticFiles(directory=leaflet), name="leaflet"),
     ]
-    middleware = []
+    # Messages raised while answering name the page's controls, not the CLI's flags.
+    middleware = [Middleware(_WebWording)]
     if allowed_hosts:
         middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
     @contextlib.asynccontextmanager
@@ -698,6 +686,18 @@ def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
     )
     app.state.service = service
     return app
+
+
+class _WebWording:
+    """ASGI middleware: whatever answers a request speaks to the web page
+    (:mod:`taxamap.surface`), so its errors name the page's controls."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        with speaking_to("web"):
+            await self.app(scope, receive, send)
 
 
 async def _read_upload(request, limit: int) -> tuple[bytes, str | None]:

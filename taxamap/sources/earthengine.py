@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.cache import TileCache, cached
@@ -56,7 +57,6 @@ REFLECTANCE_SCALE = 10000.0
 REFLECTANCE_MAX = 0.3
 GAMMA = 1.2
 
-CREDENTIALS_HINT = "run 'earthengine authenticate' (and pass --ee-project ID)"
 INSTALL_HINT = "Earth Engine needs the earthengine-api package: pip install earthengine-api"
 
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
@@ -98,7 +98,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _credentials_error(exc: BaseException) -> TaxamapError:
-    return TaxamapError(f"Earth Engine credentials missing or not usable ({_first_line(exc)}): {CREDENTIALS_HINT}")
+    return TaxamapError(f"Earth Engine credentials missing or not usable ({_first_line(exc)}): "
+                        f"run 'earthengine authenticate' (and pass "
+                        f"{option('ee-project', metavar='ID')})")
 
 
 def build_composite(ee, spec: dict):
@@ -212,9 +214,11 @@ class EarthEngineSource(PerCellSource):
         max_invalid: float = 0.01,
     ):
         if not 2017 <= int(year) <= 2100:
-            raise TaxamapError(f"--sat-year must be 2017 or later (Sentinel-2 L2A), got {year}")
+            raise TaxamapError(f"{option('sat-year')} must be 2017 or later (Sentinel-2 L2A), "
+                               f"got {year}")
         if not 16 <= int(size) <= 1024:
-            raise TaxamapError(f"--sat-size must be between 16 and 1024 pixels for Earth Engine, got {size}")
+            raise TaxamapError(f"{option('sat-size')} must be between 16 and 1024 pixels for "
+                               f"Earth Engine, got {size}")
         super().__init__(workers)
         self.project = project
         self.year, self.size = int(year), int(size)

@@ -197,13 +197,15 @@ def footprint(lat: float, lon: float, metres: float = DEFAULT_FOOTPRINT_M,
 def check_footprint_options(metres, size) -> tuple[float, int]:
     """Validate ``--sat-footprint``/``--sat-size`` once for every source."""
     from taxamap.errors import TaxamapError
+    from taxamap.surface import option
 
     metres = DEFAULT_FOOTPRINT_M if metres is None else float(metres)
     size = DEFAULT_SIZE if size is None else int(size)
     if not (math.isfinite(metres) and 10.0 <= metres <= 200_000.0):
-        raise TaxamapError(f"--sat-footprint must be between 10 and 200000 metres, not {metres:g}")
+        raise TaxamapError(f"{option('sat-footprint')} must be between 10 and 200000 metres, "
+                           f"not {metres:g}")
     if not 16 <= size <= 4096:
-        raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, not {size}")
+        raise TaxamapError(f"{option('sat-size')} must be between 16 and 4096 pixels, not {size}")
     return metres, size
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 
@@ -73,9 +74,11 @@ class RasterFileSource(PerCellSource):
     ):
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_file() and not str(path).startswith("/vsi"):
-            raise TaxamapError(f"satellite raster {path} does not exist: pass an existing --sat-file")
+            raise TaxamapError(f"satellite raster {path} does not exist: pass an existing "
+                               f"{option('sat-file')}")
         if not 16 <= int(size) <= 4096:
-            raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
+            raise TaxamapError(f"{option('sat-size')} must be between 16 and 4096 pixels, got "
+                               f"{size}")
         super().__init__(workers)
         self.size = int(size)
         self.footprint_m = float(footprint_m)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 from taxamap.sources.base import DEFAULT_WORKERS, SatelliteSource, SourceStats, as_latlon
 
 __all__ = ["DEFAULT_SOURCE", "DEFAULT_WORKERS", "SOURCE_KINDS", "PatchFile", "SatelliteSource",
@@ -66,13 +67,14 @@ def make_satellite_source(
     # Checked once here for every kind of source.
     footprint_m, size = check_footprint_options(footprint_m, size)
     if int(workers) < 1:
-        raise TaxamapError(f"--workers must be at least 1, not {workers}")
+        raise TaxamapError(f"{option('workers')} must be at least 1, not {workers}")
     if zoom is not None:
         if kind != "xyz":
-            raise TaxamapError(f"--sat-zoom applies to --sat-source xyz only (a {kind} source "
-                               "resamples its imagery to --sat-footprint / --sat-size)")
+            raise TaxamapError(f"{option('sat-zoom')} applies to {option('sat-source', 'xyz')} "
+                               f"only (a {kind} source resamples its imagery to "
+                               f"{option('sat-footprint')} / {option('sat-size')})")
         if not 0 <= int(zoom) <= 24:
-            raise TaxamapError(f"--sat-zoom must be between 0 and 24, not {zoom}")
+            raise TaxamapError(f"{option('sat-zoom')} must be between 0 and 24, not {zoom}")
     common = dict(size=size, footprint_m=footprint_m, workers=workers)
     if kind == "wms":
         from taxamap.sources.wms import DEFAULT_WMS_URL, WMSSource
@@ -84,10 +86,12 @@ def make_satellite_source(
         return tiles.XYZTileSource(url or tiles.DEFAULT_URL, zoom=zoom, cache_dir=cache_dir, **common,
                                    **options)
     if url is not None and kind in ("file", "earthengine"):
-        raise TaxamapError(f"--sat-url applies to --sat-source wms or xyz, not {kind}")
+        raise TaxamapError(f"{option('sat-url')} applies to {option('sat-source', 'wms')} or "
+                           f"xyz, not {kind}")
     if kind == "file":
         if file is None:
-            raise TaxamapError("--sat-source file needs --sat-file PATH (a GeoTIFF, COG or VRT)")
+            raise TaxamapError(f"{option('sat-source', 'file')} needs "
+                               f"{option('sat-file', metavar='PATH')} (a GeoTIFF, COG or VRT)")
         from taxamap.sources.rasters import RasterFileSource
 
         return RasterFileSource(file, **common, **options)

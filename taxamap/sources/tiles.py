@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
@@ -225,11 +226,12 @@ class XYZTileSource(HTTPSource):
         if footprint_m is None and zoom is None:
             zoom = DEFAULT_ZOOM
         if zoom is not None and not 0 <= int(zoom) <= 24:
-            raise TaxamapError(f"--sat-zoom must be between 0 and 24, got {zoom}")
+            raise TaxamapError(f"{option('sat-zoom')} must be between 0 and 24, got {zoom}")
         if not 16 <= int(size) <= 4096:
-            raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
+            raise TaxamapError(f"{option('sat-size')} must be between 16 and 4096 pixels, got "
+                               f"{size}")
         if int(workers) < 1:
-            raise TaxamapError(f"--workers must be at least 1, got {workers}")
+            raise TaxamapError(f"{option('workers')} must be at least 1, got {workers}")
         self.url = url
         self.zoom = None if zoom is None else int(zoom)
         self.max_zoom = int(max_zoom)

@@ -45,6 +45,7 @@ from urllib.parse import quote
 
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 from taxamap.io import DiskFull
 from taxamap.sources import http
 from taxamap.sources.cache import TileCache, cached
@@ -70,11 +71,12 @@ def check_endpoint(url: str) -> str:
     if not re.match(r"^https?://", url or ""):
         raise TaxamapError(f"WMS URL {url!r} must start with http:// or https://")
     if "{z}" in url or "{x}" in url:
-        raise TaxamapError(f"{url!r} is an XYZ tile template: pass --sat-source xyz with it, or a WMS "
-                           "endpoint such as https://tiles.maps.eox.at/wms")
+        raise TaxamapError(f"{url!r} is an XYZ tile template: pass {option('sat-source', 'xyz')} "
+                           "with it, or a WMS endpoint such as https://tiles.maps.eox.at/wms")
     if re.search(r"[?&](request|bbox)=", url, re.IGNORECASE):
-        raise TaxamapError(f"--sat-url {url!r} already holds GetMap parameters: give the endpoint "
-                           "only (e.g. https://tiles.maps.eox.at/wms); taxamap adds the request")
+        raise TaxamapError(f"{option('sat-url', url)} already holds GetMap parameters: give the "
+                           "endpoint only (e.g. https://tiles.maps.eox.at/wms); taxamap adds the "
+                           "request")
     return url.rstrip("?&")
 
 
@@ -201,9 +203,10 @@ class WMSSource(HTTPSource):
     ):
         self.url = check_endpoint(url)
         if not 16 <= int(size) <= 4096:
-            raise TaxamapError(f"--sat-size must be between 16 and 4096 pixels, got {size}")
+            raise TaxamapError(f"{option('sat-size')} must be between 16 and 4096 pixels, got "
+                               f"{size}")
         if int(workers) < 1:
-            raise TaxamapError(f"--workers must be at least 1, got {workers}")
+            raise TaxamapError(f"{option('workers')} must be at least 1, got {workers}")
         self.layer = str(layer)
         self.size = int(size)
         self.footprint_m = float(footprint_m)
@@ -335,7 +338,7 @@ class WMSSource(HTTPSource):
                 breaker=self.breaker, on_retry=self._count_retry, timeout=self.timeout)
         except _ServiceException as exc:
             raise TaxamapError(f"the WMS server {http.host_of(url)} refused the GetMap request "
-                               f"({exc}); check --sat-url") from None
+                               f"({exc}); check {option('sat-url')}") from None
         if answer.status == 200 and not answer.failed:
             kind, img = answer.value
             if kind == "blank":

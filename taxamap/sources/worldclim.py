@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 from taxamap.io import DiskFull, atomic_write, disk_full_guard
 from taxamap.sources import http
 
@@ -138,8 +139,9 @@ class WorldClimFeatures:
                  env_array: str | os.PathLike | None = None) -> None:
         if (directory is None) == (env_array is None):
             raise TaxamapError(
-                "environment features need exactly one of a WorldClim folder (--worldclim DIR) "
-                "or a pre-scaled array (--env-array bioclim_elevation_scaled.npy)"
+                "environment features need exactly one of a WorldClim folder "
+                f"({option('worldclim', metavar='DIR')}) or a pre-scaled array "
+                f"({option('env-array', 'bioclim_elevation_scaled.npy')})"
             )
         self.directory = Path(directory).expanduser() if directory is not None else None
         self.env_array_path = Path(env_array).expanduser() if env_array is not None else None

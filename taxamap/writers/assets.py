@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from taxamap.errors import TaxamapError
+from taxamap.surface import option
 
 #: What a user runs to get the offline assets (the extra pulls in the XStatic packages below).
 INSTALL_HINT = ("pip install 'taxamap[offline]' (or: pip install XStatic-Leaflet "
@@ -104,8 +105,8 @@ def offline_libraries() -> list[Library]:
         try:
             mod = importlib.import_module(lib.module)
         except ImportError:
-            raise TaxamapError(f"--self-contained needs {lib.name}'s files from the "
-                               f"{lib.package} package, which is not installed: "
+            raise TaxamapError(f"{option('self-contained', True)} needs {lib.name}'s files from "
+                               f"the {lib.package} package, which is not installed: "
                                f"{INSTALL_HINT}") from None
         folder = Path(mod.BASE_DIR)
         missing = [f for f in lib.files if not (folder / f).is_file()]
@@ -173,8 +174,9 @@ def inline_assets(page: str, libraries: list[Library] | None = None) -> str:
     def lookup(url: str):
         name = Path(urlparse(url).path).name
         if name not in by_name:
-            raise TaxamapError(f"--self-contained has no offline copy of {url}; this is a taxamap "
-                               "bug, please report it (or write the map without --self-contained)")
+            raise TaxamapError(f"{option('self-contained', True)} has no offline copy of {url}; "
+                               "this is a taxamap bug, please report it (or write the map without "
+                               f"{option('self-contained', True)})")
         lib, path = by_name[name]
         if lib not in used:
             used.append(lib)
