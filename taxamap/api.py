@@ -400,9 +400,10 @@ def occurrences(
     paged and cached (needs the internet on first call). ``client`` is the HTTP boundary
     (default: a :class:`taxamap.taxonomy.TaxonomyClient` for api.gbif.org)."""
     from taxamap.products.occurrences import download_occurrences, load_points, points_frame
-    from taxamap.paths import cache_subdir
+    from taxamap.paths import cache_subdir, checked_cache_root
     from taxamap.geography import resolve_region
 
+    checked_cache_root(cache)
     where = resolve_region(region, bbox, land_only=False)
     result = download_occurrences(species, where.outline, None, limit=limit, client=client,
                                   cache_dir=cache_subdir("occurrences", cache), offline=False

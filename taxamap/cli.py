@@ -383,11 +383,13 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_patches(args) -> int:
-    from taxamap.paths import cache_subdir
+    from taxamap.paths import cache_subdir, check_folder, checked_cache_root
     from taxamap.sources.satellite import make_satellite_source, write_patches
 
     if len(args.lat) != len(args.lon):
         raise TaxamapError(f"give one --lon per --lat ({len(args.lat)} --lat, {len(args.lon)} --lon)")
+    checked_cache_root(args.cache)
+    check_folder(args.out, "--out")
     source = make_satellite_source(
         args.sat_source, url=args.sat_url, zoom=args.sat_zoom, size=args.sat_size,
         footprint_m=args.sat_footprint, file=args.sat_file, ee_project=args.ee_project,
@@ -503,8 +505,9 @@ def _cmd_occurrences(args) -> int:
     from taxamap.geography import resolve_region
 
     region = resolve_region(args.region, args.bbox, land_only=False)
-    from taxamap.paths import cache_subdir
+    from taxamap.paths import cache_subdir, checked_cache_root
 
+    checked_cache_root(args.cache)
     result = download_occurrences(args.species, region.outline, args.out, limit=args.limit,
                                   cache_dir=cache_subdir("occurrences", args.cache))
     print(result.path)

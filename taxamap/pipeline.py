@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION, Grid, make_grid
 from taxamap.modalities import licence_notice, plan_modality
-from taxamap.paths import cache_subdir
+from taxamap.paths import cache_subdir, check_folder, checked_cache_root
 from taxamap.score import DEFAULT_FUSION, parse_modalities
 
 _logger = logging.getLogger("taxamap")
@@ -126,16 +125,20 @@ def slugify(text: str) -> str:
 
 def check_out_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` and prove it is writable before any long work starts."""
-    path = Path(out).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".taxamap-probe-"):
-            pass
-    except OSError as exc:
-        raise TaxamapError(
-            f"cannot write to --out {path}: {exc.strerror or exc}; choose a writable folder"
-        ) from exc
-    return path
+    return check_folder(out, "--out")
+
+
+def check_grid_paths(req: GridRequest) -> None:
+    """The cache, the store and the models folder of ``req``, checked before any work: a
+    read-only, misplaced or looping folder is one line naming it (see :func:`check_folder`)."""
+    checked_cache_root(req.cache_dir)
+    if req.store:
+        # A store folder that exists may be read-only (a finished store, shared): whether it
+        # must be written is known per modality, in embed_cells, before its first block.
+        check_folder(req.store, "--store", write=not Path(str(req.store)).expanduser().exists())
+    models = req.models_dir or os.environ.get("TAXAMAP_MODELS")
+    if models:
+        check_folder(models, "--models" if req.models_dir else "TAXAMAP_MODELS", write=False)
 
 
 def build_grid(req: GridRequest):
@@ -209,6 +212,8 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
         if store is not None:
             computed[modality] = 0
         else:
+            if chosen:
+                check_folder(req.store, "--store")
             embedder = plan.build()
             store = EmbeddingStore.open(
                 location, key=key, n_cells=grid.n_cells, dim=embedder.dim,
@@ -608,6 +613,7 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
     req.cells = check_cells(req.cells)
+    check_grid_paths(req)
     # Inputs read later are checked now: a bad one fails in seconds, not after the cells.
     occurrences = None
     if req.occurrences is not None:
@@ -829,6 +835,7 @@ def embed(req: GridRequest) -> CellEmbeddings:
 
     req.modalities = parse_modalities(req.modalities)
     req.cells = check_cells(req.cells)
+    check_grid_paths(req)
     device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)

@@ -176,11 +176,9 @@ def write_patches(points, out: str | Path, source: SatelliteSource) -> list[Patc
 
     from taxamap.io import atomic_path, atomic_write
 
-    folder = Path(out).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TaxamapError(f"cannot create --out {folder}: {exc.strerror or exc}") from None
+    from taxamap.paths import check_folder
+
+    folder = check_folder(out, "--out")
     latlon = as_latlon(points)
     written = []
     try:
