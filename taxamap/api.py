@@ -292,7 +292,7 @@ def threshold(
     if out is not None:
         stem = None if ds.attrs.get("source_path") else str(ds.attrs.get("slug") or "map")
         paths = dict(write_range(cut, out, stem=stem).paths)
-    metrics = range_metrics(cut.cells)
+    metrics = range_metrics(cut.cells, cut.n_in_range)
     parts = cut.parts()
     polygons = gpd.GeoDataFrame({"area_km2": [a for _, a in parts],
                                  "eoo_km2": metrics.eoo_km2, "aoo_km2": metrics.aoo_km2},

@@ -702,14 +702,31 @@ def write_dataset(ds, wreq: WriteRequest, *, checked: dict | None = None,
     needs_outline = any(f in wreq.formats for f in ("html", "png"))
     if outline is None and needs_outline:
         outline = region_outline_of(ds)
+    notes = ()
+    if checked["occurrences"] is not None:
+        notes = occurrence_notes(next(iter_species(ds)), checked["occurrences"])
     for one in iter_species(ds):
         files = write_outputs(one, out_dir, wreq.formats, threshold=wreq.threshold,
                               occurrences=checked["occurrences"],
                               self_contained=wreq.self_contained, outline=outline,
-                              expert_geometry=checked["expert"])
+                              expert_geometry=checked["expert"], notes=notes)
         for ext, path in files.items():
             paths[f"{one.attrs['slug']}.{ext}"] = path
     return paths
+
+
+def occurrence_notes(ds, occurrences: np.ndarray) -> tuple[str, ...]:
+    """When no occurrence point falls on a scored cell of the (y, x) map ``ds`` (an empty file,
+    latitude and longitude swapped, points outside the region), the reason, logged as one
+    warning line, for the HTML legend; the map itself is still written."""
+    from taxamap.products.evaluate import points_on_map, read_map
+
+    try:
+        points_on_map(read_map(ds), occurrences, "occurrence points")
+    except TaxamapError as exc:
+        _logger.warning(f"occurrences: {exc}")
+        return (f"occurrences: {exc}",)
+    return ()
 
 
 def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
@@ -781,23 +798,27 @@ def write_outputs(
     self_contained: bool = False,
     outline=None,
     expert_geometry=None,
+    notes: tuple[str, ...] = (),
 ) -> dict[str, Path]:
     """Write the requested files for the (y, x) Dataset ``ds`` into ``out_dir`` (each atomically).
 
     With ``threshold`` the binary range GeoTIFF and polygons are written beside the map and the
-    range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it.
+    range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it;
+    ``notes`` are warnings for the HTML legend.
     """
     from taxamap.writers.geotiff import write_geotiff
 
     slug = ds.attrs["slug"]
     paths: dict[str, Path] = {}
-    range_geometry = None
+    range_geometry = cut = None
+    if threshold:
+        from taxamap.products.ranges import cut_range, write_range
+
+        cut = cut_range(ds, threshold, occurrences)  # a rule keeping no cell fails before any file
     if "tif" in formats:
         paths["tif"] = write_geotiff(ds, out_dir / f"{slug}.tif")
-    if threshold:
-        from taxamap.products.ranges import threshold_map
-
-        result = threshold_map(ds, threshold, out_dir, occurrences=occurrences, stem=slug)
+    if cut is not None:
+        result = write_range(cut, out_dir, stem=slug)
         paths["range.tif"] = result.paths["raster"]
         paths["range.gpkg"] = result.paths["polygons"]
         range_geometry = result.geometry
@@ -818,6 +839,8 @@ def write_outputs(
             extras["self_contained"] = True
         if expert_geometry is not None:
             extras["expert_geometry"] = expert_geometry
+        if notes:
+            extras["notes"] = notes
         paths["html"] = write_html(ds, out_dir / f"{slug}.html", outline=outline, **extras)
     if "png" in formats:
         from taxamap.writers.png import write_png
