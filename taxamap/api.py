@@ -435,10 +435,8 @@ def regions(kind: str | None = None) -> "pd.DataFrame":
     """The region presets (``taxamap regions``) as a DataFrame: name, kind, code, title."""
     import pandas as pd
 
-    from taxamap.grids import list_regions
+    from taxamap.grids import check_kind, list_regions
 
+    kind = None if kind is None else check_kind(kind)
     rows = [info._asdict() for info in list_regions() if kind is None or info.kind == kind]
-    if kind is not None and not rows:
-        raise TaxamapError(f"no region presets of kind {kind!r}; kinds are world, continent, "
-                           "country, state, province")
     return pd.DataFrame(rows)
