@@ -32,6 +32,21 @@ SUBDIVISION_WORDS = {"USA": "US state", "CAN": "Canadian province", "BRA": "Braz
                      "AUS": "Australian state"}
 
 
+def check_kind(kind: str) -> str:
+    """``kind`` (any case) as one of :data:`KINDS`; TaxamapError listing them (and the closest)
+    otherwise, so a typo such as "countries" is not an empty listing."""
+    import difflib
+
+    from taxamap.errors import TaxamapError
+
+    given = str(kind).strip().lower()
+    if given in KINDS:
+        return given
+    close = difflib.get_close_matches(given, KINDS, n=1, cutoff=0.6)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    raise TaxamapError(f"unknown region kind {kind!r}{guess}; kinds are {', '.join(KINDS)}")
+
+
 class RegionInfo(NamedTuple):
     """One preset: ``name`` resolves back to it; ``code`` is the ISO-3 code of a country, the
     postal code of a US state / Canadian province, the ISO 3166-2 code of other subdivisions, or

@@ -298,7 +298,7 @@ def threshold(
     if out is not None:
         stem = None if ds.attrs.get("source_path") else str(ds.attrs.get("slug") or "map")
         paths = dict(write_range(cut, out, stem=stem).paths)
-    metrics = range_metrics(cut.cells)
+    metrics = range_metrics(cut.cells, cut.n_in_range)
     parts = cut.parts()
     polygons = gpd.GeoDataFrame({"area_km2": [a for _, a in parts],
                                  "eoo_km2": metrics.eoo_km2, "aoo_km2": metrics.aoo_km2},
@@ -408,9 +408,10 @@ def occurrences(
     paged and cached (needs the internet on first call). ``client`` is the HTTP boundary
     (default: a :class:`taxamap.taxonomy.TaxonomyClient` for api.gbif.org)."""
     from taxamap.products.occurrences import download_occurrences, load_points, points_frame
-    from taxamap.paths import cache_subdir
+    from taxamap.paths import cache_subdir, checked_cache_root
     from taxamap.geography import resolve_region
 
+    checked_cache_root(cache)
     where = resolve_region(region, bbox, land_only=False)
     result = download_occurrences(species, where.outline, None, limit=limit, client=client,
                                   cache_dir=cache_subdir("occurrences", cache), offline=False
@@ -444,10 +445,8 @@ def regions(kind: str | None = None) -> "pd.DataFrame":
     """The region presets (``taxamap regions``) as a DataFrame: name, kind, code, title."""
     import pandas as pd
 
-    from taxamap.grids import list_regions
+    from taxamap.grids import check_kind, list_regions
 
+    kind = None if kind is None else check_kind(kind)
     rows = [info._asdict() for info in list_regions() if kind is None or info.kind == kind]
-    if kind is not None and not rows:
-        raise TaxamapError(f"no region presets of kind {kind!r}; kinds are world, continent, "
-                           "country, state, province")
     return pd.DataFrame(rows)

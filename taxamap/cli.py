@@ -163,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("range products and overlays")
     r.add_argument("--threshold", metavar="RULE",
                    help="also write a binary range GeoTIFF and polygons (GeoPackage) cut at RULE: "
-                   "percentile:90 | value:0.25 | maxtss:OCC_FILE; the outline is drawn on the HTML")
+                   "percentile:90 | value:0.25 | maxtss:OCC_FILE; the outline is drawn on the HTML; "
+                   "a rule that keeps no cell is an error giving the map's value range")
     r.add_argument("--occurrences", metavar="FILE",
                    help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
-                   "GeoJSON) shown as clustered markers on the HTML map")
+                   "GeoJSON) shown as clustered markers on the HTML map; a file with no point on "
+                   "the map (e.g. lat/lon swapped) is said on stderr and in the legend")
     r.add_argument("--expert-range", metavar="FILE",
                    help="an expert range (polygons, any CRS) drawn as a dashed outline on the "
                    "HTML map; compare numerically with 'taxamap evaluate MAP --range FILE'")
@@ -176,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fit", action="store_true",
                    help="with --occurrences: add bands 'fitted' (logistic regression on the stored "
                    "cell embeddings, presences vs background) and 'combined' (the same with the "
-                   "zero-shot score as an input); prints their spatial cross-validation")
+                   "zero-shot score as an input); prints their spatial cross-validation. Needs "
+                   "presences in at least 5 cells; warns under 10")
     f.add_argument("--background", metavar="FILE",
                    help="background points for --fit (default: 10,000 cells sampled uniformly)")
     f.add_argument("--cv-blocks", type=float, default=1.0, metavar="DEG",
@@ -261,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("map", help="a GeoTIFF written by taxamap predict")
     p.add_argument("--rule", default="percentile:90",
-                   help="percentile:P | value:V | maxtss:OCC_FILE (default percentile:90)")
+                   help="percentile:P | value:V | maxtss:OCC_FILE (default percentile:90); a "
+                   "rule that keeps no cell is an error giving the map's value range")
     p.add_argument("--band", default="1", help="band number or name (default 1 = fused)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the map's folder)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -298,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     _satellite_options(p.add_argument_group("satellite source"))
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("regions", help="list region presets")
-    p.add_argument("--kind", help="only this kind (world, continent, country, state, province)")
+    p = sub.add_parser("regions", help="list region presets",
+                       description="List the region presets --region accepts, one per line: "
+                       "name, kind and code, tab-separated, after a header line.")
+    p.add_argument("--kind", help="only this kind (world, continent, country, state, province; "
+                   "any other is an error)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("models", help="manage model weights")
@@ -388,11 +395,13 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_patches(args) -> int:
-    from taxamap.paths import cache_subdir
+    from taxamap.paths import cache_subdir, check_folder, checked_cache_root
     from taxamap.sources.satellite import make_satellite_source, write_patches
 
     if len(args.lat) != len(args.lon):
         raise TaxamapError(f"give one --lon per --lat ({len(args.lat)} --lat, {len(args.lon)} --lon)")
+    checked_cache_root(args.cache)
+    check_folder(args.out, "--out")
     source = make_satellite_source(
         args.sat_source, url=args.sat_url, zoom=args.sat_zoom, size=args.sat_size,
         footprint_m=args.sat_footprint, file=args.sat_file, ee_project=args.ee_project,
@@ -410,10 +419,12 @@ def _cmd_patches(args) -> int:
 
 
 def _cmd_regions(args) -> int:
-    from taxamap.grids import list_regions
+    from taxamap.grids import check_kind, list_regions
 
+    kind = None if args.kind is None else check_kind(args.kind)
+    print("name\tkind\tcode")
     for info in list_regions():
-        if args.kind and info.kind != args.kind:
+        if kind and info.kind != kind:
             continue
         print(f"{info.name}\t{info.kind}\t{info.code or ''}")
     return 0
@@ -472,6 +483,9 @@ def _cmd_evaluate(args) -> int:
             roc_path=args.roc,
         )
         print(format_table(result))
+        for path in (None if args.expert_range else args.json, args.roc):
+            if path:
+                print(path)  # written by evaluate_files, as every command lists what it wrote
     if args.expert_range:
         from taxamap.products.expert import compare_files, write_json
 
@@ -484,8 +498,8 @@ def _cmd_evaluate(args) -> int:
             print(path)
         if args.json:
             records = comparison.to_records()
-            write_json(args.json, records if result is None
-                       else {"occurrences": result.to_dict(), "range": records})
+            print(write_json(args.json, records if result is None
+                             else {"occurrences": result.to_dict(), "range": records}))
     return 0
 
 
@@ -508,8 +522,9 @@ def _cmd_occurrences(args) -> int:
     from taxamap.geography import resolve_region
 
     region = resolve_region(args.region, args.bbox, land_only=False)
-    from taxamap.paths import cache_subdir
+    from taxamap.paths import cache_subdir, checked_cache_root
 
+    checked_cache_root(args.cache)
     result = download_occurrences(args.species, region.outline, args.out, limit=args.limit,
                                   cache_dir=cache_subdir("occurrences", args.cache))
     print(result.path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION, Grid, make_grid
 from taxamap.modalities import licence_notice, plan_modality
-from taxamap.paths import cache_subdir
+from taxamap.paths import cache_subdir, check_folder, checked_cache_root
 from taxamap.score import DEFAULT_FUSION, parse_modalities
 from taxamap.surface import accepts, option
 
@@ -127,16 +126,20 @@ def slugify(text: str) -> str:
 
 def check_out_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` and prove it is writable before any long work starts."""
-    path = Path(out).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".taxamap-probe-"):
-            pass
-    except OSError as exc:
-        raise TaxamapError(
-            f"cannot write to --out {path}: {exc.strerror or exc}; choose a writable folder"
-        ) from exc
-    return path
+    return check_folder(out, "--out")
+
+
+def check_grid_paths(req: GridRequest) -> None:
+    """The cache, the store and the models folder of ``req``, checked before any work: a
+    read-only, misplaced or looping folder is one line naming it (see :func:`check_folder`)."""
+    checked_cache_root(req.cache_dir)
+    if req.store:
+        # A store folder that exists may be read-only (a finished store, shared): whether it
+        # must be written is known per modality, in embed_cells, before its first block.
+        check_folder(req.store, "--store", write=not Path(str(req.store)).expanduser().exists())
+    models = req.models_dir or os.environ.get("TAXAMAP_MODELS")
+    if models:
+        check_folder(models, "--models" if req.models_dir else "TAXAMAP_MODELS", write=False)
 
 
 def build_grid(req: GridRequest):
@@ -210,6 +213,8 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
         if store is not None:
             computed[modality] = 0
         else:
+            if chosen:
+                check_folder(req.store, "--store")
             embedder = plan.build()
             store = EmbeddingStore.open(
                 location, key=key, n_cells=grid.n_cells, dim=embedder.dim,
@@ -620,6 +625,7 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
     req.cells = check_cells(req.cells)
+    check_grid_paths(req)
     # Inputs read later are checked now: a bad one fails in seconds, not after the cells.
     occurrences = None
     if req.occurrences is not None:
@@ -708,14 +714,31 @@ def write_dataset(ds, wreq: WriteRequest, *, checked: dict | None = None,
     needs_outline = any(f in wreq.formats for f in ("html", "png"))
     if outline is None and needs_outline:
         outline = region_outline_of(ds)
+    notes = ()
+    if checked["occurrences"] is not None:
+        notes = occurrence_notes(next(iter_species(ds)), checked["occurrences"])
     for one in iter_species(ds):
         files = write_outputs(one, out_dir, wreq.formats, threshold=wreq.threshold,
                               occurrences=checked["occurrences"],
                               self_contained=wreq.self_contained, outline=outline,
-                              expert_geometry=checked["expert"])
+                              expert_geometry=checked["expert"], notes=notes)
         for ext, path in files.items():
             paths[f"{one.attrs['slug']}.{ext}"] = path
     return paths
+
+
+def occurrence_notes(ds, occurrences: np.ndarray) -> tuple[str, ...]:
+    """When no occurrence point falls on a scored cell of the (y, x) map ``ds`` (an empty file,
+    latitude and longitude swapped, points outside the region), the reason, logged as one
+    warning line, for the HTML legend; the map itself is still written."""
+    from taxamap.products.evaluate import points_on_map, read_map
+
+    try:
+        points_on_map(read_map(ds), occurrences, "occurrence points")
+    except TaxamapError as exc:
+        _logger.warning(f"occurrences: {exc}")
+        return (f"occurrences: {exc}",)
+    return ()
 
 
 def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
@@ -789,23 +812,27 @@ def write_outputs(
     self_contained: bool = False,
     outline=None,
     expert_geometry=None,
+    notes: tuple[str, ...] = (),
 ) -> dict[str, Path]:
     """Write the requested files for the (y, x) Dataset ``ds`` into ``out_dir`` (each atomically).
 
     With ``threshold`` the binary range GeoTIFF and polygons are written beside the map and the
-    range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it.
+    range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it;
+    ``notes`` are warnings for the HTML legend.
     """
     from taxamap.writers.geotiff import write_geotiff
 
     slug = ds.attrs["slug"]
     paths: dict[str, Path] = {}
-    range_geometry = None
+    range_geometry = cut = None
+    if threshold:
+        from taxamap.products.ranges import cut_range, write_range
+
+        cut = cut_range(ds, threshold, occurrences)  # a rule keeping no cell fails before any file
     if "tif" in formats:
         paths["tif"] = write_geotiff(ds, out_dir / f"{slug}.tif")
-    if threshold:
-        from taxamap.products.ranges import threshold_map
-
-        result = threshold_map(ds, threshold, out_dir, occurrences=occurrences, stem=slug)
+    if cut is not None:
+        result = write_range(cut, out_dir, stem=slug)
         paths["range.tif"] = result.paths["raster"]
         paths["range.gpkg"] = result.paths["polygons"]
         range_geometry = result.geometry
@@ -826,6 +853,8 @@ def write_outputs(
             extras["self_contained"] = True
         if expert_geometry is not None:
             extras["expert_geometry"] = expert_geometry
+        if notes:
+            extras["notes"] = notes
         paths["html"] = write_html(ds, out_dir / f"{slug}.html", outline=outline, **extras)
     if "png" in formats:
         from taxamap.writers.png import write_png
@@ -843,6 +872,7 @@ def embed(req: GridRequest) -> CellEmbeddings:
 
     req.modalities = parse_modalities(req.modalities)
     req.cells = check_cells(req.cells)
+    check_grid_paths(req)
     device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)

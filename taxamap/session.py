@@ -113,7 +113,7 @@ class MapSession:
         from taxamap.geography import check_cells
         from taxamap.models.hub import load_config
         from taxamap.pipeline import (GridRequest, PredictRequest, QueryEncoders, build_grid,
-                                      embed_cells, log)
+                                      check_grid_paths, embed_cells, log)
 
         if fusion not in FUSIONS:
             raise TaxamapError(f"unknown {option('fusion', fusion)}; choose from "
@@ -123,6 +123,7 @@ class MapSession:
         self.request = PredictRequest(**grid_options, fusion=fusion)
         self.request.modalities = parse_modalities(self.request.modalities)
         self.request.cells = check_cells(self.request.cells)
+        check_grid_paths(self.request)
         self.fusion = fusion
         self._device = lazy_device(self.request.device)
         if (self.request.device or "auto").lower() not in ("auto", "cpu"):

@@ -669,10 +669,16 @@ def _write_cache(cache_dir: Path, query: str, taxon: Taxon) -> None:
 # The entry point
 
 
+def offline_variables() -> list[str]:
+    """Which of ``TAXAMAP_OFFLINE`` and ``HF_HUB_OFFLINE`` are set to a true value (messages name
+    the one actually set)."""
+    return [name for name in ("TAXAMAP_OFFLINE", "HF_HUB_OFFLINE")
+            if os.environ.get(name, "").strip().lower() in _TRUTHY]
+
+
 def offline_requested() -> bool:
     """True when ``TAXAMAP_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
-    return any(os.environ.get(name, "").strip().lower() in _TRUTHY
-               for name in ("TAXAMAP_OFFLINE", "HF_HUB_OFFLINE"))
+    return bool(offline_variables())
 
 
 @lru_cache(maxsize=1)

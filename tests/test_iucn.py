@@ -62,12 +62,14 @@ def test_known_rectangle_eoo_aoo_in_files(tmp_path):
     result = threshold_map(path, "value:0.5", tmp_path / "out")
     eoo = box_area_km2(2.0, 40.0, 42.0)
     aoo = 4.0 * n_cells(ease_x(10), ease_x(12)) * n_cells(ease_y(40), ease_y(42))
-    assert result.eoo_km2 == pytest.approx(eoo, rel=0.01)
+    assert result.eoo_hull_km2 == pytest.approx(eoo, rel=0.01)
     assert result.aoo_km2 == pytest.approx(aoo, rel=0.01)
-    assert result.aoo_km2 > result.eoo_km2  # boundary cells of the 2 km grid count whole
+    # Boundary cells of the 2 km grid count whole, so the AOO exceeds the hull: EOO is raised.
+    assert result.aoo_km2 > result.eoo_hull_km2 and result.eoo_km2 == result.aoo_km2
     with rasterio.open(result.raster_path) as ds:
         tags = ds.tags()
     assert float(tags["EOO_KM2"]) == pytest.approx(result.eoo_km2, rel=1e-6)
+    assert float(tags["EOO_HULL_KM2"]) == pytest.approx(result.eoo_hull_km2, rel=1e-6)
     assert float(tags["AOO_KM2"]) == pytest.approx(result.aoo_km2, rel=1e-6)
     assert "above the B1 area thresholds" in tags["IUCN_B"]
     meta, _, _, fields = pyogrio.raw.read(result.polygons_path)
@@ -100,8 +102,45 @@ def test_small_ranges_and_thresholds():
     tiny = shapely.box(math.degrees(x0) + 0.001, 10.001, math.degrees(x0) + 0.005, 10.005)
     assert aoo_km2(tiny) in (4.0, 8.0, 16.0)
     assert eoo_km2(shapely.Point(1, 1)) == 0.0 and aoo_km2(shapely.MultiPolygon()) == 0.0
-    text = criterion_b(80.0, 400.0)
+    text = criterion_b(80.0, 8.0)
     assert "meets the B1 area threshold for Critically Endangered" in text
-    assert "meets the B2 area threshold for Endangered" in text
+    assert "meets the B2 area threshold for Critically Endangered" in text
+    # An EOO under the AOO is raised to it (IUCN guidelines): 80 < 400 reads as EOO 400 km2.
+    text = criterion_b(80.0, 400.0)
+    assert "EOO 400 km2 (the hull's 80 km2 raised to the AOO" in text
+    assert "B1 area threshold for Endangered" in text and "Critically" not in text
     assert "Vulnerable" in criterion_b(15000.0, 1500.0)
+
+
+def test_eoo_is_raised_to_aoo_when_the_hull_is_smaller(tmp_path):
+    # 3 x 3 cells of 0.01 degrees (a ~1.1 km square each) just north of 10 N: the hull is the
+    # 0.03 x 0.03 degree box (~11 km2), while 2 km AOO cells overlapping it count whole.
+    box = (20.0, 10.0, 20.03, 10.03)
+    path = range_map(tmp_path, 19.95, 10.08, 0.01, 13, 13, box)
+    result = threshold_map(path, "value:0.5", tmp_path / "out")
+    assert result.n_in_range == 9
+    hull = box_area_km2(0.03, 10.0, 10.03)
+    aoo = 4.0 * n_cells(ease_x(20.0), ease_x(20.03)) * n_cells(ease_y(10.0), ease_y(10.03))
+    assert result.eoo_hull_km2 == pytest.approx(hull, rel=0.01)
+    assert result.aoo_km2 == pytest.approx(aoo) and aoo > 2 * hull
+    assert result.eoo_km2 == result.aoo_km2  # raised, not the hull's 11 km2
+    assert f"EOO {aoo:,.0f} km2 (the hull's {hull:,.0f} km2 raised" in result.criterion_b
+    assert "B1 area threshold for Critically Endangered" in result.criterion_b  # AOO < 100
+    with rasterio.open(result.raster_path) as ds:
+        assert float(ds.tags()["EOO_KM2"]) == pytest.approx(aoo)
+
+
+def test_single_cell_and_empty_ranges_claim_no_threshold(tmp_path):
+    # One 0.1 degree cell (~120 km2) in range: its EOO and AOO are the cell's own size.
+    box = (10.0, 40.0, 10.1, 40.1)
+    path = range_map(tmp_path, 9.5, 40.5, 0.1, 10, 10, box)
+    result = threshold_map(path, "value:0.5", tmp_path / "out")
+    assert result.n_in_range == 1 and 0 < result.eoo_km2 < 200
+    text = result.criterion_b
+    assert "single map cell" in text and "no criterion B area threshold" in text
+    assert "meets" not in text and "Endangered" not in text
+    with rasterio.open(result.raster_path) as ds:
+        assert ds.tags()["IUCN_B"] == text
+    empty = criterion_b(0.0, 0.0)
+    assert "empty" in empty and "meets" not in empty and "Endangered" not in empty
     assert np.allclose(contiguous_longitudes(np.array([179.0, -179.0, 178.0])), [179, 181, 178])

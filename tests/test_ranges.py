@@ -118,11 +118,19 @@ def test_maxtss_rule_uses_the_evaluation_threshold(tmp_path, score_map):
 
 
 def test_empty_range_and_bad_rules(tmp_path, score_map):
-    result = threshold_map(score_map, "value:5", out_dir=tmp_path)
-    binary, _, _, _ = read_band(result.raster_path)
-    assert set(np.unique(binary)) == {0, 255} and result.area_km2 == 0.0
-    _, geoms, _ = read_polygons(result.polygons_path)
-    assert len(geoms) == 0
+    # A rule that keeps no cell is refused with the band's value range, and nothing is written.
+    with rasterio.open(score_map) as ds:
+        fused = ds.read(1)
+    hi = float(np.nanmax(fused))
+    with pytest.raises(TaxamapError) as err:
+        threshold_map(score_map, "value:5", out_dir=tmp_path / "empty")
+    message = str(err.value)
+    assert "keeps no cell" in message and f"{hi:.4g}" in message
+    assert f"{float(np.nanmin(fused)):.4g}" in message and "\n" not in message
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
+    with pytest.raises(TaxamapError, match="keeps no cell"):
+        range_outline(score_map, f"value:{hi + 1e-3}")
+    assert threshold_map(score_map, f"value:{hi}", out_dir=tmp_path / "top").n_in_range == 1
     for bad in ("top10", "percentile:150", "value:abc", "percentile:", ""):
         with pytest.raises(TaxamapError) as err:
             parse_rule(bad)

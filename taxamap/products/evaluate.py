@@ -404,6 +404,26 @@ def json_value(value: Any) -> Any:
     return value
 
 
+def points_on_map(raster: MapRaster, latlon: np.ndarray,
+                  what: str = "presence points") -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`MapRaster.extract` of ``latlon`` ((N, 2) lat/lon), refusing in one line an empty
+    set, or one of which no point falls on the map (often latitude and longitude swapped) or on
+    any of its scored cells."""
+    if latlon.shape[0] == 0:
+        raise TaxamapError(f"there are no {what}; check the occurrence file")
+    values, inside = raster.extract(latlon)
+    if not inside.any():
+        raise TaxamapError(f"none of the {len(latlon)} {what} falls on the map "
+                           f"{raster.path.name}; check that the occurrences are in the map's "
+                           "region (and latitude/longitude are not swapped)")
+    if not np.isfinite(values).any():
+        raise TaxamapError(f"none of the {len(latlon)} {what} falls on a scored cell of the map "
+                           f"{raster.path.name} ({int(inside.sum())} lie within its bounds, on "
+                           "cells without a score: water, or outside the region); check that "
+                           "the occurrences are in the map's region")
+    return values, inside
+
+
 def evaluate_map(
     map_path: str | os.PathLike,
     presences: np.ndarray,
@@ -422,13 +442,7 @@ def evaluate_map(
         raise TaxamapError(f"{option('n-background')} must be at least 1, not {n_background}")
     raster = read_map(map_path)
     presences = _latlon(presences, "presences")
-    if presences.shape[0] == 0:
-        raise TaxamapError("no presence points to evaluate against; check the occurrence file")
-    pres_values, pres_inside = raster.extract(presences)
-    if not pres_inside.any():
-        raise TaxamapError(f"none of the {len(presences)} presence points falls on the map "
-                           f"{raster.path.name}; check that the occurrences are in the map's "
-                           "region (and latitude/longitude are not swapped)")
+    pres_values, pres_inside = points_on_map(raster, presences, "presence points")
     if background is None:
         back_values, _ = sample_background(raster, n_background, seed)
         back_inside = np.ones(back_values.shape[1], dtype=bool)

@@ -69,7 +69,14 @@ PRIOR_SCALE = 10.0
 #: Default number of folds and block size (degrees) of the spatial cross-validation.
 DEFAULT_FOLDS = 5
 DEFAULT_CV_BLOCKS_DEG = 1.0
-#: Fewer presences than this get a warning: the fit and its CV figures are then fragile.
+#: Fewer presence cells than this are refused. Five is the least that can put a presence in each
+#: of the 5 spatial folds the fit is judged by, and it sits at the bottom of what van Proosdij et
+#: al. (2016, Ecography 39: 542-552) found any model needs to beat chance: 3 records for the
+#: narrowest-ranged virtual species (a figure they call flawed by statistical artefacts), 13 for
+#: widespread ones, and 14-25 in their real (African) study area.
+MIN_FIT_PRESENCES = 5
+#: Fewer presences than this (but at least MIN_FIT_PRESENCES) get a warning: the fit and its CV
+#: figures are then fragile.
 MIN_PRESENCES = 10
 #: Cells read from a store at a time.
 BLOCK_CELLS = 32768
@@ -348,6 +355,7 @@ def fit_maps(
     if presence.size == 0:
         raise TaxamapError("no presences to fit on: none of the occurrences falls on a grid cell "
                            "with embeddings; check the occurrence file and the region")
+    check_enough_presences(np.unique(presence).size, "with embeddings")
     if background_cells is None:
         if int(n_background) < 1:
             raise TaxamapError(f"n_background must be at least 1, not {n_background}")
@@ -487,7 +495,21 @@ def locate_occurrences(occurrences: np.ndarray, grid) -> np.ndarray:
         raise TaxamapError(f"none of the {cells.size} occurrences falls on a cell of the grid; "
                            "check that they are in the region (and latitude/longitude are not "
                            "swapped)")
+    check_enough_presences(np.unique(cells[cells >= 0]).size, "of the grid", cells.size)
     return cells
+
+
+def check_enough_presences(n_cells: int, where: str, n_points: int | None = None) -> None:
+    """TaxamapError when the presences fill fewer than :data:`MIN_FIT_PRESENCES` distinct cells
+    (``where``: which cells counted), before any fitting (or, from predict, any embedding)."""
+    if n_cells >= MIN_FIT_PRESENCES:
+        return
+    points = f"the occurrences ({n_points})" if n_points is not None else "the presences"
+    raise TaxamapError(
+        f"{points} fall in only {n_cells} cell{'' if n_cells == 1 else 's'} {where}; a fit "
+        f"needs presences in at least {MIN_FIT_PRESENCES} cells (fewer "
+        f"cannot fill the {DEFAULT_FOLDS} folds it is judged by, and models from so few records "
+        "rarely beat chance); give more occurrences, or map without the fit")
 
 
 def fit_grid(

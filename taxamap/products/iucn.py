@@ -4,8 +4,9 @@
   range. The hull is taken in a longitude frame where the range is contiguous (cut at the widest
   empty stretch of longitude, so a range across the antimeridian is one piece, not a hull around
   the whole globe); its area is measured on the WGS84 ellipsoid with :class:`pyproj.Geod`, edges
-  as geodesics. IUCN's guidelines also say EOO is set to AOO when it comes out smaller; that is
-  left to the assessor (the raw hull area is reported).
+  as geodesics. When the hull comes out smaller than the AOO (a thin or small range on the 2 km
+  grid), EOO is raised to the AOO, as the IUCN Red List Guidelines (section 4.9) direct so that
+  the AOO stays an area within the EOO; the hull's own area is kept beside it.
 * **AOO** (criterion B2): 4 km2 x the number of cells of the IUCN reference grid, 2 km x 2 km, that
   the range intersects. The grid is laid in the equal-area EASE-Grid 2.0 projection
   (EPSG:6933), anchored at the projection's origin so two maps share cells.
@@ -14,7 +15,8 @@
 (EOO < 100 / 5,000 / 20,000 km2; AOO < 10 / 500 / 2,000 km2 for CR / EN / VU). Meeting an area
 threshold is one of the conditions of criterion B; the others (severe fragmentation or few
 locations, continuing decline, extreme fluctuations) are not assessed here, so the text never
-states a listing.
+states a listing. An empty range, or one of a single map cell (whose EOO and AOO are the cell's
+own size, set by the map's resolution), gets no area threshold at all.
 """
 
 from __future__ import annotations
@@ -41,14 +43,18 @@ _STRIP_PIXELS = 32_000_000
 
 @dataclass(frozen=True)
 class RangeMetrics:
-    """EOO and AOO of a range (km2) and the criterion B sentence about them."""
+    """EOO (raised to the AOO when the hull is smaller) and AOO of a range (km2), the hull's own
+    area, the number of map cells in the range (None: unknown), and the criterion B sentence."""
 
     eoo_km2: float
     aoo_km2: float
+    hull_km2: float = math.nan
+    n_cells: int | None = None
 
     @property
     def criterion_b(self) -> str:
-        return criterion_b(self.eoo_km2, self.aoo_km2)
+        hull = self.hull_km2 if math.isfinite(self.hull_km2) else self.eoo_km2
+        return criterion_b(hull, self.aoo_km2, self.n_cells)
 
 
 def wrap_longitudes(geom):
@@ -160,29 +166,47 @@ def aoo_km2(geom, cell_m: float = AOO_CELL_M) -> float:
     return count * (cell_m / 1000.0) ** 2
 
 
-def range_metrics(geom) -> RangeMetrics:
-    """EOO and AOO of a range geometry (lon/lat degrees, EPSG:4326)."""
-    return RangeMetrics(eoo_km2(geom), aoo_km2(geom))
+def range_metrics(geom, n_cells: int | None = None) -> RangeMetrics:
+    """EOO and AOO of a range geometry (lon/lat degrees, EPSG:4326) made of ``n_cells`` map
+    cells; EOO is the hull's area raised to the AOO when smaller (IUCN guidelines, 4.9)."""
+    hull, aoo = eoo_km2(geom), aoo_km2(geom)
+    return RangeMetrics(max(hull, aoo), aoo, hull, n_cells)
 
 
 def _km2(value: float) -> str:
     return f"{value:,.0f} km2" if value >= 10 else f"{value:,.1f} km2"
 
 
-def criterion_b(eoo: float, aoo: float) -> str:
+def criterion_b(eoo: float, aoo: float, n_cells: int | None = None) -> str:
     """One sentence on the criterion B area thresholds that EOO and AOO (km2) fall under, e.g.
     "EOO 3,120 km2 meets the B1 area threshold for Endangered (< 5,000 km2); ...". States area
-    thresholds only, never a listing (the other conditions of criterion B are not assessed)."""
+    thresholds only, never a listing (the other conditions of criterion B are not assessed).
+
+    An EOO below the AOO is raised to it first (and the sentence says so). A range that is empty
+    (no AOO, or ``n_cells`` 0) or one map cell (``n_cells`` 1) gets no area threshold: its
+    figures measure the map's cell, not the species.
+    """
+    if n_cells == 0 or not aoo > 0:
+        return ("The range is empty: it has no EOO or AOO, so no criterion B area threshold "
+                "applies.")
+    if n_cells == 1:
+        return (f"The range is a single map cell: its EOO ({_km2(max(eoo, aoo))}) and AOO "
+                f"({_km2(aoo)}) are that cell's own size, set by the map's resolution rather than "
+                "by the species, so no criterion B area threshold is stated; cut the map at a "
+                "lower threshold or map it at a finer resolution.")
+    raised = f" (the hull's {_km2(eoo)} raised to the AOO, per IUCN's guidelines)" if eoo < aoo else ""
+    eoo = max(eoo, aoo)
     parts = []
     for label, sub, value, column in (("EOO", "B1", eoo, 1), ("AOO", "B2", aoo, 2)):
+        note = raised if label == "EOO" else ""
         met = next((row for row in B_THRESHOLDS if value < row[column]), None)
         if met is None:
             limit = B_THRESHOLDS[-1][column]
-            parts.append(f"{label} {_km2(value)} is above the {sub} area thresholds "
+            parts.append(f"{label} {_km2(value)}{note} is above the {sub} area thresholds "
                          f"(Vulnerable: < {limit:,.0f} km2)")
         else:
-            parts.append(f"{label} {_km2(value)} meets the {sub} area threshold for {met[0]} "
-                         f"(< {met[column]:,.0f} km2)")
+            parts.append(f"{label} {_km2(value)}{note} meets the {sub} area threshold for "
+                         f"{met[0]} (< {met[column]:,.0f} km2)")
     return ("; ".join(parts) + ". Area thresholds only: the other conditions of criterion B "
             "(fragmentation or locations, continuing decline, extreme fluctuations) are not "
             "assessed, so this is not a Red List category.")

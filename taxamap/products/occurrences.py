@@ -486,7 +486,8 @@ def download_occurrences(
     :func:`default_cache_dir`) unless ``refresh``. Offline (``offline=True``,
     ``TAXAMAP_OFFLINE=1``) or when GBIF cannot be reached, a one-line TaxamapError.
     """
-    from taxamap.taxonomy import TaxonomyServiceError, normalize_binomial, offline_requested
+    from taxamap.taxonomy import (TaxonomyServiceError, normalize_binomial, offline_requested,
+                                  offline_variables)
 
     limit = int(limit)
     if not 1 <= limit <= GBIF_MAX_RECORDS:
@@ -517,9 +518,13 @@ def download_occurrences(
     if offline is None:
         offline = offline_requested()
     if offline:
-        raise TaxamapError(f"cannot download GBIF occurrences of {name}: offline "
-                           "(TAXAMAP_OFFLINE is set); run it on a connected machine, or give "
-                           f"your own {option('occurrences', metavar='FILE')}")
+        names = offline_variables()
+        why = (f"{' and '.join(names)} {'is' if len(names) == 1 else 'are'} set, and taxamap "
+               "then sends no request" if names else "offline was asked for")
+        fix = f"unset {' and '.join(names)}" if names else "run it"
+        raise TaxamapError(f"cannot download GBIF occurrences of {name}: offline ({why}); "
+                           f"{fix} on a connected machine, or give your own "
+                           f"{option('occurrences', metavar='FILE')}")
     client = client if client is not None else default_client()
     try:
         taxon_key, scientific = _match_species(client, name)

@@ -19,8 +19,11 @@ A cell is in the range when its value is ``>= threshold``. :func:`threshold_map`
 
 Both also carry the range's IUCN metrics (:mod:`taxamap.products.iucn`), measured on the in-range cells
 themselves (not the simplified outline): EOO and AOO in km2 (GeoPackage fields ``eoo_km2`` and
-``aoo_km2`` on every part, GeoTIFF tags ``EOO_KM2`` and ``AOO_KM2``, and ``IUCN_B``: which
-criterion B area thresholds they fall under).
+``aoo_km2`` on every part, GeoTIFF tags ``EOO_KM2``, ``AOO_KM2`` and ``EOO_HULL_KM2``, and
+``IUCN_B``: which criterion B area thresholds they fall under).
+
+A rule that keeps no cell (``value:5`` on a map whose scores end at 0.15) is an error giving the
+band's value range: an empty range is never written.
 
 :func:`range_outline` returns the same geometry without writing files (for the HTML map).
 """
@@ -107,13 +110,15 @@ class RangeResult:
     geometry: Any = field(repr=False, default=None)
     eoo_km2: float = math.nan
     aoo_km2: float = math.nan
+    eoo_hull_km2: float = math.nan  # the hull's own area, before EOO is raised to the AOO
 
     @property
     def criterion_b(self) -> str:
         """Which IUCN criterion B area thresholds EOO and AOO fall under (never a listing)."""
-        from taxamap.products.iucn import criterion_b
+        from taxamap.products.iucn import RangeMetrics
 
-        return criterion_b(self.eoo_km2, self.aoo_km2)
+        return RangeMetrics(self.eoo_km2, self.aoo_km2, self.eoo_hull_km2,
+                            self.n_in_range).criterion_b
 
     @property
     def raster_path(self) -> Path:
@@ -207,6 +212,13 @@ def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | 
     valid = np.isfinite(values)
     with np.errstate(invalid="ignore"):
         inside = valid & (values >= threshold)
+    if not inside.any():
+        # An empty range is no result (its EOO of 0 would read as Critically Endangered).
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        raise TaxamapError(
+            f"threshold {parsed.text} keeps no cell: band {raster.names[index]!r} of "
+            f"{raster.path.name} ranges from {lo:.4g} to {hi:.4g}; give a value at or below "
+            f"{hi:.4g}, or percentile:P")
     binary = np.where(valid, inside, NODATA).astype(np.uint8)
     outline, cells = _polygons(inside, raster)
     return RangeCut(raster, index, threshold, binary, outline, cells, parsed.text)
@@ -304,12 +316,12 @@ def write_range(result: RangeCut, out_dir: str | os.PathLike | None = None,
     band_name = result.band_name
     from taxamap.products.iucn import range_metrics
 
-    metrics = range_metrics(result.cells)
+    metrics = range_metrics(result.cells, result.n_in_range)
     tags = {"RULE": result.rule_text, "THRESHOLD": repr(result.threshold),
             "SOURCE_MAP": raster.path.name, "SOURCE_BAND": band_name,
             "VALUES": "1 = in range (value >= threshold), 0 = out of range, 255 = nodata",
             "EOO_KM2": f"{metrics.eoo_km2:.3f}", "AOO_KM2": f"{metrics.aoo_km2:.3f}",
-            "IUCN_B": metrics.criterion_b}
+            "EOO_HULL_KM2": f"{metrics.hull_km2:.3f}", "IUCN_B": metrics.criterion_b}
     for key in ("QUERY", "PROMPT", "TAXAMAP_VERSION"):
         if key in raster.tags:
             tags[f"SOURCE_{key}"] = raster.tags[key]
@@ -324,7 +336,7 @@ def write_range(result: RangeCut, out_dir: str | os.PathLike | None = None,
         paths={"raster": raster_path, "polygons": polygons_path}, threshold=result.threshold,
         rule=tags["RULE"], band=band_name, n_in_range=result.n_in_range,
         n_valid=result.n_valid, area_km2=float(sum(areas)), geometry=result.geometry,
-        eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2,
+        eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2, eoo_hull_km2=metrics.hull_km2,
     )
 
 

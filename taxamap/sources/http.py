@@ -132,6 +132,11 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self._error is not None
 
+    @property
+    def last_failure(self) -> tuple[str, str]:
+        """(host, reason) of the last failed attempt; empty strings before any."""
+        return self._last
+
     def success(self) -> None:
         """An attempt was answered (any status that is not a transient error)."""
         with self._lock:

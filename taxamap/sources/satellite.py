@@ -172,23 +172,33 @@ def patch_at(source: SatelliteSource, lat: float, lon: float) -> tuple[np.ndarra
     return patches_at(source, [[lat, lon]])[0]
 
 
+#: What ``taxamap patches`` advises when the server fails (the sources' own advice is predict's).
+PATCHES_HINT = "check --sat-url (or --sat-source) and the network, then run the same command again"
+
+
 def write_patches(points, out: str | Path, source: SatelliteSource) -> list[PatchFile]:
     """``taxamap patches``: per (lat, lon), ``out/<lat>_<lon>.png`` (the patch, lossless) and
     ``out/<lat>_<lon>.json`` (:func:`patches_at`'s description). Each file is written under a
-    temporary name and renamed; a point without a patch gets the JSON only."""
+    temporary name and renamed; a point with no imagery there gets the JSON only.
+
+    A patch missing because the source failed (not answering, still failing after retries) is
+    a TaxamapError naming the server, after the other points' files are written."""
     from PIL import Image
 
     from taxamap.io import atomic_path, atomic_write
+    from taxamap.paths import check_folder
 
-    folder = Path(out).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TaxamapError(f"cannot create --out {folder}: {exc.strerror or exc}") from None
+    folder = check_folder(out, "--out")
     latlon = as_latlon(points)
-    written = []
+    breaker = getattr(source, "breaker", None)
+    if breaker is not None:
+        breaker.hint = PATCHES_HINT
+    written, failed = [], []
     try:
         for (lat, lon), (rgb, info) in zip(latlon, patches_at(source, latlon)):
+            if info.get("failed"):
+                failed.append((float(lat), float(lon)))
+                continue
             stem = patch_name(lat, lon)
             png = None
             if rgb is not None:
@@ -202,4 +212,12 @@ def write_patches(points, out: str | Path, source: SatelliteSource) -> list[Patc
             written.append(PatchFile(float(lat), float(lon), png, meta))
     except OSError as exc:
         raise TaxamapError(f"cannot write patches to {folder}: {exc.strerror or exc}") from None
+    if failed:
+        host, reason = breaker.last_failure if breaker is not None else ("", "")
+        server = host or source.describe().get("url") or source.describe().get("kind")
+        kept = f" ({len(written)} written to {folder} are kept)" if written else ""
+        raise TaxamapError(
+            f"{len(failed)} of {len(latlon)} satellite patches could not be fetched from "
+            f"{server} (first at {failed[0][0]:g}, {failed[0][1]:g}; still failing after "
+            f"retries{', last: ' + reason if reason else ''}){kept}; {PATCHES_HINT}")
     return written

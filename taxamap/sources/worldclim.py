@@ -213,8 +213,17 @@ class WorldClimFeatures:
             )
         try:
             arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise TaxamapError(f"cannot read environment array {path}: {exc}") from exc
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or cut-short file
+            text = str(exc)
+            why = ("the file is empty" if path.stat().st_size == 0
+                   else "it is not a NumPy .npy array" if "pickled" in text
+                   else "the file is cut short" if not text or "mmap length" in text else text)
+            raise TaxamapError(f"cannot read environment array {path}: {why}; pass SINR/"
+                               "TaxaBind's bioclim_elevation_scaled.npy, or use --worldclim DIR "
+                               "instead") from None
+        if not isinstance(arr, np.ndarray):  # an .npz archive
+            raise TaxamapError(f"{path} is not a single .npy array; pass SINR/TaxaBind's "
+                               "bioclim_elevation_scaled.npy")
         if arr.ndim != 3 or arr.shape[2] != len(WORLDCLIM_FILES):
             raise TaxamapError(
                 f"{path} has shape {arr.shape}; expected H x W x {len(WORLDCLIM_FILES)} "

@@ -295,7 +295,8 @@ def _offline_footer(libraries) -> str:
 
 def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
-               self_contained: bool = False, outline=None, expert_geometry=None) -> Path:
+               self_contained: bool = False, outline=None, expert_geometry=None,
+               notes: tuple[str, ...] = ()) -> Path:
     """Write a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) as an interactive
     folium map at ``path`` (atomically); return the path. ``outline``: the region boundary to
     draw (shapely, EPSG:4326).
@@ -309,6 +310,7 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     drawn as an outline in its own layer; ``range_label`` (e.g. the threshold rule) names it.
     ``expert_geometry``: an expert range (shapely, EPSG:4326) drawn as a dashed outline in its
     own layer, to compare with the map by eye.
+    ``notes``: warnings shown in the legend (e.g. that no occurrence falls on the map).
     ``self_contained``: embed Leaflet and the marker-cluster plugin from the installed
     ``taxamap[offline]`` packages (TaxamapError naming them when missing), drop the web basemap
     and draw Natural Earth land instead, so the one file renders with no network.
@@ -446,6 +448,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     root.html.add_child(folium.Element(_title_html(scoremap)))
     extras = _extras_legend(None if points is None else len(points), dropped, range_state,
                             range_label)
+    extras += "".join(f"<div style='color:#a40000;margin-top:4px'>&#9888; {_esc(note)}</div>"
+                      for note in notes)
     footer = _offline_footer(libraries) if libraries else ""
     root.html.add_child(folium.Element(_legend_html(scoremap, stretches, extras, footer)))
 
