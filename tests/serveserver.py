@@ -53,7 +53,8 @@ class ServeServer:
         self.url = url_of("127.0.0.1", self.sock)
         self.port = self.sock.getsockname()[1]
         self._ready = threading.Event()
-        self.server = make_server(self.app, self.sock, on_ready=self._ready.set)
+        self.server = make_server(self.app, self.sock, on_ready=self._ready.set,
+                                  read_timeout=self.service.read_timeout)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name="serve-test", daemon=True)
 
