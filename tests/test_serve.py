@@ -337,7 +337,7 @@ def test_oversize_uploads(client, photo):
 
     response = client.post("/api/query", content=chunks(),
                            headers={"content-type": "multipart/form-data; boundary=b"})
-    error_of(response, 413)
+    assert error_of(response, 413) == "the upload is larger than 0.25 MB"
 
 
 def test_unknown_and_empty_species(client):
@@ -438,11 +438,21 @@ def test_unknown_route_and_method_are_json(client):
 def test_cli_defaults_and_help():
     from taxamap.cli import build_parser
 
+    from taxamap.serve.app import DEFAULT_MAX_UPLOADS, DEFAULT_READ_TIMEOUT, DEFAULT_UPLOAD_TIMEOUT
+
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.max_upload) == ("127.0.0.1", 8765, 20.0)
+    assert (args.max_uploads, args.read_timeout, args.upload_timeout) == (
+        DEFAULT_MAX_UPLOADS, DEFAULT_READ_TIMEOUT, DEFAULT_UPLOAD_TIMEOUT)
     out = subprocess.run([sys.executable, "-m", "taxamap.cli", "serve", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "taxamap serve --region usa --resolution 0.05" in out and "--host" in out
+    assert "--max-uploads N" in out and "503 + Retry-After" in out
+    for bad in (["--max-uploads", "0"], ["--read-timeout", "0"], ["--upload-timeout", "-1"]):
+        proc = subprocess.run([sys.executable, "-m", "taxamap.cli", "serve", *bad], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and bad[0] in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_busy_port_fails_before_any_work():

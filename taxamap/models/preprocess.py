@@ -137,8 +137,8 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS):
             with Image.open(path) as opened:
                 _fit_pixels(opened, path, max_pixels)
                 opened.load()  # decode now, so truncated files fail here and not later
-                image = ImageOps.exif_transpose(opened)
-                image = to_rgb(image)
+                ImageOps.exif_transpose(opened, in_place=True)  # no second full-size copy
+                image = to_rgb(opened)
                 image.load()
     except UnidentifiedImageError as exc:
         raise TaxamapError(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import gc
 import hashlib
 import os
 import json
@@ -813,10 +812,18 @@ def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
     return app
 
 
+#: Bytes of multipart framing (boundaries, part headers) allowed around an upload's file.
+FRAMING_BYTES = 64 * 1024
+
+
+def _too_big(limit: int) -> ApiError:
+    return ApiError(413, f"the upload is larger than {limit / 2**20:g} MB")
+
+
 class _BodyGuard:
-    """The ASGI ``receive`` of an upload, guarded: more than ``limit`` bytes is a 413 as soon as
-    they arrive, a body stalling ``read_timeout`` s or not complete after ``upload_timeout`` s a
-    408 (the connection is then closed), a client that leaves is recorded."""
+    """The ASGI ``receive`` of an upload, guarded: a body over ``limit`` (+ framing) is a 413 as
+    soon as it grows past it, a body stalling ``read_timeout`` s or not complete after
+    ``upload_timeout`` s a 408 (the connection is then closed); counts the bytes received."""
 
     def __init__(self, receive, limit: int, read_timeout: float, upload_timeout: float):
         import anyio
@@ -827,7 +834,6 @@ class _BodyGuard:
         self.upload_timeout = upload_timeout
         self.deadline = anyio.current_time() + upload_timeout
         self.received = 0
-        self.disconnected = False
 
     async def __call__(self):
         import anyio
@@ -837,12 +843,10 @@ class _BodyGuard:
         if wait > 0:
             with anyio.move_on_after(wait):
                 message = await self.receive()
-                if message["type"] == "http.disconnect":
-                    self.disconnected = True
-                elif message["type"] == "http.request":
+                if message["type"] == "http.request":
                     self.received += len(message.get("body", b""))
-                    if self.received > self.limit:
-                        raise ApiError(413, f"the upload is larger than {_mb(self.limit)} MB")
+                    if self.received > self.limit + FRAMING_BYTES:
+                        raise _too_big(self.limit)
                 return message
         if left <= self.read_timeout:
             message = (f"the upload did not arrive within {self.upload_timeout:g} s; send a "
@@ -851,10 +855,6 @@ class _BodyGuard:
             message = (f"the upload stalled (nothing arrived for {self.read_timeout:g} s); "
                        "check the connection and upload the file again")
         raise ApiError(408, message, {"Connection": "close"})
-
-
-def _mb(size: int) -> str:
-    return f"{size / 2**20:g}"
 
 
 async def _receive_upload(request, service: MapService, path: Path
@@ -870,18 +870,16 @@ async def _receive_upload(request, service: MapService, path: Path
 
     limit = service.max_upload
     declared = request.headers.get("content-length")
-    # Multipart framing adds a few hundred bytes around the file.
-    allowance = limit + 64 * 1024
     if declared is not None:
         try:
-            too_big = int(declared) > allowance
+            too_big = int(declared) > limit + FRAMING_BYTES
         except ValueError:
             raise ApiError(400, "bad Content-Length header") from None
         if too_big:
-            raise ApiError(413, f"the upload is larger than {_mb(limit)} MB")
+            raise _too_big(limit)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(415, "POST the file as multipart/form-data with the field name 'file'")
-    guard = _BodyGuard(request.receive, allowance, service.read_timeout, service.upload_timeout)
+    guard = _BodyGuard(request.receive, limit, service.read_timeout, service.upload_timeout)
     try:
         form = await Request(request.scope, guard).form(max_files=1, max_fields=10,
                                                         max_part_size=64 * 1024)
@@ -900,7 +898,7 @@ async def _receive_upload(request, service: MapService, path: Path
         if not isinstance(part, UploadFile):
             raise ApiError(400, "no file in the upload; send it in a field named 'file'")
         if (part.size or 0) > limit:
-            raise ApiError(413, f"the upload is larger than {_mb(limit)} MB")
+            raise _too_big(limit)
         if not part.size:
             raise ApiError(400, "the uploaded file is empty")
         digest = await run_in_threadpool(_copy_hashing, part.file, path)
