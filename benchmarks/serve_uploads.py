@@ -27,19 +27,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import select
 import shlex
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import ROOT, machine, models_dir
+from common import ROOT, machine, models_dir, start_serve
 
 BBOX = "-84,39,-82,41"
 
@@ -55,22 +52,6 @@ def memory_mib(pid: int) -> dict[str, float]:
 
 def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def start_server(tree: Path, models: Path, cache: Path, extra: list[str]):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TAXAMAP_OFFLINE="1", PYTHONPATH=str(tree),
-               PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "taxamap.cli", "serve", f"--bbox={BBOX}", "--resolution", "0.1",
-           "--models", str(models), "--cache", str(cache), "--port", "0", "--no-progress", *extra]
-    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-    line = proc.stdout.readline()
-    if not line.startswith("serving "):
-        proc.kill()
-        raise SystemExit("the server did not start:\n" + "".join(log))
-    return proc, line.split()[1], log
 
 
 def jpeg(width: int, height: int) -> bytes:
@@ -221,8 +202,9 @@ def main() -> None:
         models = models_dir(tmp / "models", real_location=False)
         bomb = png_bomb(tmp / "bomb.png", 12000, 12000, level=9).read_bytes()
         figures["bomb_bytes"] = len(bomb)
-        proc, url, log = start_server(Path(args.tree), models, tmp / "cache",
-                                      shlex.split(args.server_args))
+        proc, url, log = start_serve([f"--bbox={BBOX}", "--resolution", "0.1", "--models",
+                                      str(models), "--cache", str(tmp / "cache"),
+                                      *shlex.split(args.server_args)], Path(args.tree))
         try:
             # The first photo loads the image encoder (~280 MB of imports and weights): not
             # what is measured.
