@@ -670,7 +670,9 @@ def test_dropped_upload_is_one_line_without_traceback(served):
 
 
 def test_uploads_beyond_the_limit_get_503_with_retry_after(session, photo):
-    with ServeServer(session, max_upload=LIMIT, max_uploads=2) as server:
+    # Deadlines far off: the two slow uploads must hold their slots however busy the machine.
+    with ServeServer(session, max_upload=LIMIT, max_uploads=2, read_timeout=300,
+                     upload_timeout=300) as server:
         holders = []
         try:
             for _ in range(2):  # two uploads arriving slowly hold both slots
@@ -726,8 +728,10 @@ def test_idle_and_half_sent_requests_are_closed_by_the_server(impatient):
     assert impatient.alive and impatient.service.uploads_in_progress == 0
 
 
-def test_trickling_upload_is_cut_off(impatient):
-    with socket.create_connection(("127.0.0.1", impatient.port)) as conn:
+def test_trickling_upload_is_cut_off(session):
+    # No stall deadline before the upload's own: only the total time can cut this upload off.
+    with ServeServer(session, max_upload=LIMIT, read_timeout=60, upload_timeout=3) as server, \
+            socket.create_connection(("127.0.0.1", server.port)) as conn:
         conn.sendall(upload_head(len(PART) + 100_000) + PART)
         conn.settimeout(0.25)
         answer, sent = b"", 0
