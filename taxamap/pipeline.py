@@ -365,8 +365,10 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
     Every species prompt goes through the text encoder in one batch. Names of a species file
     that ``req.skip_unknown`` leaves out are appended to ``skipped`` (when given). ``encoders``
     (kept by a long-lived caller) supplies already loaded encoders. A photo or a recording is
-    decoded and preprocessed first; only its forward pass runs inside ``forward_lock`` (a
-    context manager, e.g. a session's encoder lock), so decoding never holds up other queries.
+    decoded (and resized or resampled) first; only the encoder's own work (a recording's
+    log-mel features, which seed NumPy's global RNG, and the forward pass) runs inside
+    ``forward_lock`` (a context manager, e.g. a session's encoder lock), so decoding never
+    holds up other queries.
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:

@@ -134,7 +134,7 @@ def make_server(app, sock: socket.socket, on_ready: Callable[[], None] | None = 
                 log_level: str = "warning", *, read_timeout: float | None = None):
     """A uvicorn server of ``app`` on the bound ``sock`` that calls ``on_ready`` once it
     accepts connections; idle connections close after KEEP_ALIVE_S, half-sent requests after
-    ``read_timeout`` s (default: the app's). Run it with ``server.run(sockets=[sock])``."""
+    ``read_timeout`` s (default: the app's default). Run it with ``server.run(sockets=[sock])``."""
     import uvicorn
 
     from taxamap.serve.app import DEFAULT_READ_TIMEOUT
