@@ -36,6 +36,26 @@ def models_dir(target: Path, real_location: bool = True) -> Path:
     return target
 
 
+def start_serve(options: list[str], tree: Path = ROOT):
+    """``taxamap serve OPTIONS --port 0 --no-progress`` from checkout ``tree`` in a child process,
+    offline: (the process, its URL once it serves, its stderr lines as they come)."""
+    import subprocess
+    import threading
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TAXAMAP_OFFLINE="1", PYTHONPATH=str(tree),
+               PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "taxamap.cli", "serve", *options, "--port", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    line = proc.stdout.readline()
+    if not line.startswith("serving "):
+        proc.kill()
+        raise SystemExit("the server did not start:\n" + "".join(log))
+    return proc, line.split()[1], log
+
+
 def machine() -> str:
     import platform
 

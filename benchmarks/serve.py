@@ -26,13 +26,12 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import ROOT, machine, models_dir
+from common import machine, models_dir, start_serve
 
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 
@@ -90,21 +89,10 @@ def gemv_ms(n: int, dim: int = 512, repeats: int = 7) -> float:
 
 
 def start_server(args, models: Path, cache: Path) -> tuple[subprocess.Popen, str, float, list]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TAXAMAP_OFFLINE="1", PYTHONPATH=str(ROOT),
-               PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "taxamap.cli", "serve", "--region", args.region,
-           "--resolution", str(args.resolution), "--models", str(models), "--cache", str(cache),
-           "--port", "0", "--no-progress"]
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
-    line = proc.stdout.readline()
-    if not line.startswith("serving "):
-        proc.kill()
-        raise SystemExit("the server did not start:\n" + "".join(log))
-    return proc, line.split()[1], time.perf_counter() - t, log
+    proc, url, log = start_serve(["--region", args.region, "--resolution", str(args.resolution),
+                                  "--models", str(models), "--cache", str(cache)])
+    return proc, url, time.perf_counter() - t, log
 
 
 def timed_map(client, species: str) -> tuple[float, float, dict]:

@@ -31,12 +31,16 @@ EXAMPLES_SERVE = """examples:
   # -> serving http://127.0.0.1:8765/  (open it in a browser; Ctrl-C stops the server)
   taxamap serve --region ohio --modalities location,satellite --port 8080
   taxamap serve --bbox -84,39,-82,41 --models ~/taxabind-models --host 0.0.0.0
+  taxamap serve --region usa --max-upload 10 --max-uploads 2 --upload-timeout 60
 
 HTTP API (what the page uses; scripts may too):
   GET  /api/health | /api/search?q=TEXT | /api/map?species=NAME[&band=B]
   GET  /api/cell?species=NAME&lat=LAT&lon=LON
   GET  /api/download?species=NAME&format=tif|png|gpkg[&threshold=percentile:90]
   POST /api/query  (multipart field 'file': a photo or a recording)
+       413: larger than --max-upload; 503 + Retry-After: --max-uploads already arriving;
+       408: the body stalled (--read-timeout) or took longer than --upload-timeout.
+       Photos are decoded up to 40 Mpx (larger JPEGs at 1/2-1/8 size), recordings up to 10 min.
 """
 
 
@@ -219,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: a free one)")
     w.add_argument("--max-upload", type=float, default=20.0, metavar="MB",
                    help="largest photo or recording accepted (default 20 MB)")
+    w.add_argument("--max-uploads", type=int, default=4, metavar="N",
+                   help="uploads received and embedded at once; one more is answered 503 with "
+                   "Retry-After (default 4)")
+    w.add_argument("--read-timeout", type=float, default=20.0, metavar="S",
+                   help="seconds a request's head may take to arrive and an upload may stall "
+                   "before the connection is closed (408; default 20)")
+    w.add_argument("--upload-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds an upload's whole body may take to arrive (408; default 120)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -389,9 +401,17 @@ def _cmd_serve(args) -> int:
 
     if not args.max_upload > 0:
         raise TaxamapError(f"--max-upload must be a positive number of MB, got {args.max_upload}")
+    if args.max_uploads < 1:
+        raise TaxamapError(f"--max-uploads must be at least 1, got {args.max_uploads}")
+    for flag in ("read_timeout", "upload_timeout"):
+        if not getattr(args, flag) > 0:
+            raise TaxamapError(f"--{flag.replace('_', '-')} must be a positive number of "
+                               f"seconds, got {getattr(args, flag)}")
     req = GridRequest(**_grid_kwargs(args))
     return serve(lambda: MapSession(req, args.fusion), host=args.host, port=args.port,
-                 max_upload=int(args.max_upload * 2**20), say=_say)
+                 max_upload=int(args.max_upload * 2**20), say=_say,
+                 max_uploads=args.max_uploads, read_timeout=args.read_timeout,
+                 upload_timeout=args.upload_timeout)
 
 
 def _cmd_patches(args) -> int:

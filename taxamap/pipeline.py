@@ -8,6 +8,7 @@ its prompt and takes one matrix product.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -368,12 +369,17 @@ class QueryEncoders:
 
 def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
                   skipped: list[str] | None = None,
-                  encoders: QueryEncoders | None = None) -> tuple[list[Query], str]:
+                  encoders: QueryEncoders | None = None,
+                  forward_lock=None) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
     Every species prompt goes through the text encoder in one batch. Names of a species file
     that ``req.skip_unknown`` leaves out are appended to ``skipped`` (when given). ``encoders``
-    (kept by a long-lived caller) supplies already loaded encoders.
+    (kept by a long-lived caller) supplies already loaded encoders. A photo or a recording is
+    decoded (and resized or resampled) first; only the encoder's own work (a recording's
+    log-mel features, which seed NumPy's global RNG, and the forward pass) runs inside
+    ``forward_lock`` (a context manager, e.g. a session's encoder lock), so decoding never
+    holds up other queries.
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:
@@ -382,13 +388,15 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
         *first, last = list(dict.fromkeys(queries))  # the web page has one control for two
         raise TaxamapError(f"give exactly one query: {', '.join(first)} or {last}")
     encoders = encoders if encoders is not None else QueryEncoders(req, config, device)
+    forward_lock = forward_lock if forward_lock is not None else contextlib.nullcontext()
     if req.audio:
-        from taxamap.models.audio import load_audio
+        from taxamap.models.audio import load_audio, model_rate
 
-        # Decoded first: a bad file fails before any model loads.
-        wave, rate = load_audio(req.audio)
+        # Decoded (and resampled, its work bounded) first: a bad file fails before any model loads.
+        wave, rate = load_audio(req.audio, target_rate=model_rate(config))
         encoder = encoders.audio()
-        vector = encoder.encode([(wave, rate)])[0]
+        with forward_lock:
+            vector = encoder.encode([(wave, rate)])[0]
         name = Path(req.audio).name
         # Prefixed: an output named like the input would overwrite the user's recording.
         slug = "sound-" + slugify(Path(name).stem)
@@ -399,7 +407,10 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
         image = load_image(req.image)
         clip = encoders.image()
         name = Path(req.image).name
-        vector = clip.encode_image([image])[0]
+        pixels = clip.preprocess([image])
+        del image  # the decoded photo (up to 40 Mpx) is not kept while waiting for the lock
+        with forward_lock:
+            vector = clip.encode_pixels(pixels)[0]
         # Prefixed: `--image bird.png` must never be overwritten by the map bird.png.
         slug = "image-" + slugify(Path(name).stem)
         return [Query(vector, None, f"image {name}", slug, "image")], clip.ref

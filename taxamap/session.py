@@ -237,8 +237,13 @@ class MapSession:
         req = replace(self.request, species=species,
                       image=None if image is None else os.fspath(image),
                       audio=None if audio is None else os.fspath(audio), species_file=None)
-        with self._embed_lock:
-            queries, ref = embed_queries(req, self.config, self._device, encoders=self.encoders)
+        if key is None:  # a file: decoded outside the lock, which holds only its forward pass
+            queries, ref = embed_queries(req, self.config, self._device, encoders=self.encoders,
+                                         forward_lock=self._embed_lock)
+        else:
+            with self._embed_lock:
+                queries, ref = embed_queries(req, self.config, self._device,
+                                             encoders=self.encoders)
         embedded = EmbeddedQuery(queries[0], ref)
         if key is not None:
             self._species.put(key, embedded)

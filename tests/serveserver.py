@@ -7,11 +7,19 @@ serving the app of a :class:`~taxamap.session.MapSession` over a small bbox with
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 from taxamap.serve.app import create_app
 from taxamap.serve.server import allowed_hosts_for, bind, make_server, url_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: The small box the serve tests map (every cell is on land; see tests/test_api.py).
 BBOX = (-84.0, 39.0, -82.0, 41.0)
@@ -53,7 +61,8 @@ class ServeServer:
         self.url = url_of("127.0.0.1", self.sock)
         self.port = self.sock.getsockname()[1]
         self._ready = threading.Event()
-        self.server = make_server(self.app, self.sock, on_ready=self._ready.set)
+        self.server = make_server(self.app, self.sock, on_ready=self._ready.set,
+                                  read_timeout=self.service.read_timeout)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                         name="serve-test", daemon=True)
 
@@ -87,3 +96,75 @@ class ServeServer:
             except socket.timeout:
                 pass
         return b"".join(chunks)
+
+
+class ServeProcess:
+    """``taxamap serve`` over :data:`BBOX` in a child process, so that its memory (RSS) and its
+    stderr are its own; ``lines`` collects stderr as it comes.
+
+        with ServeProcess(models_dir, cache, "--max-uploads", "2") as server: ...
+    """
+
+    def __init__(self, models_dir, cache, *options: str):
+        self.args = [sys.executable, "-m", "taxamap.cli", "serve", "--bbox=-84,39,-82,41",
+                     "--resolution", "0.1", "--models", str(models_dir), "--cache", str(cache),
+                     "--no-progress", "--port", "0", *options]
+        self.lines: list[str] = []
+
+    def __enter__(self) -> "ServeProcess":
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        line = self.proc.stdout.readline()
+        if not line.startswith("serving http://"):
+            self.proc.kill()
+            self._reader.join(10)
+            raise RuntimeError("taxamap serve did not start: " + " | ".join(self.lines[-5:]))
+        self.url = line.split()[1]
+        self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> int:
+        """Ctrl-C the server; its exit code once stopped (stderr read to the end)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(10)
+        return self.proc.returncode
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> bool:
+        """Whether a stderr line satisfying ``predicate`` came within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(predicate(line) for line in list(self.lines)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def memory_kib(self) -> dict[str, int]:
+        """The server's ``VmRSS`` and ``VmHWM`` (peak RSS), KiB, from /proc."""
+        fields = {}
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0])
+        return fields
+
+    def reset_peak(self) -> None:
+        """Start the kernel's peak-RSS count (VmHWM) again from the current RSS."""
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as fh:
+            fh.write("5")

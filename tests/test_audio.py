@@ -141,6 +141,46 @@ def test_non_finite_samples_are_refused(tmp_path):
         load_audio(path)
 
 
+def test_work_is_bounded_from_the_header_before_decoding(tmp_path):
+    import tracemalloc
+
+    bomb = tmp_path / "slow.wav"
+    sf.write(bomb, np.zeros(3000, np.int16), 1)  # 3,000 s at 1 Hz: x48,000 to resample
+    many = tmp_path / "many.wav"
+    sf.write(many, np.zeros((10, 100), np.int16), 22050)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TaxamapError, match="sample rate of 1 Hz"):
+            load_audio(bomb, target_rate=48000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+    with pytest.raises(TaxamapError, match="has 100 channels.*mix it down") as info:
+        load_audio(many)
+    assert "transpose" not in str(info.value)
+    four = tmp_path / "four.wav"  # 1 s, but 4 channels at 48 kHz: twice the samples of 1 s stereo
+    sf.write(four, np.zeros((48000, 4), np.int16), 48000)
+    with pytest.raises(TaxamapError, match="more samples than taxamap decodes for 1 s"):
+        load_audio(four, max_seconds=1)
+    low = tmp_path / "low.wav"  # 1 s at 1 kHz, resampled to 200 kHz
+    sf.write(low, np.zeros(1000, np.int16), 1000)
+    with pytest.raises(TaxamapError, match="more samples"):
+        load_audio(low, target_rate=200_000, max_seconds=1)
+    assert load_audio(low, target_rate=48_000, max_seconds=1)[0].shape == (48000,)
+    two = tmp_path / "two.wav"
+    sf.write(two, np.zeros(2000, np.int16), 1000)
+    with pytest.raises(TaxamapError, match="2 s long; taxamap takes recordings of up to 1 s"):
+        load_audio(two, max_seconds=1)
+
+
+def test_a_file_with_few_frames_is_mixed_down(tmp_path):
+    path = tmp_path / "short.wav"  # more channels than frames: a file's layout is never in doubt
+    sf.write(path, np.full((3, 8), 0.25, np.float32), 8000, subtype="FLOAT")
+    wave, rate = load_audio(path)
+    np.testing.assert_array_equal(wave, np.full(3, 0.25, np.float32))
+
+
 # ---------------------------------------------------------------- the encoder
 
 

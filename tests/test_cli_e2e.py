@@ -139,6 +139,10 @@ def test_bad_query_inputs(tmp_path, models_dir):
     ]
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg at all")
     cases.append((["--image", str(tmp_path / "bad.jpg")], "bad.jpg"))
+    from tests.bombs import png_bomb
+
+    bomb = png_bomb(tmp_path / "huge.png", 12000, 12000)  # refused from its header
+    cases.append((["--image", str(bomb)], "huge.png is 12,000 x 12,000 pixels (144 Mpx)"))
     for extra, needle in cases:
         out = tmp_path / f"o{len(extra)}{abs(hash(extra[-1])) % 1000}"
         proc = run([*base, "--out", str(out), *extra])

@@ -202,6 +202,33 @@ def test_load_image_formats_and_exif(tmp_path):
     assert load_image(tmp_path / "g.png").mode == "RGB"
 
 
+def test_load_image_bounds_the_pixels_it_decodes(tmp_path):
+    import tracemalloc
+
+    from tests.bombs import png_bomb
+
+    photo(800, 600).save(tmp_path / "big.jpg", quality=90)
+    photo(800, 600).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.jpg").size == (800, 600)
+    # Over the bound, a JPEG is decoded by libjpeg at half size; a PNG cannot be, so it is refused.
+    assert load_image(tmp_path / "big.jpg", max_pixels=200_000).size == (400, 300)
+    assert load_image(tmp_path / "big.jpg", max_pixels=10_000).size == (100, 75)
+    with pytest.raises(TaxamapError, match=r"800 x 600 pixels \(0 Mpx\); taxamap decodes "
+                       r"photos of up to 0.2 Mpx"):
+        load_image(tmp_path / "big.png", max_pixels=200_000)
+    with pytest.raises(TaxamapError, match="800 x 600"):
+        load_image(tmp_path / "big.jpg", max_pixels=5_000)  # even 1/8 is too large
+    bomb = png_bomb(tmp_path / "bomb.png", 12000, 12000)  # 432 MB of RGB, refused unread
+    tracemalloc.start()
+    try:
+        with pytest.raises(TaxamapError, match=r"12,000 x 12,000 pixels \(144 Mpx\)"):
+            load_image(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2**20
+
+
 def test_load_image_errors(tmp_path):
     with pytest.raises(TaxamapError, match="not found"):
         load_image(tmp_path / "nope.jpg")

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import math
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +26,8 @@ httpx = pytest.importorskip("httpx")
 
 import taxamap  # noqa: E402
 from taxamap.errors import TaxamapError  # noqa: E402
-from tests.serveserver import (BBOX, PROMPT, SPECIES, ServeServer,  # noqa: E402
+from tests.bombs import png_bomb  # noqa: E402
+from tests.serveserver import (BBOX, PROMPT, SPECIES, ServeProcess, ServeServer,  # noqa: E402
                                open_satellite_session, open_test_session)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,7 +339,7 @@ def test_oversize_uploads(client, photo):
 
     response = client.post("/api/query", content=chunks(),
                            headers={"content-type": "multipart/form-data; boundary=b"})
-    error_of(response, 413)
+    assert error_of(response, 413) == "the upload is larger than 0.25 MB"
 
 
 def test_unknown_and_empty_species(client):
@@ -436,11 +440,21 @@ def test_unknown_route_and_method_are_json(client):
 def test_cli_defaults_and_help():
     from taxamap.cli import build_parser
 
+    from taxamap.serve.app import DEFAULT_MAX_UPLOADS, DEFAULT_READ_TIMEOUT, DEFAULT_UPLOAD_TIMEOUT
+
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.max_upload) == ("127.0.0.1", 8765, 20.0)
+    assert (args.max_uploads, args.read_timeout, args.upload_timeout) == (
+        DEFAULT_MAX_UPLOADS, DEFAULT_READ_TIMEOUT, DEFAULT_UPLOAD_TIMEOUT)
     out = subprocess.run([sys.executable, "-m", "taxamap.cli", "serve", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "taxamap serve --region usa --resolution 0.05" in out and "--host" in out
+    assert "--max-uploads N" in out and "503 + Retry-After" in out
+    for bad in (["--max-uploads", "0"], ["--read-timeout", "0"], ["--upload-timeout", "-1"]):
+        proc = subprocess.run([sys.executable, "-m", "taxamap.cli", "serve", *bad], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and bad[0] in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_busy_port_fails_before_any_work():
@@ -564,3 +578,228 @@ def test_no_patches_without_the_satellite_modality(client):
     assert "patch" not in client.get("/api/cell", params={"species": SPECIES, "lat": 40,
                                                           "lon": -83}).json()
     assert "satellite" in error_of(client.get("/api/patch", params={"lat": 40, "lon": -83}), 404)
+
+
+# ------------------------------------------------------------------ uploads that cost the server
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """A 1.9 MB PNG declaring 12000 x 12000 pixels (432 MB of RGB once decoded)."""
+    return png_bomb(tmp_path_factory.mktemp("bomb") / "huge.png", 12000, 12000)
+
+
+@pytest.fixture(scope="module")
+def served(models_dir, cache, session):
+    """``taxamap serve`` in its own process (its RSS and stderr measured); ``session`` first, so
+    the grid is stored."""
+    with ServeProcess(models_dir, cache) as server:
+        yield server
+
+
+PART = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n")
+
+
+def upload_head(length: int, path: bytes = b"/api/query") -> bytes:
+    """The head of a multipart POST whose body (starting with PART) is ``length`` bytes."""
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
+
+
+def read_until_closed(conn: socket.socket, wait: float = 60.0) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes the connection, and whether it closed it
+    (False: still open after a generous ``wait`` s)."""
+    conn.settimeout(wait)
+    chunks = []
+    try:
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    except socket.timeout:
+        return b"".join(chunks), False
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), True
+
+
+def json_error_of(answer: bytes, status: int) -> str:
+    """The one-line error of a raw HTTP answer with ``status``."""
+    import json
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == str(status).encode(), answer[:300]
+    message = json.loads(body)["error"]
+    assert "\n" not in message
+    return message
+
+
+def test_pixel_bomb_is_refused_from_its_header(served, bomb):
+    served.reset_peak()
+    before = served.memory_kib()["VmRSS"]
+    data = bomb.read_bytes()
+
+    def post(_):
+        return httpx.post(served.url + "api/query", timeout=120,
+                          files={"file": ("huge.png", data, "image/png")})
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:  # three at once: the server's limit (4) lets them in
+        answers = list(pool.map(post, range(3)))
+    for response in answers:
+        message = error_of(response, 400)
+        assert "12,000 x 12,000 pixels" in message and "40 Mpx" in message
+        assert "huge.png" in message and "upload-" not in message
+    # Decoding one would take 432 MB; refused from the header, the server grows by its buffers.
+    peak = served.memory_kib()["VmHWM"]
+    assert peak - before < 100 * 1024, (before, peak)
+    assert httpx.get(served.url + "api/health").json()["status"] == "ok"
+
+
+def test_dropped_upload_is_one_line_without_traceback(served):
+    body = PART + b"\xff" * 200_000
+    with socket.create_connection(("127.0.0.1", served.port)) as conn:
+        conn.sendall(upload_head(1_000_000) + body)  # a fifth of what it announced, then gone
+    said = served.wait_for(lambda line: "dropped" in line or "Exception" in line)
+    assert said, served.lines
+    time.sleep(0.5)  # anything the server would add after it
+    dropped = [line for line in served.lines if "dropped" in line]
+    assert len(dropped) == 1, served.lines
+    assert "0.2 MB of 1.0 MB" in dropped[0]
+    assert not any("Traceback" in line or "Exception in ASGI" in line or "ClientDisconnect"
+                   in line for line in served.lines), served.lines
+    assert httpx.get(served.url + "api/health").json()["status"] == "ok"
+
+
+def test_uploads_beyond_the_limit_get_503_with_retry_after(session, photo):
+    # Deadlines far off: the two slow uploads must hold their slots however busy the machine.
+    with ServeServer(session, max_upload=LIMIT, max_uploads=2, read_timeout=300,
+                     upload_timeout=300) as server:
+        holders = []
+        try:
+            for _ in range(2):  # two uploads arriving slowly hold both slots
+                conn = socket.create_connection(("127.0.0.1", server.port))
+                conn.sendall(upload_head(len(PART) + 100_000) + PART + b"\xff" * 1000)
+                holders.append(conn)
+            deadline = time.monotonic() + 60
+            while server.service.uploads_in_progress < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert server.service.uploads_in_progress == 2
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                for _ in range(3):
+                    response = client.post("/api/query", files={
+                        "file": ("bird.jpg", photo.read_bytes(), "image/jpeg")})
+                    assert "busy" in error_of(response, 503)
+                    assert response.headers["retry-after"] == "5"
+        finally:
+            for conn in holders:
+                conn.close()
+        deadline = time.monotonic() + 60
+        while server.service.uploads_in_progress and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            response = client.post("/api/query", files={
+                "file": ("bird.jpg", photo.read_bytes(), "image/jpeg")})
+        assert response.status_code == 200, response.text
+
+
+@pytest.fixture(scope="module")
+def impatient(session):
+    """A server with short deadlines: 1 s for a request's head or a stall, 3 s per upload."""
+    with ServeServer(session, max_upload=LIMIT, read_timeout=1.0, upload_timeout=3.0) as srv:
+        yield srv
+
+
+def test_idle_and_half_sent_requests_are_closed_by_the_server(impatient):
+    port = impatient.port
+    with socket.create_connection(("127.0.0.1", port)) as conn:  # connects, never speaks
+        answer, closed = read_until_closed(conn)
+    assert closed and answer == b""
+    with socket.create_connection(("127.0.0.1", port)) as conn:  # half a head, then silence
+        conn.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: appl")
+        answer, closed = read_until_closed(conn)
+    assert closed and "did not arrive within 1 s" in json_error_of(answer, 408)
+    with socket.create_connection(("127.0.0.1", port)) as conn:  # a body that stops coming
+        conn.sendall(upload_head(len(PART) + 100_000) + PART + b"\xff" * 1000)
+        answer, closed = read_until_closed(conn)
+    assert closed and "stalled" in json_error_of(answer, 408)
+    with socket.create_connection(("127.0.0.1", port)) as conn:  # a body the app never reads
+        conn.sendall(upload_head(100_000, b"/api/map") + b"x" * 10)
+        answer, closed = read_until_closed(conn)
+    assert closed and answer.startswith(b"HTTP/1.1 405")
+    assert impatient.alive and impatient.service.uploads_in_progress == 0
+
+
+def test_trickling_upload_is_cut_off(session):
+    # No stall deadline before the upload's own: only the total time can cut this upload off.
+    with ServeServer(session, max_upload=LIMIT, read_timeout=60, upload_timeout=3) as server, \
+            socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(upload_head(len(PART) + 100_000) + PART)
+        conn.settimeout(0.25)
+        answer, sent = b"", 0
+        while sent < 100_000:  # 100 bytes every 0.25 s: never stalled, never done
+            try:
+                answer = conn.recv(65536)
+                break
+            except socket.timeout:
+                pass
+            try:
+                conn.sendall(b"\xff" * 100)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 100
+        rest, closed = read_until_closed(conn)
+    assert closed and sent < 100_000
+    assert "did not arrive within 3 s" in json_error_of(answer + rest, 408)
+
+
+def test_photo_decoding_does_not_wait_for_the_encoder(session, bomb):
+    refused = []
+
+    def embed():
+        try:
+            session.embed(image=bomb)
+        except TaxamapError as exc:
+            refused.append(str(exc))
+
+    worker = threading.Thread(target=embed)
+    with session._embed_lock:  # another query is being embedded
+        worker.start()
+        worker.join(60)
+        done_while_locked = not worker.is_alive()
+    worker.join()
+    assert done_while_locked and "12,000 x 12,000 pixels" in refused[0]
+
+
+def wav(path: Path, data, rate: int, subtype: str = "PCM_16") -> bytes:
+    import soundfile as sf
+
+    sf.write(path, data, rate, subtype=subtype)
+    return path.read_bytes()
+
+
+def test_audio_bombs_are_refused_in_the_page_terms(client, server, tmp_path):
+    one_hz = wav(tmp_path / "a.wav", np.zeros(3000, np.int16), 1)  # 3,000 s at 1 Hz
+    message = error_of(client.post("/api/query", files={"file": ("slow.wav", one_hz,
+                                                                 "audio/wav")}), 400)
+    assert message.startswith("slow.wav declares a sample rate of 1 Hz")
+    many = wav(tmp_path / "b.wav", np.zeros((10, 1000), np.float32), 22050)
+    message = error_of(client.post("/api/query", files={"file": ("array.wav", many,
+                                                                 "audio/wav")}), 400)
+    assert "1,000 channels" in message and "mix it down to mono" in message
+    assert "transpose" not in message and "frames" not in message
+    t = np.arange(22050) / 22050
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    samples[100] = np.nan
+    broken = wav(tmp_path / "c.wav", samples, 22050, "FLOAT")
+    message = error_of(client.post("/api/query", files={"file": ("dawn song.wav", broken,
+                                                                 "audio/wav")}), 400)
+    assert message.startswith("dawn song.wav holds NaN")
+    for shown in (str(server.service.workdir), tempfile.gettempdir() + "/", "upload-",
+                  "audio.wav"):
+        assert shown not in message
+    long = wav(tmp_path / "d.flac", np.zeros(8000 * 660, np.int16), 8000)  # 11 min of silence
+    assert len(long) < LIMIT
+    message = error_of(client.post("/api/query", files={"file": ("walk.flac", long,
+                                                                 "audio/flac")}), 400)
+    assert "11 minutes long" in message and "up to 10 minutes" in message

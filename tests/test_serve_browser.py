@@ -145,6 +145,17 @@ def test_upload_a_photo_maps_it(page, tmp_path):
     assert "upload=" in page.url
 
 
+def test_a_pixel_bomb_reads_as_a_message(page, tmp_path):
+    from tests.bombs import png_bomb
+
+    bomb = png_bomb(tmp_path / "huge.png", 12000, 12000)  # refused from its header
+    page.set_input_files("#file", str(bomb))
+    status = page.locator("#status.error")
+    sync_api.expect(status).to_contain_text("huge.png is 12,000 x 12,000 pixels (144 Mpx)",
+                                            timeout=30000)
+    assert "/" not in status.inner_text()  # no path of the server's
+
+
 def test_unknown_species_reads_as_a_message(page):
     page.fill("#species", "Nonexistus fictus")
     page.press("#species", "Enter")

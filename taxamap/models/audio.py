@@ -51,6 +51,21 @@ FORMATS = "WAV, FLAC, OGG (Vorbis/Opus) or MP3"
 #: whole clip into one 10 s mel anyway, so a query should be a short excerpt.
 MAX_SECONDS = 3600.0
 
+#: Sample rates a recording may declare (telephone audio is 8 kHz, ultrasonic bat detectors record
+#: up to 768 kHz). A header claiming 1 Hz for 3,000 s passes the duration check but would be
+#: resampled x48,000: refused before anything is decoded.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 1_000_000
+
+#: Most channels a recording may have (third-order ambisonics has 16, 64-channel arrays exist);
+#: the channels are averaged to mono anyway.
+MAX_CHANNELS = 64
+
+#: Work budget per second of :data:`MAX_SECONDS` (or of ``load_audio``'s ``max_seconds``), in
+#: samples: the decoded samples (frames x channels) and the samples after resampling are each
+#: bounded by ``max_seconds`` of 48 kHz stereo (an hour: 346 million, 1.4 GB of float32), checked
+#: from the header before anything is allocated.
+SAMPLES_PER_SECOND = 2 * 48_000
+
 #: Seed for the extractor's random crops of clips longer than ``max_length``.
 CROP_SEED = 0
 
@@ -68,11 +83,15 @@ _TEXT_PREFIXES = ("text_model.", "text_projection.", "logit_scale_a", "logit_sca
 # --------------------------------------------------------------------------------------------
 
 
-def load_audio(path: str | os.PathLike, target_rate: int | None = None) -> tuple[np.ndarray, int]:
+def load_audio(path: str | os.PathLike, target_rate: int | None = None, *,
+               max_seconds: float = MAX_SECONDS) -> tuple[np.ndarray, int]:
     """Decode an audio file to float32 mono (the mean over its channels) and its sample rate.
 
-    With ``target_rate`` the waveform is resampled to it and that rate is returned. Missing,
-    corrupt, empty or unsupported files raise a one-line :class:`TaxamapError`.
+    With ``target_rate`` the waveform is resampled to it and that rate is returned. The work is
+    bounded from the header before anything is decoded: at most ``max_seconds`` long, sample
+    rate and channels in range (:data:`MIN_SAMPLE_RATE`, :data:`MAX_CHANNELS`), decoded and
+    resampled samples within ``max_seconds`` x :data:`SAMPLES_PER_SECOND`. Missing, corrupt,
+    empty, unsupported or oversized files raise a one-line :class:`TaxamapError`.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -87,12 +106,7 @@ def load_audio(path: str | os.PathLike, target_rate: int | None = None) -> tuple
         ) from exc
 
     try:
-        info = sf.info(str(path))
-        if info.frames > 0 and info.samplerate > 0 and info.frames / info.samplerate > MAX_SECONDS:
-            raise TaxamapError(
-                f"{path} is {info.frames / info.samplerate / 60:.0f} minutes long; cut a shorter "
-                f"excerpt (TaxaBind embeds 10 s, longer clips are squeezed into 10 s)"
-            )
+        check_audio(path, target_rate, max_seconds=max_seconds)
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except TaxamapError:
         raise
@@ -102,10 +116,51 @@ def load_audio(path: str | os.PathLike, target_rate: int | None = None) -> tuple
         raise TaxamapError(f"{path} holds no audio samples; give a recording of at least a second")
     if not np.isfinite(data).all():
         raise TaxamapError(f"{path} holds NaN or infinite samples; the file is damaged, export it again")
-    mono = to_mono(data)
+    mono = _mix_down(data)  # a file's layout is (frames, channels) whatever their counts
+    del data
     if target_rate is not None and int(target_rate) != int(rate):
         return resample(mono, int(rate), int(target_rate)), int(target_rate)
     return mono, int(rate)
+
+
+def check_audio(path: str | os.PathLike, target_rate: int | None = None, *,
+                max_seconds: float = MAX_SECONDS):
+    """The header of an audio file (``soundfile.info``), read without decoding a sample;
+    TaxamapError when it declares more work than :func:`load_audio` with these arguments allows
+    (a caller may bound it tighter than ``load_audio``'s defaults this way)."""
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    channels, rate, frames = int(info.channels), int(info.samplerate), int(info.frames)
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise TaxamapError(
+            f"{path} has {channels:,} channels; taxamap reads recordings of up to {MAX_CHANNELS} "
+            "channels (it averages them to mono): mix it down to mono or stereo first")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise TaxamapError(
+            f"{path} declares a sample rate of {rate:,} Hz; recordings are sampled at "
+            f"{MIN_SAMPLE_RATE:,} Hz to {MAX_SAMPLE_RATE:,} Hz (usually 44,100 or 48,000): the "
+            "file is damaged or mislabelled, export it again")
+    if frames <= 0:
+        return info
+    seconds = frames / rate
+    if seconds > max_seconds:
+        raise TaxamapError(
+            f"{path} is {_duration(seconds)} long; taxamap takes recordings of up to "
+            f"{_duration(max_seconds)}: cut a shorter excerpt (TaxaBind embeds 10 s, longer "
+            "clips are squeezed into 10 s)")
+    budget = max_seconds * SAMPLES_PER_SECOND
+    resampled = math.ceil(frames * (target_rate or rate) / rate)
+    if frames * channels > budget or resampled > budget:
+        raise TaxamapError(
+            f"{path} is {_duration(seconds)} of {channels} channels at {rate:,} Hz, more samples "
+            f"than taxamap decodes for {_duration(max_seconds)} of audio: cut a shorter excerpt or "
+            "mix it down to mono")
+    return info
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:,.0f} minutes" if seconds >= 120 else f"{seconds:,.0f} s"
 
 
 def _decode_failure(path: Path, exc: Exception, sf) -> str:
@@ -131,6 +186,11 @@ def to_mono(data: np.ndarray) -> np.ndarray:
             f"audio of shape {data.shape} has more channels than frames; pass (frames, channels), "
             "e.g. transpose a (channels, frames) array"
         )
+    return _mix_down(data)
+
+
+def _mix_down(data: np.ndarray) -> np.ndarray:
+    """(frames, channels) float32 -> (frames,), the mean over channels."""
     return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0].copy()
 
 
@@ -328,12 +388,18 @@ def _processor_repo(config: dict) -> str:
     return hub.strip_hub_prefix(str(named)) if named else hub.encoder_repo(config, "audio_processor")
 
 
+def model_rate(config: dict) -> int:
+    """The sample rate (Hz) recordings are resampled to for the encoder, from the TaxaBind config
+    (no model loaded: a file can be decoded and resampled before the encoder loads)."""
+    return int(config.get("audio_sample_rate") or hub.DEFAULT_CONFIG["audio_sample_rate"])
+
+
 def _settings(config: dict, extractor, fusion: bool, repo_id: str) -> tuple[int, str, str]:
     """(max_length in samples, padding, truncation) from the TaxaBind config, checked against the
     extractor and the model."""
     defaults = hub.DEFAULT_CONFIG
-    rate = config.get("audio_sample_rate") or defaults["audio_sample_rate"]
-    if int(rate) != int(extractor.sampling_rate):
+    rate = model_rate(config)
+    if rate != int(extractor.sampling_rate):
         raise TaxamapError(
             f"the TaxaBind config resamples audio to {rate} Hz but the CLAP feature extractor "
             f"expects {extractor.sampling_rate} Hz; the config and the processor do not belong together"

@@ -22,6 +22,14 @@ from taxamap.surface import option
 #: File types ``--image`` accepts (what Pillow decodes here; checked by the tests).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
+#: Most pixels a photo is decoded at. Every photo is squashed to 224 x 224 pixels anyway; 40 Mpx
+#: passes every common camera (24-61 Mpx full frame bodies are decoded whole or, as JPEGs, at half
+#: size) and bounds one decode at ~0.5 GB. The size is read from the file's header before any
+#: pixel is decoded: a small PNG declaring 12000 x 12000 pixels costs nothing to refuse. JPEGs
+#: above it are decoded at 1/2, 1/4 or 1/8 size by libjpeg (Pillow's ``draft``) when that
+#: brings them under it.
+MAX_PIXELS = 40_000_000
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -93,10 +101,11 @@ def to_rgb(image):
         # 16-bit greyscale: Pillow's RGB conversion clips, so rescale to 8 bits first.
         import numpy as np
 
-        arr = np.asarray(image, dtype=np.float64)
+        arr = np.array(image, dtype=np.float64)
         hi = arr.max() if arr.size else 0
-        arr = arr * (255.0 / 65535.0) if hi > 255 else arr
-        image = Image.fromarray(np.clip(arr, 0, 255).astype("uint8"), mode="L")
+        if hi > 255:
+            arr *= 255.0 / 65535.0  # in place: a 40 Mpx float64 copy is 320 MB
+        image = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype("uint8"), mode="L")
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info
     )
@@ -107,10 +116,13 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike):
-    """Read a photo (JPEG, PNG, WebP; any size) as an RGB PIL image, EXIF orientation applied.
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS):
+    """Read a photo (JPEG, PNG, WebP) as an RGB PIL image, EXIF orientation applied.
 
-    A missing, unreadable or corrupt file raises a one-line :class:`TaxamapError`.
+    At most ``max_pixels`` are decoded (see :data:`MAX_PIXELS`): the size comes from the header;
+    a larger JPEG is decoded reduced by libjpeg when 1/2, 1/4 or 1/8 of its size fits, any other
+    larger photo is refused before decoding. A missing, unreadable, corrupt or oversized file
+    raises a one-line :class:`TaxamapError`.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -121,23 +133,47 @@ def load_image(path: str | os.PathLike):
         raise TaxamapError(f"{option('image')} must be a file, but {path} is not")
     try:
         with warnings.catch_warnings():
-            # Huge photos raise DecompressionBombWarning; they are fine, they get resized.
+            # Pillow's own bomb warning starts at 89 Mpx; MAX_PIXELS is the bound enforced here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
+                _fit_pixels(opened, path, max_pixels)
                 opened.load()  # decode now, so truncated files fail here and not later
-                image = ImageOps.exif_transpose(opened)
-                image = to_rgb(image)
+                ImageOps.exif_transpose(opened, in_place=True)  # no second full-size copy
+                image = to_rgb(opened)
                 image.load()
     except UnidentifiedImageError as exc:
         raise TaxamapError(
             f"cannot read image {path}: not a JPEG, PNG or WebP file Pillow can decode"
         ) from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # over Pillow's hard limit (179 Mpx)
+        raise TaxamapError(_too_many_pixels(path, None, max_pixels)) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TaxamapError(f"cannot read image {path}: corrupt or truncated ({detail})") from exc
     if image.width < 1 or image.height < 1:
         raise TaxamapError(f"image {path} is empty (0 pixels)")
     return image
+
+
+def _fit_pixels(opened, path: Path, max_pixels: int) -> None:
+    """Make an opened (not yet decoded) image decode at most ``max_pixels``: reduced by the
+    decoder where the format allows it (JPEG), else TaxamapError."""
+    width, height = opened.size
+    if width * height <= max_pixels:
+        return
+    for scale in (2, 4, 8):
+        if -(-width // scale) * -(-height // scale) <= max_pixels:
+            opened.draft(None, (max(1, width // scale), max(1, height // scale)))
+            break
+    if opened.size[0] * opened.size[1] > max_pixels:  # draft is a no-op for PNG, WebP, ...
+        raise TaxamapError(_too_many_pixels(path, (width, height), max_pixels))
+
+
+def _too_many_pixels(path: Path, size: tuple[int, int] | None, max_pixels: int) -> str:
+    shown = (f"{size[0]:,} x {size[1]:,} pixels ({size[0] * size[1] / 1e6:,.0f} Mpx)"
+             if size else "more than 179 Mpx")
+    return (f"image {path} is {shown}; taxamap decodes photos of up to {max_pixels / 1e6:g} Mpx "
+            "(the model sees 224 x 224): shrink it, e.g. to 4000 pixels on its long side")
 
 
 def preprocess_batch(images: Sequence, transform: Callable):

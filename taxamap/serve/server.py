@@ -5,6 +5,7 @@ once it accepts connections."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import sys
 from typing import Callable
@@ -61,11 +62,82 @@ def allowed_hosts_for(host: str) -> list[str] | None:
     return ["127.0.0.1", "localhost", "[::1]", "::1", host]
 
 
+#: Seconds an idle keep-alive connection stays open (uvicorn's ``timeout_keep_alive``).
+KEEP_ALIVE_S = 5
+
+_REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
+
+
+def guarded_protocol(read_timeout: float):
+    """uvicorn's h11 protocol with the deadline uvicorn leaves out: a request's head must arrive
+    within ``read_timeout`` s of the connection opening (or of the previous answer) and the rest
+    of a body the app answered without reading (a refused upload) within ``read_timeout`` s of
+    the answer, else the connection is closed (with a 408 when half a head had come). Without it
+    a client sending half a request and stalling holds its connection forever. Bodies the app
+    reads are timed by the app (``taxamap.serve.app``)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"error": f"the request did not arrive within {read_timeout:g} s"}).encode()
+    answer = _REQUEST_TIMEOUT % (len(body), body)
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            self._stop()
+            super().connection_lost(exc)
+
+        def _waiting(self) -> bool:
+            """Waiting on the client alone: for a request's head, or for the rest of a body
+            after the answer was sent."""
+            theirs, ours = self.conn.their_state, self.conn.our_state
+            return theirs is h11.IDLE or (theirs is h11.SEND_BODY
+                                          and ours in (h11.DONE, h11.MUST_CLOSE))
+
+        def _watch(self) -> None:
+            if self.transport.is_closing() or not self._waiting():
+                self._stop()
+            elif self._deadline is None:  # the time counts from when the waiting began
+                self._deadline = self.loop.call_later(read_timeout, self._expired)
+
+        def _stop(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing() or not self._waiting():
+                return
+            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+                self.transport.write(answer)  # half a head: h11 has no request to answer
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def make_server(app, sock: socket.socket, on_ready: Callable[[], None] | None = None,
-                log_level: str = "warning"):
+                log_level: str = "warning", *, read_timeout: float | None = None):
     """A uvicorn server of ``app`` on the bound ``sock`` that calls ``on_ready`` once it
-    accepts connections. Run it with ``server.run(sockets=[sock])``."""
+    accepts connections; idle connections close after KEEP_ALIVE_S, half-sent requests after
+    ``read_timeout`` s (default: the app's default). Run it with ``server.run(sockets=[sock])``."""
     import uvicorn
+
+    from taxamap.serve.app import DEFAULT_READ_TIMEOUT
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -74,15 +146,19 @@ def make_server(app, sock: socket.socket, on_ready: Callable[[], None] | None = 
                 on_ready()
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S,
+                            http=guarded_protocol(read_timeout or DEFAULT_READ_TIMEOUT),
+                            ws="none")
     return Server(config)
 
 
 def serve(session_factory: Callable[[], object], *, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, max_upload: int | None = None,
-          say: Callable[[str], None] | None = None) -> int:
+          say: Callable[[str], None] | None = None, **limits) -> int:
     """``taxamap serve``: bind, open the session (``session_factory()``), serve until
-    interrupted. Prints ``serving http://HOST:PORT/`` on stdout when ready; returns 0."""
+    interrupted. Prints ``serving http://HOST:PORT/`` on stdout when ready; returns 0.
+    ``limits``: :func:`~taxamap.serve.app.create_app`'s ``max_uploads``, ``read_timeout`` and
+    ``upload_timeout``."""
     from taxamap.serve import require_web_stack
     from taxamap.serve.app import DEFAULT_MAX_UPLOAD, create_app
 
@@ -95,11 +171,12 @@ def serve(session_factory: Callable[[], object], *, host: str = DEFAULT_HOST,
     try:
         session = session_factory()
         app = create_app(session, max_upload=max_upload or DEFAULT_MAX_UPLOAD,
-                         allowed_hosts=allowed_hosts_for(host))
+                         allowed_hosts=allowed_hosts_for(host), **limits)
         try:
             app.state.service.warm_up()
             url = url_of(host, sock)
-            server = make_server(app, sock, on_ready=lambda: print(f"serving {url}", flush=True))
+            server = make_server(app, sock, on_ready=lambda: print(f"serving {url}", flush=True),
+                                 read_timeout=app.state.service.read_timeout)
             try:
                 server.run(sockets=[sock])
             except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on

@@ -392,7 +392,9 @@
       })
       .catch(function (err) {
         if (mine !== generation) return;
-        setStatus(err.message, "error");
+        // A TypeError is fetch's word for a connection that broke (the server closed it).
+        setStatus(err instanceof TypeError ? "the upload did not reach the server (the " +
+                  "connection was closed); try again" : err.message, "error");
       });
   }
 
