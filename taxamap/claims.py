@@ -86,6 +86,8 @@ class BlockClaims:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # another run removed the empty folder meanwhile
+                continue
             except OSError:  # a read-only cache: runs there cannot share, but still work
                 self.folder = None
                 return True
@@ -134,10 +136,15 @@ class BlockClaims:
             os.close(fd)
 
     def close(self) -> None:
-        """Give every claim up and stop the heartbeat."""
+        """Give every claim up, stop the heartbeat, and remove the folder if no claim is left."""
         for block in list(self._held):
             self.release(block)
         self._stop.set()
+        if self.folder is not None:
+            try:
+                self.folder.rmdir()
+            except OSError:  # another run's claims are in it (or it is gone already)
+                pass
 
     def holder(self, block: int) -> dict | None:
         """Who else holds ``block`` (``pid``, ``host``, ``since``, and ``quiet_s``: seconds since
