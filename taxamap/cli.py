@@ -465,6 +465,8 @@ def _cmd_cache(args) -> int:
     from taxamap.store import default_store_root
     from taxamap.store_cache import cached_stores, clear_stores, verify_store
 
+    if not getattr(args, "cache_command", None):
+        raise TaxamapError("usage: taxamap cache info|verify|clear (see 'taxamap cache --help')")
     tiles = cache_subdir("tiles", args.cache)
     if args.cache_command == "info":
         stores = cached_stores(args.cache)
@@ -530,7 +532,7 @@ def _cmd_cache(args) -> int:
             said.append(f"{cache_clear(tiles, source=args.source):,} tile entries")
         print("removed " + " and ".join(said))
         return 0
-    raise TaxamapError("usage: taxamap cache info|verify|clear")
+    raise TaxamapError(f"unknown cache action {args.cache_command!r}")
 
 
 def _cmd_data(args) -> int:

@@ -409,6 +409,9 @@ def test_cache_info_lists_stored_grids_and_clear_selects_them(models_dir, tmp_pa
     assert int(ohio[2].replace(",", "")) > 0 and ohio[6] in ("KB", "MB")
     assert "embedding stores: 2 (" in out and "tiles: 0 entries" in out
 
+    rc, _, err = _cli(capsys, "cache")
+    assert rc == 2 and err.strip() == ("taxamap: error: usage: taxamap cache info|verify|clear "
+                                       "(see 'taxamap cache --help')")
     rc, out, err = _cli(capsys, "cache", "clear", "--region", "atlantis", "--cache", str(cache))
     assert rc == 2 and "no stored grid of region 'atlantis'" in err and "Ohio" in err
     rc, out, _ = _cli(capsys, "cache", "clear", "--older-than", "1", "--cache", str(cache))
