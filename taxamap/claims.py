@@ -94,8 +94,15 @@ class BlockClaims:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                holder = _read(fd)
+                quiet = time.time() - os.fstat(fd).st_mtime
                 os.close(fd)
-                return False
+                if quiet <= TIMEOUT_S:
+                    return False
+                # Held, but its holder has stopped beating (stopped, hung): not waited for.
+                _log.info(f"{self.label}: block {block + 1} is claimed by {_who(holder)}, silent "
+                          f"for {quiet / 60:.0f} min; computing it here")
+                return True
             except OSError:  # no flock on this file system
                 os.close(fd)
                 self.folder = None

@@ -456,6 +456,8 @@ class EmbeddingStore:
                 return f"its {name} array is missing"
             except Exception as exc:  # unreadable JSON, or JSON that is no Zarr array
                 return f"{name}/zarr.json is unreadable: {_short(exc)}"
+            if not hasattr(arrays[name], "chunks"):
+                return f"{name}/zarr.json describes a group, not an array"
         emb, done, check = arrays["emb"], arrays["done"], arrays["check"]
         n_chunks = _n_chunks(n_cells, chunk_cells)
         if tuple(emb.shape) != (n_cells, dim):

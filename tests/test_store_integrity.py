@@ -376,6 +376,25 @@ def test_a_live_claim_is_waited_for_and_checked_not_recomputed(pristine, models_
     _verified(store_dir)
 
 
+def test_a_silent_claim_is_not_waited_for(tmp_path, monkeypatch, caplog):
+    """A claim still locked but untouched for the timeout (a stopped process) is computed here."""
+    from taxamap import claims as claims_module
+    from taxamap.claims import BlockClaims
+
+    monkeypatch.setattr(claims_module, "TIMEOUT_S", 60.0)
+    location = str(tmp_path / "s")
+    with BlockClaims(location) as holder, BlockClaims(location, label="location") as other:
+        assert holder.take(0)
+        assert other.take(0) is False and other.holder(0)["pid"] == os.getpid()
+        silent = time.time() - 120
+        os.utime(tmp_path / "s.claims" / "0", (silent, silent))
+        caplog.set_level(logging.INFO, logger="taxamap")
+        assert other.take(0) is True
+    assert any(r.getMessage().startswith(f"location: block 1 is claimed by pid {os.getpid()}")
+               and r.getMessage().endswith("silent for 2 min; computing it here")
+               for r in caplog.records)
+
+
 def test_a_dask_worker_leaves_a_claimed_block_alone(tmp_path):
     from taxamap.claims import BlockClaims
     from taxamap.distributed import _embed_block
