@@ -90,7 +90,8 @@ def cached_stores(cache_dir: str | os.PathLike | None = None) -> list[CachedStor
             if not grid_dir.is_dir() or grid_dir.name.startswith("."):
                 continue
             for path in grid_dir.iterdir():
-                if path.is_dir() and "-" in path.name and not path.name.endswith(".claims"):
+                if (path.is_dir() and "-" in path.name and not path.name.startswith(".")
+                        and not path.name.endswith(".claims")):
                     found.append(_describe(path))
     return sorted(found, key=lambda s: (s.region.lower(), s.resolution or 0, s.modality,
                                         str(s.path)))
