@@ -198,11 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "embed", help="embed a grid's cells into a store, for instant later predictions",
         description="Compute and store the query-independent cell embeddings of a grid. "
-        "Resumable: rerun the same command after an interruption.",
-        epilog="example:\n  taxamap embed --region usa --resolution 0.05",
+        "Resumable: rerun the same command after an interruption. Runs on the same grid share "
+        "the work: each block is computed once, by whichever run claims it first. Stored blocks "
+        "that are missing or cut short are embedded again; --verify reads every block back and "
+        "checks its checksum too.",
+        epilog="examples:\n  taxamap embed --region usa --resolution 0.05\n"
+        "  taxamap embed --region usa --resolution 0.05 --verify   # check (and repair) the store",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _grid_options(p)
+    p.add_argument("--verify", action="store_true",
+                   help="read every stored block back and check it against its checksum; "
+                   "damaged blocks are embedded again")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -331,13 +338,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repos", help="comma list of hub repos (default: all TaxaBind repos)")
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("cache", help="inspect or clear the tile cache")
+    p = sub.add_parser(
+        "cache", help="inspect, check or clear the cache (embedding stores and tiles)",
+        epilog="examples:\n  taxamap cache info\n  taxamap cache verify\n"
+        "  taxamap cache clear --region Ohio          # the stored grids of one region\n"
+        "  taxamap cache clear --older-than 30        # stores unused for 30 days\n"
+        "  taxamap cache clear --tiles                # every cached tile, no store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     csub = p.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
-    for name, helptext in (("info", "entries and size"), ("clear", "delete cached tiles")):
-        c = csub.add_parser(name, help=helptext)
+    for name, helptext in (
+            ("info", "each stored grid (region, resolution, cells, modality, model, size, last "
+                     "use) and the tile cache"),
+            ("verify", "read every stored block back and check it against its checksum; "
+                       "damaged blocks are embedded again by the next run over their grid"),
+            ("clear", "delete embedding stores and cached tiles (default: all of both)")):
+        c = csub.add_parser(name, help=helptext, description=helptext)
         c.add_argument("--cache", metavar="DIR", default=None, help="cache folder")
         c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == "clear":
+            c.add_argument("--stores", action="store_true", help="only embedding stores")
+            c.add_argument("--tiles", action="store_true", help="only cached tiles")
+            c.add_argument("--region", metavar="NAME",
+                           help="only the stores of this region (as 'cache info' names it)")
+            c.add_argument("--older-than", metavar="DAYS", type=float,
+                           help="only the stores last used more than DAYS days ago")
             c.add_argument("--source", help="only this source's tiles")
 
     p = sub.add_parser("data", help="download reference data")
@@ -388,7 +413,7 @@ def _cmd_predict(args) -> int:
 def _cmd_embed(args) -> int:
     from taxamap.pipeline import GridRequest, embed
 
-    cells = embed(GridRequest(**_grid_kwargs(args)))
+    cells = embed(GridRequest(**_grid_kwargs(args)), verify=args.verify)
     for modality, store in cells.stores.items():
         print(f"{modality}\t{store.location}\t{cells.computed_blocks[modality]} blocks computed")
     return 0
@@ -461,21 +486,89 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Rows as aligned columns (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def _cmd_cache(args) -> int:
+    import time
+
+    from taxamap.io import format_bytes
+    from taxamap.paths import cache_root, cache_subdir
     from taxamap.sources.cache import cache_clear, cache_info
+    from taxamap.store import default_store_root
+    from taxamap.store_cache import cached_stores, clear_stores, verify_store
 
-    from taxamap.paths import cache_subdir
-
+    if not getattr(args, "cache_command", None):
+        raise TaxamapError("usage: taxamap cache info|verify|clear (see 'taxamap cache --help')")
     tiles = cache_subdir("tiles", args.cache)
     if args.cache_command == "info":
+        stores = cached_stores(args.cache)
         info = cache_info(tiles)
-        for key, value in info.items():
-            print(f"{key}\t{value}")
+        print(f"cache: {cache_root(args.cache)}")
+        total = sum(s.bytes for s in stores)
+        print(f"embedding stores: {len(stores)} ({format_bytes(total)}) in "
+              f"{default_store_root(args.cache)}")
+        if stores:
+            rows = [["region", "resolution", "cells", "modality", "model", "size", "last use"]]
+            for s in stores:
+                rows.append([
+                    s.region + ("" if s.readable else " (damaged)"),
+                    "?" if s.resolution is None else f"{s.resolution:g}",
+                    "?" if s.cells is None else f"{s.cells:,}", s.modality, s.model,
+                    format_bytes(s.bytes), time.strftime("%Y-%m-%d %H:%M",
+                                                         time.localtime(s.last_used))])
+            print("\n".join(_table(rows)))
+        print(f"tiles: {info['entries']:,} entries ({format_bytes(info['bytes'])}), "
+              f"{info['missing']:,} not-found markers in {info['path']}")
+        if info["sources"]:
+            rows = [["source", "entries", "size", "not found"]]
+            rows += [[t["label"], f"{t['entries']:,}", format_bytes(t["bytes"]),
+                      f"{t['missing']:,}"] for t in info["sources"]]
+            print("\n".join(_table(rows)))
         return 0
+    if args.cache_command == "verify":
+        stores = cached_stores(args.cache)
+        damaged = 0
+        for s in stores:
+            sound, unfinished, problem = verify_store(s)
+            if problem:
+                damaged += 1
+                print(problem)
+                continue
+            left = f", {unfinished} unfinished" if unfinished else ""
+            res = "?" if s.resolution is None else f"{s.resolution:g} deg"
+            print(f"{s.region} {res} {s.modality}: {sound:,} block{'s' * (sound != 1)} sound"
+                  f"{left} ({s.path})")
+        print(f"checked {len(stores)} embedding stores: "
+              + (f"{damaged} damaged" if damaged else "all sound"))
+        return 1 if damaged else 0
     if args.cache_command == "clear":
-        print(f"removed {cache_clear(tiles, source=args.source)} entries")
+        store_filter = args.region is not None or args.older_than is not None
+        do_stores = args.stores or store_filter
+        do_tiles = args.tiles or args.source is not None
+        if not (do_stores or do_tiles):
+            do_stores = do_tiles = True
+        if store_filter and do_tiles and not do_stores:
+            raise TaxamapError("--region and --older-than select embedding stores; drop --tiles")
+        if args.older_than is not None and not args.older_than >= 0:
+            raise TaxamapError(f"--older-than takes a number of days >= 0, got {args.older_than}")
+        said = []
+        if do_stores:
+            names = sorted({s.region for s in cached_stores(args.cache)})
+            if args.region is not None and args.region.strip().lower() not in {
+                    n.lower() for n in names}:
+                raise TaxamapError(f"no stored grid of region {args.region!r}; the cache holds "
+                                   f"{', '.join(names) or 'none'} (see 'taxamap cache info')")
+            gone = clear_stores(args.cache, region=args.region, older_than_days=args.older_than)
+            said.append(f"{len(gone)} embedding stores ({format_bytes(sum(s.bytes for s in gone))})")
+        if do_tiles:
+            said.append(f"{cache_clear(tiles, source=args.source):,} tile entries")
+        print("removed " + " and ".join(said))
         return 0
-    raise TaxamapError("usage: taxamap cache info|clear")
+    raise TaxamapError(f"unknown cache action {args.cache_command!r}")
 
 
 def _cmd_data(args) -> int:

@@ -43,61 +43,87 @@ def open_client(address: str):
 
 
 def _embed_block(req, config: dict, modality: str, location: str, key: str, block_id: int,
-                 latlon: np.ndarray) -> int:
-    """Runs on a worker: embed one block and commit it to the store."""
+                 latlon: np.ndarray, redo: bool = False) -> bool:
+    """Runs on a worker: claim one block, embed it and commit it to the store. Returns False,
+    computing nothing, when another run (a local ``taxamap embed``, another cluster) holds the
+    block's claim or has just finished it (unless ``redo``: a block found damaged): the driver
+    waits for (and checks) that run's block instead."""
     import torch
 
+    from taxamap.claims import BlockClaims
     from taxamap.devices import pick_device
     from taxamap.modalities import build_embedder
     from taxamap.store import EmbeddingStore
 
-    cache_key = (modality, key)
-    embedder = _EMBEDDERS.get(cache_key)
-    if embedder is None:
-        device = pick_device(req.device)
-        try:
-            from distributed import get_worker
+    with BlockClaims(location, label=modality) as claims:
+        if not claims.take(block_id):
+            return False
+        store = EmbeddingStore.open_existing(location, key)
+        if not redo and store.finished([block_id]):
+            return False
+        cache_key = (modality, key)
+        embedder = _EMBEDDERS.get(cache_key)
+        if embedder is None:
+            device = pick_device(req.device)
+            try:
+                from distributed import get_worker
 
-            # One intra-op thread per worker thread: workers already fill the cores.
-            torch.set_num_threads(max(1, get_worker().state.nthreads))
-        except (ImportError, ValueError):
-            pass
-        embedder = build_embedder(modality, req, config, device)
-        _EMBEDDERS[cache_key] = embedder
-    from taxamap.engine import run_blocks
+                # One intra-op thread per worker thread: workers already fill the cores.
+                torch.set_num_threads(max(1, get_worker().state.nthreads))
+            except (ImportError, ValueError):
+                pass
+            embedder = build_embedder(modality, req, config, device)
+            _EMBEDDERS[cache_key] = embedder
+        from taxamap.engine import run_blocks
 
-    store = EmbeddingStore.open_existing(location, key)
+        def sink(_: int, values: np.ndarray, complete: bool) -> None:
+            store.write_chunk(block_id, values, complete)
 
-    def sink(_: int, values: np.ndarray, complete: bool) -> None:
-        store.write_chunk(block_id, values, complete)
-
-    # The same batching as a local run: a satellite block streams through in small batches.
-    run_blocks(latlon, embedder, [(block_id, slice(0, latlon.shape[0]))], sink, progress=False)
-    return block_id
+        # The same batching as a local run: a satellite block streams through in small batches.
+        run_blocks(latlon, embedder, [(block_id, slice(0, latlon.shape[0]))], sink,
+                   progress=False)
+    return True
 
 
-def embed_on_dask(req, config: dict, modality: str, store, latlon: np.ndarray) -> int:
-    """Submit every unfinished block of ``store`` to the cluster; returns how many were computed."""
+def embed_on_dask(req, config: dict, modality: str, store, latlon: np.ndarray,
+                  chunks: list[int] | None = None) -> int:
+    """Submit every unfinished block of ``store`` (or ``chunks``) to the cluster; returns how many
+    its workers computed. Blocks another run has claimed are waited for, not computed twice."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
+    from taxamap.claims import BlockClaims, wait_for_blocks
+
     client, cluster = open_client(req.dask)
+    computed = 0
     try:
-        todo = store.pending_chunks()
-        futures = []
-        for i in todo:
-            sl = store.chunk_slice(i)
-            futures.append(client.submit(
-                _embed_block, req, config, modality, store.location, store.key, i,
-                np.ascontiguousarray(latlon[sl]), pure=False, key=f"taxamap-{store.key}-{i}",
-            ))
+        todo = store.pending_chunks() if chunks is None else list(chunks)
         bar = tqdm(total=len(todo), desc=f"embedding {modality} on dask", unit="block",
                    disable=not req.progress, file=sys.stderr)
-        for future in as_completed(futures):
-            future.result()  # re-raises a worker's error here
-            bar.update(1)
+        claims = BlockClaims(store.location, label=modality)  # only asked who holds a block
+        round_, redo = 0, set(store.damaged)
+        while todo:
+            futures = {}
+            for i in todo:
+                sl = store.chunk_slice(i)
+                future = client.submit(
+                    _embed_block, req, config, modality, store.location, store.key, i,
+                    np.ascontiguousarray(latlon[sl]), i in redo, pure=False,
+                    key=f"taxamap-{store.key}-{i}-{round_}",
+                )
+                futures[future] = i
+            elsewhere = []
+            for future in as_completed(futures):
+                if future.result():  # re-raises a worker's error here
+                    computed += 1
+                    bar.update(1)
+                else:
+                    elsewhere.append(futures[future])
+            todo = wait_for_blocks(store, claims, elsewhere) if elsewhere else []
+            redo.update(todo)
+            round_ += 1
         bar.close()
-        return len(todo)
+        return computed
     finally:
         client.close()
         if cluster is not None:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from taxamap.claims import BlockClaims, wait_for_blocks
 from taxamap.io import DiskFull
 from taxamap.store import EmbeddingStore
 
@@ -120,6 +121,7 @@ def run_blocks(
     *,
     progress: bool = True,
     already_done: int = 0,
+    claim: Callable[[int], bool] | None = None,
 ) -> int:
     """Embed each (block id, cell slice) and hand the whole block to
     ``sink(block_id, emb, complete)``; returns how many cells failed (see
@@ -127,24 +129,29 @@ def run_blocks(
 
     Blocks are cut into batches of ``embedder.batch_cells``; up to ``workers + 1`` batches are
     prepared ahead in threads while the current one is computed. A block's result is handed over
-    only when all its batches are done, so a store commits whole blocks.
+    only when all its batches are done, so a store commits whole blocks. With ``claim``, each
+    block is claimed just before its first batch is prepared and skipped when ``claim`` says
+    another run has it (:mod:`taxamap.claims`).
     """
     total = latlon.shape[0]
     bar = _progress(total, f"embedding {embedder.modality}", progress)
     bar.update(already_done)
     step = max(1, int(embedder.batch_cells))
-    batches = [
-        (block_id, sl, slice(start, min(start + step, sl.stop)))
-        for block_id, sl in blocks
-        for start in range(sl.start, sl.stop, step)
-    ]
+
+    def claimed_batches():
+        for block_id, sl in blocks:
+            if claim is not None and not claim(block_id):
+                continue
+            for start in range(sl.start, sl.stop, step):
+                yield block_id, sl, slice(start, min(start + step, sl.stop))
+
     workers = max(1, int(embedder.workers))
     queue: deque = deque()
     buffers: dict[int, np.ndarray] = {}
     remaining = {block_id: sl.stop - sl.start for block_id, sl in blocks}
     failed = {block_id: 0 for block_id, _ in blocks}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="taxamap-prep") as pool:
-        pending = iter(batches)
+        pending = claimed_batches()
 
         def submit_next() -> bool:
             nxt = next(pending, None)
@@ -188,25 +195,55 @@ def embed_to_store(
     progress: bool = True,
     chunks: list[int] | None = None,
 ) -> int:
-    """Compute the store's unfinished blocks (or just ``chunks``); returns how many were computed."""
+    """Compute the store's unfinished blocks (or just ``chunks``); returns how many this run
+    computed. Blocks are claimed first (:mod:`taxamap.claims`): a block another live run is
+    computing is left to it and waited for (and checked) instead of being computed twice."""
     todo = store.pending_chunks() if chunks is None else list(chunks)
     if not todo:
         return 0
-    blocks = [(i, store.chunk_slice(i)) for i in todo]
-    done_cells = store.n_cells - sum(sl.stop - sl.start for _, sl in blocks) if chunks is None else 0
-    try:
-        failed = run_blocks(latlon, embedder, blocks, store.write_chunk, progress=progress,
-                            already_done=done_cells)
-    except DiskFull as exc:
-        if not exc.per_cell:
-            raise
-        # A cache knows its bytes per cell, the store how many cells are left: the step's need.
-        raise exc.needing(int(exc.per_cell * store.cells_left())) from None
+    # Blocks found damaged are computed even where their flag still says done (a store whose
+    # flags cannot be written); others are left to a run that finished them since.
+    redo = set(store.damaged)
+    done_cells = store.n_cells - sum(store.chunk_slice(i).stop - store.chunk_slice(i).start
+                                     for i in todo)
+    computed: list[int] = []
+    failed = 0
+    with BlockClaims(store.location, label=embedder.modality) as claims:
+
+        def claim(i: int) -> bool:
+            if not claims.take(i):
+                return False
+            if i not in redo and store.finished([i]):  # another run wrote it since we listed it
+                claims.release(i)
+                return False
+            return True
+
+        def sink(i: int, values: np.ndarray, complete: bool) -> None:
+            store.write_chunk(i, values, complete)
+            claims.release(i)
+            computed.append(i)
+
+        work = todo
+        while work:
+            blocks = [(i, store.chunk_slice(i)) for i in work]
+            try:
+                failed += run_blocks(latlon, embedder, blocks, sink, progress=progress,
+                                     already_done=done_cells, claim=claim)
+            except DiskFull as exc:
+                if not exc.per_cell:
+                    raise
+                # A cache knows its bytes per cell, the store how many cells are left: the
+                # step's need.
+                raise exc.needing(int(exc.per_cell * store.cells_left())) from None
+            others = [i for i in work if i not in computed]
+            work = wait_for_blocks(store, claims, others) if others else []
+            redo.update(work)
+            progress = False  # one bar; later rounds are the few blocks other runs dropped
     if failed:
         logging.getLogger("taxamap").info(f"{embedder.modality}: {failed:,} cells failed to fetch and are NaN in this map; their "
             "blocks are left unfinished in the store, so running the same command again retries "
             "them (fetched tiles come from the cache)")
-    return len(blocks)
+    return len(computed)
 
 
 def embed_in_memory(

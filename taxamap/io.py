@@ -150,3 +150,15 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, what: str | None
         with open(tmp, "wb") as fh:
             fh.write(blob)
     return Path(path)
+
+
+def remove_tree(folder: str | os.PathLike) -> None:
+    """Delete ``folder`` so that nothing ever sees it half-deleted: it is renamed aside first
+    (a dot name no reader looks for), then removed. Missing is fine."""
+    folder = Path(folder)
+    trash = folder.with_name(f".{folder.name}.{os.getpid()}.deleting")
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        trash = folder
+    shutil.rmtree(trash, ignore_errors=True)

@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from taxamap.score import DEFAULT_FUSION, parse_modalities
 from taxamap.surface import accepts, option
 
 _logger = logging.getLogger("taxamap")
+T = TypeVar("T")
 
 
 def log(message: str) -> None:
@@ -182,25 +183,44 @@ class CellEmbeddings:
 
 
 def _complete_store(location: str, key: str):
-    """The store at ``location`` if it exists, has ``key`` and is complete; else None."""
+    """The store at ``location`` if it exists, has ``key``, sound metadata and check records, and
+    no unfinished or damaged block (by its records and file sizes; the CRCs are checked as the
+    cells are read); else None."""
     from taxamap.store import EmbeddingStore
 
     try:
         store = EmbeddingStore.open_existing(location, key)
-    except Exception:  # absent, half-created or another key: the full path below decides
+    except Exception:  # absent, half-created, another key, damaged: the full path below decides
+        return None
+    if store.check is None:  # format 1: its check records are made under the creation lock
         return None
     return store if store.is_complete() else None
 
 
+def _fill_store(req: GridRequest, config: dict, modality: str, store, latlon: np.ndarray,
+                embedder, chunks: list[int] | None = None) -> int:
+    """Compute ``store``'s unfinished blocks (or ``chunks``) here or on Dask; returns how many
+    this run computed."""
+    from taxamap import engine
+
+    if req.dask:
+        from taxamap.distributed import embed_on_dask
+
+        return embed_on_dask(req, config, modality, store, latlon, chunks=chunks)
+    return engine.embed_to_store(latlon, embedder, store, progress=req.progress, chunks=chunks)
+
+
 def embed_cells(req: GridRequest, grid: Grid, config: dict,
-                device: Callable[[], str]) -> CellEmbeddings:
+                device: Callable[[], str], *, region: str | None = None,
+                verify: bool = False) -> CellEmbeddings:
     """Make sure every modality's store for ``grid`` is complete (computing only missing blocks).
 
     A complete store is used without loading its encoder at all: a warm query touches no weights
-    but the query encoder's.
+    but the query encoder's. Blocks found damaged are embedded again, with one line saying so;
+    ``verify`` reads every block and checks it against its record first (``embed --verify``).
+    ``region`` (its name) is recorded in a new store's attributes (``taxamap cache info``).
     """
-    from taxamap import engine
-    from taxamap.store import EmbeddingStore, store_key, store_location
+    from taxamap.store import EmbeddingStore, damage_summary, store_key, store_location
 
     latlon = None
     stores, refs, computed, sources = {}, {}, {}, {}
@@ -209,7 +229,7 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
         plan = plan_modality(modality, req, config, device, grid.n_cells)
         key = store_key(grid.definition(), modality, plan.model_ref, plan.source)
         location, chosen = store_location(req.store, grid.key(), modality, key, req.cache_dir)
-        store = _complete_store(location, key)
+        store = None if verify else _complete_store(location, key)
         licence_notice(plan.attribution, plan.license)
         if store is not None:
             computed[modality] = 0
@@ -220,34 +240,70 @@ def embed_cells(req: GridRequest, grid: Grid, config: dict,
             store = EmbeddingStore.open(
                 location, key=key, n_cells=grid.n_cells, dim=embedder.dim,
                 attrs={"grid": grid.definition(), "modality": modality, "model": plan.model_ref,
-                       "source": plan.source},
+                       "source": plan.source, "region": region,
+                       "resolution": grid.resolution},
                 must_match=chosen,
             )
             if latlon is None:
                 latlon = grid.cell_latlon()
-            pending = len(store.pending_chunks())
-            if 0 < pending < store.n_chunks:
-                log(f"resuming {modality}: {pending} of {store.n_chunks} blocks left in {location}")
-            if req.dask:
-                from taxamap.distributed import embed_on_dask
-
-                computed[modality] = embed_on_dask(req, config, modality, store, latlon)
-            else:
-                computed[modality] = engine.embed_to_store(
-                    latlon, embedder, store, progress=req.progress
-                )
+            pending = store.pending_chunks(verify=verify)
+            if store.damaged:
+                them = "it" if len(store.damaged) == 1 else "them"
+                log(f"{damage_summary(location, store.damaged, store.n_chunks)}; re-embedding {them}")
+            fresh = len(pending) - len(store.damaged)
+            if 0 < fresh and len(pending) < store.n_chunks:
+                log(f"resuming {modality}: {fresh} of {store.n_chunks} blocks left in {location}")
+            computed[modality] = _fill_store(req, config, modality, store, latlon, embedder,
+                                             pending)
             missing = getattr(plan.stats, "cells_missing", 0) if plan.stats is not None else 0
             if missing:
                 asked = getattr(plan.stats, "cells", 0)
                 log(f"{modality}: {missing:,} of {asked:,} cells had no imagery (not found, or "
                     "still failing after retries); they are NaN in that band and fused over the "
                     "other modalities")
+        store.touch()
         if plan.attribution:
             attribution, license_ = plan.attribution, plan.license
         stores[modality] = store
         refs[modality] = plan.model_ref
         sources[modality] = plan.source
     return CellEmbeddings(stores, refs, attribution, license_, computed, sources)
+
+
+#: Rounds of "read, find a damaged block, embed it again" before a store is called failing.
+REPAIR_ROUNDS = 3
+
+
+def read_repairing(req: GridRequest, grid: Grid, config: dict, device: Callable[[], str],
+                   cells: CellEmbeddings, read: Callable[[], T]) -> T:
+    """``read()`` (which reads ``cells``' stores: scoring, a session's load); a block found
+    damaged on the way is embedded again (one line saying so, after a full check of its store
+    finds any other) and ``read()`` runs again. A store damaged again right after its repair is a
+    one-line error about the disk."""
+    from taxamap.store import StoreDamaged, damage_summary
+
+    rounds = 0
+    while True:
+        try:
+            return read()
+        except StoreDamaged as exc:
+            store = exc.store
+            rounds += 1
+            if rounds == REPAIR_ROUNDS:
+                raise TaxamapError(
+                    f"{exc.summary}, again after embedding it anew: the disk under "
+                    f"{store.location} may be failing; check it, or pass --cache DIR (or --store) "
+                    "on another disk") from None
+            modality = next(m for m, s in cells.stores.items() if s is store)
+            store.pending_chunks(verify=True)  # every other damaged block, in this one repair
+            store.damaged.update(exc.blocks)
+            damaged = dict(store.damaged)
+            them = "it" if len(damaged) == 1 else "them"
+            log(f"{damage_summary(store.location, damaged, store.n_chunks)}; re-embedding {them}")
+            embedder = plan_modality(modality, req, config, device, grid.n_cells).build()
+            n = _fill_store(req, config, modality, store, grid.cell_latlon(), embedder,
+                            sorted(damaged))
+            cells.computed_blocks[modality] = cells.computed_blocks.get(modality, 0) + n
 
 
 def satellite_tags(source: dict | None) -> dict[str, str]:
@@ -666,11 +722,13 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
                            f"species at a time ({option('species', metavar='NAME')}, not several)")
 
     t = time.perf_counter()
-    cells = embed_cells(req, grid, config, device)
+    cells = embed_cells(req, grid, config, device, region=region.name)
     timings["cells"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]), req.fusion)
+    vectors = np.stack([q.vector for q in queries])
+    fused, per = read_repairing(req, grid, config, device, cells,
+                                lambda: score_stores(cells.stores, vectors, req.fusion))
     check_scored(per)  # before a fit: a modality with no cell fails with its own message
     more_attrs = {"skipped_species": "; ".join(skipped)} if skipped else {}
     timings["score"] = time.perf_counter() - t
@@ -874,8 +932,9 @@ def write_outputs(
     return paths
 
 
-def embed(req: GridRequest) -> CellEmbeddings:
-    """``taxamap embed``: fill the stores for a grid without making a map."""
+def embed(req: GridRequest, verify: bool = False) -> CellEmbeddings:
+    """``taxamap embed``: fill the stores for a grid without making a map; with ``verify``, read
+    every stored block back and embed again the ones that fail their check."""
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
@@ -887,4 +946,4 @@ def embed(req: GridRequest) -> CellEmbeddings:
     device = lazy_device(req.device)
     config, _ = load_config(req.models_dir)
     region, grid = build_grid(req)
-    return embed_cells(req, grid, config, device)
+    return embed_cells(req, grid, config, device, region=region.name, verify=verify)

@@ -113,7 +113,7 @@ class MapSession:
         from taxamap.geography import check_cells
         from taxamap.models.hub import load_config
         from taxamap.pipeline import (GridRequest, PredictRequest, QueryEncoders, build_grid,
-                                      check_grid_paths, embed_cells, log)
+                                      check_grid_paths, embed_cells, log, read_repairing)
 
         if fusion not in FUSIONS:
             raise TaxamapError(f"unknown {option('fusion', fusion)}; choose from "
@@ -130,11 +130,18 @@ class MapSession:
             self._device()  # a GPU the user named must exist before any work starts
         self.config, self.config_ref = load_config(self.request.models_dir)
         self.region, self.grid = build_grid(self.request)
-        self.cells = embed_cells(self.request, self.grid, self.config, self._device)
+        self.cells = embed_cells(self.request, self.grid, self.config, self._device,
+                                 region=self.region.name)
         self._embeddings: dict[str, np.ndarray] = {}
         self._norms: dict[str, np.ndarray] = {}
-        for modality, store in self.cells.stores.items():
-            self._embeddings[modality], self._norms[modality] = _load_normalised(store)
+
+        def load() -> None:
+            for modality, store in self.cells.stores.items():
+                self._embeddings[modality], self._norms[modality] = _load_normalised(store)
+
+        # A block found damaged while loading is embedded again before the session opens.
+        read_repairing(self.request, self.grid, self.config, self._device, self.cells, load)
+        for modality in self.cells.stores:
             if not np.isfinite(self._norms[modality]).any():
                 raise TaxamapError(
                     f"no cell could be embedded from the {modality} modality (every input "
@@ -169,6 +176,19 @@ class MapSession:
     @property
     def n_cells(self) -> int:
         return self.grid.n_cells
+
+    @property
+    def embedded_cells(self) -> dict[str, int]:
+        """Per modality, the cells it holds an embedding for (the others are NaN in its band)."""
+        return {m: int(np.isfinite(n).sum()) for m, n in self._norms.items()}
+
+    @property
+    def cells_held(self) -> int:
+        """Cells with an embedding from at least one modality: the cells a map can score."""
+        held = np.zeros(self.n_cells, dtype=bool)
+        for norms in self._norms.values():
+            held |= np.isfinite(norms)
+        return int(held.sum())
 
     @property
     def memory_bytes(self) -> int:

@@ -632,7 +632,9 @@ class MapService:
         from taxamap.writers.style import gradient_css
 
         g = self.session.grid
-        return {"status": "ok", "cells": self.session.n_cells,
+        # "cells": what the session really holds (a cell no modality could embed is no cell).
+        return {"status": "ok", "cells": self.session.cells_held,
+                "grid_cells": self.session.n_cells, "embedded": self.session.embedded_cells,
                 "modalities": self.session.modalities, "region": self.session.region.name,
                 "bands": self.session.bands, "resolution": g.resolution,
                 "bounds": [[g.south, g.west], [g.north, g.east]],

@@ -22,12 +22,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from taxamap.errors import TaxamapError
-from taxamap.io import DiskFull, atomic_write, disk_full_guard
+from taxamap.io import DiskFull, atomic_write, disk_full_guard, remove_tree
 
 #: Suffix of a cached image and of a negative ("404") marker.
 IMAGE_SUFFIX = ".img"
@@ -228,13 +227,7 @@ def cache_clear(cache_dir: str | Path | None = None, source: str | None = None) 
     removed = 0
     for folder in folders:
         entries, _size, missing = _count(folder)
-        # Rename first so a concurrent run never sees a half-deleted source as valid entries.
-        trash = folder.with_name(f".{folder.name}.{os.getpid()}.deleting")
-        try:
-            os.replace(folder, trash)
-        except OSError:
-            trash = folder
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(folder)  # a concurrent run never sees a half-deleted source as valid entries
         removed += entries + missing
     return removed
 
