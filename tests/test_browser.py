@@ -180,6 +180,60 @@ def test_cdn_page_offline_is_detected(tmp_path, chromium):
     assert _near(_map_area(rgb), _on_map(_ramp(0.35, 1.0)), 10).sum() < 100
 
 
+def _open_page(chromium, page_path: Path, online_leaflet: bool = False):
+    """A Playwright page showing ``page_path``; with ``online_leaflet`` the CDN's Leaflet files
+    are answered from the installed XStatic package (as if the internet were there) and every
+    other CDN request fails."""
+    context = chromium.new_context(viewport={"width": WIDTH, "height": HEIGHT})
+    page = context.new_page()
+    if online_leaflet:
+        folder = next(lib.folder for lib in assets.offline_libraries() if lib.name == "Leaflet")
+
+        def answer(route):
+            name = route.request.url.rsplit("/", 1)[-1]
+            if "leaflet@" in route.request.url and (folder / name).is_file():
+                kind = "text/css" if name.endswith(".css") else "application/javascript"
+                route.fulfill(body=(folder / name).read_bytes(), content_type=kind)
+            else:
+                route.abort()
+
+        page.route("http*://**/*", answer)
+    page.goto(page_path.resolve().as_uri(), wait_until="load")
+    return context, page
+
+
+def test_cdn_page_offline_says_it_needs_the_internet(tmp_path, chromium):
+    """The ordinary page opened offline is not a blank page: one visible line says the map needs
+    the internet for its scripts and how to write a file that does not."""
+    page_path = write_html(_scoremap(), tmp_path / "cdn.html")
+    context, page = _open_page(chromium, page_path)
+    try:
+        notice = page.locator("#taxamap-needs-internet")
+        assert notice.is_visible()
+        text = " ".join(notice.inner_text().split())
+        assert "internet" in text and "--self-contained" in text and "taxamap[offline]" in text
+        box = notice.bounding_box()
+        assert box["width"] > 200 and 0 < box["y"] < HEIGHT / 2  # on screen, under the title
+    finally:
+        context.close()
+
+
+def test_cdn_page_online_hides_the_notice_and_draws_the_map(tmp_path, chromium):
+    """With Leaflet reachable the line is hidden and the map is drawn; the self-contained page
+    has no such line at all."""
+    page_path = write_html(_scoremap(), tmp_path / "cdn.html")
+    context, page = _open_page(chromium, page_path, online_leaflet=True)
+    try:
+        assert page.evaluate("typeof L") == "object"
+        assert page.locator(".leaflet-image-layer").count() >= 1
+        notice = page.locator("#taxamap-needs-internet")
+        assert notice.count() == 1 and not notice.is_visible()
+    finally:
+        context.close()
+    offline = write_html(_scoremap(), tmp_path / "offline.html", self_contained=True)
+    assert "taxamap-needs-internet" not in offline.read_text(encoding="utf-8")
+
+
 # ---------------------------------------------------------------- a USA-sized map
 
 USA_VIEW = (1280, 800)

@@ -293,6 +293,28 @@ def _offline_footer(libraries) -> str:
             "in the page source).</div>")
 
 
+#: Shown by the ordinary (CDN) page until its map library has loaded: offline, the page would
+#: otherwise be blank but for the title and legend.
+NOTICE_ID = "taxamap-needs-internet"
+
+
+def _needs_internet_html() -> str:
+    """A visible line saying the page loads its scripts from the internet and how to get a file
+    that does not, then a script (its own element, so it runs even when the map's script fails)
+    that hides the line once Leaflet has loaded."""
+    return (
+        f'<div id="{NOTICE_ID}" role="alert" style="position:fixed;top:64px;left:50%;'
+        "transform:translateX(-50%);z-index:1001;background:#fff3cd;color:#5c3c00;"
+        "border:1px solid #d9a400;padding:6px 12px;border-radius:4px;font:13px/1.35 sans-serif;"
+        'width:max-content;max-width:90vw;text-align:center">This map needs the internet to load its scripts '
+        "(Leaflet). For a file that opens offline, write it with <code>--self-contained</code> "
+        "(Python: <code>self_contained=True</code>; needs <code>pip install "
+        "'taxamap[offline]'</code>).</div>"
+        f'<script>if (typeof L !== "undefined") {{ '
+        f'document.getElementById("{NOTICE_ID}").style.display = "none"; }}</script>'
+    )
+
+
 def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
                self_contained: bool = False, outline=None, expert_geometry=None) -> Path:
@@ -448,6 +470,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
                             range_label)
     footer = _offline_footer(libraries) if libraries else ""
     root.html.add_child(folium.Element(_legend_html(scoremap, stretches, extras, footer)))
+    if not self_contained:
+        root.html.add_child(folium.Element(_needs_internet_html()))
 
     page = root.render()
     if self_contained:
