@@ -168,6 +168,42 @@ def test_clusters_and_range_outline_rendered(offline_map):
     assert _near(area, [_hex(RANGE_COLOR)], 30).sum() > 400
 
 
+# Every ring Leaflet draws in the range colour, as [[lon, lat], ...] lists.
+_RANGE_RINGS = """(color) => {
+    const rings = [];
+    const walk = (lls) => {
+        if (!lls.length) return;
+        if (lls[0] instanceof L.LatLng) rings.push(lls.map((p) => [p.lng, p.lat]));
+        else lls.forEach(walk);
+    };
+    for (const k of Object.keys(window)) {
+        if (!(k.startsWith("map_") && window[k] instanceof L.Map)) continue;
+        window[k].eachLayer((layer) => {
+            if (layer instanceof L.Polyline && layer.options.color === color) {
+                walk(layer.getLatLngs());
+            }
+        });
+    }
+    return rings;
+}"""
+
+
+def test_range_outline_drawn_along_cell_edges(offline_map, chromium):
+    """The outline Leaflet draws follows the cells' edges exactly (no diagonal through a cell
+    at high zoom): every vertex is a cell corner, every segment runs along a row or column edge."""
+    from tests.test_ranges import off_cell_edges
+
+    page_path, *_ = offline_map
+    grid = _scoremap().grid
+    context, page = _open_page(chromium, page_path)
+    try:
+        rings = page.evaluate(_RANGE_RINGS, RANGE_COLOR)
+    finally:
+        context.close()
+    assert len(rings) >= 1 and sum(len(r) for r in rings) > 20
+    assert off_cell_edges(rings, grid.west, grid.north, grid.resolution) == 0
+
+
 def test_cdn_page_offline_is_detected(tmp_path, chromium):
     """Control: the ordinary page (CDN links) asks the network and draws no overlay offline,
     so the checks above can fail."""

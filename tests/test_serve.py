@@ -231,6 +231,18 @@ def test_range_outline_is_taxamap_threshold(client, reference):
     assert value["features"] == [] and value["n_in_range"] == 0
 
 
+def test_range_outline_runs_along_cell_edges(client):
+    """The outline the page draws follows the cells' edges exactly (never through a cell)."""
+    from tests.test_ranges import off_cell_edges
+
+    health = client.get("/api/health").json()
+    (south, west), (north, east) = health["bounds"]
+    fc = client.get("/api/range", params={"species": SPECIES, "threshold": "percentile:70"}).json()
+    rings = [ring for f in fc["features"] for ring in f["geometry"]["coordinates"]]
+    assert sum(len(r) for r in rings) > 20
+    assert off_cell_edges(rings, west, north, health["resolution"]) == 0
+
+
 def test_downloads_are_what_write_and_threshold_make(client, reference, tmp_path):
     import geopandas as gpd
     import rasterio

@@ -422,8 +422,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     if range_geometry is not None:
         range_state = "empty" if range_geometry.is_empty else "drawn"
         if range_state == "drawn":
-            outline = _to_frame(shapely.simplify(range_geometry, grid.resolution / 4.0,
-                                                 preserve_topology=True), grid.west, east)
+            # Not simplified: the outline runs along cell edges at every zoom.
+            outline = _to_frame(range_geometry, grid.west, east)
             label = f"{RANGE_NAME} ({range_label})" if range_label else RANGE_NAME
             folium.GeoJson(
                 _feature_collection(outline),
