@@ -504,6 +504,46 @@ def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
     assert "warning" not in err and "Traceback" not in err
 
 
+def test_taxamap_serve_on_every_interface_prints_an_openable_url_and_each_line_once(
+        models_dir, cache):
+    """`--host 0.0.0.0`: the `serving` line names a URL a browser can open (127.0.0.1), stderr
+    names the network URLs; the warm-up species is not printed; after a photo upload (which
+    loads CLIP) a later species' prompt line is printed once, not twice."""
+    import os
+    import signal
+    import socket
+
+    from PIL import Image
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taxamap.cli", "serve", "--bbox=-84,39,-82,41",
+         "--resolution", "0.1", "--models", str(models_dir), "--cache", str(cache),
+         "--no-progress", "--host", "0.0.0.0", "--port", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving http://127.0.0.1:") and line.endswith("/\n"), line
+        port = int(line.rsplit(":", 1)[1].strip("/\n"))
+        photo = io.BytesIO()
+        Image.fromarray(np.random.default_rng(9).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                        ).save(photo, format="JPEG")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as web:
+            up = web.post("/api/query", files={"file": ("heron.jpg", photo.getvalue())})
+            assert up.status_code == 200, up.text
+            assert web.get("/api/map", params={"species": "Cyanocitta cristata"}).status_code \
+                == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = err.splitlines()
+    assert not [x for x in lines if x.startswith("prompt:") and "Cyanocitta" not in x], err
+    assert len([x for x in lines if "Cyanocitta cristata" in x]) == 1, err
+    (note,) = [x for x in lines if x.startswith("listening on every interface")]
+    assert f"http://{socket.gethostname()}:{port}/" in note
+
+
 def test_missing_leaflet_is_one_line(monkeypatch, session):
     from taxamap.serve.app import create_app
 
