@@ -298,6 +298,11 @@
     if (n > 1 && views.length < 2) {
       $("pane2").hidden = false;
       views[0].map.invalidateSize();
+      var panel = $("panel").cloneNode(true);  // the second map's legend and cell readout
+      panel.id = "panel2";
+      panel.querySelector(".cell").id = "cell2";
+      panel.querySelector(".cell").textContent = "Click a cell to read its scores.";
+      $("pane2").appendChild(panel);
       views.push(makeView("map2", "title2", "panel2"));
       views[1].map.setView(views[0].map.getCenter(), views[0].map.getZoom(), { animate: false });
     }
@@ -353,9 +358,11 @@
             img.src = cell.patch;
             popup.appendChild(img);
           }
-          // Only the clicked map pans to fit its popup; the views stay in step.
-          L.popup({ maxWidth: 320, autoPan: view === clicked }).setLatLng(latlng)
-            .setContent(popup).openOn(view.map);
+          // One popup per map, moved to the new cell. Only the clicked map pans to fit it; the
+          // views stay in step.
+          view.popup = view.popup || L.popup({ maxWidth: 320 });
+          view.popup.options.autoPan = view === clicked;
+          view.popup.setLatLng(latlng).setContent(popup).openOn(view.map);
         })
         .catch(function (err) {
           inPanel(view, "cell").textContent = err.message;
