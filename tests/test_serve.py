@@ -408,6 +408,23 @@ def test_search_and_upload_names_stay_data(client):
     assert "/" not in body["slug"] and ".." not in body["slug"]
 
 
+def test_an_upload_is_named_as_predict_names_the_same_photo(client, models_dir, cache,
+                                                           tmp_path):
+    """One naming rule for photos: the web app's slug (and so its download names) is the one
+    `taxamap predict --image` / taxamap.predict(image=...) gives the same file."""
+    from PIL import Image
+
+    photo = tmp_path / "heron.jpg"
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                    ).save(photo)
+    body = client.post("/api/query", files={"file": ("heron.jpg", photo.read_bytes())}).json()
+    ds = taxamap.predict(image=photo, bbox=BBOX, resolution=0.1, models=models_dir, cache=cache,
+                         progress=False)
+    assert body["slug"] == ds.attrs["slug"] and body["slug"].startswith("image-heron-")
+    tif = client.get("/api/download", params={"upload": body["upload"], "format": "tif"})
+    assert f'{body["slug"]}.tif' in tif.headers["content-disposition"]
+
+
 def test_malformed_requests_do_not_crash_the_server(client, server):
     junk = [
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 50,  # a TLS hello

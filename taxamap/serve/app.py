@@ -466,10 +466,11 @@ class MapService:
 
     def upload(self, data: bytes, filename: str | None) -> tuple["EmbeddedQuery", dict]:
         """Embed an uploaded photo or recording (type from its content); cached by content."""
-        from taxamap.pipeline import slugify
+        from taxamap.pipeline import file_slug
 
         kind, ext = sniff_upload(data)
-        upload_id = hashlib.sha256(data).hexdigest()[:24]
+        digest = hashlib.sha256(data).hexdigest()
+        upload_id = digest[:24]
         hit = self.uploads.get(upload_id)
         if hit is not None:
             return hit, {"upload": upload_id}
@@ -487,8 +488,9 @@ class MapService:
             shutil.rmtree(folder, ignore_errors=True)
         shown = display_name(filename, f"{kind}{ext}")
         word = "photo" if kind == "image" else "recording"
+        # Named as `taxamap predict --image/--audio` names it (downloads keep that name).
         query = replace(embedded.query, label=f"{word} {shown}",
-                        slug=f"{word}-{slugify(Path(shown).stem)}")
+                        slug=file_slug(kind, shown, digest))
         embedded = replace(embedded, query=query)
         self.uploads.put(upload_id, embedded)
         return embedded, {"upload": upload_id}

@@ -21,6 +21,7 @@ import numpy as np
 
 import taxamap
 from taxamap.score import as_scoremap
+from taxamap.writers import HTML_QUERY_META
 from taxamap.writers.geotiff import check_shapes
 from taxamap.writers.style import (
     COLORMAP,
@@ -465,6 +466,9 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     root = m.get_root()
     title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
     root.header.add_child(folium.Element(f"<title>taxamap: {_esc(title)}</title>"))
+    # Read back before a later map would replace this file (taxamap.writers.recorded_query).
+    root.header.add_child(folium.Element(
+        f'<meta name="{HTML_QUERY_META}" content="{_esc(scoremap.query)}">'))
     root.html.add_child(folium.Element(_title_html(scoremap)))
     extras = _extras_legend(None if points is None else len(points), dropped, range_state,
                             range_label)
