@@ -687,7 +687,8 @@ class _StderrHandler(logging.Handler):
     """The library's progress and notices, one line each on stderr (resolved at emit time, so a
     redirected or captured stderr is honoured): INFO and up from the "taxamap" logger itself,
     where the pipeline speaks to users; only warnings and errors from the modules' own loggers
-    ("taxamap.taxonomy", ...), whose INFO lines are details (e.g. an offline service skipped)."""
+    ("taxamap.taxonomy", ...), whose INFO lines are details (e.g. an offline service skipped),
+    and from other libraries."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name == "taxamap" or record.levelno >= logging.WARNING
@@ -700,12 +701,15 @@ class _StderrHandler(logging.Handler):
 
 
 def _install_logging() -> None:
-    logger = logging.getLogger("taxamap")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    """Configure logging once for the whole process, on the root logger: a library that logs
+    through the root logger (open_clip's ``logging.info`` when a photo query loads CLIP) would
+    otherwise run ``logging.basicConfig()`` and print every later line a second time."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+        root.addHandler(handler)
+    logging.getLogger("taxamap").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

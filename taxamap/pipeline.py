@@ -126,6 +126,32 @@ def slugify(text: str) -> str:
     return slug[:80] or "map"
 
 
+#: How a map made from a file is named: the modality's word, then the file's name.
+FILE_SLUG_PREFIX = {"image": "image", "audio": "sound"}
+
+
+def file_digest(data: bytes | str | os.PathLike) -> str:
+    """SHA-256 (hex) of a query file's bytes (or of the file at a path)."""
+    import hashlib
+
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    with open(data, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_slug(modality: str, name: str, digest: str) -> str:
+    """The file stem of a map made from a photo or a recording, the same in the CLI, the Python
+    API and the web app: ``image-bird-1a2b3c4d`` for ``bird.jpg`` (``sound-...`` for a
+    recording): the file's name and the first 8 hex digits of its content's SHA-256 (``digest``),
+    so bird.jpg and bird.webp, or two bird.jpg from different folders, never share a name, and
+    the same photo always gets the same one. Prefixed, so it never names the input itself."""
+    return f"{FILE_SLUG_PREFIX[modality]}-{slugify(Path(name).stem)[:60]}-{digest[:8]}"
+
+
 def check_out_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` and prove it is writable before any long work starts."""
     return check_folder(out, "--out")
@@ -454,8 +480,7 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
         with forward_lock:
             vector = encoder.encode([(wave, rate)])[0]
         name = Path(req.audio).name
-        # Prefixed: an output named like the input would overwrite the user's recording.
-        slug = "sound-" + slugify(Path(name).stem)
+        slug = file_slug("audio", name, file_digest(req.audio))
         return [Query(np.asarray(vector), None, f"sound {name}", slug, "audio")], encoder.ref
     if req.image:
         from taxamap.models.preprocess import load_image
@@ -467,8 +492,7 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
         del image  # the decoded photo (up to 40 Mpx) is not kept while waiting for the lock
         with forward_lock:
             vector = clip.encode_pixels(pixels)[0]
-        # Prefixed: `--image bird.png` must never be overwritten by the map bird.png.
-        slug = "image-" + slugify(Path(name).stem)
+        slug = file_slug("image", name, file_digest(req.image))
         return [Query(vector, None, f"image {name}", slug, "image")], clip.ref
     from taxamap.taxonomy import resolve_species
 
@@ -871,6 +895,40 @@ def _check_fit_inputs(req: PredictRequest, occurrences: np.ndarray | None) -> np
     return None
 
 
+def output_names(stem: str, formats, threshold: bool) -> list[str]:
+    """The files :func:`write_outputs` writes for ``stem`` (the GeoPackage goes with the range
+    GeoTIFF)."""
+    names = [f"{stem}.{ext}" for ext in ("tif", "html", "png") if ext in formats]
+    return names + ([f"{stem}_range.tif"] if threshold else [])
+
+
+def free_stem(out_dir: Path, slug: str, query: str, formats, threshold: bool) -> str:
+    """``slug``, unless a file it would write in ``out_dir`` holds a map of another query (its
+    recorded query differs): then the first of ``slug-2``, ``slug-3``, ... that is free or
+    holds this query's own maps, said in one line. A rerun of the same query overwrites its own
+    files; a map of another query is never silently replaced."""
+    from taxamap.writers import recorded_query
+
+    def other(stem: str) -> tuple[str, str] | None:
+        for name in output_names(stem, formats, threshold):
+            held = recorded_query(out_dir / name)
+            if held is not None and held != query:
+                return name, held
+        return None
+
+    clash = other(slug)
+    if clash is None:
+        return slug
+    for n in range(2, 1000):
+        stem = f"{slug}-{n}"
+        if other(stem) is None:
+            log(f"{out_dir / clash[0]} holds the map of {clash[1]!r}, not {query!r}: keeping it "
+                f"and writing this map as {stem}.*")
+            return stem
+    raise TaxamapError(f"{out_dir} holds maps of other queries under every name {slug}-2 to "
+                       f"{slug}-999; choose another --out")
+
+
 def write_outputs(
     ds,
     out_dir: Path,
@@ -891,7 +949,8 @@ def write_outputs(
     """
     from taxamap.writers.geotiff import write_geotiff
 
-    slug = ds.attrs["slug"]
+    slug = free_stem(out_dir, str(ds.attrs["slug"]), str(ds.attrs.get("query", "")), formats,
+                     bool(threshold))
     paths: dict[str, Path] = {}
     range_geometry = cut = None
     if threshold:

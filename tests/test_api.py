@@ -96,6 +96,34 @@ def test_write_writes_what_the_cli_writes(ds, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths.values())
 
 
+def test_write_never_silently_replaces_a_map_of_another_query(ds, tmp_path, caplog):
+    """A file named like this map but holding another query's map (its recorded query) is kept:
+    this map goes to the next free name, said in one line; a rerun of the same query then
+    overwrites its own files, and the record is read back from each format."""
+    import logging
+
+    from taxamap.writers import recorded_query
+
+    other = ds.copy()
+    other.attrs.update(query="Cyanocitta cristata")  # named like the cardinal's map
+    first = taxamap.write(other, out=tmp_path, threshold="percentile:90")
+    before = {p.name: p.read_bytes() for p in first.values()}
+    assert {recorded_query(p) for p in first.values() if p.suffix != ".gpkg"} == {
+        "Cyanocitta cristata"}
+    with caplog.at_level(logging.INFO, logger="taxamap"):
+        paths = taxamap.write(ds, out=tmp_path, threshold="percentile:90")
+    assert sorted(p.name for p in paths.values()) == [
+        "cardinalis-cardinalis-2.html", "cardinalis-cardinalis-2.png",
+        "cardinalis-cardinalis-2.tif", "cardinalis-cardinalis-2_range.gpkg",
+        "cardinalis-cardinalis-2_range.tif"]
+    assert {p.name: p.read_bytes() for p in first.values()} == before
+    said = [r.getMessage() for r in caplog.records if "cardinalis-cardinalis-2" in r.getMessage()]
+    assert len(said) == 1 and "'Cyanocitta cristata'" in said[0] and "keeping it" in said[0]
+    again = taxamap.write(ds, out=tmp_path, formats=("png",))
+    assert [p.name for p in again.values()] == ["cardinalis-cardinalis-2.png"]
+    assert len(list(tmp_path.iterdir())) == 10
+
+
 def test_threshold_on_dataset_equals_threshold_on_its_file(ds, tmp_path):
     tif = taxamap.write(ds, out=tmp_path, formats=("tif",))["cardinalis-cardinalis.tif"]
     a = taxamap.threshold(ds, "percentile:80")

@@ -232,3 +232,20 @@ def test_evaluation_fallback_points_without_elapid(tmp_path, monkeypatch):
     california = resolve_region("California", None).geometry
     inside = shapely.contains_xy(california, presences[:, 1], presences[:, 0])
     assert inside.mean() > 0.9  # mostly on land: a usable sample for evaluate_map
+
+
+def test_readme_names_only_what_each_notebook_uses():
+    """Every name notebooks/README.md puts in backticks beside a notebook (a function, a keyword,
+    a rule) occurs in that notebook's code, so the guide never points at code it no longer runs."""
+    import re
+
+    readme = (NOTEBOOKS / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\d\d_\w+\.ipynb)` \| (.+) \|$", readme, re.MULTILINE)
+    assert sorted(name for name, _ in rows) == sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    for name, text in rows:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        names = re.findall(r"`([^`]+)`", text)
+        assert names, name
+        missing = [n for n in names if n not in code]
+        assert not missing, f"notebooks/README.md names {missing} for {name}, which does not use them"

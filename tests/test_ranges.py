@@ -44,6 +44,46 @@ def read_polygons(path):
     return meta, geoms, dict(zip(meta["fields"], fields))
 
 
+def off_cell_edges(geom, west: float, north: float, res: float, tol: float = 1e-6) -> int:
+    """How many vertices and segments of ``geom``'s rings (shapely, lon/lat; or a list of rings,
+    each an (N, 2) array) leave the grid's cell edges: a vertex off the cells' corners, or a
+    segment neither along a row edge nor along a column edge (a diagonal through cells, which a
+    simplified outline draws)."""
+    if isinstance(geom, shapely.Geometry):
+        polys = shapely.get_parts(geom)
+        rings = [shapely.get_coordinates(r) for p in polys
+                 for r in (p.exterior, *p.interiors)]
+    else:
+        rings = [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in geom]
+    bad = 0
+    for xy in rings:
+        gx = (xy[:, 0] - west) / res
+        gy = (north - xy[:, 1]) / res
+        bad += int(((np.abs(gx - np.round(gx)) * res > tol)
+                    | (np.abs(gy - np.round(gy)) * res > tol)).sum())
+        step = np.abs(np.diff(xy, axis=0))
+        bad += int(((step[:, 0] > tol) & (step[:, 1] > tol)).sum())
+    return bad
+
+
+def test_outline_runs_along_cell_edges(tmp_path, score_map):
+    """At any zoom the outline follows the in-range cells exactly: every vertex is a cell
+    corner, and it covers exactly the in-range cells (no out-of-range centre inside)."""
+    outline = range_outline(score_map, "value:0.15")
+    assert len(shapely.get_coordinates(outline)) > 50
+    assert off_cell_edges(outline, WEST, NORTH, RES) == 0
+    result = threshold_map(score_map, "value:0.15", out_dir=tmp_path / "out")
+    _, geoms, _ = read_polygons(result.polygons_path)
+    assert off_cell_edges(shapely.union_all(geoms), WEST, NORTH, RES) == 0
+    binary, *_ = read_band(result.raster_path)
+    lat, lon = centres(WEST, NORTH, RES, HEIGHT, WIDTH)
+    assert not shapely.contains(outline, shapely.points(lon[binary == 0], lat[binary == 0])).any()
+    r = 6371.0088
+    cell_km2 = r * r * math.radians(RES) * (np.sin(np.radians(lat + RES / 2))
+                                              - np.sin(np.radians(lat - RES / 2)))
+    assert result.area_km2 == pytest.approx(float(cell_km2[binary == 1].sum()), rel=0.005)
+
+
 def test_value_rule_raster_polygons_and_tags(tmp_path, score_map):
     result = threshold_map(score_map, "value:0.15", out_dir=tmp_path / "out")
     assert result.threshold == 0.15 and result.band == "fused"
@@ -68,9 +108,9 @@ def test_value_rule_raster_polygons_and_tags(tmp_path, score_map):
     lat, lon = centres(WEST, NORTH, RES, HEIGHT, WIDTH)
     in_range = binary == 1
     assert shapely.covers(union, shapely.points(lon[in_range], lat[in_range])).all()
-    # Simplified, so the outline hugs the cells: few out-of-range centres inside it.
+    # Along the cells' edges, so no out-of-range centre lies inside it.
     outside = shapely.contains(union, shapely.points(lon[binary == 0], lat[binary == 0]))
-    assert outside.sum() < 0.1 * in_range.sum()
+    assert outside.sum() == 0
     # Areas: geodesic, close to the area of the in-range cells on a sphere.
     r = 6371.0088
     lat_top = np.radians(lat + RES / 2)

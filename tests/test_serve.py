@@ -237,6 +237,18 @@ def test_range_outline_is_taxamap_threshold(client, reference):
     assert "keeps no cell" in message and "ranges from" in message
 
 
+def test_range_outline_runs_along_cell_edges(client):
+    """The outline the page draws follows the cells' edges exactly (never through a cell)."""
+    from tests.test_ranges import off_cell_edges
+
+    health = client.get("/api/health").json()
+    (south, west), (north, east) = health["bounds"]
+    fc = client.get("/api/range", params={"species": SPECIES, "threshold": "percentile:70"}).json()
+    rings = [ring for f in fc["features"] for ring in f["geometry"]["coordinates"]]
+    assert sum(len(r) for r in rings) > 20
+    assert off_cell_edges(rings, west, north, health["resolution"]) == 0
+
+
 def test_downloads_are_what_write_and_threshold_make(client, reference, tmp_path):
     import geopandas as gpd
     import rasterio
@@ -402,6 +414,23 @@ def test_search_and_upload_names_stay_data(client):
     assert "/" not in body["slug"] and ".." not in body["slug"]
 
 
+def test_an_upload_is_named_as_predict_names_the_same_photo(client, models_dir, cache,
+                                                           tmp_path):
+    """One naming rule for photos: the web app's slug (and so its download names) is the one
+    `taxamap predict --image` / taxamap.predict(image=...) gives the same file."""
+    from PIL import Image
+
+    photo = tmp_path / "heron.jpg"
+    Image.fromarray(np.random.default_rng(4).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                    ).save(photo)
+    body = client.post("/api/query", files={"file": ("heron.jpg", photo.read_bytes())}).json()
+    ds = taxamap.predict(image=photo, bbox=BBOX, resolution=0.1, models=models_dir, cache=cache,
+                         progress=False)
+    assert body["slug"] == ds.attrs["slug"] and body["slug"].startswith("image-heron-")
+    tif = client.get("/api/download", params={"upload": body["upload"], "format": "tif"})
+    assert f'{body["slug"]}.tif' in tif.headers["content-disposition"]
+
+
 def test_malformed_requests_do_not_crash_the_server(client, server):
     junk = [
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 50,  # a TLS hello
@@ -506,6 +535,46 @@ def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "warning" not in err and "Traceback" not in err
+
+
+def test_taxamap_serve_on_every_interface_prints_an_openable_url_and_each_line_once(
+        models_dir, cache):
+    """`--host 0.0.0.0`: the `serving` line names a URL a browser can open (127.0.0.1), stderr
+    names the network URLs; the warm-up species is not printed; after a photo upload (which
+    loads CLIP) a later species' prompt line is printed once, not twice."""
+    import os
+    import signal
+    import socket
+
+    from PIL import Image
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taxamap.cli", "serve", "--bbox=-84,39,-82,41",
+         "--resolution", "0.1", "--models", str(models_dir), "--cache", str(cache),
+         "--no-progress", "--host", "0.0.0.0", "--port", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving http://127.0.0.1:") and line.endswith("/\n"), line
+        port = int(line.rsplit(":", 1)[1].strip("/\n"))
+        photo = io.BytesIO()
+        Image.fromarray(np.random.default_rng(9).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                        ).save(photo, format="JPEG")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as web:
+            up = web.post("/api/query", files={"file": ("heron.jpg", photo.getvalue())})
+            assert up.status_code == 200, up.text
+            assert web.get("/api/map", params={"species": "Cyanocitta cristata"}).status_code \
+                == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = err.splitlines()
+    assert not [x for x in lines if x.startswith("prompt:") and "Cyanocitta" not in x], err
+    assert len([x for x in lines if "Cyanocitta cristata" in x]) == 1, err
+    (note,) = [x for x in lines if x.startswith("listening on every interface")]
+    assert f"http://{socket.gethostname()}:{port}/" in note
 
 
 def test_missing_leaflet_is_one_line(monkeypatch, session):

@@ -67,8 +67,8 @@ def map_pixels(pg, selector: str = "#map") -> np.ndarray:
 
     from PIL import Image
 
-    # The legend panel (its colour bar is green too) floats over the map: blank it out.
-    shot = pg.locator(selector).screenshot(mask=[pg.locator("#panel")], mask_color="#000000")
+    # The legend panels (their colour bars are green too) float over the maps: blank them out.
+    shot = pg.locator(selector).screenshot(mask=[pg.locator(".panel")], mask_color="#000000")
     return np.asarray(Image.open(BytesIO(shot)).convert("RGB")).astype(int)
 
 
@@ -194,6 +194,38 @@ def test_compare_two_species_side_by_side(page):
     assert page.locator("#pane2").is_visible()
     assert green_pixels(map_pixels(page, "#map2")) > 1000
     assert "compare=Cyanocitta+cristata" in page.url
+
+
+def test_compare_view_gives_each_map_its_legend_and_popup(page, server):
+    """Side by side, each map has its own legend (its own species' stretch: the colours of the
+    two maps mean different scores) and a click on either map opens a popup on both, each with
+    its own species' scores."""
+    import httpx
+
+    page.goto(server.url + "?species=Cardinalis+cardinalis&compare=Cyanocitta+cristata")
+    sync_api.expect(page.locator("#status")).to_have_text("ready", timeout=30000)
+    for pane, species in (("#pane1", SPECIES), ("#pane2", "Cyanocitta cristata")):
+        legend = page.locator(f"{pane} .panel")
+        assert legend.count() == 1 and legend.is_visible()
+        stretch = httpx.get(server.url + "api/map", params={"species": species},
+                            timeout=30).json()["stretch"]
+        ends = legend.locator(".legend-ends").inner_text().split()
+        assert ends == [f"{stretch['vmin']:.3f}", f"{stretch['vmax']:.3f}"], (pane, ends)
+        box = legend.bounding_box()
+        pane_box = page.locator(pane).bounding_box()
+        assert pane_box["x"] <= box["x"] and box["x"] + box["width"] <= pane_box["x"] + \
+            pane_box["width"]
+    for clicked in ("#map", "#map2"):
+        box = page.locator(clicked).bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.45)
+        for target, species, other in (("#map", SPECIES, "Cyanocitta"),
+                                       ("#map2", "Cyanocitta cristata", "Cardinalis")):
+            popup = page.locator(f"{target} .leaflet-popup-content")
+            sync_api.expect(popup).to_have_count(1, timeout=10000)
+            sync_api.expect(popup).to_contain_text(species, timeout=10000)
+            text = popup.inner_text()
+            assert re.search(r"fused\s+-?\d\.\d{4}", text) and other not in text, text
+    assert "Cyanocitta cristata" in page.locator("#pane2 .panel").inner_text()
 
 
 def test_cell_popup_shows_the_satellite_patch(browser, models_dir, tmp_path_factory):

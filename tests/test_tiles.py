@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -122,13 +121,14 @@ def test_404_is_none_without_retry_and_remembered(tmp_path):
 def test_stall_times_out_and_masks_the_cell_after_retries(tmp_path):
     lat = math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * 99.5 / 256))))
     lon = 76.5 / 256 * 360 - 180
-    with TileServer(faults={"8/76/99": "stall"}, stall=3.0) as server, \
+    with TileServer(faults={"8/76/99": "stall"}, stall=30.0) as server, \
             make_source(server, tmp_path, size=64, retries=2, timeout=(1.0, 0.2)) as src:
-        t0 = time.monotonic()
         (patch,) = src.fetch([[lat, lon]])
         assert patch is None
-        assert time.monotonic() - t0 < 2.5  # gave up on the client's timeout, not the server's stall
         assert server.by_tile["8/76/99"] == 3
+        # Each attempt ended on the client's 0.2 s read timeout: it hung up while the server was
+        # still stalling (30 s), and no attempt got an answer.
+        assert server.abandoned["8/76/99"] == 3
         assert src.stats.failures == 1 and src.stats.retries == 2
         # A failure is not cached: the next run asks again.
         src.fetch([[lat, lon]])
@@ -280,14 +280,11 @@ def test_stalled_server_trips_the_breaker(tmp_path):
         src = XYZTileSource(stall.url + "/tiles/{z}/{x}/{y}.png", zoom=8, size=256,
                             cache_dir=tmp_path / "cache", workers=4, backoff=0.001,
                             timeout=(1.0, 0.3))
-        t0 = time.monotonic()
         with pytest.raises(CircuitOpen) as err:
             src.fetch(cells)
         src.close()
-        elapsed = time.monotonic() - t0
         # Two waves of 4 timeouts open it (8 first requests, none answered), not 40 cells x 5 tries.
         assert stall.accepted <= 12
-    assert elapsed < 3.0
     message = str(err.value)
     assert host in message and "not answering" in message and "\n" not in message
     assert err.value.host == host and src.breaker.is_open
@@ -324,8 +321,6 @@ def test_server_error_storm_trips_the_breaker_between_retries(tmp_path):
     cells = np.column_stack([np.linspace(-50, 50, 20), np.linspace(-100, 100, 20)])
     with TileServer(faults={}, fault_rate=1.0, rate_faults=("503",)) as server, \
             make_source(server, tmp_path, retries=3, fail_fast_after=6, workers=2) as src:
-        t0 = time.monotonic()
         with pytest.raises(CircuitOpen, match="keeps failing .*HTTP 503"):
             src.fetch(cells)
-        assert time.monotonic() - t0 < 5.0
         assert server.requests <= 6 + 2  # stopped mid-retries; the pool was not left stuck

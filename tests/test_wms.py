@@ -184,18 +184,15 @@ def test_dead_server_stops_the_run_with_one_line(tmp_path):
 def test_stalled_server_ends_in_one_wave_of_timeouts(tmp_path):
     """A WMS that accepts and never answers: the breaker stops after the first wave of timeouts,
     one line naming the server, instead of every cell's retries."""
-    import time
-
     from tests.stallserver import StallServer
 
     cells = np.column_stack([np.linspace(-50, 50, 40), np.linspace(-100, 100, 40)])
     with StallServer() as stall:
         with WMSSource(stall.url + "/wms", cache_dir=tmp_path, workers=8, timeout=(1.0, 0.3),
                        backoff=0.001) as src:
-            t0 = time.monotonic()
             with pytest.raises(TaxamapError, match="no satellite patches could be fetched") as info:
                 src.fetch(cells)
-            assert time.monotonic() - t0 < 5.0
+        # One wave of 8 timeouts (two at most), not 40 cells x their retries.
         assert stall.accepted <= 16 and stall.host in str(info.value)
         assert "not answering" in str(info.value) and "\n" not in str(info.value)
 

@@ -18,7 +18,9 @@ Faults (``kind`` strings):
   ``"429"``  too many requests with ``Retry-After: <retry_after>``;
   ``"truncated"``  200 with the full Content-Length but half the body, then the connection closes;
   ``"garbage"``  200 with bytes that are not an image;
-  ``"stall"``  sleep ``stall`` seconds before answering (longer than the client's timeout);
+  ``"stall"``  wait ``stall`` seconds before answering (longer than the client's timeout);
+             a client that hangs up first is counted in ``abandoned`` (per tile) and not
+             answered, so a test can tell the client's timeout ended the wait, not the server;
   ``"ok"``  a normal answer.
 ``faults`` maps a tile (``"z/x/y"`` or ``(z, x, y)``) to a kind (every request) or to a list of
 kinds used one per request, then normal answers. ``fault_rate`` adds random faults (drawn from
@@ -30,6 +32,8 @@ from __future__ import annotations
 import io
 import random
 import re
+import select
+import socket
 import threading
 import time
 from collections import Counter
@@ -105,6 +109,7 @@ class TileServer:
         self.by_tile: Counter = Counter()
         self.times: dict[str, list[float]] = {}
         self.faults_served: Counter = Counter()
+        self.abandoned: Counter = Counter()  # stalled requests the client hung up on first
         self.user_agents: set[str] = set()
         self.concurrent = 0
         self.max_concurrent = 0
@@ -226,6 +231,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _client_hung_up(self, seconds: float) -> bool:
+        """Wait up to ``seconds``; True as soon as the client closes its end (it gave up)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+            if readable:
+                try:
+                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return True
+                except OSError:  # reset by the client: it gave up too
+                    return True
+                time.sleep(min(left, 0.05))  # a pipelined request waits its turn
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         server = self.tiles
         match = _PATH.match(self.path)
@@ -263,8 +282,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 self.close_connection = True
             elif fault == "stall":
-                time.sleep(server.stall)
-                self._send(200, server.tile_bytes(z, x, y), {"Content-Type": mime})
+                if self._client_hung_up(server.stall):
+                    with server._lock:
+                        server.abandoned[key] += 1
+                    self.close_connection = True
+                else:
+                    self._send(200, server.tile_bytes(z, x, y), {"Content-Type": mime})
             else:
                 raise ValueError(f"unknown fault {fault!r}")
         except (BrokenPipeError, ConnectionResetError):

@@ -13,12 +13,12 @@ A cell is in the range when its value is ``>= threshold``. :func:`threshold_map`
 
 * ``<stem>_range.tif``: uint8 on the map's grid (same CRS and transform), 1 = in range, 0 = out,
   255 = nodata (where the map is NaN), with tags recording the rule, the threshold and the source;
-* ``<stem>_range.gpkg``: the in-range cells dissolved into polygons, simplified with a tolerance
-  of just under half a cell (so the outline loses the staircase but never uncovers an in-range
-  cell centre), made valid, in EPSG:4326, one feature per part with its geodesic area in km2.
+* ``<stem>_range.gpkg``: the in-range cells dissolved into polygons whose edges are the cells'
+  own edges (not simplified: at any zoom the outline runs along cell edges, never through a
+  cell), made valid, in EPSG:4326, one feature per part with its geodesic area in km2.
 
 Both also carry the range's IUCN metrics (:mod:`taxamap.products.iucn`), measured on the in-range cells
-themselves (not the simplified outline): EOO and AOO in km2 (GeoPackage fields ``eoo_km2`` and
+themselves: EOO and AOO in km2 (GeoPackage fields ``eoo_km2`` and
 ``aoo_km2`` on every part, GeoTIFF tags ``EOO_KM2``, ``AOO_KM2`` and ``EOO_HULL_KM2``, and
 ``IUCN_B``: which criterion B area thresholds they fall under).
 
@@ -55,10 +55,6 @@ def rule_forms() -> str:
         return RULE_FORMS
     return (f"percentile:P (0-100, of the valid cells; {option('threshold')} sets it) or "
             "value:V (a score)")
-
-#: Simplification tolerance in cells. Just under one half: every cell centre is half a cell from
-#: its cell's edges, so an outline moved by less than that keeps all in-range centres inside.
-SIMPLIFY_CELLS = 0.49
 
 #: Value -> colour of the range GeoTIFF's palette (QGIS shows it as is).
 PALETTE = {0: (230, 230, 230, 0), 1: (27, 120, 55, 255), 255: (0, 0, 0, 0)}
@@ -140,7 +136,7 @@ class RangeCut:
     threshold: float
     binary: np.ndarray
     geometry: Any
-    cells: Any = None   # the in-range cells dissolved, unsimplified, EPSG:4326 (IUCN metrics)
+    cells: Any = None   # the in-range cells dissolved, EPSG:4326 (IUCN metrics)
     rule_text: str = ""
 
     @property
@@ -225,8 +221,11 @@ def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | 
 
 
 def _polygons(inside: np.ndarray, raster: MapRaster):
-    """(dissolved, simplified, valid polygons of the True cells; the same unsimplified), both in
-    EPSG:4326."""
+    """(the True cells dissolved into valid polygons whose edges are the cells' own edges, for
+    drawing and the GeoPackage; the same for the IUCN metrics), both in EPSG:4326.
+
+    Exact, not simplified: any simplification that drops a corner draws a diagonal through cells,
+    which shows at high zoom. GDAL's polygonize already gives one vertex per corner only."""
     import shapely
     from rasterio.features import shapes
     from shapely.geometry import shape
@@ -237,14 +236,14 @@ def _polygons(inside: np.ndarray, raster: MapRaster):
               shapes(inside.astype(np.uint8), mask=inside, transform=raster.transform,
                      connectivity=4)]
     merged = shapely.union_all(pieces)
-    cell = min(abs(raster.transform.a), abs(raster.transform.e))
-    simplified = shapely.make_valid(merged.simplify(SIMPLIFY_CELLS * cell,
-                                                    preserve_topology=True))
     if not is_wgs84(raster.crs):
-        simplified = geometry_to_lonlat(simplified, raster.crs, f"map {raster.path.name}")
+        # Edges densified first, so the cells' straight edges in the map's CRS follow their
+        # curves in lon/lat.
+        cell = min(abs(raster.transform.a), abs(raster.transform.e))
         merged = geometry_to_lonlat(shapely.segmentize(merged, cell / 4.0), raster.crs,
                                     f"map {raster.path.name}")
-    return _multipolygon(simplified), _multipolygon(merged)
+    outline = _multipolygon(merged)
+    return outline, outline
 
 
 def _wrap_longitudes(geom):
@@ -276,7 +275,7 @@ def range_outline(
     seed: int = 0,
 ):
     """The range of ``map_path`` under ``rule`` as a shapely MultiPolygon in EPSG:4326
-    (dissolved, simplified, valid; empty when no cell reaches the threshold)."""
+    (dissolved along cell edges, valid; empty when no cell reaches the threshold)."""
     return cut_range(map_path, rule, occurrences, band, seed, DEFAULT_N_BACKGROUND).geometry
 
 

@@ -535,7 +535,7 @@ class MapService:
         """Embed an uploaded photo or recording, received into ``path`` (type from its
         content); cached by content (``digest``)."""
         from taxamap.models.audio import check_audio, model_rate
-        from taxamap.pipeline import slugify
+        from taxamap.pipeline import file_slug
 
         kind, ext = sniff_upload(path)
         upload_id = digest[:24]
@@ -556,8 +556,9 @@ class MapService:
             raise ApiError(415 if message.startswith("cannot read")
                            or "cannot decode" in message else 400, message) from None
         word = "photo" if kind == "image" else "recording"
+        # Named as `taxamap predict --image/--audio` names it (downloads keep that name).
         query = replace(embedded.query, label=f"{word} {shown}",
-                        slug=f"{word}-{slugify(Path(shown).stem)}")
+                        slug=file_slug(kind, shown, digest))
         embedded = replace(embedded, query=query)
         self.uploads.put(upload_id, embedded)
         return embedded, {"upload": upload_id}

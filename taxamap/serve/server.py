@@ -1,14 +1,17 @@
 """Running the app: bind the address first (a busy port fails in a second, not after embedding a
 grid), open the session, then serve with uvicorn and say ``serving http://HOST:PORT/`` on stdout
-once it accepts connections."""
+once it accepts connections (HOST one a browser here can open: 127.0.0.1 when bound to
+0.0.0.0)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import logging
 import socket
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from taxamap.errors import TaxamapError
 
@@ -53,6 +56,55 @@ def url_of(host: str, sock: socket.socket) -> str:
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return f"http://{shown}:{port}/"
+
+
+def is_wildcard(host: str) -> bool:
+    """True for the addresses that mean "every interface" (0.0.0.0, ::), which no browser can
+    open."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return host == ""
+
+
+def browser_url(host: str, sock: socket.socket) -> str:
+    """A URL of the bound socket that a browser on this machine can open: the loopback address
+    when bound to every interface (``0.0.0.0`` -> ``127.0.0.1``), else ``http://HOST:PORT/``."""
+    if is_wildcard(host):
+        host = "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
+    return url_of(host, sock)
+
+
+def network_urls(sock: socket.socket) -> list[str]:
+    """URLs other machines may use for a server bound to every interface: this machine's name,
+    and its address on the network of the default route (found without sending a packet; absent
+    when there is none)."""
+    port = sock.getsockname()[1]
+    urls = [f"http://{socket.gethostname()}:{port}/"]
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # UDP connect only picks a route; nothing is sent
+        address = probe.getsockname()[0]
+        if not ipaddress.ip_address(address).is_loopback:
+            urls.append(f"http://{address}:{port}/")
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    return urls
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hold back the library's progress lines (INFO of the "taxamap" logger), keeping warnings:
+    the warm-up's species is the server's choice, not something the user asked about."""
+    logger = logging.getLogger("taxamap")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def allowed_hosts_for(host: str) -> list[str] | None:
@@ -156,8 +208,9 @@ def serve(session_factory: Callable[[], object], *, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, max_upload: int | None = None,
           say: Callable[[str], None] | None = None, **limits) -> int:
     """``taxamap serve``: bind, open the session (``session_factory()``), serve until
-    interrupted. Prints ``serving http://HOST:PORT/`` on stdout when ready; returns 0.
-    ``limits``: :func:`~taxamap.serve.app.create_app`'s ``max_uploads``, ``read_timeout`` and
+    interrupted. Prints ``serving http://HOST:PORT/`` on stdout when ready (a loopback HOST when
+    bound to every interface, with the network URLs on stderr); returns 0. ``limits``:
+    :func:`~taxamap.serve.app.create_app`'s ``max_uploads``, ``read_timeout`` and
     ``upload_timeout``."""
     from taxamap.serve import require_web_stack
     from taxamap.serve.app import DEFAULT_MAX_UPLOAD, create_app
@@ -173,8 +226,12 @@ def serve(session_factory: Callable[[], object], *, host: str = DEFAULT_HOST,
         app = create_app(session, max_upload=max_upload or DEFAULT_MAX_UPLOAD,
                          allowed_hosts=allowed_hosts_for(host), **limits)
         try:
-            app.state.service.warm_up()
-            url = url_of(host, sock)
+            with quiet_progress():
+                app.state.service.warm_up()
+            url = browser_url(host, sock)
+            if is_wildcard(host):
+                say(f"listening on every interface ({host}); other machines may try "
+                    + " or ".join(network_urls(sock)))
             server = make_server(app, sock, on_ready=lambda: print(f"serving {url}", flush=True),
                                  read_timeout=app.state.service.read_timeout)
             try:

@@ -371,13 +371,26 @@ class _Transient(Exception):
     """A download that broke off after the server answered (resumed with a Range request)."""
 
 
-def download_breaker() -> http.CircuitBreaker:
+#: WorldClim's own page listing the 2.1 downloads (the zips link to WORLDCLIM_BASE_URL).
+WORLDCLIM_PAGE = "https://www.worldclim.org/data/worldclim21.html"
+
+
+def by_hand_hint(zips: Sequence[str], base_url: str, target: Path) -> str:
+    """How to bring the ``zips`` still needed without this downloader: their names, where they
+    come from and where they go."""
+    names = " and ".join(zips)
+    return (f"download {names} from {base_url} (WorldClim 2.1, 5 minutes; listed on "
+            f"{WORLDCLIM_PAGE}) into {target}, where the same command unpacks them")
+
+
+def download_breaker(by_hand: str = "") -> http.CircuitBreaker:
     """The breaker of one download run: the downloader is sequential, so two attempts in a row
-    with no answer (about 2 x the read timeout) are enough to say the server is not answering."""
+    with no answer (about 2 x the read timeout) are enough to say the server is not answering.
+    ``by_hand``: :func:`by_hand_hint`, added to its message."""
     return http.CircuitBreaker(
         "WorldClim downloads", first=2, consecutive=8,
-        hint="check the network, or download the zips by hand into the folder; running the "
-             "same command again resumes")
+        hint="check the network and run the same command again (it resumes)"
+             + (f", or {by_hand}" if by_hand else ""))
 
 
 def _unpacked_ok(target: Path, manifest: dict, members: Iterable[str]) -> bool:
@@ -417,7 +430,7 @@ def _read_manifest(target: Path) -> dict:
         return {}
 
 
-def _fetch(session, url: str, part: Path, *, progress: bool, timeout) -> None:
+def _fetch(session, url: str, part: Path, *, progress: bool, timeout, by_hand: str = "") -> None:
     """One attempt at bringing ``part`` to the full size of ``url``, resuming what is there.
 
     Timeouts, refused connections and 429/5xx are retried inside the session (urllib3); what
@@ -431,7 +444,8 @@ def _fetch(session, url: str, part: Path, *, progress: bool, timeout) -> None:
         raise
     except Exception as exc:  # requests' connection/timeouts after retries; any client's equivalents
         raise TaxamapError(f"download of {url} failed ({type(exc).__name__}); check the network "
-                           "and run the same command again to resume") from None
+                           "and run the same command again (it resumes)"
+                           + (f", or {by_hand}" if by_hand else "")) from None
     with resp:
         status = resp.status_code
         if status == 416 and have:
@@ -577,10 +591,13 @@ def download_worldclim(
     manifest.setdefault("files", {})
     before = json.dumps(manifest, sort_keys=True)
     timeout = http.default_timeout(http.DEFAULT_TIMEOUT if timeout is None else timeout)
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    by_hand = by_hand_hint([z for z, members in WORLDCLIM_ZIPS.items()
+                            if not (target / z).is_file()
+                            and not _unpacked_ok(target, manifest, members)], base, target)
     if session is None:
         session = http.make_session(workers=1, retries=retries, backoff=backoff, timeout=timeout,
-                                    breaker=download_breaker())
-    base = base_url if base_url.endswith("/") else base_url + "/"
+                                    breaker=download_breaker(by_hand))
     for zip_name, members in WORLDCLIM_ZIPS.items():
         if _unpacked_ok(target, manifest, members):
             log.info("%s already unpacked in %s", zip_name, target)
@@ -590,7 +607,7 @@ def download_worldclim(
         part = target / (zip_name + ".part")
         if not zip_path.is_file():
             _download_with_retries(session, url, part, progress=progress, retries=retries,
-                                   backoff=backoff, timeout=timeout)
+                                   backoff=backoff, timeout=timeout, by_hand=by_hand)
             os.replace(part, zip_path)
         digest = _sha256(zip_path)
         sizes = _unpack(zip_path, members, target)
@@ -608,11 +625,11 @@ def download_worldclim(
 
 
 def _download_with_retries(session, url: str, part: Path, *, progress: bool, retries: int,
-                           backoff: float, timeout) -> None:
+                           backoff: float, timeout, by_hand: str = "") -> None:
     """Resume a body that broke off, up to ``retries`` times (the session retries the rest)."""
     for attempt in range(retries + 1):
         try:
-            _fetch(session, url, part, progress=progress, timeout=timeout)
+            _fetch(session, url, part, progress=progress, timeout=timeout, by_hand=by_hand)
             return
         except _Transient as exc:
             if attempt == retries:

@@ -21,6 +21,7 @@ import numpy as np
 
 import taxamap
 from taxamap.score import as_scoremap
+from taxamap.writers import HTML_QUERY_META
 from taxamap.writers.geotiff import check_shapes
 from taxamap.writers.style import (
     COLORMAP,
@@ -293,6 +294,28 @@ def _offline_footer(libraries) -> str:
             "in the page source).</div>")
 
 
+#: Shown by the ordinary (CDN) page until its map library has loaded: offline, the page would
+#: otherwise be blank but for the title and legend.
+NOTICE_ID = "taxamap-needs-internet"
+
+
+def _needs_internet_html() -> str:
+    """A visible line saying the page loads its scripts from the internet and how to get a file
+    that does not, then a script (its own element, so it runs even when the map's script fails)
+    that hides the line once Leaflet has loaded."""
+    return (
+        f'<div id="{NOTICE_ID}" role="alert" style="position:fixed;top:64px;left:50%;'
+        "transform:translateX(-50%);z-index:1001;background:#fff3cd;color:#5c3c00;"
+        "border:1px solid #d9a400;padding:6px 12px;border-radius:4px;font:13px/1.35 sans-serif;"
+        'width:max-content;max-width:90vw;text-align:center">This map needs the internet to load its scripts '
+        "(Leaflet). For a file that opens offline, write it with <code>--self-contained</code> "
+        "(Python: <code>self_contained=True</code>; needs <code>pip install "
+        "'taxamap[offline]'</code>).</div>"
+        f'<script>if (typeof L !== "undefined") {{ '
+        f'document.getElementById("{NOTICE_ID}").style.display = "none"; }}</script>'
+    )
+
+
 def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
                self_contained: bool = False, outline=None, expert_geometry=None,
@@ -402,8 +425,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     if range_geometry is not None:
         range_state = "empty" if range_geometry.is_empty else "drawn"
         if range_state == "drawn":
-            outline = _to_frame(shapely.simplify(range_geometry, grid.resolution / 4.0,
-                                                 preserve_topology=True), grid.west, east)
+            # Not simplified: the outline runs along cell edges at every zoom.
+            outline = _to_frame(range_geometry, grid.west, east)
             label = f"{RANGE_NAME} ({range_label})" if range_label else RANGE_NAME
             folium.GeoJson(
                 _feature_collection(outline),
@@ -445,6 +468,9 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     root = m.get_root()
     title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
     root.header.add_child(folium.Element(f"<title>taxamap: {_esc(title)}</title>"))
+    # Read back before a later map would replace this file (taxamap.writers.recorded_query).
+    root.header.add_child(folium.Element(
+        f'<meta name="{HTML_QUERY_META}" content="{_esc(scoremap.query)}">'))
     root.html.add_child(folium.Element(_title_html(scoremap)))
     extras = _extras_legend(None if points is None else len(points), dropped, range_state,
                             range_label)
@@ -452,6 +478,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
                       for note in notes)
     footer = _offline_footer(libraries) if libraries else ""
     root.html.add_child(folium.Element(_legend_html(scoremap, stretches, extras, footer)))
+    if not self_contained:
+        root.html.add_child(folium.Element(_needs_internet_html()))
 
     page = root.render()
     if self_contained:

@@ -15,6 +15,7 @@ import numpy as np
 
 import taxamap
 from taxamap.score import as_scoremap
+from taxamap.writers import PNG_QUERY_KEY
 from taxamap.writers.geotiff import check_shapes
 from taxamap.writers.style import (
     COLORMAP,
@@ -189,5 +190,5 @@ def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
                   parse_math=False)
 
     buffer = io.BytesIO()  # rendered first, so a full disk knows the size it needed
-    fig.savefig(buffer, format="png", dpi=DPI)
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={PNG_QUERY_KEY: str(scoremap.query)})
     return write_bytes(path, buffer.getvalue())

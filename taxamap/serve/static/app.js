@@ -11,7 +11,7 @@
 
   var health = null;
   var land = null;
-  var views = [];          // [{map, el, title, key, answer, overlay, range, canvas}]
+  var views = [];          // [{map, el, title, panel, key, answer, overlay, range, canvas}]
   var state = { species: "", upload: "", compare: "", band: "fused", stretch: 90, threshold: null };
   var generation = 0;      // the latest user action; older answers are dropped
   var syncing = false;
@@ -96,12 +96,14 @@
 
   // ------------------------------------------------------------------ maps
 
-  function makeView(mapId, titleId) {
+  // Each view has its own legend and cell readout (its .panel): side by side, the two maps'
+  // colours stand for different scores.
+  function makeView(mapId, titleId, panelId) {
     var map = L.map(mapId, { zoomSnap: 0.25, preferCanvas: true, worldCopyJump: false });
     map.createPane("land").style.zIndex = 150;
     map.createPane("scores").style.zIndex = 350;
-    var view = { map: map, el: $(mapId), title: $(titleId), key: null, answer: null,
-                 overlay: null, range: null, canvas: L.canvas({ padding: 0.2 }) };
+    var view = { map: map, el: $(mapId), title: $(titleId), panel: $(panelId), key: null,
+                 answer: null, overlay: null, range: null, canvas: L.canvas({ padding: 0.2 }) };
     var layers = {};
     if (land) {
       layers["land (Natural Earth)"] = L.geoJSON(land, {
@@ -205,12 +207,16 @@
     });
   }
 
-  function showLegend(answer) {
+  function inPanel(view, name) {
+    return view.panel.querySelector("." + name);
+  }
+
+  function showLegend(view, answer) {
     var s = answer.stretch;
-    $("legend-min").textContent = fmt(s.vmin, 3);
-    $("legend-max").textContent = fmt(s.vmax, 3);
+    inPanel(view, "legend-min").textContent = fmt(s.vmin, 3);
+    inPanel(view, "legend-max").textContent = fmt(s.vmax, 3);
     var b = answer.bands[answer.band];
-    $("legend-note").textContent = "score (" + answer.band + "): raw cosine similarity; " +
+    inPanel(view, "legend-note").textContent = "score (" + answer.band + "): raw cosine similarity; " +
       "colours from the " + s.percentile + "th percentile to the maximum. " +
       "Cells: mean " + fmt(b.mean, 3) + ", max " + fmt(b.max, 3) + ".";
   }
@@ -275,7 +281,7 @@
     return Promise.all(jobs).then(function (answers) {
       if (mine !== generation) return;
       setBands(Object.keys(answers[0].bands));
-      showLegend(answers[0]);
+      answers.forEach(function (answer, i) { showLegend(views[i], answer); });
       var ms = performance.now() - started;
       document.body.dataset.paintMs = ms.toFixed(0);
       var server = answers.map(function (a) { return a.elapsed_ms; }).join(" + ");
@@ -292,7 +298,12 @@
     if (n > 1 && views.length < 2) {
       $("pane2").hidden = false;
       views[0].map.invalidateSize();
-      views.push(makeView("map2", "title2"));
+      var panel = $("panel").cloneNode(true);  // the second map's legend and cell readout
+      panel.id = "panel2";
+      panel.querySelector(".cell").id = "cell2";
+      panel.querySelector(".cell").textContent = "Click a cell to read its scores.";
+      $("pane2").appendChild(panel);
+      views.push(makeView("map2", "title2", "panel2"));
       views[1].map.setView(views[0].map.getCenter(), views[0].map.getZoom(), { animate: false });
     }
     if (n > 1) $("pane2").hidden = false;
@@ -305,15 +316,19 @@
 
   // ------------------------------------------------------------------ cell scores
 
-  function cellTable(lat, lon, rows) {
+  function cellTable(cell) {
     var box = document.createElement("div");
     var head = document.createElement("div");
-    head.textContent = "cell at " + lat.toFixed(4) + ", " + lon.toFixed(4);
+    var name = document.createElement("b");
+    name.textContent = cell.query;
+    head.appendChild(name);
+    head.appendChild(document.createTextNode(
+      " · cell at " + cell.lat.toFixed(4) + ", " + cell.lon.toFixed(4)));
     box.appendChild(head);
     var table = document.createElement("table");
-    rows.forEach(function (r) {
+    Object.keys(cell.scores).forEach(function (band) {
       var tr = document.createElement("tr");
-      [r[0], r[1]].forEach(function (text, i) {
+      [band, fmt(cell.scores[band], 4)].forEach(function (text, i) {
         var td = document.createElement(i === 0 ? "th" : "td");
         td.textContent = text;
         tr.appendChild(td);
@@ -324,35 +339,34 @@
     return box;
   }
 
+  // A click on either map reads the cell in every view: each view's panel and a popup on each
+  // map show that view's own query's scores.
   function showCell(latlng, clicked) {
     var active = views.filter(function (v) { return v.key; });
     if (!active.length) return;
-    var requests = active.map(function (v) {
-      return api("/api/cell", Object.assign({}, v.key, { lat: latlng.lat, lon: latlng.lng }));
-    });
-    Promise.all(requests).then(function (cells) {
-      var rows = [];
-      cells.forEach(function (c) {
-        Object.keys(c.scores).forEach(function (band) {
-          var label = cells.length > 1 ? c.query + " · " + band : band;
-          rows.push([label, fmt(c.scores[band], 4)]);
+    active.forEach(function (view) {
+      api("/api/cell", Object.assign({}, view.key, { lat: latlng.lat, lon: latlng.lng }))
+        .then(function (cell) {
+          var readout = inPanel(view, "cell");
+          readout.textContent = "";
+          readout.appendChild(cellTable(cell));
+          var popup = cellTable(cell);
+          if (cell.patch) {
+            var img = document.createElement("img");
+            img.className = "popup-patch";
+            img.alt = "satellite patch of this cell";
+            img.src = cell.patch;
+            popup.appendChild(img);
+          }
+          // One popup per map, moved to the new cell. Only the clicked map pans to fit it; the
+          // views stay in step.
+          view.popup = view.popup || L.popup({ maxWidth: 320 });
+          view.popup.options.autoPan = view === clicked;
+          view.popup.setLatLng(latlng).setContent(popup).openOn(view.map);
+        })
+        .catch(function (err) {
+          inPanel(view, "cell").textContent = err.message;
         });
-      });
-      var first = cells[0];
-      var panel = $("cell");
-      panel.textContent = "";
-      panel.appendChild(cellTable(first.lat, first.lon, rows));
-      var popup = cellTable(first.lat, first.lon, rows);
-      if (first.patch) {
-        var img = document.createElement("img");
-        img.className = "popup-patch";
-        img.alt = "satellite patch of this cell";
-        img.src = first.patch;
-        popup.appendChild(img);
-      }
-      L.popup({ maxWidth: 320 }).setLatLng(latlng).setContent(popup).openOn(clicked.map);
-    }).catch(function (err) {
-      $("cell").textContent = err.message;
     });
   }
 
@@ -512,12 +526,14 @@
     if (state.threshold !== null) $("threshold").value = state.threshold;
     fetch("/api/health").then(answerOf).then(function (h) {
       health = h;
-      $("legend-bar").style.background = h.gradient;
+      document.querySelectorAll(".legend-bar").forEach(function (bar) {
+        bar.style.background = h.gradient;
+      });
       setBands(h.bands);
       return fetch("/api/land").then(answerOf).catch(function () { return null; });
     }).then(function (fc) {
       land = fc;
-      views.push(makeView("map", "title"));
+      views.push(makeView("map", "title", "panel"));
       wire();
       updateDownloads();
       return refresh();
