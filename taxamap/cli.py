@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--species", help='binomial ("Cardinalis cardinalis", any case) or the full '
                    'seven-rank string ("Animalia Chordata Aves ... Cardinalis cardinalis")')
     q.add_argument("--species-file", metavar="FILE",
-                   help="many species: one name per line, or a CSV with a 'species' column; all "
-                   "prompts are embedded in one batch and one map is written per species; "
-                   "every name is checked first and all unknown ones are listed")
+                   help="many species: one name per line, or a CSV with a 'species' column; "
+                   "every name is checked first (unknown ones are counted and the first 10 "
+                   "named); species are then embedded, scored and written in batches, so memory "
+                   "stays flat however many there are; above 100 species the summary table goes "
+                   "to OUT/<file stem>_summary.csv")
     q.add_argument("--skip-unknown", action="store_true",
                    help="with --species-file: map the names that resolve and list the unknown "
                    "ones as skipped in the summary table (default: stop and list them)")
@@ -180,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the background sample and the fold assignment (default 0)")
     p.add_argument("--stack", action="store_true",
                    help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
-                   "instead of files per species")
+                   "instead of files per species; it is built in memory, so it refuses more "
+                   "than 2 GB of maps")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -324,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_paths(paths: dict) -> None:
+    """Written files on stdout as they are written (a long species file shows results at once)."""
+    for path in paths.values():
+        print(path, flush=True)
+
+
 def _cmd_predict(args) -> int:
     from taxamap.pipeline import PredictRequest, WriteRequest, predict_and_write
 
@@ -343,11 +352,15 @@ def _cmd_predict(args) -> int:
                      expert_range=args.expert_range,
                      stack_name=os.path.splitext(os.path.basename(args.species_file))[0]
                      if args.species_file else None),
+        on_written=_print_paths,
     )
     t = result.timings
     fit = f", fit {t['fit']:.1f} s" if "fit" in t else ""
     _say(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
          f"score {t['score']:.1f} s{fit}, write {t['write']:.1f} s)")
+    if result.summary_path is not None:
+        _say(f"summary table of all {result.summary_count:,} rows: {result.summary_path}; "
+             f"the last {len(result.summary)}:")
     if len(result.summary) > 1:
         _say(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:
@@ -356,8 +369,6 @@ def _cmd_predict(args) -> int:
                 continue
             _say(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} "
                  f"{row['mean']:>7.3f}")
-    for path in result.paths.values():
-        print(path)
     return 0
 
 
