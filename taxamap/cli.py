@@ -18,6 +18,7 @@ EXAMPLES_PREDICT = """examples:
   taxamap predict --species "Cardinalis cardinalis" --region usa
   taxamap predict --species "animalia chordata aves passeriformes cardinalidae cardinalis cardinalis" --bbox -90,30,-75,45
   taxamap predict --image bird.jpg --region ohio --resolution 0.05 --out maps/
+  taxamap predict --species-file birds.txt --region ohio --out maps/   # written as they are scored
   taxamap predict --species "Ursus arctos" --region canada --modalities location,environment --worldclim ~/data/worldclim
   taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite
   taxamap patches --lat 40.0 --lon -83.0 --out patches/
@@ -51,7 +52,8 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where")
     g.add_argument("--region", help="preset name (usa, world, a continent, a country name or ISO-3 "
                    "code, a US state or Canadian province name/postal code; see 'taxamap regions') "
-                   "or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS)")
+                   "or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS; at most 500,000 "
+                   "vertices, and outlines that cross themselves in at most 10,000 places)")
     g.add_argument("--bbox", metavar="W,S,E,N", help="lon/lat box in degrees; W > E crosses the "
                    "antimeridian. With --region, the two are intersected")
     g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
@@ -163,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "percentile:90 | value:0.25 | maxtss:OCC_FILE; the outline is drawn on the HTML")
     r.add_argument("--occurrences", metavar="FILE",
                    help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
-                   "GeoJSON) shown as clustered markers on the HTML map")
+                   "GeoJSON) shown as clustered markers on the HTML map (a random sample of "
+                   "10,000 when there are more, as its legend says)")
     r.add_argument("--expert-range", metavar="FILE",
                    help="an expert range (polygons, any CRS) drawn as a dashed outline on the "
                    "HTML map; compare numerically with 'taxamap evaluate MAP --range FILE'")
