@@ -899,12 +899,15 @@ def _stream_species(req: PredictRequest, wreq: WriteRequest, checked: dict,
                     on_written: Callable[[dict[str, Path]], None] | None,
                     batch_size: int | None) -> PredictResult:
     """The species of ``req.species_file`` embedded, scored and written a batch at a time (see
-    :func:`predict_and_write`); the summary of a long file goes to a CSV as it is written."""
+    :func:`predict_and_write`); the summary of a long file goes to a CSV as it is written.
+    Each batch logs "scored species I to J of N" at DEBUG level (the CLI does not show it)."""
     import contextlib
     import gc
     import sys
 
     from tqdm.auto import tqdm
+
+    from taxamap.dataset import iter_species
 
     if req.fit:
         raise TaxamapError(FIT_ONE_SPECIES)
@@ -946,7 +949,7 @@ def _stream_species(req: PredictRequest, wreq: WriteRequest, checked: dict,
         table = SummaryTable(csv_path, stack)
         bar = stack.enter_context(tqdm(
             total=len(taxa), desc="mapping species", unit="species", file=sys.stderr,
-            disable=not req.progress or len(taxa) <= size, dynamic_ncols=True))
+            disable=not req.progress, dynamic_ncols=True))
         for start in range(0, len(taxa), size):
             t = time.perf_counter()
             queries = species_queries(taxa[start:start + size], text)
@@ -957,16 +960,21 @@ def _stream_species(req: PredictRequest, wreq: WriteRequest, checked: dict,
             ds = queries_dataset(req, region, grid, cells, config_ref, queries, text.ref, fused,
                                  per, more_attrs=more_attrs)
             timings["score"] += time.perf_counter() - t
-            t = time.perf_counter()
-            files = write_dataset(ds, wreq, checked=checked, outline=region.outline)
-            timings["write"] += time.perf_counter() - t
+            _logger.debug("scored species %d to %d of %d", start + 1, start + len(queries),
+                          len(taxa))
+            files: dict[str, Path] = {}
+            for one in iter_species(ds):  # each species' files are handed over once written
+                t = time.perf_counter()
+                done = write_dataset(one, wreq, checked=checked, outline=region.outline)
+                timings["write"] += time.perf_counter() - t
+                files.update(done)
+                written(done)
+                bar.update(1)
             table.add(_batch_rows(queries, fused, files))
             # xarray objects hold reference cycles: collect them now, or the maps of earlier
             # batches would wait for the cyclic collector and memory would grow with the file.
-            del ds, fused, per
+            del ds, fused, per, one
             gc.collect()
-            written(files)
-            bar.update(len(queries))
         table.add({"species": name, "prompt": "", "taxonomy": "skipped", "max": float("nan"),
                    "mean": float("nan"), "files": "skipped: unknown species"}
                   for name in skipped)

@@ -79,25 +79,39 @@ def test_species_file_memory_is_flat_in_the_number_of_species(tmp_path, models_d
 
 
 def test_species_files_are_written_as_their_batch_is_scored(tmp_path, models_dir):
+    import logging
+
     names = prompts(5)
-    path = species_file(tmp_path, names)
+    binomials = [" ".join(n.split()[-2:]) for n in names]
+    slugs = [b.lower().replace(" ", "-") for b in binomials]
     out = tmp_path / "out"
-    seen = []
+    events = []  # one timeline: batches scored (the pipeline's DEBUG log) and files handed over
+
+    class Scored(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("scored species"):
+                events.append(record.getMessage())
 
     def on_written(paths):
-        # What is on disk when each batch's files are handed over.
-        seen.append((sorted(p.name for p in paths.values()),
-                     sorted(f.name for f in out.glob("*.tif"))))
+        assert all(p.is_file() for p in paths.values())  # on disk when handed over
+        events.append(" ".join(sorted(p.name for p in paths.values())))
 
-    result = stream(tmp_path, models_dir, path, formats=("tif",), batch_size=2,
-                    on_written=on_written)
-    binomials = [" ".join(n.split()[-2:]) for n in names]
-    slugs = [b.lower().replace(" ", "-") + ".tif" for b in binomials]
-    assert [len(batch) for batch, _ in seen] == [2, 2, 1]
-    first_batch, on_disk = seen[0]
-    assert first_batch == sorted(slugs[:2]) and on_disk == sorted(slugs[:2])
-    assert slugs[-1] not in on_disk  # the last species was not even scored yet
-    assert seen[-1][1] == sorted(slugs)
+    logger = logging.getLogger("taxamap")
+    handler, level = Scored(level=logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        result = stream(tmp_path, models_dir, species_file(tmp_path, names), formats=("tif",),
+                        batch_size=2, on_written=on_written)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert events == [
+        "scored species 1 to 2 of 5", f"{slugs[0]}.tif", f"{slugs[1]}.tif",
+        "scored species 3 to 4 of 5", f"{slugs[2]}.tif", f"{slugs[3]}.tif",
+        "scored species 5 to 5 of 5", f"{slugs[4]}.tif",
+    ]
+    assert sorted(f.name for f in out.glob("*.tif")) == sorted(f"{s}.tif" for s in slugs)
     assert result.paths == {}  # handed over, not accumulated
     assert [row["species"] for row in result.summary] == binomials
 
