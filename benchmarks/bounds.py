@@ -42,7 +42,8 @@ PROBE = (
     "import json\n"
     "print(json.dumps({'rc': p.returncode, 'seconds': time.perf_counter() - t,\n"
     "                  'rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,\n"
-    "                  'stdout_lines': len(out.splitlines()), 'last': (err.strip().splitlines() or [''])[-1][:300]}))\n"
+    "                  'stdout_lines': len(out.splitlines()),\n"
+    "                  'last': (err.strip().splitlines() or [''])[-1][:300]}))\n"
 )
 
 

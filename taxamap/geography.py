@@ -181,7 +181,7 @@ def _read_vector(path: Path):
         raise TaxamapError(f"cannot read region file {path}: {detail}; give a GeoJSON, "
                            "GeoPackage or Shapefile with polygons") from None
     geoms = [g for g in frame.geometry if g is not None and not g.is_empty]
-    vertices = int(shapely.get_num_coordinates(np.asarray(geoms, dtype=object)).sum()) if geoms else 0
+    vertices = int(shapely.get_num_coordinates(np.asarray(geoms, dtype=object)).sum())
     if vertices > MAX_REGION_VERTICES:
         raise TaxamapError(
             f"region file {path} has {vertices:,} vertices, more than the "
