@@ -20,6 +20,7 @@ EXAMPLES_PREDICT = """examples:
   taxamap predict --species "animalia chordata aves passeriformes cardinalidae cardinalis cardinalis" --bbox -90,30,-75,45
   taxamap predict --species "American Robin" --region "Georgia (USA)"   # common name; the US state
   taxamap predict --image bird.jpg --region ohio --resolution 0.05 --out maps/
+  taxamap predict --species-file birds.txt --region ohio --out maps/   # written as they are scored
   taxamap predict --species "Ursus arctos" --region canada --modalities location,environment --worldclim ~/data/worldclim
   taxamap predict --species "Cardinalis cardinalis" --region ohio --modalities location,satellite
   taxamap patches --lat 40.0 --lon -83.0 --out patches/
@@ -58,7 +59,9 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--region", help="preset name (usa = the contiguous states, world, a continent, "
                    "a country name or ISO-3 code, a US state or Canadian province name/postal code; "
                    "see 'taxamap regions'; a name of several presets, e.g. Georgia, is refused with "
-                   "the name of each) or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS)")
+                   "the name of each) or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS; at "
+                   "most 500,000 vertices, and outlines that cross themselves in at most 10,000 "
+                   "places)")
     g.add_argument("--bbox", metavar="W,S,E,N", help="lon/lat box in degrees; W > E crosses the "
                    "antimeridian. With --region, the two are intersected")
     g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
@@ -151,9 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    '... Cardinalis cardinalis"); a name not found gets the closest ones ("did you '
                    'mean ...?"); the prompt used is printed')
     q.add_argument("--species-file", metavar="FILE",
-                   help="many species: one name per line, or a CSV with a 'species' column; all "
-                   "prompts are embedded in one batch and one map is written per species; "
-                   "every name is checked first and all unknown ones are listed")
+                   help="many species: one name per line, or a CSV with a 'species' column; "
+                   "every name is checked first (unknown ones are counted and the first 10 "
+                   "named); species are then embedded, scored and written in batches, so memory "
+                   "stays flat however many there are; above 100 species the summary table goes "
+                   "to OUT/<file stem>_summary.csv")
     q.add_argument("--skip-unknown", action="store_true",
                    help="with --species-file: map the names that resolve and list the unknown "
                    "ones as skipped in the summary table (default: stop and list them)")
@@ -171,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a rule that keeps no cell is an error giving the map's value range")
     r.add_argument("--occurrences", metavar="FILE",
                    help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
-                   "GeoJSON) shown as clustered markers on the HTML map; a file with no point on "
+                   "GeoJSON) shown as clustered markers on the HTML map (a random sample of "
+                   "10,000 when there are more, as its legend says); a file with no point on "
                    "the map (e.g. lat/lon swapped) is said on stderr and in the legend")
     r.add_argument("--expert-range", metavar="FILE",
                    help="an expert range (polygons, any CRS) drawn as a dashed outline on the "
@@ -192,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the background sample and the fold assignment (default 0)")
     p.add_argument("--stack", action="store_true",
                    help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
-                   "instead of files per species")
+                   "instead of files per species; it is built in memory, so it refuses more "
+                   "than 2 GB of maps")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -373,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_paths(paths: dict) -> None:
+    """Written files on stdout as they are written (a long species file shows results at once)."""
+    for path in paths.values():
+        print(path, flush=True)
+
+
 def _cmd_predict(args) -> int:
     from taxamap.pipeline import PredictRequest, WriteRequest, predict_and_write
 
@@ -392,11 +405,15 @@ def _cmd_predict(args) -> int:
                      expert_range=args.expert_range,
                      stack_name=os.path.splitext(os.path.basename(args.species_file))[0]
                      if args.species_file else None),
+        on_written=_print_paths,
     )
     t = result.timings
     fit = f", fit {t['fit']:.1f} s" if "fit" in t else ""
     _say(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
          f"score {t['score']:.1f} s{fit}, write {t['write']:.1f} s)")
+    if result.summary_path is not None:
+        _say(f"summary table of all {result.summary_count:,} rows: {result.summary_path}; "
+             f"the last {len(result.summary)}:")
     if len(result.summary) > 1:
         _say(f"{'species':<32} {'taxonomy':<12} {'max':>7} {'mean':>7}")
         for row in result.summary:
@@ -405,8 +422,6 @@ def _cmd_predict(args) -> int:
                 continue
             _say(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} "
                  f"{row['mean']:>7.3f}")
-    for path in result.paths.values():
-        print(path)
     return 0
 
 

@@ -198,7 +198,14 @@ def _read_vector(path: Path):
         raise TaxamapError(f"cannot read region file {path}: {detail}; give a GeoJSON, "
                            "GeoPackage or Shapefile with polygons") from None
     geoms = [g for g in frame.geometry if g is not None and not g.is_empty]
-    polygons = [p for g in geoms for p in _polygon_parts(shapely.make_valid(g))]
+    vertices = int(shapely.get_num_coordinates(np.asarray(geoms, dtype=object)).sum())
+    if vertices > MAX_REGION_VERTICES:
+        raise TaxamapError(
+            f"region file {path} has {vertices:,} vertices, more than the "
+            f"{MAX_REGION_VERTICES:,} taxamap reads; simplify it to about the cell size you "
+            f"map at, e.g. 'ogr2ogr -simplify 0.001 simpler.gpkg {path.name}' (degrees) or QGIS: "
+            "Vector > Geometry Tools > Simplify")
+    polygons = [p for g in geoms for p in _polygon_parts(_repaired(g, path))]
     if not polygons:
         raise TaxamapError(f"region file {path} has no polygons; give polygon features "
                            "(points and lines do not enclose an area)")
@@ -210,6 +217,86 @@ def _read_vector(path: Path):
                                "longitude/latitude; save it with a CRS (e.g. a .prj file)")
         return _as_polygonal(geom)
     return _as_polygonal(geometry_to_lonlat(geom, frame.crs, f"region file {path}"))
+
+
+#: A region file with more vertices than this is refused before any geometry work: checking and
+#: repairing outlines costs time and memory with their size, and no grid needs such detail.
+MAX_REGION_VERTICES = 500_000
+
+#: An outline whose edges cross each other in more places than this is refused: the
+#: cost of repairing grows with the crossings (a star of 1,000 vertices drawn with crossing edges
+#: has ~500,000; GEOS's repair ran for minutes), while an outline with a few faults repairs at once.
+MAX_REPAIR_CROSSINGS = 10_000
+
+#: Pairs of edges with overlapping boxes :func:`edge_crossings` examines at most (its own bound),
+#: and at most per query (its memory).
+_MAX_EDGE_PAIRS = 20_000_000
+_CHUNK_PAIRS = 1_000_000
+
+
+def _repaired(geom, path: Path):
+    """``geom`` made valid in bounded time (GEOS's "structure" repair: the area its rings
+    enclose), or a TaxamapError when its edges cross too often to repair."""
+    crossings = edge_crossings(geom, MAX_REPAIR_CROSSINGS)
+    if crossings is None or crossings > MAX_REPAIR_CROSSINGS:
+        raise TaxamapError(
+            f"region file {path} has an outline that crosses itself in more than "
+            f"{MAX_REPAIR_CROSSINGS:,} places (a self-intersecting polygon, such as a star drawn "
+            "with crossing edges), more than taxamap repairs; redraw it so that its edges do not "
+            "cross (QGIS: Vector > Geometry Tools > Check Validity shows where), or give --bbox "
+            "instead")
+    return shapely.make_valid(geom, method="structure")
+
+
+def edge_crossings(geom, limit: int) -> int | None:
+    """How many pairs of edges of ``geom``'s rings cross (each through the other's interior),
+    counted up to just past ``limit``; None when that would mean examining more than
+    :data:`_MAX_EDGE_PAIRS` pairs of edges (long tangled edges). Time and memory stay bounded
+    however the edges cross, where GEOS's validity check and repair are not. Edges that only
+    touch or overlap (parts sharing a border) add no vertex to a repair and are not counted."""
+    coords, ring = shapely.get_coordinates(shapely.get_rings(shapely.get_parts(geom)),
+                                           return_index=True)
+    same_ring = ring[:-1] == ring[1:]  # edges join consecutive vertices of one ring
+    start, end = coords[:-1][same_ring], coords[1:][same_ring]
+    if len(start) < 3:
+        return 0
+    low, high = np.minimum(start, end), np.maximum(start, end)
+    # An edge's box meets at most as many boxes as its x (or y) extent meets: cut the edges into
+    # queries whose bounds add up to _CHUNK_PAIRS, so each query's pairs stay bounded.
+    bound = np.minimum(_overlapping(low[:, 0], high[:, 0]), _overlapping(low[:, 1], high[:, 1]))
+    total = np.cumsum(bound)
+    cuts = np.searchsorted(total, np.arange(_CHUNK_PAIRS, total[-1], _CHUNK_PAIRS), "right")
+    bounds = np.unique(np.concatenate([[0], cuts, [len(start)]]))
+    edges = shapely.linestrings(np.stack([start, end], axis=1))
+    tree = shapely.STRtree(edges)
+    found = examined = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mine, other = tree.query(edges[lo:hi])
+        a, b = mine + lo, other
+        a, b = a[b > a], b[b > a]  # each pair once
+        examined += len(a)
+        if examined > _MAX_EDGE_PAIRS:
+            return None
+        found += int(_segments_cross(start[a], end[a], start[b], end[b]).sum())
+        if found > limit:
+            return found
+    return found
+
+
+def _overlapping(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """For each interval [low, high], how many of the intervals overlap it (itself included)."""
+    return (np.searchsorted(np.sort(low), high, "right")
+            - np.searchsorted(np.sort(high), low, "left"))
+
+
+def _segments_cross(p, q, r, s) -> np.ndarray:
+    """Whether segments p-q and r-s (rows of (k, 2) arrays) cross: each has the other's ends
+    strictly on either side (shared ends, touches and collinear overlaps do not count)."""
+    def side(a, b, c):
+        return np.sign((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1])
+                       - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]))
+
+    return (side(p, q, r) * side(p, q, s) < 0) & (side(r, s, p) * side(r, s, q) < 0)
 
 
 # --- bounding boxes ----------------------------------------------------------------------------

@@ -114,10 +114,14 @@ class Query:
 class PredictResult:
     """What the CLI prints after ``predict`` then ``write``."""
 
+    #: The Dataset mapped (None for a streamed species file: see :func:`predict_and_write`).
     dataset: object
     paths: dict[str, Path]
     timings: dict[str, float]
+    #: The summary table's rows (a long species file's last rows only: all are in summary_path).
     summary: list[dict] = field(default_factory=list)
+    summary_path: Path | None = None
+    summary_count: int = 0
 
 
 def slugify(text: str) -> str:
@@ -370,13 +374,25 @@ def read_species_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
+#: Messages and log lines quote at most this many names of a list (unknown species), then
+#: give the count: a file of 100,000 misspelt names is one readable line, not megabytes.
+NAMES_SHOWN = 10
+
+
+def listed_names(names: list[str], limit: int = NAMES_SHOWN) -> str:
+    """The first ``limit`` names quoted (each cut at 60 characters), then how many more."""
+    shown = ", ".join('"' + (n if len(n) <= 60 else n[:57] + "...") + '"' for n in names[:limit])
+    rest = len(names) - limit
+    return f"{shown} and {rest:,} more" if rest > 0 else shown
+
+
 def resolve_species_file(names: list[str], source: str, cache: Path | None,
                          skip_unknown: bool = False) -> tuple[list, list[str]]:
     """Resolve every name of a species file; returns (taxa, names skipped).
 
-    Every name is tried before anything fails, so one message lists all the unknown (or
-    malformed) ones; with ``skip_unknown`` those are returned as skipped instead, unless none
-    resolves.
+    Every name is tried before anything fails, so one message counts all the unknown (or
+    malformed) ones and quotes the first :data:`NAMES_SHOWN`; with ``skip_unknown`` those are
+    returned as skipped instead, unless none resolves.
     """
     from taxamap.taxonomy import resolve_species
 
@@ -388,20 +404,20 @@ def resolve_species_file(names: list[str], source: str, cache: Path | None,
             unknown.append(name)
     if not unknown:
         return taxa, []
-    listed = ", ".join(f'"{n}"' for n in unknown)
+    listed = listed_names(unknown)
     if not taxa:
         raise TaxamapError(
-            f"none of the {len(names)} species in {source} could be resolved "
+            f"none of the {len(names):,} species in {source} could be resolved "
             f"({listed}); check the spelling, or give all seven ranks per line "
             '("Kingdom Phylum Class Order Family Genus epithet")'
         )
     if not skip_unknown:
         raise TaxamapError(
-            f"{len(unknown)} of {len(names)} species in {source} are unknown: "
+            f"{len(unknown):,} of {len(names):,} species in {source} are unknown: "
             f"{listed}; fix their spelling, give all seven ranks ('Kingdom Phylum Class Order "
             "Family Genus epithet'), remove them, or pass --skip-unknown to map the others"
         )
-    log(f"skipping {len(unknown)} unknown species of {len(names)}: {listed}")
+    log(f"skipping {len(unknown):,} unknown species of {len(names):,}: {listed}")
     return taxa, unknown
 
 
@@ -452,16 +468,18 @@ class QueryEncoders:
 def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
                   skipped: list[str] | None = None,
                   encoders: QueryEncoders | None = None,
-                  forward_lock=None) -> tuple[list[Query], str]:
+                  forward_lock=None, limit: Callable[[int], None] | None = None
+                  ) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
-    Every species prompt goes through the text encoder in one batch. Names of a species file
+    Every species prompt goes through the text encoder in one call. Names of a species file
     that ``req.skip_unknown`` leaves out are appended to ``skipped`` (when given). ``encoders``
     (kept by a long-lived caller) supplies already loaded encoders. A photo or a recording is
     decoded (and resized or resampled) first; only the encoder's own work (a recording's
     log-mel features, which seed NumPy's global RNG, and the forward pass) runs inside
     ``forward_lock`` (a context manager, e.g. a session's encoder lock), so decoding never
-    holds up other queries.
+    holds up other queries. ``limit`` is called with the number of species once they are
+    resolved, before any is embedded (it may refuse them).
     """
     given = [x for x in (req.species, req.image, req.audio, req.species_file) if x]
     if len(given) != 1:
@@ -494,6 +512,21 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
             vector = clip.encode_pixels(pixels)[0]
         slug = file_slug("image", name, file_digest(req.image))
         return [Query(vector, None, f"image {name}", slug, "image")], clip.ref
+    taxa = resolve_taxa(req, skipped)
+    if limit is not None:
+        limit(len(taxa))
+    text = encoders.text(n_prompts=len(taxa))
+    return species_queries(taxa, text), text.ref
+
+
+#: Prompts logged one line each; a longer species file logs the first ones and a count.
+PROMPTS_LOGGED = 20
+
+
+def resolve_taxa(req: PredictRequest, skipped: list[str] | None = None) -> list:
+    """The request's species (``species`` or ``species_file``) resolved to taxa, each prompt
+    once, in the given order; names a species file's ``skip_unknown`` leaves out are appended to
+    ``skipped``."""
     from taxamap.taxonomy import resolve_species
 
     cache = cache_subdir("taxonomy", req.cache_dir)
@@ -513,14 +546,19 @@ def embed_queries(req: PredictRequest, config: dict, device: Callable[[], str],
         if taxon.prompt in seen:  # spellings of one species would overwrite each other's files
             continue
         seen.add(taxon.prompt)
-        log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
+        if len(taxa) < PROMPTS_LOGGED:
+            log(f"prompt: {taxon.prompt}  (taxonomy from {taxon.source})")
         taxa.append(taxon)
-    text = encoders.text(n_prompts=len(taxa))
+    if len(taxa) > PROMPTS_LOGGED:
+        log(f"... and {len(taxa) - PROMPTS_LOGGED:,} more prompts: {len(taxa):,} species")
+    return taxa
+
+
+def species_queries(taxa: list, text) -> list[Query]:
+    """The queries of ``taxa`` (see :func:`resolve_taxa`), their prompts embedded by ``text``."""
     vectors = text.encode_text([t.prompt for t in taxa])
-    queries = [
-        Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source) for v, t in zip(vectors, taxa)
-    ]
-    return queries, text.ref
+    return [Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source)
+            for v, t in zip(vectors, taxa)]
 
 
 #: Above this many prompts torch's faster kernels repay its ~1 s import; below, NumPy wins.
@@ -703,17 +741,41 @@ def queries_dataset(req: PredictRequest, region, grid: Grid, cells: CellEmbeddin
     return ds
 
 
-def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
-    """The score maps of the request's queries as an ``xarray.Dataset`` (see
-    :mod:`taxamap.dataset`), and the seconds each stage took. Writes no output file (the
-    embedding stores in the cache aside)."""
+#: :func:`predict_dataset` (``taxamap.predict``, ``--stack``) holds every species' maps in one
+#: Dataset: above this many bytes of maps it refuses, pointing to ``predict --species-file``,
+#: which writes each species as it is scored and holds one batch of maps at a time.
+MAX_IN_MEMORY_BYTES = 2 * 2**30
+
+
+def maps_bytes(n_species: int, grid: Grid, n_bands: int) -> int:
+    """Bytes of the float32 (y, x) maps of ``n_species`` species with ``n_bands`` bands each."""
+    return int(n_species) * int(n_bands) * grid.width * grid.height * 4
+
+
+def check_in_memory(n_species: int, grid: Grid, n_bands: int) -> None:
+    """TaxamapError when the maps of ``n_species`` species exceed :data:`MAX_IN_MEMORY_BYTES`."""
+    from taxamap.io import format_bytes
+
+    need = maps_bytes(n_species, grid, n_bands)
+    if need > MAX_IN_MEMORY_BYTES:
+        raise TaxamapError(
+            f"{n_species:,} species over this {grid.width} x {grid.height} grid make "
+            f"{format_bytes(need)} of maps, more than the {format_bytes(MAX_IN_MEMORY_BYTES)} "
+            "taxamap.predict and --stack hold in memory at once; write one map per species as "
+            "they are scored with 'taxamap predict --species-file FILE' (without --stack), or "
+            "map fewer species at a time"
+        )
+
+
+def _prepare(req: PredictRequest):
+    """The start of a prediction: options checked, the inputs read later read now (a bad one
+    fails in seconds, not after the cells), the device, the config and the grid. Returns
+    (occurrences, background, device, config, config_ref, region, grid)."""
     from taxamap.devices import lazy_device
     from taxamap.models.hub import load_config
 
     from taxamap.geography import check_cells
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     req.modalities = parse_modalities(req.modalities)
     req.cells = check_cells(req.cells)
     check_grid_paths(req)
@@ -728,8 +790,18 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     if (req.device or "auto").lower() not in ("auto", "cpu"):
         device()  # a GPU the user named must exist before any work starts
     config, config_ref = load_config(req.models_dir)
-
     region, grid = build_grid(req)
+    return occurrences, background, device, config, config_ref, region, grid
+
+
+def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
+    """The score maps of the request's queries as an ``xarray.Dataset`` (see
+    :mod:`taxamap.dataset`), and the seconds each stage took. Writes no output file (the
+    embedding stores in the cache aside). Refuses (TaxamapError) species whose maps would pass
+    :data:`MAX_IN_MEMORY_BYTES`."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    occurrences, background, device, config, config_ref, region, grid = _prepare(req)
     timings["grid"] = time.perf_counter() - t0
     if req.fit:
         from taxamap.products.fit import locate_occurrences
@@ -739,11 +811,12 @@ def predict_dataset(req: PredictRequest) -> tuple[object, dict[str, float]]:
     # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
     skipped: list[str] = []
-    queries, query_ref = embed_queries(req, config, device, skipped)
+    queries, query_ref = embed_queries(
+        req, config, device, skipped,
+        limit=lambda n: check_in_memory(n, grid, len(req.modalities) + 1))
     timings["query"] = time.perf_counter() - t
     if req.fit and len(queries) > 1:
-        raise TaxamapError(f"{option('fit', True)} fits one species' occurrences: map one "
-                           f"species at a time ({option('species', metavar='NAME')}, not several)")
+        raise TaxamapError(fit_one_species())
 
     t = time.perf_counter()
     cells = embed_cells(req, grid, config, device, region=region.name)
@@ -858,18 +931,192 @@ def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
     return rows
 
 
-def predict_and_write(req: PredictRequest, wreq: WriteRequest) -> PredictResult:
+def predict_and_write(req: PredictRequest, wreq: WriteRequest, *,
+                      on_written: Callable[[dict[str, Path]], None] | None = None,
+                      batch_size: int | None = None) -> PredictResult:
     """``taxamap predict``: :func:`predict_dataset` then :func:`write_dataset`, with every input
-    the writing reads checked before any cell is embedded."""
+    the writing reads checked before any cell is embedded.
+
+    A species file (without ``--stack``) is streamed instead: its species are embedded, scored
+    and written ``batch_size`` at a time (default :func:`species_batch_size`), so memory holds
+    one batch of maps however many species the file names; the result then has no Dataset. The
+    files written are handed to ``on_written`` as they are written (and are then not kept in
+    the result's ``paths``).
+    """
     t0 = time.perf_counter()
     checked = check_write_request(wreq)
     _warm_up_writers()
+    if req.species_file and not wreq.stack:
+        result = _stream_species(req, wreq, checked, on_written, batch_size)
+        result.timings["total"] = time.perf_counter() - t0
+        return result
     ds, timings = predict_dataset(req)
     t = time.perf_counter()
     paths = write_dataset(ds, wreq, checked=checked)
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return PredictResult(ds, paths, timings, summary_rows(ds, paths))
+    if on_written is not None:
+        on_written(paths)
+    return PredictResult(ds, {} if on_written is not None else paths, timings,
+                         summary_rows(ds, paths))
+
+
+#: Species a streamed species file scores and writes together (fewer on a large grid: see
+#: :data:`BATCH_BYTES`).
+SPECIES_BATCH = 256
+
+#: The most bytes of maps one batch of a streamed species file holds.
+BATCH_BYTES = 256 * 2**20
+
+#: Up to this many rows, a species file's summary table is printed whole; above, it is written
+#: to OUT/<file stem>_summary.csv as the species are written, and only its last
+#: :data:`SUMMARY_TAIL` rows are kept (and printed).
+SUMMARY_PRINTED = 100
+SUMMARY_TAIL = 5
+SUMMARY_COLUMNS = ("species", "prompt", "taxonomy", "max", "mean", "files")
+
+
+def species_batch_size(grid: Grid, n_bands: int) -> int:
+    """How many species a streamed species file scores at once over ``grid``: at most
+    :data:`SPECIES_BATCH`, and no more than :data:`BATCH_BYTES` of maps."""
+    return max(1, min(SPECIES_BATCH, BATCH_BYTES // maps_bytes(1, grid, n_bands)))
+
+
+class SummaryTable:
+    """A species file's summary rows as they come: all kept in ``rows`` when ``path`` is None;
+    else written to the CSV ``path`` (replaced atomically when ``stack`` closes) with only the
+    last :data:`SUMMARY_TAIL` rows kept. ``count`` is how many rows were added."""
+
+    def __init__(self, path: Path | None, stack) -> None:
+        import collections
+        import csv
+
+        from taxamap.io import atomic_path
+
+        self.path, self.count = path, 0
+        self.rows: list[dict] | collections.deque = []
+        self._writer = None
+        if path is not None:
+            tmp = stack.enter_context(atomic_path(path, what=f"writing the summary {path}"))
+            fh = stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
+            self._writer = csv.DictWriter(fh, SUMMARY_COLUMNS)
+            self._writer.writeheader()
+            self.rows = collections.deque(maxlen=SUMMARY_TAIL)
+
+    def add(self, rows) -> None:
+        for row in rows:
+            if self._writer is not None:
+                self._writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
+            self.rows.append(row)
+            self.count += 1
+
+
+def _batch_rows(queries: list[Query], fused: np.ndarray, paths: dict[str, Path]):
+    """Summary rows of a scored batch: max and mean fused score of each query's valid cells."""
+    finite = np.isfinite(fused)
+    valid = finite.sum(axis=1)
+    top = np.where(finite, fused, -np.inf).max(axis=1, initial=-np.inf)
+    mean = np.where(finite, fused, 0.0).sum(axis=1, dtype=np.float64) / np.maximum(valid, 1)
+    for i, q in enumerate(queries):
+        yield {"species": q.label, "prompt": q.prompt or "", "taxonomy": q.source,
+               "max": float(top[i]) if valid[i] else float("nan"),
+               "mean": float(mean[i]) if valid[i] else float("nan"),
+               "files": ", ".join(str(p) for k, p in paths.items() if k.startswith(f"{q.slug}."))}
+
+
+def _stream_species(req: PredictRequest, wreq: WriteRequest, checked: dict,
+                    on_written: Callable[[dict[str, Path]], None] | None,
+                    batch_size: int | None) -> PredictResult:
+    """The species of ``req.species_file`` embedded, scored and written a batch at a time (see
+    :func:`predict_and_write`); the summary of a long file goes to a CSV as it is written.
+    Each batch logs "scored species I to J of N" at DEBUG level (the CLI does not show it)."""
+    import contextlib
+    import gc
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from taxamap.dataset import iter_species
+
+    if req.fit:
+        raise TaxamapError(fit_one_species())
+    t0 = time.perf_counter()
+    _, _, device, config, config_ref, region, grid = _prepare(req)
+    timings = {"grid": time.perf_counter() - t0}
+    # The query first: a bad species name or file fails in seconds, not after the cells.
+    t = time.perf_counter()
+    skipped: list[str] = []
+    taxa = resolve_taxa(req, skipped)
+    text = QueryEncoders(req, config, device).text(n_prompts=len(taxa))
+    timings["query"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cells = embed_cells(req, grid, config, device)
+    timings["cells"] = time.perf_counter() - t
+    timings["score"] = timings["write"] = 0.0
+
+    size = batch_size or species_batch_size(grid, len(req.modalities) + 1)
+    # Every map's tags name the skipped species: the first few and the count, not thousands.
+    more_attrs = {"skipped_species": listed_names(skipped)} if skipped else {}
+    many = len(taxa) + len(skipped) > SUMMARY_PRINTED
+    csv_path = (checked["out_dir"] / f"{slugify(Path(req.species_file).stem)}_summary.csv"
+                if many else None)
+    paths: dict[str, Path] = {}
+
+    def written(files: dict[str, Path]) -> None:
+        if on_written is not None:
+            on_written(files)
+        else:
+            paths.update(files)
+
+    if len(taxa) > size:
+        log(f"mapping {len(taxa):,} species, {size:,} at a time")
+    with contextlib.ExitStack() as stack:
+        # What is alive now (models, modules) stays: the collections after each batch need only
+        # look at what the batches made (0.05 s instead of 0.5 s with torch loaded).
+        stack.callback(gc.unfreeze)
+        gc.freeze()
+        table = SummaryTable(csv_path, stack)
+        bar = stack.enter_context(tqdm(
+            total=len(taxa), desc="mapping species", unit="species", file=sys.stderr,
+            disable=not req.progress, dynamic_ncols=True))
+        for start in range(0, len(taxa), size):
+            t = time.perf_counter()
+            queries = species_queries(taxa[start:start + size], text)
+            timings["query"] += time.perf_counter() - t
+            t = time.perf_counter()
+            fused, per = score_stores(cells.stores, np.stack([q.vector for q in queries]),
+                                      req.fusion)
+            ds = queries_dataset(req, region, grid, cells, config_ref, queries, text.ref, fused,
+                                 per, more_attrs=more_attrs)
+            timings["score"] += time.perf_counter() - t
+            _logger.debug("scored species %d to %d of %d", start + 1, start + len(queries),
+                          len(taxa))
+            files: dict[str, Path] = {}
+            for one in iter_species(ds):  # each species' files are handed over once written
+                t = time.perf_counter()
+                done = write_dataset(one, wreq, checked=checked, outline=region.outline)
+                timings["write"] += time.perf_counter() - t
+                files.update(done)
+                written(done)
+                bar.update(1)
+            table.add(_batch_rows(queries, fused, files))
+            # xarray objects hold reference cycles: collect them now, or the maps of earlier
+            # batches would wait for the cyclic collector and memory would grow with the file.
+            del ds, fused, per, one
+            gc.collect()
+        table.add({"species": name, "prompt": "", "taxonomy": "skipped", "max": float("nan"),
+                   "mean": float("nan"), "files": "skipped: unknown species"}
+                  for name in skipped)
+    if csv_path is not None:
+        written({csv_path.name: csv_path})
+    return PredictResult(None, paths, timings, list(table.rows), summary_path=csv_path,
+                         summary_count=table.count)
+
+
+def fit_one_species() -> str:
+    """Why a fit refuses several species, in the caller's words."""
+    return (f"{option('fit', True)} fits one species' occurrences: map one species at a time "
+            f"({option('species', metavar='NAME')}, not several)")
 
 
 def _check_fit_inputs(req: PredictRequest, occurrences: np.ndarray | None) -> np.ndarray | None:

@@ -778,6 +778,10 @@ def _one_blas_thread():
     return controller.limit(limits=1, user_api="blas")
 
 
+#: :meth:`TextEncoder.encode_text` tokenizes this many batches of prompts at a time.
+TOKENIZE_BATCHES = 16
+
+
 class TextEncoder:
     """Prompt embeddings in TaxaBind's shared space (float32, unit-norm rows), open_clip-free."""
 
@@ -809,14 +813,17 @@ class TextEncoder:
                 raise TaxamapError(f"text prompt must be a non-empty string, got {p!r}")
         if not prompts:
             return np.zeros((0, self.embed_dim), np.float32)
-        ids = self.tokenize(prompts)
-        # Batch prompts of similar token length together: the tower drops the padding after the
-        # longest prompt of a batch, so a few long prompts do not slow down all the short ones.
-        order = np.argsort(ids.argmax(axis=1), kind="stable")
         out = np.empty((len(prompts), self.embed_dim), np.float32)
-        for start in range(0, len(prompts), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            out[rows] = self.tower.embed(ids[rows])
+        # Tokenized a chunk at a time, so the token ids held stay bounded however many prompts.
+        chunk = TOKENIZE_BATCHES * self.batch_size
+        for first in range(0, len(prompts), chunk):
+            ids = self.tokenize(prompts[first:first + chunk])
+            # Batch prompts of similar token length together: the tower drops the padding after
+            # the longest prompt of a batch, so a few long prompts do not slow down the others.
+            order = np.argsort(ids.argmax(axis=1), kind="stable")
+            for start in range(0, len(ids), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                out[first + rows] = self.tower.embed(ids[rows])
         return normalize_rows(out)
 
     encode = encode_text

@@ -120,6 +120,12 @@ def _legend_html(scoremap, stretches: list[tuple[str, Stretch]], extras: str = "
 
 LAND_NAME = "land (Natural Earth)"
 OCCURRENCES_NAME = "occurrences"
+
+#: The most occurrence points an HTML map draws: larger sets are drawn as a random sample (a
+#: fixed seed, so a rerun draws the same points) and the legend says so. Two million records
+#: made a 46 MB page; every record still counts where numbers are computed (--threshold maxtss,
+#: --fit, evaluate).
+MAX_DRAWN_OCCURRENCES = 10_000
 RANGE_NAME = "range outline"
 
 #: Colours of the offline base (sea behind, land on top) and of the extra layers. Orange points
@@ -268,15 +274,26 @@ _CLUSTER_CSS = f"""<style>
 </style>"""
 
 
+def drawn_sample(points: np.ndarray, limit: int = MAX_DRAWN_OCCURRENCES) -> np.ndarray:
+    """``points`` when there are at most ``limit``, else ``limit`` of them drawn at random with a
+    fixed seed (kept in their order)."""
+    if len(points) <= limit:
+        return points
+    keep = np.random.default_rng(0).choice(len(points), size=limit, replace=False)
+    return points[np.sort(keep)]
+
+
 def _extras_legend(n_points: int | None, dropped: int, range_state: str | None,
-                   range_label: str | None) -> str:
+                   range_label: str | None, n_records: int | None = None) -> str:
     rows = []
     if n_points is not None:
-        note = f" ({dropped} without coordinates not shown)" if dropped else ""
+        note = f" ({dropped:,} without coordinates not shown)" if dropped else ""
+        shown = (f"showing {n_points:,} of {n_records:,} records (random sample)"
+                 if n_records is not None and n_records > n_points else f"{n_points:,}")
         rows.append(
             f"<div><span style='display:inline-block;width:10px;height:10px;border-radius:50%;"
             f"background:{POINT_FILL};border:1px solid {POINT_LINE};margin-right:5px;"
-            f"vertical-align:middle'></span>occurrences: {n_points}{note}, clustered</div>")
+            f"vertical-align:middle'></span>occurrences: {shown}{note}, clustered</div>")
     if range_state is not None:
         label = f" ({_esc(range_label)})" if range_label else ""
         text = "range outline" if range_state == "drawn" else "range: no cell reaches the threshold"
@@ -328,7 +345,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     the region outline, a legend stating units and the display stretch, and the imagery credit.
 
     ``occurrences``: (N, 2) (lat, lon) degrees, drawn as clustered markers with lat/lon popups in
-    their own layer (rows with NaN are skipped and counted in the legend).
+    their own layer (rows with NaN are skipped and counted in the legend); more than
+    :data:`MAX_DRAWN_OCCURRENCES` are drawn as a random sample, which the legend states.
     ``range_geometry``: a shapely geometry in EPSG:4326 (e.g. :func:`taxamap.products.ranges.range_outline`)
     drawn as an outline in its own layer; ``range_label`` (e.g. the threshold rule) names it.
     ``expert_geometry``: an expert range (shapely, EPSG:4326) drawn as a dashed outline in its
@@ -356,6 +374,9 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     libraries = assets.offline_libraries() if self_contained else None
     points, dropped = (_occurrence_points(occurrences) if occurrences is not None
                        else (None, 0))
+    n_records = None if points is None else len(points)
+    if points is not None:
+        points = drawn_sample(points)
     if range_geometry is not None and not isinstance(range_geometry, shapely.Geometry):
         raise TaxamapError("range_geometry must be a shapely geometry in EPSG:4326 (lon, lat)")
     east = grid.west + grid.width * grid.resolution
@@ -451,7 +472,8 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         FastMarkerCluster(
             data,
             callback=_POINT_CALLBACK,
-            name=f"{OCCURRENCES_NAME} ({len(points)})",
+            name=(f"{OCCURRENCES_NAME} ({len(points)})" if len(points) == n_records else
+                  f"{OCCURRENCES_NAME} ({len(points):,} of {n_records:,})"),
             icon_create_function=_CLUSTER_ICON,
             showCoverageOnHover=False,
             chunkedLoading=True,
@@ -473,7 +495,7 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
         f'<meta name="{HTML_QUERY_META}" content="{_esc(scoremap.query)}">'))
     root.html.add_child(folium.Element(_title_html(scoremap)))
     extras = _extras_legend(None if points is None else len(points), dropped, range_state,
-                            range_label)
+                            range_label, n_records)
     extras += "".join(f"<div style='color:#a40000;margin-top:4px'>&#9888; {_esc(note)}</div>"
                       for note in notes)
     footer = _offline_footer(libraries) if libraries else ""
