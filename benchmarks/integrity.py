@@ -5,7 +5,7 @@
 
 Default: a USA store (location modality; the tiny test encoder: the check reads bytes, whatever
 the weights made them) and, over it, the reading that a warm ``predict`` does
-(``pipeline.score_stores``, one query) with the read-time CRC check (a fresh store object: every
+(``scorer.score_stores``, one query) with the read-time CRC check (a fresh store object: every
 block checked) and without (the same blocks marked verified), the CRC alone, the cheap open-time
 check (records and file sizes) and the full ``--verify`` check; then warm ``taxamap predict``
 walls for context, and the store's bytes on disk per cell.
@@ -58,7 +58,7 @@ def read_check(args) -> None:
 
     import numpy as np
 
-    from taxamap.pipeline import score_stores
+    from taxamap.scorer import score_stores
     from taxamap.store import EmbeddingStore
 
     with tempfile.TemporaryDirectory() as tmp:

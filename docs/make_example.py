@@ -25,7 +25,8 @@ from common import models_dir  # noqa: E402
 from taxamap.grid import make_grid  # noqa: E402
 from taxamap.models.location import load_location_encoder  # noqa: E402
 from taxamap.geography import resolve_region  # noqa: E402
-from taxamap.score import ScoreMap, fuse  # noqa: E402
+from taxamap.dataset import provenance, scores_dataset  # noqa: E402
+from taxamap.score import fuse  # noqa: E402
 from taxamap.writers.png import write_png  # noqa: E402
 
 
@@ -38,14 +39,14 @@ def main() -> None:
         cells = encoder.encode(grid.cell_latlon())
         query = encoder.encode(np.array([[39.96, -83.0]]))[0]
         fused, per = fuse({"location": cells}, query)
-        scoremap = ScoreMap(
-            grid=grid, fused=grid.to_raster(fused),
-            layers={"location": grid.to_raster(per["location"])},
-            query="example: cells like Columbus, Ohio (location query, not a species)",
-            prompt=None, fusion="mean", models={"location": "GeoCLIP weights"},
-            region_name=region.name, region_geometry=region.outline, slug="example",
-        )
-        print(write_png(scoremap, ROOT / "docs" / "example.png"))
+        ds = scores_dataset(
+            grid, fused[None], {"location": per["location"][None]},
+            labels=["example: cells like Columbus, Ohio (location query, not a species)"],
+            prompts=[None], slugs=["example"],
+            attrs=provenance(modalities=["location"], fusion="mean",
+                             models={"location": "GeoCLIP weights"}, region_name=region.name,
+                             region_outline=region.outline, resolution=grid.resolution))
+        print(write_png(ds, ROOT / "docs" / "example.png"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ The public API (see :mod:`taxamap.api`)::
 ``import taxamap`` stays light: the API's modules (and torch) load on first use.
 """
 
-__version__ = "0.1.0"
+from taxamap.version import __version__  # noqa: E402
 
 from taxamap.errors import TaxamapError  # noqa: E402
 

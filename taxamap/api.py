@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from taxamap.errors import TaxamapError
-from taxamap.grid import DEFAULT_RESOLUTION
-from taxamap.score import DEFAULT_FUSION
+from taxamap.options import (FitOptions, GridOptions, MapOptions, PredictOptions, QueryOptions,
+                             WriteOptions, keywords)
 from taxamap.surface import api_entry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,82 +34,19 @@ PathLike = str | os.PathLike
 BBoxLike = str | Sequence[float]
 
 
-#: The grid, model and source options predict, embed (and the web app) share, by API name.
-GRID_OPTIONS = ("region", "bbox", "resolution", "cells", "modalities", "models", "device",
-                "cache", "store", "sat_source", "sat_url", "sat_zoom", "sat_size",
-                "sat_footprint", "sat_file", "ee_project", "sat_year", "workers", "worldclim",
-                "env_array", "progress", "dask")
-
-
-def _fspath(value):
-    return None if value is None else os.fspath(value) if isinstance(value, os.PathLike) else value
-
-
-def grid_request_fields(given: dict) -> dict:
-    """API keyword arguments (``given``: a function's ``locals()``) -> the fields of
-    :class:`taxamap.pipeline.GridRequest` (paths as strings, tuples for boxes)."""
-    o = {k: given[k] for k in GRID_OPTIONS}
-    bbox = o["bbox"]
-    return dict(
-        region=_fspath(o["region"]),
-        bbox=bbox if bbox is None or isinstance(bbox, str) else tuple(float(v) for v in bbox),
-        resolution=o["resolution"], cells=o["cells"],
-        modalities=o["modalities"] if isinstance(o["modalities"], str) else list(o["modalities"]),
-        models_dir=_fspath(o["models"]), device=o["device"], cache_dir=_fspath(o["cache"]),
-        store=_fspath(o["store"]), sat_source=o["sat_source"], sat_url=o["sat_url"],
-        sat_zoom=o["sat_zoom"], sat_size=o["sat_size"], sat_footprint=o["sat_footprint"],
-        sat_file=_fspath(o["sat_file"]), ee_project=o["ee_project"], sat_year=o["sat_year"],
-        workers=o["workers"], worldclim=_fspath(o["worldclim"]),
-        env_array=_fspath(o["env_array"]), progress=o["progress"], dask=o["dask"],
-    )
-
-
 @api_entry
-def predict(
-    species: str | Sequence[str] | None = None,
-    *,
-    image: PathLike | None = None,
-    audio: PathLike | None = None,
-    species_file: PathLike | None = None,
-    skip_unknown: bool = False,
-    region: str | PathLike | None = None,
-    bbox: BBoxLike | None = None,
-    resolution: float = DEFAULT_RESOLUTION,
-    cells: str = "land",
-    modalities: str | Sequence[str] = ("location",),
-    fusion: str = DEFAULT_FUSION,
-    models: PathLike | None = None,
-    device: str = "auto",
-    cache: PathLike | None = None,
-    store: str | None = None,
-    sat_source: str = "wms",
-    sat_url: str | None = None,
-    sat_zoom: int | None = None,
-    sat_size: int | None = None,
-    sat_footprint: float | None = None,
-    sat_file: PathLike | None = None,
-    ee_project: str | None = None,
-    sat_year: int = 2020,
-    workers: int = 8,
-    worldclim: PathLike | None = None,
-    env_array: PathLike | None = None,
-    progress: bool = True,
-    dask: str | None = None,
-    occurrences: Any = None,
-    background: Any = None,
-    fit: bool = False,
-    cv_blocks: float = 1.0,
-    seed: int = 0,
-) -> "xr.Dataset":
+@keywords(QueryOptions, MapOptions, FitOptions)
+def predict(species: str | Sequence[str] | None = None, **options: Any) -> "xr.Dataset":
     """Score maps of a query over a region, as an ``xarray.Dataset``; writes no output file.
 
-    The query is one of ``species`` (a binomial, a seven-rank string, or a list of them),
-    ``species_file`` (``skip_unknown`` maps the names that resolve), ``image`` (a photo) or
-    ``audio`` (a recording). The region is ``region`` (a preset name or vector file) and/or
+    The query is one of ``species`` (a binomial, a common name, a seven-rank string, or a list of
+    them), ``species_file`` (``skip_unknown`` maps the names that resolve), ``image`` (a photo)
+    or ``audio`` (a recording). The region is ``region`` (a preset name or vector file) and/or
     ``bbox=(W, S, E, N)``; ``cells`` keeps the region's "land" cells (default; lakes and sea are
     not land), its "water" cells (ocean and lakes) or "all". Cell embeddings are computed
     once per grid and modality and stored in the cache (``cache``/``store``); a later query on
-    the same grid only embeds its prompt.
+    the same grid only embeds its prompt. Every keyword is an option of ``taxamap predict``
+    (:mod:`taxamap.options`: its name in snake_case, a Python value).
 
     Returns dims ``("y", "x")`` (one query) or ``("species", "y", "x")``; variables ``fused``
     and one per modality (raw cosines, NaN off the cells); coords ``y``/``x`` (cell centres)
@@ -122,119 +59,49 @@ def predict(
     ``combined``, the same with the zero-shot fused score as an input; the spatially blocked
     cross-validation (``cv_blocks`` degrees, 5 folds) is logged and kept in ``attrs["fit_cv"]``.
     """
-    from taxamap.pipeline import PredictRequest, predict_dataset
+    from taxamap.pipeline import predict_dataset
 
-    req = PredictRequest(
-        species=species, image=None if image is None else os.fspath(image),
-        audio=None if audio is None else os.fspath(audio),
-        species_file=None if species_file is None else os.fspath(species_file), fusion=fusion,
-        skip_unknown=skip_unknown, occurrences=occurrences, background=background, fit=fit,
-        cv_blocks=cv_blocks, seed=seed,
-        **grid_request_fields(locals()),
-    )
-    ds, _timings = predict_dataset(req)
+    ds, _timings = predict_dataset(PredictOptions(species=species, **options))
     return ds
 
 
 @api_entry
-def open_session(
-    *,
-    region: str | PathLike | None = None,
-    bbox: BBoxLike | None = None,
-    resolution: float = DEFAULT_RESOLUTION,
-    cells: str = "land",
-    modalities: str | Sequence[str] = ("location",),
-    fusion: str = DEFAULT_FUSION,
-    models: PathLike | None = None,
-    device: str = "auto",
-    cache: PathLike | None = None,
-    store: str | None = None,
-    sat_source: str = "wms",
-    sat_url: str | None = None,
-    sat_zoom: int | None = None,
-    sat_size: int | None = None,
-    sat_footprint: float | None = None,
-    sat_file: PathLike | None = None,
-    ee_project: str | None = None,
-    sat_year: int = 2020,
-    workers: int = 8,
-    worldclim: PathLike | None = None,
-    env_array: PathLike | None = None,
-    progress: bool = True,
-    dask: str | None = None,
-    prompt_cache: int = 1024,
-    map_cache: int = 32,
-) -> "MapSession":
+@keywords(MapOptions)
+def open_session(*, prompt_cache: int = 1024, map_cache: int = 32,
+                 **options: Any) -> "MapSession":
     """A :class:`~taxamap.session.MapSession` over one grid (what ``taxamap serve`` runs): the
     grid is built and its stores completed (embedding what is missing) once, the cell embeddings
     held in memory; ``session.predict(species=... | image=... | audio=...)`` then returns
     :func:`predict`'s Dataset in milliseconds. Grid keywords as :func:`predict`; the last
     ``prompt_cache`` prompt embeddings and ``map_cache`` maps are kept."""
-    from taxamap.pipeline import GridRequest
     from taxamap.session import MapSession
 
-    req = GridRequest(**grid_request_fields(locals()))
-    return MapSession(req, fusion, prompt_cache=prompt_cache, map_cache=map_cache)
+    return MapSession(MapOptions(**options), prompt_cache=prompt_cache, map_cache=map_cache)
 
 
 @api_entry
-def write(
-    ds: "xr.Dataset",
-    out: PathLike = ".",
-    formats: Sequence[str] = ("tif", "html", "png"),
-    *,
-    threshold: str | None = None,
-    occurrences: Any = None,
-    self_contained: bool = False,
-    stack: bool = False,
-    stack_name: str | None = None,
-    outline: Any = None,
-) -> dict[str, Path]:
+@keywords(WriteOptions)
+def write(ds: "xr.Dataset", out: PathLike = ".", formats: Sequence[str] = ("tif", "html", "png"),
+          *, outline: Any = None, **options: Any) -> dict[str, Path]:
     """Write what ``taxamap predict`` writes from a Dataset of :func:`predict`: per species a
     COG GeoTIFF, an HTML map and a PNG named by its slug (``formats`` picks), plus with
     ``threshold`` the range GeoTIFF and GeoPackage; ``occurrences`` (file, GeoDataFrame,
     DataFrame or (N, 2) lat/lon) are drawn on the HTML map; ``stack`` writes one multi-band
     GeoTIFF of the fused bands instead. ``outline`` (shapely, EPSG:4326) overrides the region
     boundary drawn (default: the Dataset's region). Returns ``{name: path}``."""
-    from taxamap.pipeline import WriteRequest, write_dataset
+    from taxamap.writers.files import write_dataset
 
-    wreq = WriteRequest(out=os.fspath(out), formats=tuple(formats), threshold=threshold,
-                        occurrences=occurrences, self_contained=self_contained, stack=stack,
-                        stack_name=stack_name)
-    return write_dataset(ds, wreq, outline=outline)
+    return write_dataset(ds, WriteOptions(out=out, formats=formats, **options), outline=outline)
 
 
 @api_entry
-def embed(
-    *,
-    region: str | PathLike | None = None,
-    bbox: BBoxLike | None = None,
-    resolution: float = DEFAULT_RESOLUTION,
-    cells: str = "land",
-    modalities: str | Sequence[str] = ("location",),
-    models: PathLike | None = None,
-    device: str = "auto",
-    cache: PathLike | None = None,
-    store: str | None = None,
-    sat_source: str = "wms",
-    sat_url: str | None = None,
-    sat_zoom: int | None = None,
-    sat_size: int | None = None,
-    sat_footprint: float | None = None,
-    sat_file: PathLike | None = None,
-    ee_project: str | None = None,
-    sat_year: int = 2020,
-    workers: int = 8,
-    worldclim: PathLike | None = None,
-    env_array: PathLike | None = None,
-    progress: bool = True,
-    dask: str | None = None,
-) -> dict[str, str]:
+@keywords(GridOptions)
+def embed(**options: Any) -> dict[str, str]:
     """Fill the embedding stores of a grid (resumable) without making a map; returns
-    ``{modality: store location}``."""
-    from taxamap.pipeline import GridRequest, embed as embed_grid
+    ``{modality: store location}``. Grid keywords as :func:`predict`."""
+    from taxamap.pipeline import embed as embed_grid
 
-    filled = embed_grid(GridRequest(**grid_request_fields(locals())))
+    filled = embed_grid(GridOptions(**options))
     return {m: str(s.location) for m, s in filled.stores.items()}
 
 

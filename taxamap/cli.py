@@ -11,8 +11,10 @@ import logging
 import os
 import sys
 
-from taxamap import __version__
+from taxamap.version import __version__
 from taxamap.errors import TaxamapError
+from taxamap.options import (SATELLITE, FitOptions, GridOptions, MapOptions, PredictOptions,
+                             QueryOptions, WriteOptions, add_options, from_args, option_fields)
 from taxamap.surface import speaking_to
 
 EXAMPLES_PREDICT = """examples:
@@ -45,6 +47,11 @@ HTTP API (what the page uses; scripts may too):
 """
 
 
+#: The satellite source options (``patches`` takes them with ``--cache``).
+SATELLITE_OPTIONS = tuple(f.name for f in option_fields(GridOptions)
+                          if f.metadata["group"] == SATELLITE)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (and exit code 2)."""
 
@@ -53,81 +60,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _grid_options(p: argparse.ArgumentParser) -> None:
-    from taxamap.grid import DEFAULT_RESOLUTION
-
-    g = p.add_argument_group("where")
-    g.add_argument("--region", help="preset name (usa = the contiguous states, world, a continent, "
-                   "a country name or ISO-3 code, a US state or Canadian province name/postal code; "
-                   "see 'taxamap regions'; a name of several presets, e.g. Georgia, is refused with "
-                   "the name of each) or a vector file (GeoJSON, GeoPackage, Shapefile; any CRS; at "
-                   "most 500,000 vertices, and outlines that cross themselves in at most 10,000 "
-                   "places)")
-    g.add_argument("--bbox", metavar="W,S,E,N", help="lon/lat box in degrees; W > E crosses the "
-                   "antimeridian. With --region, the two are intersected")
-    g.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION, metavar="DEG",
-                   help=f"cell size in degrees (default {DEFAULT_RESOLUTION}: the contiguous USA is "
-                   "81,541 land cells, a ~12 s cold map on 2 CPU cores)")
-    g.add_argument("--cells", default="land", type=str.lower, choices=["land", "water", "all"],
-                   help="which cells of the region are kept: land (default; Natural Earth 1:50m "
-                   "land minus its lakes), water (ocean and lakes, for fish and waterbirds) or "
-                   "all (every cell whose centre is in the region)")
-    m = p.add_argument_group("what to embed")
-    m.add_argument("--modalities", default="location",
-                   help="comma list of location,satellite,environment (default: location)")
-    m.add_argument("--models", metavar="DIR", default=None,
-                   help="models folder DIR/<org>/<repo>/ (default: $TAXAMAP_MODELS, else the "
-                   "Hugging Face cache, downloading on first use)")
-    m.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto)")
-    m.add_argument("--cache", metavar="DIR", default=None,
-                   help="cache for tiles, taxonomy answers and embedding stores (default: the user "
-                   "cache dir, or $TAXAMAP_CACHE)")
-    m.add_argument("--store", metavar="PATH", default=None,
-                   help="embedding store location (a folder or fsspec URL); default: inside --cache")
-    m.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    m.add_argument("--dask", metavar="ADDRESS", default=None,
-                   help="embed blocks on a Dask cluster: a scheduler address (tcp://host:8786) "
-                   "or local[:N] for a LocalCluster of N processes; the store must be reachable "
-                   "by every worker")
-    _satellite_options(p.add_argument_group("satellite source (with --modalities ...,satellite)"))
-    e = p.add_argument_group("climate source (with --modalities ...,environment)")
-    e.add_argument("--worldclim", metavar="DIR",
-                   help="folder with WorldClim 2.1 5-minute rasters ('taxamap data worldclim DIR')")
-    e.add_argument("--env-array", metavar="NPY",
-                   help="TaxaBind/SINR's pre-scaled bioclim_elevation_scaled.npy instead")
-
-
-def _satellite_options(s) -> None:
-    """The satellite source options (predict, embed and patches share them)."""
-    s.add_argument("--sat-source", default="wms", choices=["wms", "xyz", "file", "earthengine"],
-                   help="wms (default): exactly TaxaBind's training request, EOX Sentinel-2 "
-                   "cloudless 2020 by WMS GetMap; xyz tiles (default: the same EOX mosaic), a "
-                   "local raster, or Earth Engine; all deliver the same footprint")
-    s.add_argument("--sat-url", metavar="URL", help="WMS endpoint for wms (default https://tiles.maps.eox.at/wms), "
-                   "or an XYZ template with {z}/{x}/{y} for xyz (default: EOX s2cloudless-2020)")
-    s.add_argument("--sat-footprint", type=float, metavar="METRES",
-                   help="ground size of a patch: a square in the cell's tangent plane (default "
-                   "2560, TaxaBind's training footprint)")
-    s.add_argument("--sat-size", type=int, metavar="PX",
-                   help="patch size in pixels (default 256, TaxaBind's; ~10 m/px)")
-    s.add_argument("--sat-zoom", type=int, metavar="Z", help="xyz only: fix the tile zoom (default: chosen per "
-                   "cell from its latitude so tiles are at least as fine as the patch)")
-    s.add_argument("--sat-file", help="raster for --sat-source file (COG, VRT, GeoTIFF; any CRS)")
-    s.add_argument("--ee-project", help="Google Cloud project for --sat-source earthengine")
-    s.add_argument("--sat-year", type=int, default=2020, help="composite year for Earth Engine (2020)")
-    s.add_argument("--workers", type=int, default=8, help="concurrent satellite requests (default 8)")
-
-
-def _grid_kwargs(args) -> dict:
-    return dict(
-        region=args.region, bbox=args.bbox, resolution=args.resolution, cells=args.cells,
-        modalities=args.modalities, models_dir=args.models, device=args.device,
-        cache_dir=args.cache, store=args.store, sat_source=args.sat_source, sat_url=args.sat_url,
-        sat_zoom=args.sat_zoom, sat_size=args.sat_size, sat_footprint=args.sat_footprint,
-        sat_file=args.sat_file,
-        ee_project=args.ee_project, sat_year=args.sat_year, workers=args.workers,
-        worldclim=args.worldclim, env_array=args.env_array, progress=not args.no_progress,
-        dask=args.dask,
-    )
+    """The grid, model, source and runtime options (:class:`taxamap.options.GridOptions`)."""
+    add_options(p, GridOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,58 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/<slug>.html (interactive map) and OUT/<slug>.png.",
         epilog=EXAMPLES_PREDICT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    q = p.add_argument_group("query (one of)")
-    q.add_argument("--species", help='binomial ("Cardinalis cardinalis", any case), common name '
-                   '("Northern Cardinal") or the full seven-rank string ("Animalia Chordata Aves '
-                   '... Cardinalis cardinalis"); a name not found gets the closest ones ("did you '
-                   'mean ...?"); the prompt used is printed')
-    q.add_argument("--species-file", metavar="FILE",
-                   help="many species: one name per line, or a CSV with a 'species' column; "
-                   "every name is checked first (unknown ones are counted and the first 10 "
-                   "named); species are then embedded, scored and written in batches, so memory "
-                   "stays flat however many there are; above 100 species the summary table goes "
-                   "to OUT/<file stem>_summary.csv")
-    q.add_argument("--skip-unknown", action="store_true",
-                   help="with --species-file: map the names that resolve and list the unknown "
-                   "ones as skipped in the summary table (default: stop and list them)")
-    q.add_argument("--image", help="photo of the species (JPEG, PNG, WebP)")
-    q.add_argument("--audio", help="recording of the species (WAV, FLAC, MP3, OGG)")
-    _grid_options(p)
-    p.add_argument("--fusion", default="mean", choices=["mean", "sum"],
-                   help="mean: average of per-modality cosine maps (default); sum: TaxaBind's "
-                   "rule, cosine with the renormalised sum of the cell's modality embeddings")
-    p.add_argument("--out", default=".", metavar="DIR", help="output folder (default: current)")
-    r = p.add_argument_group("range products and overlays")
-    r.add_argument("--threshold", metavar="RULE",
-                   help="also write a binary range GeoTIFF and polygons (GeoPackage) cut at RULE: "
-                   "percentile:90 | value:0.25 | maxtss:OCC_FILE; the outline is drawn on the HTML; "
-                   "a rule that keeps no cell is an error giving the map's value range")
-    r.add_argument("--occurrences", metavar="FILE",
-                   help="occurrence points (CSV lat/lon or GBIF columns, GeoPackage, Shapefile, "
-                   "GeoJSON) shown as clustered markers on the HTML map (a random sample of "
-                   "10,000 when there are more, as its legend says); a file with no point on "
-                   "the map (e.g. lat/lon swapped) is said on stderr and in the legend")
-    r.add_argument("--expert-range", metavar="FILE",
-                   help="an expert range (polygons, any CRS) drawn as a dashed outline on the "
-                   "HTML map; compare numerically with 'taxamap evaluate MAP --range FILE'")
-    r.add_argument("--self-contained", action="store_true",
-                   help="one HTML file that renders with no internet (needs taxamap[offline])")
-    f = p.add_argument_group("fit on occurrences (few-shot maps)")
-    f.add_argument("--fit", action="store_true",
-                   help="with --occurrences: add bands 'fitted' (logistic regression on the stored "
-                   "cell embeddings, presences vs background) and 'combined' (the same with the "
-                   "zero-shot score as an input); prints their spatial cross-validation. Needs "
-                   "presences in at least 5 cells; warns under 10")
-    f.add_argument("--background", metavar="FILE",
-                   help="background points for --fit (default: 10,000 cells sampled uniformly)")
-    f.add_argument("--cv-blocks", type=float, default=1.0, metavar="DEG",
-                   help="block size of the spatial 5-fold cross-validation (default 1 degree)")
-    f.add_argument("--seed", type=int, default=0,
-                   help="seed of the background sample and the fold assignment (default 0)")
-    p.add_argument("--stack", action="store_true",
-                   help="with --species-file: one multi-band GeoTIFF (a fused band per species) "
-                   "instead of files per species; it is built in memory, so it refuses more "
-                   "than 2 GB of maps")
+    add_options(p, QueryOptions, GridOptions, MapOptions, WriteOptions, FitOptions)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
@@ -227,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "download. Prints 'serving http://HOST:PORT/' on stdout when ready.",
         epilog=EXAMPLES_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _grid_options(p)
-    p.add_argument("--fusion", default="mean", choices=["mean", "sum"],
-                   help="how modality scores are fused (as for predict; default mean)")
+    add_options(p, MapOptions)
     w = p.add_argument_group("web server")
     w.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
@@ -324,8 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lon", type=float, action="append", required=True, metavar="LON",
                    help="longitude in degrees (repeat, one per --lat)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--cache", metavar="DIR", default=None, help="cache folder (as predict's)")
-    _satellite_options(p.add_argument_group("satellite source"))
+    add_options(p, GridOptions, only=("cache", *SATELLITE_OPTIONS))
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("regions", help="list region presets",
@@ -387,26 +267,12 @@ def _print_paths(paths: dict) -> None:
 
 
 def _cmd_predict(args) -> int:
-    from taxamap.pipeline import PredictRequest, WriteRequest, predict_and_write
+    from taxamap.pipeline import predict_and_write
 
-    if args.stack and not args.species_file:
-        raise TaxamapError("--stack needs --species-file")
-    if args.skip_unknown and not args.species_file:
-        raise TaxamapError("--skip-unknown needs --species-file (a single --species that is "
-                           "unknown is an error)")
-    result = predict_and_write(
-        PredictRequest(species=args.species, image=args.image, audio=args.audio,
-                       species_file=args.species_file, skip_unknown=args.skip_unknown,
-                       fusion=args.fusion, occurrences=args.occurrences if args.fit else None,
-                       background=args.background, fit=args.fit, cv_blocks=args.cv_blocks,
-                       seed=args.seed, **_grid_kwargs(args)),
-        WriteRequest(out=args.out, threshold=args.threshold, occurrences=args.occurrences,
-                     self_contained=args.self_contained, stack=args.stack,
-                     expert_range=args.expert_range,
-                     stack_name=os.path.splitext(os.path.basename(args.species_file))[0]
-                     if args.species_file else None),
-        on_written=_print_paths,
-    )
+    stem = os.path.splitext(os.path.basename(args.species_file))[0] if args.species_file else None
+    result = predict_and_write(from_args(PredictOptions, args),
+                               from_args(WriteOptions, args, stack_name=stem),
+                               on_written=_print_paths)
     t = result.timings
     fit = f", fit {t['fit']:.1f} s" if "fit" in t else ""
     _say(f"done in {t['total']:.1f} s (cells {t['cells']:.1f} s, query {t['query']:.1f} s, "
@@ -426,16 +292,15 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_embed(args) -> int:
-    from taxamap.pipeline import GridRequest, embed
+    from taxamap.pipeline import embed
 
-    cells = embed(GridRequest(**_grid_kwargs(args)), verify=args.verify)
+    cells = embed(from_args(GridOptions, args), verify=args.verify)
     for modality, store in cells.stores.items():
         print(f"{modality}\t{store.location}\t{cells.computed_blocks[modality]} blocks computed")
     return 0
 
 
 def _cmd_serve(args) -> int:
-    from taxamap.pipeline import GridRequest
     from taxamap.serve.server import serve
     from taxamap.session import MapSession
 
@@ -447,8 +312,8 @@ def _cmd_serve(args) -> int:
         if not getattr(args, flag) > 0:
             raise TaxamapError(f"--{flag.replace('_', '-')} must be a positive number of "
                                f"seconds, got {getattr(args, flag)}")
-    req = GridRequest(**_grid_kwargs(args))
-    return serve(lambda: MapSession(req, args.fusion), host=args.host, port=args.port,
+    options = from_args(MapOptions, args)
+    return serve(lambda: MapSession(options), host=args.host, port=args.port,
                  max_upload=int(args.max_upload * 2**20), say=_say,
                  max_uploads=args.max_uploads, read_timeout=args.read_timeout,
                  upload_timeout=args.upload_timeout)

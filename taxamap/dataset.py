@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-import taxamap
+from taxamap.version import __version__
 from taxamap.errors import TaxamapError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,8 +35,25 @@ if TYPE_CHECKING:  # pragma: no cover
 #: What the band values are; written into every output.
 UNITS = "cosine similarity, raw, [-1, 1]"
 
-#: Variables that are maps of scores (anything else in a Dataset is carried along untouched).
-SCORE_VARIABLES = ("fused", "location", "satellite", "environment", "fitted", "combined")
+#: Unit of a cosine band (``fused`` and each modality).
+COSINE_UNIT = "cosine similarity"
+
+#: Bands that are not cosines (placed after the modalities): their unit, in the Dataset's
+#: variable attrs, the GeoTIFF band units and the legends. The one list of product bands.
+PRODUCT_BANDS = {
+    "fitted": "relative suitability (0-1)",
+    "combined": "relative suitability (0-1)",
+}
+
+
+def is_product(name: str) -> bool:
+    """Whether band ``name`` is a product (``fitted``, ...) rather than a cosine."""
+    return name in PRODUCT_BANDS
+
+
+def band_unit(name: str) -> str:
+    """The unit of band ``name``."""
+    return PRODUCT_BANDS.get(name, COSINE_UNIT)
 
 
 def _rio():
@@ -86,7 +103,7 @@ def scores_dataset(
     ds["y"].attrs.update(standard_name="latitude", units="degrees_north", axis="Y")
     ds["x"].attrs.update(standard_name="longitude", units="degrees_east", axis="X")
     for name in ds.data_vars:
-        ds[name].attrs.update(long_name=name, units="cosine similarity")
+        ds[name].attrs.update(long_name=name, units=band_unit(name))
     ds.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
     ds.attrs["bands"] = ",".join(bands)
     if s == 1:
@@ -113,6 +130,8 @@ def provenance(
     models: dict[str, str],
     region_name: str = "",
     region_spec: str = "",
+    region_outline: Any = None,
+    resolution: float | None = None,
     cells: str = "",
     attribution: str | None = None,
     license_: str | None = None,
@@ -125,13 +144,15 @@ def provenance(
         "modalities": ",".join(modalities),
         "fusion": str(fusion),
         "units": UNITS,
-        "taxamap_version": taxamap.__version__,
+        "taxamap_version": __version__,
         "created": created.replace(microsecond=0).isoformat(),
     }
     if region_name:
         attrs["region"] = str(region_name)
     if region_spec:
         attrs["region_spec"] = str(region_spec)
+    if region_outline is not None:
+        attrs[OUTLINE_ATTR] = outline_text(region_outline, resolution)
     if cells:
         attrs["cells"] = str(cells)
     for name, ref in models.items():
@@ -147,6 +168,47 @@ def provenance(
     return attrs
 
 
+#: The attr holding the region's outline (WKT, EPSG:4326), drawn by the HTML and PNG writers. It
+#: travels with the Dataset (a string, so ``to_netcdf`` keeps it) and is not a GeoTIFF tag.
+OUTLINE_ATTR = "region_outline"
+
+
+def outline_text(outline: Any, resolution: float | None = None) -> str:
+    """A region outline as WKT for :data:`OUTLINE_ATTR`: simplified by a tenth of a cell (never
+    visible beside the cells) and rounded to 1e-6 degrees."""
+    import shapely
+
+    if resolution:
+        outline = outline.simplify(float(resolution) / 10.0, preserve_topology=True)
+    return shapely.to_wkt(outline, rounding_precision=6)
+
+
+def outline_of(ds: "xr.Dataset") -> Any:
+    """The outline of the region ``ds`` was made over, a shapely geometry (EPSG:4326), or None.
+
+    From its :data:`OUTLINE_ATTR`; a map read back from a GeoTIFF has only the region's name
+    (``region_spec``), resolved again: a preset always, a vector file while it exists (else one
+    line says why no outline is drawn)."""
+    import logging
+
+    import shapely
+
+    text = ds.attrs.get(OUTLINE_ATTR)
+    if text:
+        return shapely.from_wkt(str(text))
+    spec = str(ds.attrs.get("region_spec", "") or "")
+    if not spec:
+        return None
+    from taxamap.geography import resolve_region
+
+    given = dict(part.split("=", 1) for part in spec.split(";") if "=" in part)
+    try:
+        return resolve_region(given.get("region"), given.get("bbox"), land_only=False).outline
+    except TaxamapError as exc:
+        logging.getLogger("taxamap").warning(f"no region outline drawn: {exc}")
+        return None
+
+
 def tag_key(name: str) -> str:
     """A GDAL metadata key from a free-form name: upper case, [A-Z0-9_] only."""
     key = "".join(c if c.isalnum() else "_" for c in str(name).upper()).strip("_")
@@ -157,6 +219,36 @@ def score_variables(ds: "xr.Dataset") -> list[str]:
     """The Dataset's map bands in GeoTIFF order: fused, then the others as stored."""
     names = [str(v) for v in ds.data_vars if {"y", "x"} <= set(ds[v].dims)]
     return sorted(names, key=lambda n: (n != "fused", names.index(n)))
+
+
+def one_map(ds: Any) -> "xr.Dataset":
+    """``ds`` if it is a one-query (y, x) score Dataset; a one-line error saying how to pick one
+    query otherwise (writers draw one map at a time)."""
+    ds = check_dataset(ds)
+    if "species" in ds.dims:
+        raise TaxamapError("this writer takes one map; select a species first "
+                           "(ds.isel(species=0)) or use taxamap.write, which writes them all")
+    return ds
+
+
+def map_bands(ds: "xr.Dataset") -> list[tuple[str, np.ndarray]]:
+    """(name, float32 (y, x) values) of a one-query map's bands, in GeoTIFF order."""
+    return [(name, np.asarray(ds[name].values, dtype=np.float32))
+            for name in score_variables(ds)]
+
+
+def modality_bands(ds: "xr.Dataset") -> list[str]:
+    """The map's bands that are cell modalities (location, satellite, environment), in order."""
+    from taxamap.modalities import list_modalities
+
+    known = set(list_modalities())
+    return [n for n in score_variables(ds) if n in known]
+
+
+def map_title(ds: "xr.Dataset") -> str:
+    """"<query> — <region>" of a one-query map."""
+    region = ds.attrs.get("region") or ""
+    return str(ds.attrs.get("query", "map")) + (f" — {region}" if region else "")
 
 
 def iter_species(ds: "xr.Dataset") -> Iterator["xr.Dataset"]:

@@ -42,7 +42,7 @@ def open_client(address: str):
         raise TaxamapError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
 
 
-def _embed_block(req, config: dict, modality: str, location: str, key: str, block_id: int,
+def _embed_block(options, config: dict, modality: str, location: str, key: str, block_id: int,
                  latlon: np.ndarray, redo: bool = False) -> bool:
     """Runs on a worker: claim one block, embed it and commit it to the store. Returns False,
     computing nothing, when another run (a local ``taxamap embed``, another cluster) holds the
@@ -64,7 +64,7 @@ def _embed_block(req, config: dict, modality: str, location: str, key: str, bloc
         cache_key = (modality, key)
         embedder = _EMBEDDERS.get(cache_key)
         if embedder is None:
-            device = pick_device(req.device)
+            device = pick_device(options.device)
             try:
                 from distributed import get_worker
 
@@ -72,7 +72,7 @@ def _embed_block(req, config: dict, modality: str, location: str, key: str, bloc
                 torch.set_num_threads(max(1, get_worker().state.nthreads))
             except (ImportError, ValueError):
                 pass
-            embedder = build_embedder(modality, req, config, device)
+            embedder = build_embedder(modality, options, config, device)
             _EMBEDDERS[cache_key] = embedder
         from taxamap.engine import run_blocks
 
@@ -85,7 +85,7 @@ def _embed_block(req, config: dict, modality: str, location: str, key: str, bloc
     return True
 
 
-def embed_on_dask(req, config: dict, modality: str, store, latlon: np.ndarray,
+def embed_on_dask(options, config: dict, modality: str, store, latlon: np.ndarray,
                   chunks: list[int] | None = None) -> int:
     """Submit every unfinished block of ``store`` (or ``chunks``) to the cluster; returns how many
     its workers computed. Blocks another run has claimed are waited for, not computed twice."""
@@ -94,12 +94,12 @@ def embed_on_dask(req, config: dict, modality: str, store, latlon: np.ndarray,
 
     from taxamap.claims import BlockClaims, wait_for_blocks
 
-    client, cluster = open_client(req.dask)
+    client, cluster = open_client(options.dask)
     computed = 0
     try:
         todo = store.pending_chunks() if chunks is None else list(chunks)
         bar = tqdm(total=len(todo), desc=f"embedding {modality} on dask", unit="block",
-                   disable=not req.progress, file=sys.stderr)
+                   disable=not options.progress, file=sys.stderr)
         claims = BlockClaims(store.location, label=modality)  # only asked who holds a block
         round_, redo = 0, set(store.damaged)
         while todo:
@@ -107,7 +107,7 @@ def embed_on_dask(req, config: dict, modality: str, store, latlon: np.ndarray,
             for i in todo:
                 sl = store.chunk_slice(i)
                 future = client.submit(
-                    _embed_block, req, config, modality, store.location, store.key, i,
+                    _embed_block, options, config, modality, store.location, store.key, i,
                     np.ascontiguousarray(latlon[sl]), i in redo, pure=False,
                     key=f"taxamap-{store.key}-{i}-{round_}",
                 )

@@ -28,6 +28,7 @@ import shapely
 from taxamap import grids
 from taxamap.crs import geometry_to_lonlat
 from taxamap.errors import TaxamapError
+from taxamap.options import check_cells
 from taxamap.surface import current, option
 
 BBox = tuple[float, float, float, float]
@@ -35,21 +36,6 @@ BBox = tuple[float, float, float, float]
 #: File name endings taken as vector files rather than preset names.
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".zip", ".fgb", ".kml", ".gml",
                    ".geojson.gz", ".json.gz", ".shp.zip")
-
-
-#: What ``--cells`` keeps of a region: cells on land (the default), cells on water (ocean and
-#: lakes: for fish and waterbirds), or every cell whose centre is in the region.
-CELL_CHOICES = ("land", "water", "all")
-
-
-def check_cells(cells: str) -> str:
-    """The ``--cells`` choice, normalised ("Land " -> "land"); a one-line error for anything else."""
-    value = cells.strip().lower() if isinstance(cells, str) else cells
-    if value not in CELL_CHOICES:
-        raise TaxamapError(f"{option('cells', cells)} is not one of land, water or all (land: "
-                           "cells on land, the default; water: ocean and lakes; all: every cell "
-                           "in the region)")
-    return value
 
 
 @dataclass(frozen=True, eq=False)

@@ -44,37 +44,37 @@ class ModalityPlan:
 PlanBuilder = Callable[[Any, dict, Callable[[], str], int], ModalityPlan]
 
 
-def _model_ref(options, config: dict, encoder: str, files) -> str:
+def _model_ref(options, config: dict, key: str, files) -> str:
     from taxamap.models import hub
 
-    return hub.resolve(hub.encoder_repo(config, encoder), files, models_dir=options.models_dir).ref
+    return hub.resolve(hub.encoder_repo(config, key), files, models_dir=options.models).ref
 
 
 def _location_plan(options, config: dict, device: Callable[[], str], n_cells: int) -> ModalityPlan:
     from taxamap import engine
-    from taxamap.models.location import LOCATION_FILES, load_location_encoder
+    from taxamap.models.location import CONFIG_KEY, LOCATION_FILES, load_location_encoder
 
     return ModalityPlan(
-        "location", _model_ref(options, config, "location", LOCATION_FILES), {"kind": "coordinates"},
+        "location", _model_ref(options, config, CONFIG_KEY, LOCATION_FILES), {"kind": "coordinates"},
         lambda: engine.location_embedder(
-            load_location_encoder(options.models_dir, device=device(), config=config)),
+            load_location_encoder(options.models, device=device(), config=config)),
     )
 
 
 def _satellite_plan(options, config: dict, device: Callable[[], str], n_cells: int) -> ModalityPlan:
     from taxamap import engine
-    from taxamap.models.satellite import FILES, load_satellite_encoder
+    from taxamap.models.satellite import CONFIG_KEY, FILES, load_satellite_encoder
     from taxamap.sources.satellite import make_satellite_source
 
     source = make_satellite_source(
         options.sat_source, url=options.sat_url, zoom=options.sat_zoom, size=options.sat_size,
         footprint_m=options.sat_footprint, file=options.sat_file, ee_project=options.ee_project, year=options.sat_year,
-        cache_dir=cache_subdir("tiles", options.cache_dir), workers=options.workers,
+        cache_dir=cache_subdir("tiles", options.cache), workers=options.workers,
     )
     return ModalityPlan(
-        "satellite", _model_ref(options, config, "satellite", FILES), source.describe(),
+        "satellite", _model_ref(options, config, CONFIG_KEY, FILES), source.describe(),
         lambda: engine.satellite_embedder(load_satellite_encoder(
-            options.models_dir, device=device(), config=config,
+            options.models, device=device(), config=config,
             compile=device().startswith("cuda") and n_cells >= COMPILE_MIN_CELLS,
         ), source),
         attribution=getattr(source, "attribution", None),
@@ -87,7 +87,7 @@ def _satellite_plan(options, config: dict, device: Callable[[], str], n_cells: i
 def _environment_plan(options, config: dict, device: Callable[[], str],
                       n_cells: int) -> ModalityPlan:
     from taxamap import engine
-    from taxamap.models.environment import FILES, load_environment_encoder
+    from taxamap.models.environment import CONFIG_KEY, FILES, load_environment_encoder
     from taxamap.sources.worldclim import WorldClimFeatures
 
     if not options.worldclim and not options.env_array:
@@ -99,9 +99,9 @@ def _environment_plan(options, config: dict, device: Callable[[], str],
         )
     features = WorldClimFeatures(options.worldclim, env_array=options.env_array)
     return ModalityPlan(
-        "environment", _model_ref(options, config, "environment", FILES), features.describe(),
+        "environment", _model_ref(options, config, CONFIG_KEY, FILES), features.describe(),
         lambda: engine.environment_embedder(
-            load_environment_encoder(options.models_dir, device=device(), config=config),
+            load_environment_encoder(options.models, device=device(), config=config),
             features),
     )
 

@@ -6,20 +6,9 @@ display stretch belongs to the HTML/PNG writers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from taxamap.errors import TaxamapError
-from taxamap.surface import option
-
-#: Modalities a cell can be embedded from, in GeoTIFF band order (after the fused band).
-CELL_MODALITIES = ("location", "satellite", "environment")
-
-#: Fusion rules: "mean" averages the per-modality cosine maps; "sum" is TaxaBind's own rule
-#: (normalise the sum of the cell's normalised modality embeddings, then the cosine).
-FUSIONS = ("mean", "sum")
-DEFAULT_FUSION = "mean"
+from taxamap.options import DEFAULT_FUSION, check_fusion
 
 
 def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -27,19 +16,6 @@ def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norm = np.linalg.norm(x, axis=axis, keepdims=True)
     return x / np.where(norm > 0, norm, 1.0)
-
-
-def parse_modalities(text: str | list[str] | tuple[str, ...]) -> list[str]:
-    """``"location,satellite"`` -> ordered, de-duplicated list in band order; bad names raise."""
-    names = text.split(",") if isinstance(text, str) else list(text)
-    names = [n.strip().lower() for n in names if n.strip()]
-    unknown = [n for n in names if n not in CELL_MODALITIES]
-    if unknown or not names:
-        raise TaxamapError(
-            f"unknown modality {', '.join(unknown) or '(none)'}; choose from "
-            f"{','.join(CELL_MODALITIES)} (comma-separated)"
-        )
-    return [m for m in CELL_MODALITIES if m in names]
 
 
 def cosine(embeddings: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -66,8 +42,7 @@ def fuse_many(
     ``row_norms`` (modality -> (N,) row norms, NaN or 0 where a cell has no embedding) saves the
     pass over the embeddings that computes them, for callers that score the same cells often.
     """
-    if fusion not in FUSIONS:
-        raise TaxamapError(f"unknown {option('fusion', fusion)}; choose from {', '.join(FUSIONS)}")
+    fusion = check_fusion(fusion)
     q = normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
     per: dict[str, np.ndarray] = {}
     valid: dict[str, np.ndarray] = {}
@@ -115,96 +90,3 @@ def fuse(
     """:func:`fuse_many` for one query (D,): returns (fused (N,), {modality: (N,)})."""
     fused, per = fuse_many(embeddings, np.asarray(query).reshape(1, -1), fusion)
     return fused[0], {m: v[0] for m, v in per.items()}
-
-
-@dataclass
-class ScoreMap:
-    """Everything a writer needs: the grid, the score rasters and the provenance.
-
-    ``fused`` and each ``layers[m]`` are (height, width) float32 rasters of raw cosines with NaN
-    outside the kept cells. ``layers`` is ordered location, satellite, environment.
-    """
-
-    grid: "object"
-    fused: np.ndarray
-    layers: dict[str, np.ndarray]
-    query: str
-    prompt: str | None
-    fusion: str
-    models: dict[str, str] = field(default_factory=dict)
-    attribution: str | None = None
-    region_name: str = ""
-    region_geometry: "object | None" = None
-    slug: str = "map"
-    extra_tags: dict[str, str] = field(default_factory=dict)
-    #: Bands after the modalities (``fitted``, ``combined`` of ``--fit``), values in [0, 1].
-    extra_bands: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def title(self) -> str:
-        where = f" — {self.region_name}" if self.region_name else ""
-        return f"{self.query}{where}"
-
-    def bands(self) -> list[tuple[str, np.ndarray]]:
-        """(description, raster) in GeoTIFF band order: fused first, then each modality, then
-        the extra bands (``fitted``, ``combined``)."""
-        return ([("fused", self.fused)] + [(m, self.layers[m]) for m in self.layers]
-                + list(self.extra_bands.items()))
-
-    @classmethod
-    def from_dataset(cls, ds, outline=None) -> "ScoreMap":
-        """The writers' view of a (y, x) score Dataset (see :mod:`taxamap.dataset`);
-        ``outline`` is the region boundary to draw (a shapely geometry), if any."""
-        from taxamap.dataset import grid_of, score_variables
-
-        attrs = dict(ds.attrs)
-        names = score_variables(ds)
-        if "fused" not in names:
-            raise TaxamapError("the Dataset has no 'fused' band; pass what taxamap.predict returned")
-        models = {}
-        for part in str(attrs.get("models", "")).split(";"):
-            if "=" in part:
-                k, v = part.split("=", 1)
-                models[k.strip()] = v.strip()
-        extra = {k.upper(): str(v) for k, v in attrs.items() if k not in _VIEW_ATTRS}
-        if attrs.get("imagery_license"):
-            extra["IMAGERY_LICENSE"] = str(attrs["imagery_license"])
-        return cls(
-            grid=grid_of(ds),
-            fused=np.asarray(ds["fused"].values, dtype=np.float32),
-            layers={n: np.asarray(ds[n].values, dtype=np.float32) for n in names
-                    if n in CELL_MODALITIES},
-            extra_bands={n: np.asarray(ds[n].values, dtype=np.float32) for n in names
-                         if n != "fused" and n not in CELL_MODALITIES},
-            query=str(attrs.get("query", "map")),
-            prompt=str(attrs["prompt"]) if attrs.get("prompt") else None,
-            fusion=str(attrs.get("fusion", DEFAULT_FUSION)),
-            models=models,
-            attribution=attrs.get("imagery_attribution") or None,
-            region_name=str(attrs.get("region", "")),
-            region_geometry=outline,
-            slug=str(attrs.get("slug", "map")),
-            extra_tags=extra,
-        )
-
-
-#: Dataset attrs the ScoreMap view holds in its own fields (the rest become extra GeoTIFF tags).
-_VIEW_ATTRS = {"query", "prompt", "fusion", "models", "imagery_attribution", "imagery_license",
-               "region", "slug", "bands", "modalities", "units", "taxamap_version", "source_path"}
-
-
-def as_scoremap(obj, outline=None) -> ScoreMap:
-    """A :class:`ScoreMap` as is, or the view of a (y, x) score Dataset."""
-    if isinstance(obj, ScoreMap):
-        if outline is not None:
-            from dataclasses import replace
-
-            return replace(obj, region_geometry=outline)
-        return obj
-    from taxamap.dataset import check_dataset
-
-    ds = check_dataset(obj)
-    if "species" in ds.dims:
-        raise TaxamapError("this writer takes one map; select a species first "
-                           "(ds.isel(species=0)) or use taxamap.write, which writes them all")
-    return ScoreMap.from_dataset(ds, outline=outline)

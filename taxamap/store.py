@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taxamap import __version__
+from taxamap.version import __version__
 from taxamap.errors import TaxamapError
 from taxamap.io import disk_full_guard, disk_full_reason, remove_tree
 

@@ -35,11 +35,11 @@ from typing import Any, Mapping, Sequence
 
 import requests
 
-from taxamap import __version__
+from taxamap.version import __version__
 from taxamap.errors import TaxamapError
 from taxamap.grids import normalize_name
 from taxamap.io import DiskFull, atomic_write
-from taxamap.sources import http
+from taxamap import http
 from taxamap.surface import option
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class TaxonomyClient:
     """The one place taxamap's taxonomy code talks HTTP.
 
     Base URLs are configurable so tests (or a mirror) can stand in for iNaturalist and GBIF.
-    The session (:func:`taxamap.sources.http.make_session`) retries 429, 5xx and read timeouts
+    The session (:func:`taxamap.http.make_session`) retries 429, 5xx and read timeouts
     with backoff (``Retry-After`` honoured up to ``max_wait``); refused connections and DNS
     failures are not retried, so a machine without a network falls back to the offline table
     quickly. A ``session`` given by the caller is used as it is (its own retries, if any). A host that could not be connected

@@ -17,15 +17,10 @@ import shapely
 
 from taxamap.errors import TaxamapError
 from taxamap.geography import MAX_REGION_VERTICES, MAX_REPAIR_CROSSINGS, resolve_region
-from taxamap.pipeline import (
-    NAMES_SHOWN,
-    GridRequest,
-    PredictRequest,
-    WriteRequest,
-    build_grid,
-    maps_bytes,
-    predict_and_write,
-)
+from taxamap.cells import build_grid
+from taxamap.options import GridOptions, PredictOptions, WriteOptions
+from taxamap.pipeline import maps_bytes, predict_and_write
+from taxamap.queries import NAMES_SHOWN
 from tests.test_cli_e2e import run
 
 BBOX = "-84,39,-82,41"  # Ohio: every cell on land
@@ -48,10 +43,10 @@ def species_file(tmp_path, names, name="birds.txt"):
 
 def stream(tmp_path, models_dir, path, formats=(), **kwargs):
     return predict_and_write(
-        PredictRequest(species_file=str(path), bbox=BBOX, resolution=kwargs.pop("resolution", 0.1),
-                       models_dir=str(models_dir), cache_dir=str(tmp_path / "cache"),
+        PredictOptions(species_file=str(path), bbox=BBOX, resolution=kwargs.pop("resolution", 0.1),
+                       models=str(models_dir), cache=str(tmp_path / "cache"),
                        progress=False, skip_unknown=kwargs.pop("skip_unknown", False)),
-        WriteRequest(out=str(tmp_path / "out"), formats=formats), **kwargs)
+        WriteOptions(out=str(tmp_path / "out"), formats=formats), **kwargs)
 
 
 # --- species files --------------------------------------------------------------------------
@@ -72,7 +67,7 @@ def test_species_file_memory_is_flat_in_the_number_of_species(tmp_path, models_d
 
     peak(300, traced=False)  # encoders loaded, modules imported, cells stored
     small, large = peak(400), peak(1600)
-    _, grid = build_grid(GridRequest(bbox=BBOX, resolution=resolution))
+    _, grid = build_grid(GridOptions(bbox=BBOX, resolution=resolution))
     extra_maps = maps_bytes(1200, grid, 2)  # what the maps of 1,200 more species weigh
     assert extra_maps > 50e6
     assert large - small < 0.25 * extra_maps, (small, large, extra_maps)

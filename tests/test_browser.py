@@ -15,7 +15,7 @@ import shapely
 from PIL import Image
 
 from taxamap.grid import make_grid
-from taxamap.score import ScoreMap
+from taxamap.dataset import grid_of, provenance, scores_dataset
 from tests import browser
 from tests.browser import hex_rgb as _hex
 from tests.browser import near as _near
@@ -48,17 +48,17 @@ TITLE = (slice(0, 70), slice(280, 720))
 LEGEND = (slice(HEIGHT - 56 - 300, HEIGHT - 56), slice(12, 342))
 
 
-def _scoremap() -> ScoreMap:
+def _scoremap():
     grid = make_grid(REGION, 0.25)
     lat, lon = grid.cell_latlon().T
     # A smooth bump: the top cells (coloured by the 90th-percentile stretch) form a disc whose
     # colours run from light at its rim to dark at its centre.
     dist2 = ((lat - PEAK[0]) / 2.0) ** 2 + ((lon - PEAK[1]) / 2.5) ** 2
     scores = (0.1 + 0.3 * np.exp(-dist2)).astype(np.float32)
-    raster = grid.to_raster(scores)
-    return ScoreMap(grid=grid, fused=raster, layers={"location": raster}, query="Lynx pardinus",
-                    prompt=None, fusion="mean", region_name="Iberia", region_geometry=REGION,
-                    slug="lynx-pardinus")
+    return scores_dataset(grid, scores[None], {"location": scores[None]},
+                          labels=["Lynx pardinus"], prompts=[None], slugs=["lynx-pardinus"],
+                          attrs=provenance(modalities=["location"], fusion="mean", models={},
+                                           region_name="Iberia", region_outline=REGION))
 
 
 def _ramp(lo: float, hi: float, n: int = 24) -> np.ndarray:
@@ -109,7 +109,7 @@ def offline_map(tmp_path_factory, chromium):
     occ = np.column_stack([rng.uniform(41.5, 43.5, 80), rng.uniform(-8.5, -5.0, 80)])
     page = write_html(sm, tmp / "lynx.html", occurrences=occ, range_geometry=outline,
                       range_label="percentile:75", self_contained=True)
-    shot = browser.open_map(chromium, page, (WIDTH, HEIGHT), bounds=_grid_bounds(sm.grid))
+    shot = browser.open_map(chromium, page, (WIDTH, HEIGHT), bounds=_grid_bounds(grid_of(sm)))
     Image.fromarray(shot.rgb).save(tmp / "seen.png")
     return page, shot.rgb, shot.errors, shot.requests
 
@@ -194,7 +194,7 @@ def test_range_outline_drawn_along_cell_edges(offline_map, chromium):
     from tests.test_ranges import off_cell_edges
 
     page_path, *_ = offline_map
-    grid = _scoremap().grid
+    grid = grid_of(_scoremap())
     context, page = _open_page(chromium, page_path)
     try:
         rings = page.evaluate(_RANGE_RINGS, RANGE_COLOR)
@@ -279,7 +279,7 @@ WAIT_SECONDS = 120.0
 LEGEND_USA = (slice(USA_VIEW[1] - 56 - 300, USA_VIEW[1] - 56), slice(12, 342))
 
 
-def _usa_scoremap() -> ScoreMap:
+def _usa_scoremap():
     from taxamap.geography import resolve_region
 
     region = resolve_region("usa")
@@ -291,11 +291,12 @@ def _usa_scoremap() -> ScoreMap:
     rng = np.random.default_rng(0)
     bump = np.exp(-(((lat - 31.0) / 6.0) ** 2 + ((lon + 88.0) / 12.0) ** 2))
     scores = (0.1 + 0.05 * bump + 0.02 * rng.standard_normal(lat.shape)).astype(np.float32)
-    raster = grid.to_raster(scores)
-    return ScoreMap(grid=grid, fused=raster, layers={"location": raster},
-                    query="Cardinalis cardinalis", prompt=None, fusion="mean",
-                    region_name=region.name, region_geometry=region.outline,
-                    slug="cardinalis-cardinalis")
+    return scores_dataset(grid, scores[None], {"location": scores[None]},
+                          labels=["Cardinalis cardinalis"], prompts=[None],
+                          slugs=["cardinalis-cardinalis"],
+                          attrs=provenance(modalities=["location"], fusion="mean", models={},
+                                           region_name=region.name,
+                                           region_outline=region.outline))
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +309,7 @@ def usa_map(tmp_path_factory, chromium):
     occ = np.column_stack([rng.uniform(40.0, 44.0, 3000), rng.uniform(-80.0, -72.0, 3000)])
     page = write_html(sm, tmp / "usa.html", occurrences=occ, range_geometry=outline,
                       range_label="percentile:95", self_contained=True)
-    bounds = _grid_bounds(sm.grid)
+    bounds = _grid_bounds(grid_of(sm))
     shot = browser.open_map(chromium, page, USA_VIEW, bounds=bounds,
                             boxes=browser.usa_boxes(bounds), painted=browser.south_painted,
                             timeout=WAIT_SECONDS)

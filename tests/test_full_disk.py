@@ -93,14 +93,16 @@ def test_store_on_a_full_disk_names_the_folder_and_resumes(small_disk):
 # -- the outputs -------------------------------------------------------------------------------
 
 def _scoremap():
+    from taxamap.dataset import provenance, scores_dataset
     from taxamap.grid import make_grid
-    from taxamap.score import ScoreMap
 
     grid = make_grid(shapely.box(-20, 30, 20, 60), 0.1)  # 400 x 300: ~1 MB of two float32 bands
     rng = np.random.default_rng(1)
-    fused = grid.to_raster(rng.normal(size=grid.n_cells).astype(np.float32))
-    return ScoreMap(grid=grid, fused=fused, layers={"location": fused}, query="Testus fullus",
-                    prompt=None, fusion="mean", region_name="box", slug="testus-fullus")
+    fused = rng.normal(size=(1, grid.n_cells)).astype(np.float32)
+    return scores_dataset(grid, fused, {"location": fused}, labels=["Testus fullus"],
+                          prompts=[None], slugs=["testus-fullus"],
+                          attrs=provenance(modalities=["location"], fusion="mean", models={},
+                                           region_name="box"))
 
 
 def test_geotiff_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):

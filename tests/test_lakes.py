@@ -9,7 +9,8 @@ import pytest
 import rasterio
 
 from taxamap.errors import TaxamapError
-from taxamap.pipeline import GridRequest, build_grid
+from taxamap.cells import build_grid
+from taxamap.options import GridOptions
 from taxamap.geography import resolve_region
 from tests.test_cli_e2e import run
 
@@ -26,7 +27,7 @@ COLUMBUS = (39.96, -83.0)
 
 @functools.lru_cache(maxsize=None)
 def usa_grid(cells: str):
-    return build_grid(GridRequest(region="usa", resolution=0.1, cells=cells))[1]
+    return build_grid(GridOptions(region="usa", resolution=0.1, cells=cells))[1]
 
 
 def is_cell(grid, lat: float, lon: float) -> bool:
@@ -94,8 +95,8 @@ def test_grid_and_store_keys_differ_across_cell_choices():
 
 def test_all_and_land_keys_differ_even_where_there_is_no_water():
     # A box in Kansas: no ocean, no lake, so the masks are the same; the stores still are not.
-    land = build_grid(GridRequest(bbox="-99,38,-98,39", resolution=0.1, cells="land"))[1]
-    every = build_grid(GridRequest(bbox="-99,38,-98,39", resolution=0.1, cells="all"))[1]
+    land = build_grid(GridOptions(bbox="-99,38,-98,39", resolution=0.1, cells="land"))[1]
+    every = build_grid(GridOptions(bbox="-99,38,-98,39", resolution=0.1, cells="all"))[1]
     assert np.array_equal(land.mask, every.mask)
     assert land.key() != every.key()
 
@@ -104,7 +105,7 @@ def test_unknown_cells_value_is_an_error():
     with pytest.raises(TaxamapError, match="--cells"):
         resolve_region("usa", cells="fish")
     with pytest.raises(TaxamapError, match="land, water or all"):
-        build_grid(GridRequest(region="ohio", cells="Lakes"))
+        build_grid(GridOptions(region="ohio", cells="Lakes"))
 
 
 def test_water_only_region_without_water_is_an_error():
@@ -116,7 +117,7 @@ def test_mask_logs_how_many_cells_it_removed(caplog):
     def logged(**options) -> str:
         caplog.clear()
         with caplog.at_level("INFO", logger="taxamap"):
-            build_grid(GridRequest(region="usa", resolution=0.1, **options))
+            build_grid(GridOptions(region="usa", resolution=0.1, **options))
         return caplog.text
 
     land = usa_grid("land")

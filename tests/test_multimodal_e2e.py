@@ -87,10 +87,11 @@ def test_environment_without_climate_data_is_one_line(tmp_path, models_dir):
 
 
 def test_default_imagery_is_eox_and_its_licence_is_announced_once(models_dir, caplog):
-    from taxamap import modalities, pipeline
+    from taxamap import modalities
+    from taxamap.options import GridOptions
     from taxamap.models.hub import DEFAULT_CONFIG
 
-    req = pipeline.GridRequest(models_dir=str(models_dir), modalities=["satellite"])
+    req = GridOptions(models=str(models_dir), modalities=["satellite"])
     plan = modalities.plan_modality("satellite", req, DEFAULT_CONFIG, lambda: "cpu")
     assert "s2maps.eu" in plan.attribution and "CC BY-NC-SA 4.0" in plan.license
     assert "s2cloudless-2020" in str(plan.source)
@@ -136,7 +137,7 @@ def test_image_query_never_overwrites_the_photo(tmp_path, models_dir):
                 "--models", str(models_dir), "--out", str(tmp_path), "--no-progress"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert photo.read_bytes() == before
-    from taxamap.pipeline import file_digest
+    from taxamap.naming import file_digest
 
     stem = f"image-bird-{file_digest(photo)[:8]}"
     assert (tmp_path / f"{stem}.png").is_file() and (tmp_path / f"{stem}.tif").is_file()
@@ -147,7 +148,7 @@ def test_photos_named_alike_get_maps_of_their_own(tmp_path, models_dir):
     file's name and content (the rule the web app uses too), the first never replaced."""
     from PIL import Image
 
-    from taxamap.pipeline import file_digest, file_slug
+    from taxamap.naming import file_digest, file_slug
     from taxamap.writers import recorded_query
 
     (tmp_path / "a").mkdir()

@@ -8,7 +8,8 @@ import shapely
 
 from taxamap.errors import TaxamapError
 from taxamap.grid import make_grid
-from taxamap.score import cosine, fuse, normalize, parse_modalities
+from taxamap.options import parse_modalities
+from taxamap.score import cosine, fuse, normalize
 from taxamap.store import EmbeddingStore, store_key
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from taxamap.errors import TaxamapError
-from taxamap.pipeline import PredictRequest, embed_queries
+from taxamap.options import PredictOptions
+from taxamap.queries import embed_queries
 from tests.test_cli_e2e import run
 
 KNOWN = ["Cardinalis cardinalis", "Cyanocitta cristata", "Turdus migratorius"]
@@ -28,7 +29,7 @@ def mixed(tmp_path):
 
 def test_every_unknown_name_is_listed_in_one_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TAXAMAP_OFFLINE", "1")
-    req = PredictRequest(species_file=str(mixed(tmp_path)))
+    req = PredictOptions(species_file=str(mixed(tmp_path)))
     with pytest.raises(TaxamapError) as err:
         embed_queries(req, config={}, device=lambda: "cpu")
     message = str(err.value)
@@ -40,7 +41,7 @@ def test_every_unknown_name_is_listed_in_one_error(tmp_path, monkeypatch):
 
 def test_skip_unknown_on_a_file_of_unknown_names_only_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TAXAMAP_OFFLINE", "1")
-    req = PredictRequest(species_file=str(write_file(tmp_path, UNKNOWN)), skip_unknown=True)
+    req = PredictOptions(species_file=str(write_file(tmp_path, UNKNOWN)), skip_unknown=True)
     with pytest.raises(TaxamapError, match="none of the 2 species"):
         embed_queries(req, config={}, device=lambda: "cpu")
 

@@ -271,7 +271,7 @@ def test_concurrent_fetch_calls_share_tiles(tmp_path):
 
 
 def test_stalled_server_trips_the_breaker(tmp_path):
-    from taxamap.sources.http import CircuitOpen
+    from taxamap.http import CircuitOpen
     from tests.stallserver import StallServer
 
     cells = np.column_stack([np.linspace(-50, 50, 40), np.linspace(-100, 100, 40)])
@@ -293,7 +293,7 @@ def test_stalled_server_trips_the_breaker(tmp_path):
 
 
 def test_breaker_rules():
-    from taxamap.sources.http import CircuitBreaker, CircuitOpen
+    from taxamap.http import CircuitBreaker, CircuitOpen
 
     first = CircuitBreaker("tiles", first=3, consecutive=5, settle=0)
     for _ in range(2):
@@ -316,7 +316,7 @@ def test_breaker_rules():
 
 
 def test_server_error_storm_trips_the_breaker_between_retries(tmp_path):
-    from taxamap.sources.http import CircuitOpen
+    from taxamap.http import CircuitOpen
 
     cells = np.column_stack([np.linspace(-50, 50, 20), np.linspace(-100, 100, 20)])
     with TileServer(faults={}, fault_rate=1.0, rate_faults=("503",)) as server, \

@@ -22,7 +22,7 @@ from rio_cogeo.cogeo import cog_validate
 import taxamap
 from taxamap.errors import TaxamapError
 from taxamap.grid import Grid, make_grid
-from taxamap.score import ScoreMap
+from taxamap.dataset import grid_of, map_bands, provenance, scores_dataset
 from taxamap.writers.geotiff import write_geotiff
 from taxamap.writers.html import overlay_rgba, write_html
 from taxamap.writers.png import write_png
@@ -44,36 +44,31 @@ REGION = shapely.Polygon([(-10.0, 36.0), (4.0, 35.2), (5.0, 41.0), (-2.0, 44.8),
 
 
 def _scoremap(geometry=REGION, resolution=0.5, modalities=("location", "satellite"),
-              attribution=ATTRIBUTION, query="Cardinalis cardinalis", seed=0) -> ScoreMap:
+              attribution=ATTRIBUTION, query="Cardinalis cardinalis", seed=0):
+    """A one-query score Dataset (the contract after scoring) of smooth fields plus noise."""
     grid = make_grid(geometry, resolution)
     rng = np.random.default_rng(seed)
     lat, lon = grid.cell_latlon().T
     # Smooth fields (so the maps have structure) plus noise (so values are not round numbers).
-    layers = {}
+    per = {}
     for k, m in enumerate(modalities):
         field = np.cos(np.radians(lat * (k + 2))) * np.sin(np.radians(lon * (k + 3)))
-        layers[m] = grid.to_raster((0.6 * field + 0.05 * rng.standard_normal(grid.n_cells))
-                                   .astype(np.float32))
-    fused = np.mean(np.stack(list(layers.values())), axis=0).astype(np.float32)
-    return ScoreMap(
-        grid=grid,
-        fused=fused,
-        layers=layers,
-        query=query,
-        prompt="Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis",
-        fusion="mean",
+        per[m] = (0.6 * field + 0.05 * rng.standard_normal(grid.n_cells)).astype(np.float32)
+    fused = np.mean(np.stack(list(per.values())), axis=0).astype(np.float32)
+    attrs = provenance(
+        modalities=modalities, fusion="mean",
         models={m: f"MVRL/eco{m}@{'0123abcd' * 5}" for m in modalities}
         | {"text": "MVRL/taxabind-vit-b-16@deadbeef"},
-        attribution=attribution,
-        region_name="Iberia & co",
-        region_geometry=geometry,
-        slug="cardinalis-cardinalis",
-        extra_tags={"RESOLUTION": str(resolution)},
-    )
+        region_name="Iberia & co", region_outline=geometry, attribution=attribution,
+        extra={"RESOLUTION": str(resolution)})
+    return scores_dataset(
+        grid, fused[None], {m: v[None] for m, v in per.items()}, labels=[query],
+        prompts=["Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"],
+        slugs=["cardinalis-cardinalis"], attrs=attrs)
 
 
 @pytest.fixture(scope="module")
-def scoremap() -> ScoreMap:
+def scoremap():
     return _scoremap()
 
 
@@ -86,7 +81,7 @@ def tif(scoremap, tmp_path_factory) -> Path:
 
 
 def test_geotiff_georeferencing_bands_and_values(scoremap, tif):
-    grid = scoremap.grid
+    grid = grid_of(scoremap)
     with rasterio.open(tif) as ds:
         assert ds.driver == "GTiff"
         assert ds.crs.to_epsg() == 4326
@@ -101,7 +96,7 @@ def test_geotiff_georeferencing_bands_and_values(scoremap, tif):
         rows, cols = np.nonzero(grid.mask)
         xs, ys = rasterio.transform.xy(ds.transform, rows, cols)
         np.testing.assert_allclose(np.c_[ys, xs], grid.cell_latlon(), atol=1e-9)
-    for i, (_, raster) in enumerate(scoremap.bands()):
+    for i, (_, raster) in enumerate(map_bands(scoremap)):
         # Raw values, bit for bit: no stretch, no rounding.
         assert np.array_equal(data[i], raster, equal_nan=True)
         assert np.isnan(data[i][~grid.mask]).all()
@@ -114,11 +109,11 @@ def test_geotiff_tags(scoremap, tif):
         tags = ds.tags()
         band_tags = [ds.tags(i) for i in (1, 2, 3)]
     assert tags["QUERY"] == "Cardinalis cardinalis"
-    assert tags["PROMPT"] == scoremap.prompt
+    assert tags["PROMPT"] == scoremap.attrs["prompt"]
     assert tags["MODALITIES"] == "location,satellite"
     assert tags["FUSION"] == "mean"
-    assert tags["MODEL_LOCATION"] == scoremap.models["location"]
-    assert tags["MODEL_SATELLITE"] == scoremap.models["satellite"]
+    assert tags["MODEL_LOCATION"] == scoremap.attrs["model_location"]
+    assert tags["MODEL_SATELLITE"] == scoremap.attrs["model_satellite"]
     assert tags["MODEL_TEXT"] == "MVRL/taxabind-vit-b-16@deadbeef"
     assert tags["TAXAMAP_VERSION"] == taxamap.__version__
     assert tags["UNITS"] == UNITS
@@ -141,7 +136,7 @@ def test_geotiff_without_imagery_has_no_imagery_tags(tmp_path):
     with rasterio.open(path) as ds:
         tags = ds.tags()
         assert ds.count == 2 and ds.descriptions == ("fused", "location")
-        assert np.array_equal(ds.read(1), sm.fused, equal_nan=True)
+        assert np.array_equal(ds.read(1), sm["fused"].values, equal_nan=True)
     assert "IMAGERY_ATTRIBUTION" not in tags and "IMAGERY_LICENSE" not in tags
     assert tags["MODALITIES"] == "location"
 
@@ -149,13 +144,13 @@ def test_geotiff_without_imagery_has_no_imagery_tags(tmp_path):
 def test_geotiff_has_internal_overviews_when_larger_than_a_tile(tmp_path):
     sm = _scoremap(geometry=shapely.box(-20.0, 20.0, 10.0, 35.0), resolution=0.05,
                    modalities=("location",))
-    assert sm.grid.width > 512
+    assert grid_of(sm).width > 512
     path = write_geotiff(sm, tmp_path / "big.tif")
     valid, errors, warnings = cog_validate(str(path))
     assert valid and not errors and not warnings, (errors, warnings)
     with rasterio.open(path) as ds:
         assert ds.overviews(1)  # internal: no .ovr sidecar
-        assert np.array_equal(ds.read(2), sm.layers["location"], equal_nan=True)
+        assert np.array_equal(ds.read(2), sm["location"].values, equal_nan=True)
     assert not list(tmp_path.glob("*.ovr"))
 
 
@@ -165,8 +160,8 @@ def test_geotiff_across_the_antimeridian(tmp_path):
     assert cog_validate(str(path))[0]
     with rasterio.open(path) as ds:
         assert ds.bounds.left == pytest.approx(170.0) and ds.bounds.right == pytest.approx(190.0)
-        assert ds.transform == sm.grid.transform
-        assert np.array_equal(ds.read(1), sm.fused, equal_nan=True)
+        assert ds.transform == grid_of(sm).transform
+        assert np.array_equal(ds.read(1), sm["fused"].values, equal_nan=True)
 
 
 def _system_qgis() -> bool:
@@ -179,7 +174,7 @@ def _system_qgis() -> bool:
 
 @pytest.mark.skipif(not _system_qgis(), reason="/usr/bin/python3 cannot import qgis.core")
 def test_qgis_opens_the_geotiff(scoremap, tif, tmp_path):
-    grid = scoremap.grid
+    grid = grid_of(scoremap)
     rows, cols = np.nonzero(grid.mask)
     picks = [0, len(rows) // 2, len(rows) - 1]
     samples = []
@@ -187,8 +182,8 @@ def test_qgis_opens_the_geotiff(scoremap, tif, tmp_path):
         r, c = int(rows[k]), int(cols[k])
         x = grid.west + (c + 0.5) * grid.resolution
         y = grid.north - (r + 0.5) * grid.resolution
-        samples.append([x, y, 1, float(scoremap.fused[r, c])])
-        samples.append([x, y, 3, float(scoremap.layers["satellite"][r, c])])
+        samples.append([x, y, 1, float(scoremap["fused"].values[r, c])])
+        samples.append([x, y, 3, float(scoremap["satellite"].values[r, c])])
     r, c = map(int, np.argwhere(~grid.mask)[0])
     samples.append([grid.west + (c + 0.5) * grid.resolution,
                     grid.north - (r + 0.5) * grid.resolution, 1, None])
@@ -266,7 +261,7 @@ def test_png_across_the_antimeridian(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def html_page(tmp_path_factory) -> tuple[ScoreMap, str]:
+def html_page(tmp_path_factory):
     sm = _scoremap(modalities=("location", "satellite", "environment"), query=EVIL)
     path = write_html(sm, tmp_path_factory.mktemp("html") / "map.html")
     return sm, path.read_text(encoding="utf-8")
@@ -311,9 +306,9 @@ def _overlay_images(page: str) -> list[np.ndarray]:
 def test_html_overlay_is_transparent_outside_the_region(html_page):
     sm, page = html_page
     fused = _overlay_images(page)[0]
-    rows, south, north = mercator_rows(sm.grid.north, sm.grid.resolution, sm.grid.height)
-    assert fused.shape == (len(rows), sm.grid.width, 4)
-    expected_alpha = np.where(sm.grid.mask[rows], 255, 0)
+    rows, south, north = mercator_rows(grid_of(sm).north, grid_of(sm).resolution, grid_of(sm).height)
+    assert fused.shape == (len(rows), grid_of(sm).width, 4)
+    expected_alpha = np.where(grid_of(sm).mask[rows], 255, 0)
     assert np.array_equal(fused[..., 3], expected_alpha)
 
 
@@ -541,27 +536,29 @@ def test_read_only_folder_raises(tmp_path, scoremap, writer, name):
         folder.chmod(0o700)
 
 
-def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, scoremap):
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, scoremap, monkeypatch):
+    import rasterio.shutil
+
     target = tmp_path / "map.tif"
     target.write_bytes(b"old")
-    # A CRS GDAL does not know fails inside the writer, after the temporary file exists.
-    bad = Grid(west=0.0, north=1.0, resolution=0.5, width=2, height=2,
-               mask=np.ones((2, 2), bool), crs="EPSG:999999")
-    raster = np.zeros((2, 2), np.float32)
-    sm = ScoreMap(grid=bad, fused=raster, layers={"location": raster}, query="q", prompt=None,
-                  fusion="mean")
+
+    def broken_copy(*_args, **_kwargs):  # GDAL failing half-way through the COG
+        raise rasterio.errors.RasterioIOError("write failed")
+
+    monkeypatch.setattr(rasterio.shutil, "copy", broken_copy)
     with pytest.raises(Exception):
-        write_geotiff(sm, target)
+        write_geotiff(scoremap, target)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["map.tif"]
 
 
-def test_wrong_band_shape_is_a_taxamap_error(tmp_path, scoremap):
-    sm = _scoremap()
-    sm.layers["location"] = sm.layers["location"][:-1]
+def test_a_dataset_of_several_species_is_a_taxamap_error(tmp_path, scoremap):
+    import xarray as xr
+
+    several = xr.concat([scoremap, scoremap], dim="species")
     for writer, name in WRITERS:
-        with pytest.raises(TaxamapError, match="grid.to_raster"):
-            writer(sm, tmp_path / name)
+        with pytest.raises(TaxamapError, match="select a species first"):
+            writer(several, tmp_path / name)
     assert not list(tmp_path.iterdir())
 
 

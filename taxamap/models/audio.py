@@ -39,6 +39,10 @@ from taxamap.errors import TaxamapError
 from taxamap.models import hub
 from taxamap.models.autocast import autocast, normalize_rows, resolve_device, resolve_dtype
 
+#: The TaxaBind config keys naming the audio encoder's repo and its feature extractor's.
+CONFIG_KEY = "audio_encoder"
+PROCESSOR_CONFIG_KEY = "audio_processor"
+
 log = logging.getLogger(__name__)
 
 MODEL_FILES = ["config.json", "model.safetensors"]
@@ -385,7 +389,7 @@ def _processor_repo(config: dict) -> str:
     # rshf's TaxaBindConfig names the processor 'get_audio_processor'; taxamap's key is
     # 'audio_processor'. Either one set in the user's config wins over the default.
     named = config.get("get_audio_processor")
-    return hub.strip_hub_prefix(str(named)) if named else hub.encoder_repo(config, "audio_processor")
+    return hub.strip_hub_prefix(str(named)) if named else hub.encoder_repo(config, PROCESSOR_CONFIG_KEY)
 
 
 def model_rate(config: dict) -> int:
@@ -443,7 +447,7 @@ def load_audio_encoder(
 
     if config is None:
         config, _ = hub.load_config(models_dir)
-    repo_id = hub.encoder_repo(config, "audio")
+    repo_id = hub.encoder_repo(config, CONFIG_KEY)
     repo = hub.resolve(repo_id, MODEL_FILES, models_dir=models_dir)
     proc_repo = hub.resolve(_processor_repo(config), PROCESSOR_FILES, models_dir=models_dir)
 

@@ -26,6 +26,9 @@ from taxamap.models import hub
 from taxamap.models.autocast import autocast, normalize_rows, resolve_device, resolve_dtype
 from taxamap.models.preprocess import build_transform, preprocess_batch, spec_from_config
 
+#: The TaxaBind config key naming the CLIP repo (image and text towers).
+CONFIG_KEY = "clip"
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "open_clip_config.json"
@@ -183,7 +186,7 @@ def load_clip(
     """
     if config is None:
         config, _ = hub.load_config(models_dir)
-    repo_id = hub.encoder_repo(config, "clip")
+    repo_id = hub.encoder_repo(config, CONFIG_KEY)
     repo = hub.resolve(repo_id, [CONFIG_FILE, WEIGHT_FILES], models_dir=models_dir)
     config_path = repo.file(CONFIG_FILE)
     weights_path = repo.file(WEIGHT_FILES[0])

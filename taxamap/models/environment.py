@@ -15,6 +15,9 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.models.hub import encoder_repo, load_config, load_weights, read_json, resolve
 
+#: The TaxaBind config key naming this encoder's repo.
+CONFIG_KEY = "env_encoder"
+
 # SINR's checkpoints also carry a species classifier head (``class_emb``); TaxaBind uses the
 # features before it.
 _IGNORED_PREFIXES = ("class_emb.",)
@@ -102,7 +105,7 @@ def load_environment_encoder(
     """
     if config is None:
         config, _ = load_config(models_dir)
-    repo = resolve(encoder_repo(config, "environment"), FILES,
+    repo = resolve(encoder_repo(config, CONFIG_KEY), FILES,
                    models_dir=models_dir)
     net_config = read_json(repo.file("config.json"))
     try:

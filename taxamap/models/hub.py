@@ -66,17 +66,6 @@ REPO_FILES: dict[str, list[FileSpec]] = {
     "laion/clap-htsat-fused": ["preprocessor_config.json"],
 }
 
-#: Which config key names the repo of each encoder.
-ENCODER_KEYS = {
-    "clip": "clip",
-    "location": "location_encoder",
-    "environment": "env_encoder",
-    "satellite": "sat_encoder",
-    "audio": "audio_encoder",
-    "audio_processor": "audio_processor",
-}
-
-
 @dataclass(frozen=True)
 class ResolvedRepo:
     """Local files of one repo. ``files`` maps each requested name (first alternative) to a path."""
@@ -195,7 +184,7 @@ def _probe(url: str, timeout: float) -> str | None:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
             outcome.append(None)
-        except socket.gaierror as exc:
+        except socket.gaierror:
             outcome.append(f"cannot resolve {host}")
         except OSError as exc:
             outcome.append(f"{host}:{port}: {exc.strerror or exc.__class__.__name__}")
@@ -342,9 +331,10 @@ def load_config(models_dir: str | os.PathLike | None = None) -> tuple[dict, str]
     return merged, repo.ref
 
 
-def encoder_repo(config: dict, encoder: str) -> str:
-    """Repo id of ``encoder`` ("clip", "location", ...) named by the config."""
-    return strip_hub_prefix(str(config.get(ENCODER_KEYS[encoder]) or DEFAULT_CONFIG[ENCODER_KEYS[encoder]]))
+def encoder_repo(config: dict, key: str) -> str:
+    """Repo id of the encoder the TaxaBind config names under ``key`` (each encoder module's
+    ``CONFIG_KEY``: "location_encoder", "sat_encoder", "clip", ...)."""
+    return strip_hub_prefix(str(config.get(key) or DEFAULT_CONFIG[key]))
 
 
 def read_json(path: Path) -> dict:

@@ -22,6 +22,9 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.models import hub
 
+#: The TaxaBind config key naming this encoder's repo.
+CONFIG_KEY = "location_encoder"
+
 # Equal Earth projection constants (Savric, Patterson & Jenny 2018) and GeoCLIP's scale factor.
 A1 = 1.340264
 A2 = -0.081106
@@ -175,7 +178,7 @@ def load_location_encoder(
         return LocationEncoder(hub.load_weights(path), ref=f"file:{path.name}", device=device)
     if config is None:
         config, _ = hub.load_config(models_dir)
-    repo = hub.resolve(hub.encoder_repo(config, "location"), LOCATION_FILES, models_dir=models_dir)
+    repo = hub.resolve(hub.encoder_repo(config, CONFIG_KEY), LOCATION_FILES, models_dir=models_dir)
     hub.read_json(repo.file("config.json"))  # validates it is readable; sizes come from weights
     state = hub.load_weights(repo.file("model.safetensors"))
     return LocationEncoder(state, ref=repo.ref, device=device)

@@ -24,6 +24,9 @@ from taxamap.models import hub
 from taxamap.models.autocast import autocast, normalize_rows, resolve_device, resolve_dtype
 from taxamap.models.preprocess import build_transform, preprocess_batch, spec_from_config
 
+#: The TaxaBind config key naming this encoder's repo.
+CONFIG_KEY = "sat_encoder"
+
 log = logging.getLogger(__name__)
 
 FILES = ["config.json", "model.safetensors"]
@@ -143,7 +146,7 @@ def load_satellite_encoder(
 
     if config is None:
         config, _ = hub.load_config(models_dir)
-    repo_id = hub.encoder_repo(config, "satellite")
+    repo_id = hub.encoder_repo(config, CONFIG_KEY)
     repo = hub.resolve(repo_id, FILES, models_dir=models_dir)
     config_path = repo.file("config.json")
     weights_path = repo.file("model.safetensors")

@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.models.clip import CONFIG_KEY as CLIP_CONFIG_KEY
 from taxamap.models import hub
 
 log = logging.getLogger(__name__)
@@ -861,7 +862,7 @@ def load_text_encoder(
     chosen = _pick_backend(backend, device)
     if config is None:
         config, _ = hub.load_config(models_dir)
-    repo_id = hub.encoder_repo(config, "clip")
+    repo_id = hub.encoder_repo(config, CLIP_CONFIG_KEY)
     repo = hub.resolve(repo_id, [CONFIG_FILE, WEIGHT_FILES], models_dir=models_dir)
     config_path = repo.file(CONFIG_FILE)
     spec = text_spec(hub.read_json(config_path), where=str(config_path))

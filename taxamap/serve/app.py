@@ -10,6 +10,7 @@ folder under names the server chooses.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ctypes
 import ctypes.util
 import hashlib
@@ -32,8 +33,8 @@ from urllib.parse import urlencode
 import numpy as np
 
 from taxamap.errors import TaxamapError
+from taxamap.writers.files import list_formats
 from taxamap.serve import INSTALL_HINT
-from taxamap.session import LRUCache
 from taxamap.surface import speaking_to
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +79,18 @@ STATIC = Path(__file__).resolve().parent / "static"
 #: Threshold rules a request may give (maxtss would name a file: never from a request).
 _RULE = re.compile(r"^(percentile|value):\s*-?(\d+(\.\d*)?|\.\d+)$", re.IGNORECASE)
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{24}$")
-FORMATS = ("tif", "png", "gpkg")
+#: Downloads: the map formats of the writers' registry (but the HTML map: the page is one) and
+#: the range polygons.
+FORMATS = (*(f for f in list_formats() if f != "html"), "gpkg")
+
+
+#: Uploads (photos, recordings) held by their id for follow-up requests: the newest ones.
+UPLOADS_HELD = 64
+
+
+def _frozen(params: dict) -> tuple:
+    """A request's query parameters as a hashable key."""
+    return tuple(sorted(params.items()))
 
 
 class ApiError(Exception):
@@ -292,15 +304,17 @@ class MapService:
         self._decoding = threading.BoundedSemaphore(DECODE_SLOTS)
         self._decodes = 0  # decodes running now; memory is handed back when the last one ends
         self.workdir = Path(tempfile.mkdtemp(prefix="taxamap-serve-", dir=workdir))
-        self.overlays = LRUCache(64)
-        self.ranges = LRUCache(32)
-        self.uploads = LRUCache(64)
+        # Computed answers are kept (least recently used out) by what they are computed from;
+        # an upload is held by its id until UPLOADS_HELD newer ones push it out.
+        self._answers = functools.lru_cache(maxsize=256)(self._new_map_answer)
+        self._overlays = functools.lru_cache(maxsize=64)(self._draw_overlay)
+        self._ranges = functools.lru_cache(maxsize=32)(self._range_geojson)
+        self._patches = functools.lru_cache(maxsize=256)(self._patch_png)
+        self.uploads: dict[str, "EmbeddedQuery"] = {}
         self.species = SpeciesIndex()
         self._land = None
         self._land_lock = threading.Lock()
         self.patches = "satellite" in session.modalities  # per-cell satellite patches
-        self.answers = LRUCache(256)
-        self.patch_cache = LRUCache(256)
         # Scoring and drawing run on at most this many threads at once: more only thrash the
         # caches and memory bandwidth (each scores every cell); cache hits never wait.
         self._compute = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
@@ -348,12 +362,10 @@ class MapService:
         return band
 
     def dataset(self, embedded: "EmbeddedQuery"):
-        hit = self.session.cached_dataset(embedded)
-        if hit is not None:
-            return hit
+        """The query's map (the session computes at most as many at once as there are cores;
+        a cached one never waits)."""
         try:
-            with self._compute:
-                return self.session.dataset(embedded)
+            return self.session.dataset(embedded)
         except TaxamapError as exc:
             raise ApiError(400, _one_line(exc)) from None
 
@@ -375,16 +387,14 @@ class MapService:
 
         band = self.band_of(params)
         percentile = number_param(params, "stretch", STRETCH_PERCENTILE, 0.0, 99.99)
-        answer_key = (tuple(sorted(key.items())), embedded.query.vector.tobytes(), band,
-                      round(percentile, 4))
-        hit = self.answers.get(answer_key)
-        if hit is not None:
-            return {k: v for k, v in hit.items() if k != "timings_ms"}
-        answer = self._new_map_answer(embedded, key, band, percentile)
-        self.answers.put(answer_key, answer)
-        return dict(answer)
+        hits = self._answers.cache_info().hits
+        answer = dict(self._answers(embedded, _frozen(key), band, round(percentile, 4)))
+        if self._answers.cache_info().hits > hits:  # a cached answer took no time now
+            answer.pop("timings_ms", None)
+        return answer
 
-    def _new_map_answer(self, embedded, key: dict, band: str, percentile: float) -> dict:
+    def _new_map_answer(self, embedded, key: tuple, band: str, percentile: float) -> dict:
+        key = dict(key)
         t0 = time.perf_counter()
         ds = self.dataset(embedded)
         t1 = time.perf_counter()
@@ -418,13 +428,12 @@ class MapService:
     def overlay(self, embedded, key: dict, band: str, percentile: float) -> dict:
         """The overlay PNG (Web-Mercator rows, transparent off the cells) of one band at one
         display stretch, with its bounds; cached."""
+        return self._overlays(embedded, band, round(percentile, 4))
+
+    def _draw_overlay(self, embedded, band: str, percentile: float) -> dict:
         from taxamap.writers.html import overlay_rgba
         from taxamap.writers.style import stretch_of
 
-        cache_key = (tuple(sorted(key.items())), band, round(percentile, 4))
-        hit = self.overlays.get(cache_key)
-        if hit is not None:
-            return hit
         ds = self.dataset(embedded)
         raster = np.asarray(ds[band].values)
         with self._compute:
@@ -434,7 +443,6 @@ class MapService:
         out = {"png": png, "bounds": [[float(v) for v in p] for p in bounds],
                "stretch": {"percentile": percentile, "vmin": stretch.vmin,
                            "vmax": stretch.vmax, "cells": stretch.valid}}
-        self.overlays.put(cache_key, out)
         return out
 
     def overlay_png(self, params) -> bytes:
@@ -467,15 +475,13 @@ class MapService:
 
     def range_answer(self, params) -> dict:
         """``/api/range``: the range polygons at a threshold rule, as GeoJSON (EPSG:4326)."""
+
+        embedded, _key = self.query_of(params)
+        return self._ranges(embedded, self.band_of(params), rule_param(params, "percentile:90"))
+
+    def _range_geojson(self, embedded, band: str, rule: str) -> dict:
         import taxamap
 
-        embedded, key = self.query_of(params)
-        band = self.band_of(params)
-        rule = rule_param(params, "percentile:90")
-        cache_key = (tuple(sorted(key.items())), band, rule)
-        hit = self.ranges.get(cache_key)
-        if hit is not None:
-            return hit
         ds = self.dataset(embedded)
         try:
             cut = taxamap.threshold(ds, rule, band=band)
@@ -484,12 +490,14 @@ class MapService:
         geojson = json.loads(cut.polygons.to_json(drop_id=True))
         geojson.update(rule=cut.rule, band=cut.band, threshold=cut.threshold,
                        n_in_range=cut.n_in_range, n_valid=cut.n_valid, area_km2=cut.area_km2)
-        self.ranges.put(cache_key, geojson)
         return geojson
 
     def download(self, params) -> tuple[Path, str, Path]:
         """``/api/download``: (file, name to offer, folder to delete after sending)."""
         import taxamap
+
+        from taxamap.options import WriteOptions
+        from taxamap.writers.files import write_dataset
 
         fmt = params.get("format") or ""
         if fmt not in FORMATS:
@@ -504,7 +512,7 @@ class MapService:
             if fmt == "gpkg":
                 cut = taxamap.threshold(ds, rule, band=band, out=folder)
                 return cut.paths["polygons"], f"{slug}_range.gpkg", folder
-            paths = taxamap.write(ds, out=folder, formats=(fmt,))
+            paths = write_dataset(ds, WriteOptions(out=folder, formats=(fmt,)))
             path = next(p for name, p in paths.items() if name.endswith(f".{fmt}"))
             return path, f"{slug}.{fmt}", folder
         except TaxamapError as exc:
@@ -535,7 +543,7 @@ class MapService:
         """Embed an uploaded photo or recording, received into ``path`` (type from its
         content); cached by content (``digest``)."""
         from taxamap.models.audio import check_audio, model_rate
-        from taxamap.pipeline import file_slug
+        from taxamap.naming import file_slug
 
         kind, ext = sniff_upload(path)
         upload_id = digest[:24]
@@ -560,7 +568,9 @@ class MapService:
         query = replace(embedded.query, label=f"{word} {shown}",
                         slug=file_slug(kind, shown, digest))
         embedded = replace(embedded, query=query)
-        self.uploads.put(upload_id, embedded)
+        self.uploads[upload_id] = embedded
+        while len(self.uploads) > UPLOADS_HELD:  # the oldest upload goes first
+            self.uploads.pop(next(iter(self.uploads)))
         return embedded, {"upload": upload_id}
 
     @contextlib.contextmanager
@@ -591,12 +601,14 @@ class MapService:
             raise ApiError(404, "this grid has no satellite modality, so no patches to show")
         lat = number_param(params, "lat", lo=-90.0, hi=90.0)
         lon = number_param(params, "lon", lo=-1e6, hi=1e6)
-        key = self.session.cell_at(lat, lon)
-        if key is None:
+        cell = self.session.cell_at(lat, lon)
+        if cell is None:
             raise ApiError(404, f"no cell of this grid at lat {lat:.4f}, lon {lon:.4f}")
-        hit = self.patch_cache.get(key)
-        if hit is not None:
-            return hit
+        return self._patches(*cell)
+
+    def _patch_png(self, row: int, col: int) -> bytes:
+        grid = self.session.grid
+        lat, lon = float(grid.row_lats()[row]), float(grid.column_lons()[col])
         try:
             rgb, info = self.session.satellite_patch(lat, lon)
         except TaxamapError as exc:
@@ -606,9 +618,7 @@ class MapService:
             raise ApiError(404, f"no patch for this cell (it is NaN in the satellite band): "
                            f"{reason}")
         rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
-        png = encode_png(rgba)
-        self.patch_cache.put(key, png)
-        return png
+        return encode_png(rgba)
 
     def land(self) -> dict:
         """Natural Earth land around the grid (GeoJSON), the base map when web tiles fail."""

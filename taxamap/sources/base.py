@@ -14,7 +14,7 @@ A source turns cell centres into RGB patches for the satellite encoder:
 * ``stats``: a :class:`SourceStats` (requests, cache hits, failures, retries, ...).
 * ``close()``: release connections and threads (sources are also context managers).
 
-Concrete sources import this module (and :mod:`taxamap.sources.http`), never the factory in
+Concrete sources import this module (and :mod:`taxamap.http`), never the factory in
 :mod:`taxamap.sources.satellite`, so the imports run one way.
 """
 
@@ -151,7 +151,7 @@ class PerCellSource:
 
 class HTTPSource:
     """The plumbing the HTTP imagery sources (XYZ tiles, WMS) share: one session made on first
-    use from the source's retry settings and circuit breaker (:func:`taxamap.sources.http.
+    use from the source's retry settings and circuit breaker (:func:`taxamap.http.
     make_session`), retries counted in ``stats``, and ``close`` / the context manager.
 
     Subclasses set ``workers``, ``retries``, ``backoff``, ``max_backoff``, ``max_retry_after``,
@@ -175,7 +175,7 @@ class HTTPSource:
         self.close()
 
     def _http(self):
-        from taxamap.sources import http
+        from taxamap import http
 
         with self._lock:
             if self._session is None:

@@ -43,7 +43,7 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.surface import option
 from taxamap.io import DiskFull
-from taxamap.sources import http
+from taxamap import http
 from taxamap.sources.cache import TileCache, cached
 from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint

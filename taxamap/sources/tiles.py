@@ -20,7 +20,7 @@ it is *not* what the encoder learned from; for looking at raw tiles).
 
 Every tile a patch touches is fetched once (usually 2 x 2 or 3 x 3) and shared by neighbouring
 cells. Networking is deliberately boring and shared with every other client
-(:mod:`taxamap.sources.http`): a thread pool of ``workers`` requests (never more in flight), one
+(:mod:`taxamap.http`): a thread pool of ``workers`` requests (never more in flight), one
 session whose pool holds ``workers`` connections, (connect, read) timeouts, urllib3 retries with
 exponential backoff and jitter on 429, 5xx, timeouts and connection errors (``Retry-After``
 honoured, capped), a refetch of truncated/undecodable bodies, no retry on 404 (cached as a
@@ -45,7 +45,7 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.surface import option
 from taxamap.io import DiskFull
-from taxamap.sources import http
+from taxamap import http
 from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
 from taxamap.sources.cache import TileCache, cached, decode_image
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
@@ -185,10 +185,10 @@ class XYZTileSource(HTTPSource):
     the tile cache (None: user cache dir) or ``cache=False`` for none; ``workers`` parallel
     requests; ``retries`` after the first attempt; ``backoff`` base delay in seconds (doubling per
     retry, with jitter, at most ``max_backoff``); ``max_retry_after`` caps a server's Retry-After;
-    ``timeout`` (connect, read) seconds (default :func:`taxamap.sources.http.default_timeout`);
+    ``timeout`` (connect, read) seconds (default :func:`taxamap.http.default_timeout`);
     ``session`` a ready ``requests.Session`` (the network boundary; default one from
-    :func:`~taxamap.sources.http.make_session`, whose retries and breaker a given session lacks);
-    ``fail_fast_after``: stop the run (:class:`~taxamap.sources.http.CircuitOpen`) when this many
+    :func:`~taxamap.http.make_session`, whose retries and breaker a given session lacks);
+    ``fail_fast_after``: stop the run (:class:`~taxamap.http.CircuitOpen`) when this many
     first requests all failed (a wrong URL, no network, a stalled server) rather than make a map
     of holes; ``fail_after_in_row`` the same for requests in a row after some succeeded;
     ``prefetch`` tiles requested ahead of the cell being assembled (see :meth:`fetch`).
@@ -311,7 +311,7 @@ class XYZTileSource(HTTPSource):
         assembled: enough that one tile waiting out a Retry-After does not idle the other workers,
         few enough that a long list of cells streams. The returned patches are the caller's to chunk.
         Thread-safe: concurrent calls share the workers and never fetch a tile twice.
-        Raises :class:`~taxamap.sources.http.CircuitOpen` once the server is given up on.
+        Raises :class:`~taxamap.http.CircuitOpen` once the server is given up on.
         """
         latlon = as_latlon(latlon)
         plans = [self.plan(lat, lon) for lat, lon in latlon]

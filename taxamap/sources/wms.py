@@ -17,7 +17,7 @@ pixel column) and joined side by side.
 The imagery (EOX Sentinel-2 cloudless) is CC BY-NC-SA 4.0: outputs carry
 :data:`~taxamap.sources.tiles.EOX_ATTRIBUTION` and the licence.
 
-Networking is :mod:`taxamap.sources.http`'s: ``workers`` requests in flight at most, urllib3
+Networking is :mod:`taxamap.http`'s: ``workers`` requests in flight at most, urllib3
 retries with backoff and jitter on 429/5xx/timeouts/dropped connections (``Retry-After``
 honoured), a refetch of truncated or undecodable bodies, and a circuit breaker that stops the run
 with one line when the server does not answer. Answers are validated before they are cached
@@ -47,7 +47,7 @@ from urllib.parse import quote
 from taxamap.errors import TaxamapError
 from taxamap.surface import option
 from taxamap.io import DiskFull
-from taxamap.sources import http
+from taxamap import http
 from taxamap.sources.cache import TileCache, cached
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
@@ -171,7 +171,7 @@ class WMSSource(HTTPSource):
     Parameters: ``url`` the WMS endpoint; ``layer``; ``footprint_m``/``size`` the box and its
     pixels (TaxaBind: 2,560 m, 256 px); ``cache_dir`` root of the on-disk cache (None: user cache
     dir) or ``cache=False``; ``workers`` requests in flight; ``retries``, ``backoff``,
-    ``max_backoff``, ``max_retry_after``, ``timeout`` as in :func:`taxamap.sources.http.make_session`;
+    ``max_backoff``, ``max_retry_after``, ``timeout`` as in :func:`taxamap.http.make_session`;
     ``session`` a ready ``requests.Session`` (the network boundary); ``fail_fast_after``: stop
     when this many first requests all failed; ``fail_after_in_row`` the same for requests in a row
     after some succeeded.
@@ -282,7 +282,7 @@ class WMSSource(HTTPSource):
 
         All requests of the call are submitted to the shared pool of ``workers`` threads at once
         (the engine hands over a batch of cells at a time); identical requests are sent once.
-        Thread-safe. Raises :class:`~taxamap.sources.http.CircuitOpen` once the server is given
+        Thread-safe. Raises :class:`~taxamap.http.CircuitOpen` once the server is given
         up on, and :class:`~taxamap.errors.TaxamapError` on a ServiceException.
         """
         latlon = as_latlon(latlon)

@@ -28,7 +28,7 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.surface import option
 from taxamap.io import DiskFull, atomic_write, disk_full_guard
-from taxamap.sources import http
+from taxamap import http
 
 log = logging.getLogger(__name__)
 
@@ -577,9 +577,9 @@ def download_worldclim(
     visible. An official zip already in ``target_dir`` (downloaded by hand) is used as is, and
     rasters already unpacked by hand are accepted when they read as rasters. ``session`` is any
     object with a requests-style ``get(url, headers=, stream=, timeout=)``; the default is
-    :func:`taxamap.sources.http.make_session`'s, with retries and a breaker that stops the run
+    :func:`taxamap.http.make_session`'s, with retries and a breaker that stops the run
     in about a minute when the server does not answer. ``timeout`` (connect, read) defaults to
-    :func:`taxamap.sources.http.default_timeout`.
+    :func:`taxamap.http.default_timeout`.
     """
     target = Path(target_dir).expanduser()
     try:

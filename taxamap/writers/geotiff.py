@@ -1,6 +1,6 @@
 """The GeoTIFF users open in QGIS: a Cloud-Optimized GeoTIFF of raw cosine scores.
 
-Band 1 is the fused score, then one band per modality in the ScoreMap's order; float32, NaN nodata,
+Band 1 is the fused score, then one band per modality in the Dataset's order; float32, NaN nodata,
 the grid's CRS and exact transform (pixel centres are the embedded points), internal overviews
 when the raster is larger than one block, and provenance tags. Values are never stretched.
 """
@@ -13,17 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-import taxamap
-from taxamap.dataset import tag_key
-from taxamap.errors import TaxamapError
-from taxamap.score import as_scoremap
-from taxamap.writers.style import UNITS, imagery_credit, output_path, write_bytes
+from taxamap.dataset import (OUTLINE_ATTR, UNITS, band_unit, check_dataset, grid_of,
+                             is_product, iter_species, map_bands, modality_bands, one_map,
+                             score_variables, tag_key)
+from taxamap.options import DEFAULT_FUSION
+from taxamap.version import __version__
+from taxamap.writers.style import imagery_credit, output_path, write_bytes
 
 #: Tile size of the COG. 256 keeps overviews for grids as small as the USA at 0.1 degree.
 BLOCKSIZE = 256
-
-#: Unit of the ``fitted`` / ``combined`` bands (``taxamap predict --fit``).
-FITTED_UNIT = "relative suitability (0-1)"
 
 #: Options of GDAL's COG driver. DEFLATE with the floating-point predictor is lossless.
 COG_OPTIONS = {
@@ -37,45 +35,29 @@ COG_OPTIONS = {
 }
 
 
-def geotiff_tags(scoremap, created: datetime | None = None) -> dict[str, str]:
-    """The dataset-level tags written into the GeoTIFF (all values are strings)."""
-    created = created or datetime.now(timezone.utc)
-    modalities = list(scoremap.layers)
-    tags = {
-        "QUERY": str(scoremap.query),
-        "PROMPT": "" if scoremap.prompt is None else str(scoremap.prompt),
-        "MODALITIES": ",".join(modalities),
-        "FUSION": str(scoremap.fusion),
-        "BANDS": ",".join(name for name, _ in scoremap.bands()),
-        "UNITS": UNITS,
-        "TAXAMAP_VERSION": taxamap.__version__,
-        "CREATED": created.replace(microsecond=0).isoformat(),
-    }
-    if scoremap.region_name:
-        tags["REGION"] = str(scoremap.region_name)
-    models = dict(scoremap.models or {})
-    for name, ref in models.items():
-        tags[f"MODEL_{tag_key(name)}"] = str(ref)
-    if models:
-        tags["MODELS"] = "; ".join(f"{k}={v}" for k, v in models.items())
-    credit = imagery_credit(scoremap)
+#: Dataset attrs that are not GeoTIFF tags: the file name stem, where a map was read from, and
+#: the region's outline (drawn, not recorded).
+NOT_TAGS = ("slug", "source_path", OUTLINE_ATTR)
+
+
+def geotiff_tags(ds, created: datetime | None = None) -> dict[str, str]:
+    """The dataset-level tags of a one-query map: its provenance attrs, upper-cased (the GeoTIFF
+    tags are these; :func:`taxamap.dataset.open_map` reads them back lower-cased), with the
+    bands written and this taxamap's version."""
+    attrs = ds.attrs
+    tags = {tag_key(k): str(v) for k, v in attrs.items()
+            if k not in NOT_TAGS and isinstance(v, (str, int, float))}
+    tags.update(
+        QUERY=str(attrs.get("query", "map")), PROMPT=str(attrs.get("prompt") or ""),
+        MODALITIES=",".join(modality_bands(ds)), FUSION=str(attrs.get("fusion", DEFAULT_FUSION)),
+        BANDS=",".join(score_variables(ds)), UNITS=UNITS, TAXAMAP_VERSION=__version__)
+    if "CREATED" not in tags:
+        tags["CREATED"] = (created or datetime.now(timezone.utc)).replace(
+            microsecond=0).isoformat()
+    credit = imagery_credit(ds)
     if credit:
         tags["IMAGERY_ATTRIBUTION"], tags["IMAGERY_LICENSE"] = credit
-    for key, value in (scoremap.extra_tags or {}).items():
-        tags[str(key)] = str(value)
     return tags
-
-
-def check_shapes(scoremap) -> list[tuple[str, np.ndarray]]:
-    grid = scoremap.grid
-    bands = scoremap.bands()
-    for name, raster in bands:
-        if np.shape(raster) != (grid.height, grid.width):
-            raise TaxamapError(
-                f"score band {name!r} has shape {np.shape(raster)}, but the grid is "
-                f"{grid.height} x {grid.width}; build rasters with grid.to_raster"
-            )
-    return bands
 
 
 def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, str],
@@ -113,33 +95,31 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
     return write_bytes(path, data)
 
 
-def write_geotiff(scoremap, path: str | os.PathLike) -> Path:
-    """Write a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) as a Cloud-Optimized
-    GeoTIFF at ``path`` (atomically) and return it.
+def write_geotiff(ds, path: str | os.PathLike) -> Path:
+    """Write a one-query (y, x) score Dataset as a Cloud-Optimized GeoTIFF at ``path``
+    (atomically) and return it.
 
-    Band 1 is "fused", then one band per modality in the Dataset's order, each described by its
-    name; float32 raw cosines, NaN nodata, the grid's CRS and exact transform; the Dataset's
-    provenance attrs become the tags (upper-cased). Raises :class:`TaxamapError` when the folder
-    is missing or unwritable.
+    Band 1 is "fused", then one band per modality in the Dataset's order, then the product bands
+    (``fitted``, ...), each described by its name and unit; float32, NaN nodata, the grid's CRS
+    and exact transform; the Dataset's provenance attrs become the tags (upper-cased). Raises
+    :class:`TaxamapError` when the folder is missing or unwritable.
     """
-    scoremap = as_scoremap(scoremap)
-    bands = check_shapes(scoremap)
-    extra = set(getattr(scoremap, "extra_bands", None) or {})
-    # Fitted bands are a classifier's output, not a modality's cosine: say so per band.
-    band_tags = [{"PRODUCT": name} if name in extra else {"MODALITY": name} for name, _ in bands]
-    units = [FITTED_UNIT if name in extra else "cosine similarity" for name, _ in bands]
-    return _write_cog(path, scoremap.grid, bands, geotiff_tags(scoremap), band_tags, units)
+    ds = one_map(ds)
+    bands = map_bands(ds)
+    # A product band is a classifier's output, not a modality's cosine: say so per band.
+    band_tags = [{"PRODUCT": name} if is_product(name) else {"MODALITY": name}
+                 for name, _ in bands]
+    units = [band_unit(name) for name, _ in bands]
+    return _write_cog(path, grid_of(ds), bands, geotiff_tags(ds), band_tags, units)
 
 
 def write_stack(ds, path: str | os.PathLike) -> Path:
     """One GeoTIFF with a fused-score band per species (``taxamap predict --stack``) from a
     (species, y, x) Dataset: each band is described by its species and tagged with its prompt;
     the provenance (modalities, fusion, models) is the Dataset's."""
-    from taxamap.dataset import check_dataset, iter_species
-
     ds = check_dataset(ds)
     maps = list(iter_species(ds))
-    first = as_scoremap(maps[0])
+    first = maps[0]
     bands = [(one.attrs["query"], np.asarray(one["fused"].values, dtype=np.float32))
              for one in maps]
     prompts = [one.attrs.get("prompt") or one.attrs["query"] for one in maps]
@@ -148,6 +128,5 @@ def write_stack(ds, path: str | os.PathLike) -> Path:
     tags["PROMPT"] = "; ".join(prompts)
     tags["BANDS"] = ",".join(name for name, _ in bands)
     tags["STACK"] = "fused score per species"
-    tags.pop("SLUG", None)
     band_tags = [{"SPECIES": name, "PROMPT": prompts[i]} for i, (name, _) in enumerate(bands)]
-    return _write_cog(path, first.grid, bands, tags, band_tags)
+    return _write_cog(path, grid_of(first), bands, tags, band_tags)

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-import taxamap
-from taxamap.score import as_scoremap
+from taxamap.version import __version__
+from taxamap.dataset import grid_of, map_bands, map_title, one_map, outline_of
 from taxamap.writers import HTML_QUERY_META
-from taxamap.writers.geotiff import check_shapes
 from taxamap.writers.style import (
     COLORMAP,
     STRETCH_PERCENTILE,
@@ -70,22 +69,23 @@ def _esc(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _title_html(scoremap) -> str:
-    where = f" — {_esc(scoremap.region_name)}" if scoremap.region_name else ""
+def _title_html(ds) -> str:
+    query, region = ds.attrs.get("query", "map"), ds.attrs.get("region") or ""
+    where = f" — {_esc(region)}" if region else ""
     prompt = ""
-    if scoremap.prompt and scoremap.prompt != scoremap.query:
+    if ds.attrs.get("prompt") and ds.attrs["prompt"] != query:
         prompt = ('<br><span style="font-size:11px;color:#444">'
-                  f"prompt: {_esc(scoremap.prompt)}</span>")
+                  f"prompt: {_esc(ds.attrs['prompt'])}</span>")
     return (
         '<div id="taxamap-title" style="position:fixed;top:10px;left:50%;'
         "transform:translateX(-50%);z-index:1000;background:rgba(255,255,255,.92);"
         "padding:6px 12px;border-radius:4px;box-shadow:0 1px 4px rgba(0,0,0,.3);"
         'font:14px/1.3 sans-serif;max-width:70%;text-align:center">'
-        f"<b>{_esc(scoremap.query)}</b>{where}{prompt}</div>"
+        f"<b>{_esc(query)}</b>{where}{prompt}</div>"
     )
 
 
-def _legend_html(scoremap, stretches: list[tuple[str, Stretch]], extras: str = "",
+def _legend_html(ds, stretches: list[tuple[str, Stretch]], extras: str = "",
                  footer: str = "") -> str:
     rows = "".join(
         f"<tr><td>{_esc(name)}</td><td style='text-align:right'>"
@@ -93,7 +93,7 @@ def _legend_html(scoremap, stretches: list[tuple[str, Stretch]], extras: str = "
         + "</td></tr>"
         for name, s in stretches
     )
-    credit = imagery_credit(scoremap)
+    credit = imagery_credit(ds)
     imagery = (f"<div style='margin-top:4px'>Imagery: {_esc(credit[0])} (licence: "
                f"{_esc(credit[1])})</div>" if credit else "")
     return (
@@ -111,7 +111,7 @@ def _legend_html(scoremap, stretches: list[tuple[str, Stretch]], extras: str = "
         "<div style='font-size:11px;color:#555'>The GeoTIFF holds the raw, unstretched values."
         "</div>"
         f"{extras}{imagery}{footer}"
-        f"<div style='font-size:10px;color:#777'>taxamap {_esc(taxamap.__version__)}</div>"
+        f"<div style='font-size:10px;color:#777'>taxamap {_esc(__version__)}</div>"
         "</div>"
     )
 
@@ -333,13 +333,13 @@ def _needs_internet_html() -> str:
     )
 
 
-def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
+def write_html(ds, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
                self_contained: bool = False, outline=None, expert_geometry=None,
                notes: tuple[str, ...] = ()) -> Path:
-    """Write a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) as an interactive
-    folium map at ``path`` (atomically); return the path. ``outline``: the region boundary to
-    draw (shapely, EPSG:4326).
+    """Write a one-query (y, x) score Dataset as an interactive folium map at ``path``
+    (atomically); return the path. ``outline``: the region boundary to draw (shapely,
+    EPSG:4326; default: the Dataset's region).
 
     One image overlay per band ("fused" shown, each modality toggleable in the layer control),
     the region outline, a legend stating units and the display stretch, and the imagery credit.
@@ -366,10 +366,10 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     from taxamap.errors import TaxamapError
     from taxamap.writers import assets
 
-    scoremap = as_scoremap(scoremap, outline)
-    bands = check_shapes(scoremap)
-    grid = scoremap.grid
-    credit = imagery_credit(scoremap)
+    ds = one_map(ds)
+    bands = map_bands(ds)
+    grid = grid_of(ds)
+    credit = imagery_credit(ds)
     # Fail before any work when the offline assets are missing.
     libraries = assets.offline_libraries() if self_contained else None
     points, dropped = (_occurrence_points(occurrences) if occurrences is not None
@@ -429,7 +429,7 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
             **options,
         ).add_to(m)
 
-    region = scoremap.region_geometry
+    region = outline if outline is not None else outline_of(ds)
     if region is not None and not region.is_empty:
         # Cells are the map's resolution; a finer outline only makes the page heavier.
         simple = shapely.simplify(region, grid.resolution / 4.0, preserve_topology=True)
@@ -488,18 +488,17 @@ def write_html(scoremap, path: str | os.PathLike, *, occurrences: np.ndarray | N
     fit.add_to(m)
 
     root = m.get_root()
-    title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
-    root.header.add_child(folium.Element(f"<title>taxamap: {_esc(title)}</title>"))
+    root.header.add_child(folium.Element(f"<title>taxamap: {_esc(map_title(ds))}</title>"))
     # Read back before a later map would replace this file (taxamap.writers.recorded_query).
     root.header.add_child(folium.Element(
-        f'<meta name="{HTML_QUERY_META}" content="{_esc(scoremap.query)}">'))
-    root.html.add_child(folium.Element(_title_html(scoremap)))
+        f'<meta name="{HTML_QUERY_META}" content="{_esc(ds.attrs.get("query", "map"))}">'))
+    root.html.add_child(folium.Element(_title_html(ds)))
     extras = _extras_legend(None if points is None else len(points), dropped, range_state,
                             range_label, n_records)
     extras += "".join(f"<div style='color:#a40000;margin-top:4px'>&#9888; {_esc(note)}</div>"
                       for note in notes)
     footer = _offline_footer(libraries) if libraries else ""
-    root.html.add_child(folium.Element(_legend_html(scoremap, stretches, extras, footer)))
+    root.html.add_child(folium.Element(_legend_html(ds, stretches, extras, footer)))
     if not self_contained:
         root.html.add_child(folium.Element(_needs_internet_html()))
 

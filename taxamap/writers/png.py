@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-import taxamap
-from taxamap.score import as_scoremap
+from taxamap.version import __version__
+from taxamap.dataset import grid_of, map_bands, map_title, modality_bands, one_map, outline_of
+from taxamap.options import DEFAULT_FUSION
 from taxamap.writers import PNG_QUERY_KEY
-from taxamap.writers.geotiff import check_shapes
 from taxamap.writers.style import (
     COLORMAP,
     NODATA_COLOR,
@@ -115,9 +115,9 @@ def _draw_map(ax, raster, grid, stretch, region, land, cmap):
     return image
 
 
-def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
-    """Render a (y, x) score Dataset (or a :class:`~taxamap.score.ScoreMap`) to a PNG at
-    ``path`` (atomically) and return the path; ``outline`` is the region boundary to draw.
+def write_png(ds, path: str | os.PathLike, *, outline=None) -> Path:
+    """Render a one-query (y, x) score Dataset to a PNG at ``path`` (atomically) and return the
+    path; ``outline`` is the region boundary to draw (default: the Dataset's region).
 
     The fused map is drawn large, with one small panel per modality when there are several. Each
     map uses the display stretch of :func:`taxamap.writers.style.stretch_of` (clip below the 90th
@@ -126,12 +126,14 @@ def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
     import matplotlib
     from matplotlib.figure import Figure
 
-    scoremap = as_scoremap(scoremap, outline)
-    bands = check_shapes(scoremap)
-    grid = scoremap.grid
+    ds = one_map(ds)
+    bands = map_bands(ds)
+    grid = grid_of(ds)
+    layers = modality_bands(ds)
+    query, prompt = str(ds.attrs.get("query", "map")), ds.attrs.get("prompt") or None
     west, south, east, north = grid.bounds
     cmap = matplotlib.colormaps[COLORMAP].with_extremes(bad=NODATA_COLOR)
-    region = scoremap.region_geometry
+    region = outline if outline is not None else outline_of(ds)
     land = coastlines(grid.bounds)
 
     mid = math.radians(min(max((north + south) / 2.0, -80.0), 80.0))
@@ -158,9 +160,9 @@ def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
     bar.set_label(f"{fused_name} score: {UNITS}\n{stretch.describe()}", fontsize=8,
                   parse_math=False)
     bar.ax.tick_params(labelsize=7)
-    main_ax.set_title(f"{fused_name}" + (f" ({scoremap.fusion} of {', '.join(scoremap.layers)})"
-                                         if len(scoremap.layers) > 1 else
-                                         f" = {next(iter(scoremap.layers), '')}"),
+    fusion = ds.attrs.get("fusion", DEFAULT_FUSION)
+    main_ax.set_title(f"{fused_name}" + (f" ({fusion} of {', '.join(layers)})"
+                                         if len(layers) > 1 else f" = {next(iter(layers), '')}"),
                       fontsize=9, parse_math=False)
 
     for ax, (name, raster) in zip(panel_axes, panels):
@@ -171,10 +173,9 @@ def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
         b.ax.tick_params(labelsize=6)
         b.set_label(f"p{STRETCH_PERCENTILE:g}–max", fontsize=6, parse_math=False)
 
-    title = str(scoremap.query) + (f" — {scoremap.region_name}" if scoremap.region_name else "")
-    lines = [title]
-    if scoremap.prompt and scoremap.prompt != scoremap.query:
-        lines.append(textwrap.shorten(f"prompt: {scoremap.prompt}", 140))
+    lines = [map_title(ds)]
+    if prompt and prompt != query:
+        lines.append(textwrap.shorten(f"prompt: {prompt}", 140))
     fig.suptitle("\n".join(lines), fontsize=11, parse_math=False)
 
     footer = [
@@ -182,13 +183,13 @@ def write_png(scoremap, path: str | os.PathLike, *, outline=None) -> Path:
         f"clipped below the {STRETCH_PERCENTILE:g}th percentile of its valid cells (lightest "
         "green) up to its maximum; grey = no data.",
     ]
-    credit = imagery_credit(scoremap)
+    credit = imagery_credit(ds)
     if credit:
         footer.append(f"Imagery: {credit[0]} — licence: {credit[1]}")
-    footer.append(f"taxamap {taxamap.__version__}")
+    footer.append(f"taxamap {__version__}")
     fig.supxlabel("\n".join(textwrap.fill(f, 150) for f in footer), fontsize=6.5,
                   parse_math=False)
 
     buffer = io.BytesIO()  # rendered first, so a full disk knows the size it needed
-    fig.savefig(buffer, format="png", dpi=DPI, metadata={PNG_QUERY_KEY: str(scoremap.query)})
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={PNG_QUERY_KEY: query})
     return write_bytes(path, buffer.getvalue())

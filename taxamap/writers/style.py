@@ -103,22 +103,21 @@ def gradient_css(cmap: str = COLORMAP, stops: int = 11) -> str:
     return "linear-gradient(to right, " + ", ".join(colors) + ")"
 
 
-def imagery_credit(scoremap) -> tuple[str, str] | None:
-    """(attribution, licence) of the imagery behind the map, or None when no tiles were used.
+def imagery_credit(ds) -> tuple[str, str] | None:
+    """(attribution, licence) of the imagery behind a map (a score Dataset), or None when no
+    imagery was used.
 
-    The licence comes from ``extra_tags["IMAGERY_LICENSE"]`` (or an ``imagery_license`` attribute)
-    when the caller gave one, else from the sources taxamap knows, else says it is not stated.
+    The licence is the Dataset's ``imagery_license`` attr when it has one, else the one taxamap
+    knows for that source, else it says it is not stated.
     """
-    attribution = getattr(scoremap, "attribution", None)
+    attribution = ds.attrs.get("imagery_attribution")
     if not attribution:
         return None
-    license_ = (getattr(scoremap, "extra_tags", None) or {}).get("IMAGERY_LICENSE") or getattr(
-        scoremap, "imagery_license", None
-    )
+    license_ = ds.attrs.get("imagery_license")
     if not license_:
-        low = attribution.lower()
+        low = str(attribution).lower()
         license_ = next((v for k, v in KNOWN_IMAGERY_LICENSES.items() if k in low), None)
-    return attribution, license_ or "not stated; see the imagery provider's terms"
+    return str(attribution), str(license_ or "not stated; see the imagery provider's terms")
 
 
 def mercator_y(lat: np.ndarray | float) -> np.ndarray:

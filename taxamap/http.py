@@ -44,7 +44,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util.retry import Retry
 
-from taxamap import __version__
+from taxamap.version import __version__
 from taxamap.errors import TaxamapError
 
 USER_AGENT = (f"taxamap/{__version__} (+https://github.com/taxamap; "

@@ -1,0 +1,209 @@
+"""The cells of a request: its region and grid, and every modality's stored cell embeddings.
+
+Cell embeddings do not depend on the query, so they live in an
+:class:`~taxamap.store.EmbeddingStore` per (grid, modality, model, source) and are computed once:
+:func:`embed_cells` completes the stores (only the missing or damaged blocks), and
+:func:`read_repairing` embeds again a block found damaged while it is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import numpy as np
+
+from taxamap.errors import TaxamapError
+from taxamap.grid import Grid, make_grid
+from taxamap.modalities import licence_notice, plan_modality
+from taxamap.paths import check_folder, checked_cache_root
+
+if TYPE_CHECKING:  # pragma: no cover
+    from taxamap.options import GridOptions
+
+
+T = TypeVar("T")
+_logger = logging.getLogger("taxamap")
+
+
+def log(message: str) -> None:
+    """Progress and facts for the user (the CLI shows them on stderr; stdout is for results)."""
+    _logger.info(message)
+
+
+def check_grid_paths(options: GridOptions) -> None:
+    """The cache, the store and the models folder of ``options``, checked before any work: a
+    read-only, misplaced or looping folder is one line naming it (see :func:`check_folder`)."""
+    checked_cache_root(options.cache)
+    if options.store:
+        # A store folder that exists may be read-only (a finished store, shared): whether it
+        # must be written is known per modality, in embed_cells, before its first block.
+        check_folder(options.store, "--store", write=not Path(str(options.store)).expanduser().exists())
+    models = options.models or os.environ.get("TAXAMAP_MODELS")
+    if models:
+        check_folder(models, "--models" if options.models else "TAXAMAP_MODELS", write=False)
+
+
+def build_grid(options: GridOptions):
+    """Resolve the region and lay the grid over it; returns (region, grid).
+
+    Logs the grid's size and, with ``cells`` "land" or "water", how many of the region's cells
+    the mask removed.
+    """
+    from taxamap.geography import resolve_region
+    from taxamap.grid import MAX_CELLS, count_cells
+
+    region = resolve_region(options.region, options.bbox, cells=options.cells)
+    grid = make_grid(region.geometry, options.resolution, cells=region.cells)
+    log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
+        f"({grid.width} x {grid.height} grid)")
+    if region.cells != "all":
+        west, south, east, north = region.outline.bounds
+        # Counting the outline's cells is one more pass over its frame: skip it where that frame
+        # is far larger than any grid taxamap accepts.
+        if (east - west) * (north - south) / options.resolution ** 2 <= MAX_CELLS:
+            removed = count_cells(region.outline, options.resolution) - grid.n_cells
+            other = "water" if region.cells == "land" else "land"
+            if removed > 0:  # a box wholly on land needs no word about the mask
+                log(f"{region.cells} mask: {removed:,} {other} cells removed")
+    return region, grid
+
+
+@dataclass
+class CellEmbeddings:
+    """The stores of one grid, one per modality, with what the outputs must credit."""
+
+    stores: dict
+    model_refs: dict[str, str]
+    attribution: str | None
+    license: str | None
+    computed_blocks: dict[str, int]
+    #: Per modality, its source's describe() (what the satellite patches were: GeoTIFF tags).
+    sources: dict[str, dict] = field(default_factory=dict)
+
+
+def _complete_store(location: str, key: str):
+    """The store at ``location`` if it exists, has ``key``, sound metadata and check records, and
+    no unfinished or damaged block (by its records and file sizes; the CRCs are checked as the
+    cells are read); else None."""
+    from taxamap.store import EmbeddingStore
+
+    try:
+        store = EmbeddingStore.open_existing(location, key)
+    except Exception:  # absent, half-created, another key, damaged: the full path below decides
+        return None
+    if store.check is None:  # format 1: its check records are made under the creation lock
+        return None
+    return store if store.is_complete() else None
+
+
+def _fill_store(options: GridOptions, config: dict, modality: str, store, latlon: np.ndarray,
+                embedder, chunks: list[int] | None = None) -> int:
+    """Compute ``store``'s unfinished blocks (or ``chunks``) here or on Dask; returns how many
+    this run computed."""
+    from taxamap import engine
+
+    if options.dask:
+        from taxamap.distributed import embed_on_dask
+
+        return embed_on_dask(options, config, modality, store, latlon, chunks=chunks)
+    return engine.embed_to_store(latlon, embedder, store, progress=options.progress, chunks=chunks)
+
+
+def embed_cells(options: GridOptions, grid: Grid, config: dict,
+                device: Callable[[], str], *, region: str | None = None,
+                verify: bool = False) -> CellEmbeddings:
+    """Make sure every modality's store for ``grid`` is complete (computing only missing blocks).
+
+    A complete store is used without loading its encoder at all: a warm query touches no weights
+    but the query encoder's. Blocks found damaged are embedded again, with one line saying so;
+    ``verify`` reads every block and checks it against its record first (``embed --verify``).
+    ``region`` (its name) is recorded in a new store's attributes (``taxamap cache info``).
+    """
+    from taxamap.store import EmbeddingStore, damage_summary, store_key, store_location
+
+    latlon = None
+    stores, refs, computed, sources = {}, {}, {}, {}
+    attribution = license_ = None
+    for modality in options.modalities:
+        plan = plan_modality(modality, options, config, device, grid.n_cells)
+        key = store_key(grid.definition(), modality, plan.model_ref, plan.source)
+        location, chosen = store_location(options.store, grid.key(), modality, key, options.cache)
+        store = None if verify else _complete_store(location, key)
+        licence_notice(plan.attribution, plan.license)
+        if store is not None:
+            computed[modality] = 0
+        else:
+            if chosen:
+                check_folder(options.store, "--store")
+            embedder = plan.build()
+            store = EmbeddingStore.open(
+                location, key=key, n_cells=grid.n_cells, dim=embedder.dim,
+                attrs={"grid": grid.definition(), "modality": modality, "model": plan.model_ref,
+                       "source": plan.source, "region": region,
+                       "resolution": grid.resolution},
+                must_match=chosen,
+            )
+            if latlon is None:
+                latlon = grid.cell_latlon()
+            pending = store.pending_chunks(verify=verify)
+            if store.damaged:
+                them = "it" if len(store.damaged) == 1 else "them"
+                log(f"{damage_summary(location, store.damaged, store.n_chunks)}; re-embedding {them}")
+            fresh = len(pending) - len(store.damaged)
+            if 0 < fresh and len(pending) < store.n_chunks:
+                log(f"resuming {modality}: {fresh} of {store.n_chunks} blocks left in {location}")
+            computed[modality] = _fill_store(options, config, modality, store, latlon, embedder,
+                                             pending)
+            missing = getattr(plan.stats, "cells_missing", 0) if plan.stats is not None else 0
+            if missing:
+                asked = getattr(plan.stats, "cells", 0)
+                log(f"{modality}: {missing:,} of {asked:,} cells had no imagery (not found, or "
+                    "still failing after retries); they are NaN in that band and fused over the "
+                    "other modalities")
+        store.touch()
+        if plan.attribution:
+            attribution, license_ = plan.attribution, plan.license
+        stores[modality] = store
+        refs[modality] = plan.model_ref
+        sources[modality] = plan.source
+    return CellEmbeddings(stores, refs, attribution, license_, computed, sources)
+
+
+#: Rounds of "read, find a damaged block, embed it again" before a store is called failing.
+REPAIR_ROUNDS = 3
+
+
+def read_repairing(options: GridOptions, grid: Grid, config: dict, device: Callable[[], str],
+                   cells: CellEmbeddings, read: Callable[[], T]) -> T:
+    """``read()`` (which reads ``cells``' stores: scoring, a session's load); a block found
+    damaged on the way is embedded again (one line saying so, after a full check of its store
+    finds any other) and ``read()`` runs again. A store damaged again right after its repair is a
+    one-line error about the disk."""
+    from taxamap.store import StoreDamaged, damage_summary
+
+    rounds = 0
+    while True:
+        try:
+            return read()
+        except StoreDamaged as exc:
+            store = exc.store
+            rounds += 1
+            if rounds == REPAIR_ROUNDS:
+                raise TaxamapError(
+                    f"{exc.summary}, again after embedding it anew: the disk under "
+                    f"{store.location} may be failing; check it, or pass --cache DIR (or --store) "
+                    "on another disk") from None
+            modality = next(m for m, s in cells.stores.items() if s is store)
+            store.pending_chunks(verify=True)  # every other damaged block, in this one repair
+            store.damaged.update(exc.blocks)
+            damaged = dict(store.damaged)
+            them = "it" if len(damaged) == 1 else "them"
+            log(f"{damage_summary(store.location, damaged, store.n_chunks)}; re-embedding {them}")
+            embedder = plan_modality(modality, options, config, device, grid.n_cells).build()
+            n = _fill_store(options, config, modality, store, grid.cell_latlon(), embedder,
+                            sorted(damaged))
+            cells.computed_blocks[modality] = cells.computed_blocks.get(modality, 0) + n
