@@ -897,10 +897,10 @@ def occurrence_notes(ds, occurrences: np.ndarray) -> tuple[str, ...]:
     """When no occurrence point falls on a scored cell of the (y, x) map ``ds`` (an empty file,
     latitude and longitude swapped, points outside the region), the reason, logged as one
     warning line, for the HTML legend; the map itself is still written."""
-    from taxamap.products.evaluate import points_on_map, read_map
+    from taxamap.products.evaluate import points_on_map
 
     try:
-        points_on_map(read_map(ds), occurrences, "occurrence points")
+        points_on_map(ds, occurrences, "occurrence points")
     except TaxamapError as exc:
         _logger.warning(f"occurrences: {exc}")
         return (f"occurrences: {exc}",)
@@ -1199,15 +1199,16 @@ def write_outputs(
     slug = free_stem(out_dir, str(ds.attrs["slug"]), str(ds.attrs.get("query", "")), formats,
                      bool(threshold))
     paths: dict[str, Path] = {}
-    range_geometry = cut = None
+    range_geometry = result = None
     if threshold:
-        from taxamap.products.ranges import cut_range, write_range
+        from taxamap.products.ranges import cut_range
 
-        cut = cut_range(ds, threshold, occurrences)  # a rule keeping no cell fails before any file
+        # A rule keeping no cell fails before any file.
+        result = cut_range(ds, threshold, occurrences)
     if "tif" in formats:
         paths["tif"] = write_geotiff(ds, out_dir / f"{slug}.tif")
-    if cut is not None:
-        result = write_range(cut, out_dir, stem=slug)
+    if result is not None:
+        result.write(out_dir, stem=slug)
         paths["range.tif"] = result.paths["raster"]
         paths["range.gpkg"] = result.paths["polygons"]
         range_geometry = result.geometry
