@@ -12,8 +12,9 @@ and each modality, named by the band descriptions):
   :data:`BOYCE_WINDOW` of the value range slides over the range in :data:`BOYCE_STEPS` steps; in
   each window the predicted/expected ratio F = (share of presences) / (share of background) is
   computed (windows without background are skipped), and the index is the Spearman rank
-  correlation (SciPy's ``spearmanr``) between F and the window centre. Near +1: presences concentrate where the map is
-  high; near 0: no better than random; negative: the map points the wrong way.
+  correlation (SciPy's ``spearmanr``) between F and the window centre. Near +1: presences
+  concentrate where the map is high; near 0: no better than random; negative: the map points
+  the wrong way.
 
 Values are read at the pixel that contains the point (:func:`taxamap.dataset.sample_points`).
 Points outside the map, or on a NaN (nodata) pixel of a band, are counted and reported per band,
