@@ -14,13 +14,13 @@ Keyword names are the CLI's option names in snake_case, with Python types. Score
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from taxamap.errors import TaxamapError
 from taxamap.options import (FitOptions, GridOptions, MapOptions, PredictOptions, QueryOptions,
                              WriteOptions, keywords)
+from taxamap.products.ranges import Range  # noqa: F401  (taxamap.Range)
 from taxamap.surface import api_entry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,29 +105,6 @@ def embed(**options: Any) -> dict[str, str]:
     return {m: str(s.location) for m, s in filled.stores.items()}
 
 
-@dataclass
-class Range:
-    """A range cut from a map: the ``threshold`` value and ``rule``, the binary ``raster``
-    (``xarray.DataArray``: 1 in range, 0 out, NaN off the cells, on the map's grid), the
-    ``polygons`` (``geopandas.GeoDataFrame`` in EPSG:4326 with ``area_km2``), the IUCN extent of
-    occurrence and area of occupancy (``eoo_km2``, ``aoo_km2``, and ``criterion_b``: which
-    criterion B area thresholds they meet; the other conditions of B are not assessed), and,
-    when files were written (``out=``), their ``paths``."""
-
-    threshold: float
-    rule: str
-    band: str
-    raster: "xr.DataArray"
-    polygons: "gpd.GeoDataFrame"
-    n_in_range: int
-    n_valid: int
-    area_km2: float
-    paths: dict[str, Path]
-    eoo_km2: float = float("nan")
-    aoo_km2: float = float("nan")
-    criterion_b: str = ""
-
-
 @api_entry
 def threshold(
     map: Any,
@@ -140,41 +117,20 @@ def threshold(
 ) -> Range:
     """Cut ``map`` (a Dataset of :func:`predict`, or a taxamap GeoTIFF path) at ``rule``
     (``percentile:P``, ``value:V`` or ``maxtss[:OCC]``; ``occurrences`` serve a bare
-    ``maxtss``). With ``out`` the range GeoTIFF and GeoPackage are written there too."""
-    import geopandas as gpd
-    import numpy as np
-    import xarray as xr
+    ``maxtss``) into a :class:`Range` (``.raster``, ``.polygons``, areas, EOO/AOO). With ``out``
+    the range GeoTIFF and GeoPackage are written there too (``.paths``)."""
+    from taxamap.dataset import single_map
+    from taxamap.products.ranges import cut_range
 
-    from taxamap.dataset import as_dataset, georeference
-    from taxamap.products.iucn import range_metrics
-    from taxamap.products.ranges import NODATA, cut_range, write_range
-
-    ds = as_dataset(map)
+    ds = single_map(map)
     if occurrences is not None and not isinstance(occurrences, (str, os.PathLike)):
         from taxamap.products.occurrences import as_latlon_points
 
         occurrences = as_latlon_points(occurrences, "occurrences")
-    cut = cut_range(ds, rule, occurrences, band, seed)
-    binary = cut.binary.astype(np.float32)
-    binary[cut.binary == NODATA] = np.nan
-    raster = georeference(
-        xr.Dataset({"range": (("y", "x"), binary)}, coords={"y": ds["y"], "x": ds["x"]}),
-        ds.rio.crs, ds.rio.transform())["range"]
-    raster.attrs.update(rule=cut.rule_text, threshold=cut.threshold, band=cut.band_name)
-    paths: dict[str, Path] = {}
+    result = cut_range(ds, rule, occurrences, band, seed)
     if out is not None:
-        stem = None if ds.attrs.get("source_path") else str(ds.attrs.get("slug") or "map")
-        paths = dict(write_range(cut, out, stem=stem).paths)
-    metrics = range_metrics(cut.cells, cut.n_in_range)
-    parts = cut.parts()
-    polygons = gpd.GeoDataFrame({"area_km2": [a for _, a in parts],
-                                 "eoo_km2": metrics.eoo_km2, "aoo_km2": metrics.aoo_km2},
-                                geometry=[g for g, _ in parts], crs="EPSG:4326")
-    return Range(threshold=cut.threshold, rule=cut.rule_text, band=cut.band_name, raster=raster,
-                 polygons=polygons, n_in_range=cut.n_in_range, n_valid=cut.n_valid,
-                 area_km2=float(polygons["area_km2"].sum()), paths=paths,
-                 eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2,
-                 criterion_b=metrics.criterion_b)
+        result.write(out)
+    return result
 
 
 @api_entry

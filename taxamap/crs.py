@@ -1,5 +1,6 @@
 """Coordinate reference systems and longitudes: the one place taxamap converts between a CRS
-and longitude/latitude (pyproj), and wraps longitudes.
+and longitude/latitude (pyproj), and wraps longitudes (of points, and of polygons that run past
+the antimeridian).
 
 Everything inside taxamap is EPSG:4326 (lon, lat) degrees; users' files, GeoDataFrames and maps
 may be in any CRS and meet these helpers at the boundary.
@@ -19,6 +20,39 @@ WGS84 = "EPSG:4326"
 def wrap_lon(lon):
     """Longitudes wrapped into [-180, 180)."""
     return (np.asarray(lon, dtype=float) + 180.0) % 360.0 - 180.0
+
+
+def wrap_longitudes(geom):
+    """``geom`` (lon/lat degrees, possibly past +/-180 as grids across the antimeridian are) cut at
+    the antimeridian and moved into [-180, 180]; polygons only (a MultiPolygon)."""
+    import shapely
+
+    if geom.is_empty:
+        return polygon_parts(geom)
+    west, _, east, _ = geom.bounds
+    if west >= -180 and east <= 180:
+        return polygon_parts(geom)
+    pieces = []
+    for shift in (-360.0, 0.0, 360.0):
+        window = shapely.box(-180 - shift, -90, 180 - shift, 90)
+        part = shapely.intersection(geom, window)
+        if not part.is_empty:
+            pieces.append(shapely.transform(part, lambda xy, s=shift: xy + np.array([s, 0.0])))
+    return polygon_parts(shapely.make_valid(shapely.union_all(pieces)))
+
+
+def polygon_parts(geom):
+    """The polygon parts of any geometry (collections flattened, lines and points dropped) as one
+    MultiPolygon."""
+    import shapely
+
+    parts = []
+    for part in shapely.get_parts(geom):
+        if part.geom_type == "Polygon" and not part.is_empty:
+            parts.append(part)
+        elif part.geom_type in ("MultiPolygon", "GeometryCollection"):
+            parts.extend(p for p in shapely.get_parts(polygon_parts(part).geoms))
+    return shapely.MultiPolygon(parts)
 
 
 def as_crs(crs: Any, what: str = "the data"):

@@ -295,40 +295,39 @@ def open_map(path: str | os.PathLike) -> "xr.Dataset":
     """Read a taxamap GeoTIFF (any float map GeoTIFF will do) into the Dataset contract.
 
     Band descriptions name the variables (``bandN`` where a band has none); dataset tags become
-    lower-case attrs. Raises TaxamapError when the file is missing or not a raster.
+    lower-case attrs; nodata and non-finite pixels are NaN. Raises TaxamapError when the file is
+    missing, not a raster, or has no CRS.
     """
     import rasterio
     import xarray as xr
 
     _rio()
+    import rioxarray
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise TaxamapError(f"map {path} not found; give the .tif written by taxamap predict")
     try:
         with rasterio.open(path) as src:
-            values = src.read(out_dtype="float32")
-            nodata = src.nodata
+            if src.crs is None:
+                raise TaxamapError(f"map {path} has no CRS; taxamap maps are EPSG:4326 (assign "
+                                   "one, e.g. gdal_edit.py -a_srs EPSG:4326)")
+            bands = rioxarray.open_rasterio(src, mask_and_scale=True).load()
+            # Tags and descriptions as written: rioxarray's attrs turn numeric-looking tags into
+            # numbers and mix band 1's tags in.
             names = [(d or f"band{i}") for i, d in enumerate(src.descriptions, start=1)]
             transform, crs, tags = src.transform, src.crs, src.tags()
     except rasterio.errors.RasterioError as exc:
         raise TaxamapError(f"cannot read map {path}: {exc}; give a GeoTIFF") from None
-    if nodata is not None and not np.isnan(nodata):
-        values[values == np.float32(nodata)] = np.nan
+    values = np.asarray(bands.values, dtype=np.float32)
     values[~np.isfinite(values)] = np.nan
-    if crs is None:
-        raise TaxamapError(f"map {path} has no CRS; taxamap maps are EPSG:4326 (assign one, e.g. "
-                           "gdal_edit.py -a_srs EPSG:4326)")
     seen: dict[str, int] = {}
     unique = []
     for n in names:
         seen[n] = seen.get(n, 0) + 1
         unique.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
-    h, w = values.shape[1:]
-    cols, rows = np.arange(w) + 0.5, np.arange(h) + 0.5
-    x = transform.c + cols * transform.a
-    y = transform.f + rows * transform.e
     ds = xr.Dataset({n: (("y", "x"), values[i]) for i, n in enumerate(unique)},
-                    coords={"y": y, "x": x})
+                    coords={"y": bands["y"].values, "x": bands["x"].values})
     ds.attrs = {k.lower(): v for k, v in tags.items()}
     ds.attrs["source_path"] = str(path)
     return georeference(ds, crs, transform)
@@ -349,3 +348,111 @@ def grid_of(ds: "xr.Dataset"):
         finite |= v if v.ndim == 2 else v.any(axis=0)
     return Grid(west=float(t.c), north=float(t.f), resolution=float(t.a), width=ds.sizes["x"],
                 height=ds.sizes["y"], mask=finite, crs=ds.rio.crs.to_string())
+
+
+# --- one (y, x) map as the products read it: its file, a band by name or number, points ------
+
+def single_map(map_or_path: Any) -> "xr.Dataset":
+    """A (y, x) score Dataset, or a GeoTIFF path read with :func:`open_map`; a Dataset of several
+    species is refused (products cut, sample and evaluate one map)."""
+    ds = as_dataset(map_or_path)
+    if "species" in ds.dims:
+        raise TaxamapError("this Dataset holds several species; select one first "
+                           "(ds.isel(species=0) or ds.sel(species=NAME))")
+    return ds
+
+
+def map_file(ds: "xr.Dataset") -> Path:
+    """The map's file (``attrs["source_path"]``, set by :func:`open_map`), else
+    ``<slug>.tif``: what messages name, and where range files go by default."""
+    source = ds.attrs.get("source_path")
+    return Path(source) if source else Path(f"{ds.attrs.get('slug') or 'map'}.tif")
+
+
+def band_name(ds: "xr.Dataset", band: int | str) -> str:
+    """The score variable ``band`` names: a 1-based number or a name ("fused"), in any case."""
+    from taxamap.surface import option
+
+    names = score_variables(ds)
+    if isinstance(band, str) and not band.strip().isdigit():
+        lowered = [n.lower() for n in names]
+        if band.strip().lower() in lowered:
+            return names[lowered.index(band.strip().lower())]
+        raise TaxamapError(f"{map_file(ds).name} has no band {band!r}; its bands are "
+                           f"{', '.join(names)} (or give a number 1..{len(names)})")
+    number = int(band)
+    if not 1 <= number <= len(names):
+        raise TaxamapError(f"{map_file(ds).name} has {len(names)} bands; give "
+                           f"{option('band')} 1..{len(names)} or a name ({', '.join(names)})")
+    return names[number - 1]
+
+
+def band_values(ds: "xr.Dataset", name: str) -> np.ndarray:
+    """Band ``name`` as a (y, x) float32 array, NaN where it has no finite score (read only)."""
+    values = np.asarray(ds[name].values, dtype=np.float32)
+    if np.isinf(values).any():
+        values = np.where(np.isinf(values), np.float32(np.nan), values)
+    return values
+
+
+def cell_values(ds: "xr.Dataset", rows: np.ndarray, cols: np.ndarray,
+                bands: Sequence[str] | None = None) -> np.ndarray:
+    """(bands, N) float64 values of the cells (``rows``, ``cols``) in each of ``bands`` (default
+    every score band, in :func:`score_variables` order)."""
+    names = score_variables(ds) if bands is None else list(bands)
+    return np.stack([band_values(ds, n)[rows, cols] for n in names]).astype(np.float64)
+
+
+def pixels_of(ds: "xr.Dataset", latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, inside) of the cells holding (lat, lon) points; ``inside`` is False for points
+    off the map (their rows and cols are 0). A point is also tried one turn over, for maps in
+    degrees whose grid runs past +/-180."""
+    from rasterio.transform import rowcol
+
+    from taxamap.crs import from_lonlat
+
+    latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    transform, crs = ds.rio.transform(), ds.rio.crs
+    height, width = ds.sizes["y"], ds.sizes["x"]
+    x, y = from_lonlat(latlon[:, 1], latlon[:, 0], crs)
+
+    def locate(x: np.ndarray, y: np.ndarray):
+        with np.errstate(invalid="ignore"):
+            rows, cols = rowcol(transform, x, y, op=np.floor)  # floats: NaN stays off the map
+            inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+        return (np.where(inside, rows, 0).astype(np.int64),
+                np.where(inside, cols, 0).astype(np.int64), inside)
+
+    rows, cols, inside = locate(x, y)
+    if getattr(crs, "is_geographic", False):
+        for shift in (360.0, -360.0):
+            retry = ~inside & np.isfinite(x)
+            if not retry.any():
+                break
+            r2, c2, in2 = locate(x[retry] + shift, y[retry])
+            idx = np.flatnonzero(retry)[in2]
+            rows[idx], cols[idx], inside[idx] = r2[in2], c2[in2], True
+    return rows, cols, inside
+
+
+def sample_points(ds: "xr.Dataset", latlon: np.ndarray,
+                  bands: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(values (bands, N) float64, NaN off the map or on nodata; inside (N,) bool) of the cells
+    holding (lat, lon) points (:func:`pixels_of`), in each of ``bands`` (default: all)."""
+    rows, cols, inside = pixels_of(ds, latlon)
+    values = cell_values(ds, rows, cols, bands)
+    values[:, ~inside] = np.nan
+    return values, inside
+
+
+def cell_centres(ds: "xr.Dataset", rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(N, 2) (lat, lon) of the centres of cells (``rows``, ``cols``), in EPSG:4326 (longitudes
+    wrapped into [-180, 180))."""
+    from rasterio.transform import xy
+
+    from taxamap.crs import is_wgs84, to_lonlat, wrap_lon
+
+    x, y = xy(ds.rio.transform(), np.asarray(rows), np.asarray(cols), offset="center")
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    lon, lat = (wrap_lon(x), y) if is_wgs84(ds.rio.crs) else to_lonlat(x, y, ds.rio.crs)
+    return np.column_stack([lat, lon])

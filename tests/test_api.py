@@ -139,6 +139,12 @@ def test_threshold_on_dataset_equals_threshold_on_its_file(ds, tmp_path):
     assert sorted(p.name for p in b.paths.values()) == [
         "cardinalis-cardinalis_range.gpkg", "cardinalis-cardinalis_range.tif"]
     assert a.paths == {}
+    # One range type: the map in memory, written later, gives the file's range byte for byte.
+    assert type(a) is type(b) is taxamap.Range
+    written = a.write(tmp_path / "later")
+    assert a.paths == written and written["raster"].name == "cardinalis-cardinalis_range.tif"
+    assert written["raster"].read_bytes() == b.paths["raster"].read_bytes()
+    assert a.polygons.to_json() == b.polygons.to_json()
 
 
 def _points(seed: int, n: int) -> np.ndarray:

@@ -11,6 +11,7 @@ import pytest
 import rasterio
 from affine import Affine
 
+from taxamap.dataset import band_name, cell_centres, open_map, pixels_of, sample_points
 from taxamap.errors import TaxamapError
 from taxamap.products.evaluate import (
     average_precision,
@@ -19,7 +20,6 @@ from taxamap.products.evaluate import (
     format_table,
     max_tss,
     plot_roc,
-    read_map,
     roc_auc,
     spearman,
 )
@@ -167,10 +167,51 @@ def test_errors_and_antimeridian(tmp_path, small_map):
     # A grid across the antimeridian runs from 170 to 190 E; a point at -175 lies on it.
     lat, lon = centres(170.0, 10.0, 1.0, 10, 20)
     across = write_map(tmp_path / "fiji.tif", {"fused": lon.astype(np.float32)}, 170.0, 10.0, 1.0)
-    raster = read_map(across)
-    values, inside = raster.extract(np.array([[5.5, -175.5], [5.5, 175.5], [5.5, 0.0]]))
+    values, inside = sample_points(open_map(across),
+                                   np.array([[5.5, -175.5], [5.5, 175.5], [5.5, 0.0]]))
     assert inside.tolist() == [True, True, False]
     assert values[0, :2].tolist() == [184.5, 175.5]
+
+
+def test_points_and_cell_centres_on_a_projected_map(tmp_path):
+    """A cell's centre (in lon/lat) is sampled back from that cell, also on a map in another
+    CRS; points off the map are flagged and read as NaN."""
+    values = np.arange(12 * 15, dtype=np.float32).reshape(12, 15)
+    values[3, 4] = np.nan
+    path = write_map(tmp_path / "albers.tif", {"fused": values, "location": -values},
+                     -100_000.0, 100_000.0, 10_000.0, crs="EPSG:3310")
+    ds = open_map(path)
+    rows, cols = np.array([0, 3, 5, 11]), np.array([0, 4, 7, 14])
+    latlon = cell_centres(ds, rows, cols)
+    assert (np.abs(latlon[:, 0] - 37.0) < 2).all() and (np.abs(latlon[:, 1] + 120.0) < 2).all()
+    found_rows, found_cols, inside = pixels_of(ds, latlon)
+    assert inside.all() and found_rows.tolist() == rows.tolist()
+    assert found_cols.tolist() == cols.tolist()
+    sampled, inside = sample_points(ds, np.vstack([latlon, [[0.0, 0.0]]]))
+    assert inside.tolist() == [True] * 4 + [False]
+    np.testing.assert_array_equal(sampled[0, :4], values[rows, cols])
+    np.testing.assert_array_equal(sampled[1, :4], -values[rows, cols])
+    assert np.isnan(sampled[:, 4]).all() and np.isnan(sampled[0, 1])
+    only, _ = sample_points(ds, latlon, ["location"])
+    assert only.shape == (1, 4)
+
+
+def test_open_map_keeps_tags_as_written_and_finds_bands(tmp_path):
+    path = write_map(tmp_path / "m.tif", {"fused": np.ones((2, 3)), "location": np.zeros((2, 3))},
+                     0.0, 2.0, 1.0)
+    with rasterio.open(path, "r+") as f:
+        f.update_tags(QUERY="Foo bar", CELLS="007", THRESHOLD="0.150")
+        f.update_tags(1, MODALITY="fused")
+    ds = open_map(path)
+    assert {k: ds.attrs[k] for k in ("query", "cells", "threshold")} == {
+        "query": "Foo bar", "cells": "007", "threshold": "0.150"}  # text, not numbers
+    assert "modality" not in ds.attrs  # a band's tags are not the map's
+    assert list(ds.data_vars) == ["fused", "location"] and ds["fused"].dtype == np.float32
+    assert band_name(ds, "LOCATION") == "location" and band_name(ds, 1) == "fused"
+    with pytest.raises(TaxamapError, match=r"^m\.tif has no band 'env'; its bands are fused, "):
+        band_name(ds, "env")
+    with pytest.raises(TaxamapError, match=r"^m\.tif has 2 bands; give .*1\.\.2"):
+        band_name(ds, 3)
 
 
 def test_json_and_roc_png_are_written_atomically(tmp_path, small_map):

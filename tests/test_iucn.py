@@ -66,13 +66,13 @@ def test_known_rectangle_eoo_aoo_in_files(tmp_path):
     assert result.aoo_km2 == pytest.approx(aoo, rel=0.01)
     # Boundary cells of the 2 km grid count whole, so the AOO exceeds the hull: EOO is raised.
     assert result.aoo_km2 > result.eoo_hull_km2 and result.eoo_km2 == result.aoo_km2
-    with rasterio.open(result.raster_path) as ds:
+    with rasterio.open(result.paths["raster"]) as ds:
         tags = ds.tags()
     assert float(tags["EOO_KM2"]) == pytest.approx(result.eoo_km2, rel=1e-6)
     assert float(tags["EOO_HULL_KM2"]) == pytest.approx(result.eoo_hull_km2, rel=1e-6)
     assert float(tags["AOO_KM2"]) == pytest.approx(result.aoo_km2, rel=1e-6)
     assert "above the B1 area thresholds" in tags["IUCN_B"]
-    meta, _, _, fields = pyogrio.raw.read(result.polygons_path)
+    meta, _, _, fields = pyogrio.raw.read(result.paths["polygons"])
     data = dict(zip(meta["fields"], fields))
     assert data["eoo_km2"][0] == pytest.approx(result.eoo_km2)
     assert data["aoo_km2"][0] == pytest.approx(result.aoo_km2)
@@ -126,7 +126,7 @@ def test_eoo_is_raised_to_aoo_when_the_hull_is_smaller(tmp_path):
     assert result.eoo_km2 == result.aoo_km2  # raised, not the hull's 11 km2
     assert f"EOO {aoo:,.0f} km2 (the hull's {hull:,.0f} km2 raised" in result.criterion_b
     assert "B1 area threshold for Critically Endangered" in result.criterion_b  # AOO < 100
-    with rasterio.open(result.raster_path) as ds:
+    with rasterio.open(result.paths["raster"]) as ds:
         assert float(ds.tags()["EOO_KM2"]) == pytest.approx(aoo)
 
 
@@ -139,7 +139,7 @@ def test_single_cell_and_empty_ranges_claim_no_threshold(tmp_path):
     text = result.criterion_b
     assert "single map cell" in text and "no criterion B area threshold" in text
     assert "meets" not in text and "Endangered" not in text
-    with rasterio.open(result.raster_path) as ds:
+    with rasterio.open(result.paths["raster"]) as ds:
         assert ds.tags()["IUCN_B"] == text
     empty = criterion_b(0.0, 0.0)
     assert "empty" in empty and "meets" not in empty and "Endangered" not in empty

@@ -73,9 +73,9 @@ def test_outline_runs_along_cell_edges(tmp_path, score_map):
     assert len(shapely.get_coordinates(outline)) > 50
     assert off_cell_edges(outline, WEST, NORTH, RES) == 0
     result = threshold_map(score_map, "value:0.15", out_dir=tmp_path / "out")
-    _, geoms, _ = read_polygons(result.polygons_path)
+    _, geoms, _ = read_polygons(result.paths["polygons"])
     assert off_cell_edges(shapely.union_all(geoms), WEST, NORTH, RES) == 0
-    binary, *_ = read_band(result.raster_path)
+    binary, *_ = read_band(result.paths["raster"])
     lat, lon = centres(WEST, NORTH, RES, HEIGHT, WIDTH)
     assert not shapely.contains(outline, shapely.points(lon[binary == 0], lat[binary == 0])).any()
     r = 6371.0088
@@ -87,7 +87,7 @@ def test_outline_runs_along_cell_edges(tmp_path, score_map):
 def test_value_rule_raster_polygons_and_tags(tmp_path, score_map):
     result = threshold_map(score_map, "value:0.15", out_dir=tmp_path / "out")
     assert result.threshold == 0.15 and result.band == "fused"
-    binary, profile, tags, descriptions = read_band(result.raster_path)
+    binary, profile, tags, descriptions = read_band(result.paths["raster"])
     with rasterio.open(score_map) as src:
         values = src.read(1)
         assert profile["transform"] == src.transform and profile["crs"] == src.crs
@@ -101,7 +101,7 @@ def test_value_rule_raster_polygons_and_tags(tmp_path, score_map):
     assert tags["RULE"] == "value:0.15" and float(tags["THRESHOLD"]) == 0.15
     assert tags["SOURCE_MAP"] == "map.tif" and descriptions == ("range",)
 
-    meta, geoms, fields = read_polygons(result.polygons_path)
+    meta, geoms, fields = read_polygons(result.paths["polygons"])
     assert meta["crs"] == "EPSG:4326"
     assert len(geoms) >= 2 and shapely.is_valid(geoms).all()
     union = shapely.union_all(geoms)
@@ -131,12 +131,12 @@ def test_value_rule_raster_polygons_and_tags(tmp_path, score_map):
 
 def test_percentile_rule_keeps_about_ten_percent(tmp_path, score_map):
     result = threshold_map(score_map, "percentile:90")
-    assert result.raster_path.parent == score_map.parent  # default: next to the map
+    assert result.paths["raster"].parent == score_map.parent  # default: next to the map
     share = result.n_in_range / result.n_valid
     assert abs(share - 0.10) < 1.0 / result.n_valid + 1e-9
     # By name: the location band is another surface.
     other = threshold_map(score_map, "percentile:90", band="location", stem="loc")
-    assert other.band == "location" and other.raster_path.name == "loc_range.tif"
+    assert other.band == "location" and other.paths["raster"].name == "loc_range.tif"
     assert other.threshold != result.threshold or other.n_in_range == result.n_in_range
 
 
@@ -149,7 +149,7 @@ def test_maxtss_rule_uses_the_evaluation_threshold(tmp_path, score_map):
     result = threshold_map(score_map, f"maxtss:{occ}", out_dir=tmp_path / "o", seed=3)
     expected = evaluate_map(score_map, np.column_stack([lat, lon]), seed=3).band("fused")
     assert result.threshold == expected.tss_threshold
-    binary, _, tags, _ = read_band(result.raster_path)
+    binary, _, tags, _ = read_band(result.paths["raster"])
     assert tags["RULE"] == f"maxtss:{occ}"
     # A bare "maxtss" takes the occurrences argument (array or file).
     again = threshold_map(score_map, "maxtss", out_dir=tmp_path / "p", seed=3,
@@ -192,7 +192,7 @@ def test_projected_map_polygons_come_out_in_wgs84(tmp_path):
     path = write_map(tmp_path / "albers.tif", {"fused": values}, -100_000.0, 100_000.0,
                      10_000.0, crs="EPSG:3310")
     result = threshold_map(path, "value:0.5")
-    meta, geoms, fields = read_polygons(result.polygons_path)
+    meta, geoms, fields = read_polygons(result.paths["polygons"])
     assert meta["crs"] == "EPSG:4326" and len(geoms) == 1
     rows, cols = np.nonzero(values == 1.0)
     x = -100_000.0 + (cols + 0.5) * 10_000.0
@@ -205,10 +205,10 @@ def test_projected_map_polygons_come_out_in_wgs84(tmp_path):
 def test_antimeridian_range_polygons_are_written_within_180():
     import shapely
 
-    from taxamap.products.ranges import _wrap_longitudes
+    from taxamap.crs import wrap_longitudes
 
     fiji_like = shapely.MultiPolygon([shapely.box(178.0, -18.0, 181.5, -16.0)])
-    wrapped = _wrap_longitudes(fiji_like)
+    wrapped = wrap_longitudes(fiji_like)
     west, south, east, north = wrapped.bounds
     assert west >= -180 and east <= 180
     assert abs(wrapped.area - fiji_like.area) < 1e-9

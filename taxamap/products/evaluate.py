@@ -4,19 +4,22 @@
 (given, or sampled uniformly over the map's valid cells) and reports, per band (the fused score
 and each modality, named by the band descriptions):
 
-* ROC-AUC and average precision, presence = 1 and background = 0 (computed here with numpy; ties
-  are handled as scikit-learn does: one ROC/PR point per distinct value);
+* ROC-AUC and average precision, presence = 1 and background = 0 (scikit-learn's
+  ``roc_auc_score`` and ``average_precision_score``: one ROC/PR point per distinct value);
 * the threshold maximising the true skill statistic, TSS = sensitivity + specificity - 1, where
   cells with ``value >= threshold`` are predicted present, and that TSS;
 * the continuous Boyce index (Hirzel et al. 2006, Ecological Modelling 199:142-152): a window of
   :data:`BOYCE_WINDOW` of the value range slides over the range in :data:`BOYCE_STEPS` steps; in
   each window the predicted/expected ratio F = (share of presences) / (share of background) is
   computed (windows without background are skipped), and the index is the Spearman rank
-  correlation between F and the window centre. Near +1: presences concentrate where the map is
-  high; near 0: no better than random; negative: the map points the wrong way.
+  correlation (SciPy's ``spearmanr``) between F and the window centre. Near +1: presences
+  concentrate where the map is high; near 0: no better than random; negative: the map points
+  the wrong way.
 
-Values are read at the nearest pixel (the pixel that contains the point). Points outside the map,
-or on a NaN (nodata) pixel of a band, are counted and reported per band, never silently dropped.
+Values are read at the pixel that contains the point (:func:`taxamap.dataset.sample_points`).
+Points outside the map, or on a NaN (nodata) pixel of a band, are counted and reported per band,
+never silently dropped. Neither max-TSS nor the continuous Boyce index is in scikit-learn or
+SciPy: both are built here on their curves and rank correlation.
 """
 
 from __future__ import annotations
@@ -26,14 +29,26 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from taxamap.crs import from_lonlat, is_wgs84, to_lonlat, wrap_lon
+from taxamap.dataset import (
+    band_name,
+    band_values,
+    cell_centres,
+    cell_values,
+    map_file,
+    sample_points,
+    score_variables,
+    single_map,
+)
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull, atomic_write
 from taxamap.surface import option
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
 
 #: Default number of background cells sampled when no background is given (as Maxent does).
 DEFAULT_N_BACKGROUND = 10_000
@@ -42,139 +57,25 @@ BOYCE_WINDOW = 0.1
 BOYCE_STEPS = 100
 
 
-# --- reading a map and extracting values --------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class MapRaster:
-    """All bands of a map in memory: ``values`` (bands, height, width) float32, NaN = nodata."""
-
-    path: Path
-    values: np.ndarray = field(repr=False)
-    names: list[str]
-    transform: Any
-    crs: Any
-    tags: dict[str, str] = field(default_factory=dict, repr=False)
-
-    @property
-    def height(self) -> int:
-        return int(self.values.shape[1])
-
-    @property
-    def width(self) -> int:
-        return int(self.values.shape[2])
-
-    def band_index(self, band: int | str) -> int:
-        """0-based index of ``band``: a 1-based number or a band description ("fused")."""
-        if isinstance(band, str) and not band.strip().isdigit():
-            lowered = [n.lower() for n in self.names]
-            if band.strip().lower() in lowered:
-                return lowered.index(band.strip().lower())
-            raise TaxamapError(f"{self.path.name} has no band {band!r}; its bands are "
-                               f"{', '.join(self.names)} (or give a number 1..{len(self.names)})")
-        number = int(band)
-        if not 1 <= number <= len(self.names):
-            raise TaxamapError(f"{self.path.name} has {len(self.names)} bands; give "
-                               f"{option('band')} 1..{len(self.names)} or a name "
-                               f"({', '.join(self.names)})")
-        return number - 1
-
-    def pixel_of(self, latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, cols, inside) of the pixels containing (lat, lon) points; ``inside`` False for
-        points off the map (their rows/cols are 0)."""
-        latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
-        x, y = _lonlat_to_map(latlon[:, 1], latlon[:, 0], self.crs)
-        rows, cols, inside = self._rowcol(x, y)
-        if _is_geographic(self.crs):
-            # Grids across the antimeridian run past +/-180: try the point one turn over.
-            for shift in (360.0, -360.0):
-                retry = ~inside & np.isfinite(x)
-                if not retry.any():
-                    break
-                r2, c2, in2 = self._rowcol(x[retry] + shift, y[retry])
-                idx = np.flatnonzero(retry)[in2]
-                rows[idx], cols[idx], inside[idx] = r2[in2], c2[in2], True
-        return rows, cols, inside
-
-    def _rowcol(self, x: np.ndarray, y: np.ndarray):
-        with np.errstate(invalid="ignore"):
-            colf, rowf = _apply(~self.transform, x, y)
-            inside = (np.isfinite(colf) & np.isfinite(rowf) & (colf >= 0) & (rowf >= 0)
-                      & (colf < self.width) & (rowf < self.height))
-        rows = np.where(inside, np.floor(np.where(inside, rowf, 0)), 0).astype(np.int64)
-        cols = np.where(inside, np.floor(np.where(inside, colf, 0)), 0).astype(np.int64)
-        return rows, cols, inside
-
-    def extract(self, latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(values (bands, N) with NaN where off the map or nodata, inside (N,) bool)."""
-        rows, cols, inside = self.pixel_of(latlon)
-        values = self.values[:, rows, cols].astype(np.float64)
-        values[:, ~inside] = np.nan
-        return values, inside
-
-    def cell_centres(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """(N, 2) (lat, lon) of pixel centres, in EPSG:4326."""
-        x, y = _apply(self.transform, np.asarray(cols) + 0.5, np.asarray(rows) + 0.5)
-        lon, lat = _map_to_lonlat(x, y, self.crs)
-        return np.column_stack([lat, lon])
-
-
-def _apply(t, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An affine transform applied to coordinate arrays."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    return t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f
-
-
-def read_map(map_or_path: Any) -> MapRaster:
-    """All bands of a map in memory: a (y, x) score Dataset (see :mod:`taxamap.dataset`), or a
-    taxamap GeoTIFF (or any single/multi-band raster) read with :func:`taxamap.dataset.open_map`.
-
-    Band names are the variable names / band descriptions ("fused", "location", ...), else
-    "band<i>". Nodata and non-finite pixels are NaN.
-    """
-    from taxamap.dataset import as_dataset, score_variables
-
-    ds = as_dataset(map_or_path)
-    if "species" in ds.dims:
-        raise TaxamapError("this Dataset holds several species; select one first "
-                           "(ds.isel(species=0) or ds.sel(species=NAME))")
-    names = score_variables(ds)
-    values = np.stack([np.asarray(ds[n].values, dtype=np.float32) for n in names])
-    values[~np.isfinite(values)] = np.nan
-    source = ds.attrs.get("source_path")
-    path = Path(source) if source else Path(f"{ds.attrs.get('slug') or 'map'}.tif")
-    tags = {k.upper(): str(v) for k, v in ds.attrs.items()}
-    return MapRaster(path, values, names, ds.rio.transform(), ds.rio.crs, tags)
-
-
-def _is_geographic(crs) -> bool:
-    return bool(getattr(crs, "is_geographic", False))
-
-
-def _lonlat_to_map(lon: np.ndarray, lat: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
-    return from_lonlat(lon, lat, crs)
-
-
-def _map_to_lonlat(x: np.ndarray, y: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
-    if is_wgs84(crs):
-        return wrap_lon(x), np.asarray(y, dtype=float)
-    return to_lonlat(x, y, crs)
-
+# --- background cells -------------------------------------------------------------------------
 
 def sample_background(
-    raster: MapRaster, n: int = DEFAULT_N_BACKGROUND, seed: int = 0, band: int = 0
+    ds: "xr.Dataset", n: int = DEFAULT_N_BACKGROUND, seed: int = 0, band: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample up to ``n`` distinct valid cells (non-NaN in ``band``, 0-based) uniformly.
+    """Sample up to ``n`` distinct cells valid in ``band`` (default the first, the fused score)
+    of a (y, x) map uniformly.
 
-    Returns (values (bands, M), latlon (M, 2) of the cell centres); M = min(n, valid cells).
+    Returns (values (bands, M) of every band, latlon (M, 2) of the cell centres);
+    M = min(n, valid cells).
     """
-    valid = np.flatnonzero(np.isfinite(raster.values[band]).ravel())
+    name = band or score_variables(ds)[0]
+    valid = np.flatnonzero(np.isfinite(band_values(ds, name)).ravel())
     if valid.size == 0:
-        raise TaxamapError(f"map {raster.path} has no valid cells to sample background from")
+        raise TaxamapError(f"map {map_file(ds)} has no valid cells to sample background from")
     rng = np.random.default_rng(seed)
     take = valid if n >= valid.size else np.sort(rng.choice(valid, size=int(n), replace=False))
-    rows, cols = np.divmod(take, raster.width)
-    values = raster.values[:, rows, cols].astype(np.float64)
-    return values, raster.cell_centres(rows, cols)
+    rows, cols = np.divmod(take, ds.sizes["x"])
+    return cell_values(ds, rows, cols), cell_centres(ds, rows, cols)
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -185,91 +86,76 @@ def _as_scores(presence: np.ndarray, background: np.ndarray):
     return pos, neg
 
 
-def binary_curve(presence: np.ndarray, background: np.ndarray):
-    """Cumulative (true positives, false positives, thresholds), one entry per distinct value,
-    thresholds decreasing: predicting "present" for ``value >= thresholds[i]`` finds ``tps[i]``
-    presences and ``fps[i]`` background points."""
-    pos, neg = _as_scores(presence, background)
-    scores = np.concatenate([pos, neg])
-    labels = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    # The last index of each run of equal scores: tied values enter the curve together.
-    ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    tps = np.cumsum(labels)[ends]
-    fps = (ends + 1) - tps
-    return tps, fps, scores[ends]
+def _labelled(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) as scikit-learn takes them: presence = 1, background = 0."""
+    return np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg]
 
 
 def roc_curve(presence: np.ndarray, background: np.ndarray):
-    """(false positive rate, true positive rate, thresholds), starting at (0, 0) with an
-    infinite threshold."""
-    tps, fps, thresholds = binary_curve(presence, background)
-    if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
+    """(false positive rate, true positive rate, thresholds), one point per distinct value,
+    starting at (0, 0) with an infinite threshold (scikit-learn's ``roc_curve``)."""
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    pos, neg = _as_scores(presence, background)
+    if pos.size == 0 or neg.size == 0:
         return np.array([0.0]), np.array([0.0]), np.array([np.inf])
-    fpr = np.r_[0.0, fps / fps[-1]]
-    tpr = np.r_[0.0, tps / tps[-1]]
-    return fpr, tpr, np.r_[np.inf, thresholds]
+    fpr, tpr, thresholds = sk_roc_curve(*_labelled(pos, neg), drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def roc_auc(presence: np.ndarray, background: np.ndarray) -> float:
-    """Area under the ROC curve (trapezoids between distinct values: ties count one half)."""
+    """Area under the ROC curve (scikit-learn; ties count one half); NaN without both sides."""
+    from sklearn.metrics import roc_auc_score
+
     pos, neg = _as_scores(presence, background)
     if pos.size == 0 or neg.size == 0:
         return math.nan
-    fpr, tpr, _ = roc_curve(pos, neg)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    return float(roc_auc_score(*_labelled(pos, neg)))
 
 
 def average_precision(presence: np.ndarray, background: np.ndarray) -> float:
-    """Average precision: sum over distinct values of (recall gain) x (precision there)."""
+    """Average precision (scikit-learn): sum over distinct values of (recall gain) x (precision
+    there); NaN without both sides."""
+    from sklearn.metrics import average_precision_score
+
     pos, neg = _as_scores(presence, background)
     if pos.size == 0 or neg.size == 0:
         return math.nan
-    tps, fps, _ = binary_curve(pos, neg)
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(*_labelled(pos, neg)))
 
 
 def max_tss(presence: np.ndarray, background: np.ndarray) -> tuple[float, float, float, float]:
     """(threshold, TSS, sensitivity, specificity) at the threshold that maximises TSS.
 
-    Cells with ``value >= threshold`` are predicted present. Of equally good thresholds the
-    highest is returned (the tightest range).
+    Cells with ``value >= threshold`` are predicted present; sensitivity and 1 - specificity are
+    the ROC curve's rates at each distinct value. Of equally good thresholds the highest is
+    returned (the tightest range).
     """
     pos, neg = _as_scores(presence, background)
     if pos.size == 0 or neg.size == 0:
         return math.nan, math.nan, math.nan, math.nan
-    tps, fps, thresholds = binary_curve(pos, neg)
-    sensitivity = tps / pos.size
-    specificity = 1.0 - fps / neg.size
+    fpr, tpr, thresholds = roc_curve(pos, neg)
+    # The curve's first point (infinite threshold, nothing predicted) is no threshold to give.
+    sensitivity, specificity, thresholds = tpr[1:], 1.0 - fpr[1:], thresholds[1:]
     tss = sensitivity + specificity - 1.0
     best = int(np.argmax(tss))
     return (float(thresholds[best]), float(tss[best]), float(sensitivity[best]),
             float(specificity[best]))
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
-    ends = np.r_[starts[1:], x.size]
-    mean_rank = (starts + ends - 1) / 2.0 + 1.0
-    ranks = np.empty(x.size)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
+    """Spearman rank correlation (SciPy; average ranks for ties); NaN when either side is
+    constant or has fewer than two values."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.size < 2:
         return math.nan
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = math.sqrt(float(np.sum(ra * ra)) * float(np.sum(rb * rb)))
-    return float(np.sum(ra * rb) / denominator) if denominator > 0 else math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SciPy warns of constant input, and returns NaN
+        return float(spearmanr(a, b).statistic)
 
 
 def boyce_curve(
@@ -389,7 +275,7 @@ class EvaluationResult:
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` as JSON (NaN as null), atomically; returns the path."""
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        return _write_atomic(Path(path), text.encode("utf-8"))
+        return write_file(path, text.encode("utf-8"))
 
     def format_table(self) -> str:
         return format_table(self)
@@ -404,35 +290,37 @@ def json_value(value: Any) -> Any:
     return value
 
 
-def points_on_map(raster: MapRaster, latlon: np.ndarray,
+def points_on_map(map_or_path: Any, latlon: np.ndarray,
                   what: str = "presence points") -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`MapRaster.extract` of ``latlon`` ((N, 2) lat/lon), refusing in one line an empty
-    set, or one of which no point falls on the map (often latitude and longitude swapped) or on
-    any of its scored cells."""
+    """:func:`taxamap.dataset.sample_points` of ``latlon`` ((N, 2) lat/lon) on a (y, x) map (a
+    Dataset or a GeoTIFF path), refusing in one line an empty set, or one of which no point falls
+    on the map (often latitude and longitude swapped) or on any of its scored cells."""
+    ds = single_map(map_or_path)
     if latlon.shape[0] == 0:
         raise TaxamapError(f"there are no {what}; check the occurrence file")
-    values, inside = raster.extract(latlon)
+    values, inside = sample_points(ds, latlon)
+    name = map_file(ds).name
     if not inside.any():
         raise TaxamapError(f"none of the {len(latlon)} {what} falls on the map "
-                           f"{raster.path.name}; check that the occurrences are in the map's "
+                           f"{name}; check that the occurrences are in the map's "
                            "region (and latitude/longitude are not swapped)")
     if not np.isfinite(values).any():
         raise TaxamapError(f"none of the {len(latlon)} {what} falls on a scored cell of the map "
-                           f"{raster.path.name} ({int(inside.sum())} lie within its bounds, on "
+                           f"{name} ({int(inside.sum())} lie within its bounds, on "
                            "cells without a score: water, or outside the region); check that "
                            "the occurrences are in the map's region")
     return values, inside
 
 
 def evaluate_map(
-    map_path: str | os.PathLike,
+    map_or_path: Any,
     presences: np.ndarray,
     background: np.ndarray | None = None,
     n_background: int = DEFAULT_N_BACKGROUND,
     seed: int = 0,
     bands: Sequence[int | str] | None = None,
 ) -> EvaluationResult:
-    """Evaluate every band (or ``bands``) of the map at ``map_path``.
+    """Evaluate every band (or ``bands``) of a (y, x) map: a score Dataset or a GeoTIFF path.
 
     ``presences``, ``background``: (N, 2) (lat, lon) degrees. Without ``background``, up to
     ``n_background`` distinct cells are drawn uniformly (with ``seed``) from the cells valid in
@@ -440,19 +328,20 @@ def evaluate_map(
     """
     if int(n_background) < 1:
         raise TaxamapError(f"{option('n-background')} must be at least 1, not {n_background}")
-    raster = read_map(map_path)
+    ds = single_map(map_or_path)
     presences = _latlon(presences, "presences")
-    pres_values, pres_inside = points_on_map(raster, presences, "presence points")
+    pres_values, pres_inside = points_on_map(ds, presences, "presence points")
     if background is None:
-        back_values, _ = sample_background(raster, n_background, seed)
+        back_values, _ = sample_background(ds, n_background, seed)
         back_inside = np.ones(back_values.shape[1], dtype=bool)
         source, used_seed = "sampled", seed
     else:
         background = _latlon(background, "background")
-        back_values, back_inside = raster.extract(background)
+        back_values, back_inside = sample_points(ds, background)
         source, used_seed = "given", None
-    indices = (range(len(raster.names)) if bands is None
-               else [raster.band_index(b) for b in bands])
+    names = score_variables(ds)
+    indices = (range(len(names)) if bands is None
+               else [names.index(band_name(ds, b)) for b in bands])
     results = []
     for i in indices:
         p_all, b_all = pres_values[i], back_values[i]
@@ -460,7 +349,7 @@ def evaluate_map(
         p, b = p_all[p_ok], b_all[b_ok]
         threshold, tss, sens, spec = max_tss(p, b)
         results.append(BandEvaluation(
-            name=raster.names[i], n_presence=int(p.size), n_background=int(b.size),
+            name=names[i], n_presence=int(p.size), n_background=int(b.size),
             presence_nodata=int((pres_inside & ~p_ok).sum()),
             background_nodata=int((back_inside & ~b_ok).sum()),
             auc=roc_auc(p, b), average_precision=average_precision(p, b), tss=tss,
@@ -468,7 +357,7 @@ def evaluate_map(
             boyce=boyce_index(p, b), presence_values=p, background_values=b,
         ))
     return EvaluationResult(
-        map_path=str(raster.path), bands=results, presence_given=int(len(presences)),
+        map_path=str(map_file(ds)), bands=results, presence_given=int(len(presences)),
         presence_outside=int((~pres_inside).sum()), background=source,
         background_given=int(back_values.shape[1]),
         background_outside=int((~back_inside).sum()), seed=used_seed,
@@ -545,7 +434,7 @@ def plot_roc(result: EvaluationResult, path: str | os.PathLike) -> Path:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buffer = _png_bytes(fig)
-    return _write_atomic(Path(path), buffer)
+    return write_file(path, buffer)
 
 
 def _png_bytes(fig) -> bytes:
@@ -556,7 +445,9 @@ def _png_bytes(fig) -> bytes:
     return out.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
+def write_file(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`taxamap.io.atomic_write`), creating its
+    folder; a path that cannot be written is one TaxamapError line."""
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

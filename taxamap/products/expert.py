@@ -30,12 +30,25 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from taxamap.crs import polygon_parts
+from taxamap.dataset import (
+    band_name,
+    band_values,
+    cell_centres,
+    map_file,
+    sample_points,
+    score_variables,
+    single_map,
+)
 from taxamap.errors import TaxamapError
-from taxamap.products.evaluate import MapRaster, binary_curve, json_value, read_map, text_table
+from taxamap.products.evaluate import json_value, text_table, write_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    import xarray as xr
 
 H3_RESOLUTION = 5
 TILE_DEG = 10.0
@@ -64,8 +77,6 @@ def read_expert_range(source: Any):
     EPSG:4326 lon/lat. A file without a CRS, or without any polygon, is refused (one line).
     """
     import shapely
-
-    from taxamap.products.iucn import polygon_parts
 
     if isinstance(source, shapely.Geometry):
         geom, name = source, "the expert geometry"
@@ -107,25 +118,27 @@ def _read_vector_range(source: Any):
     return shapely.union_all(np.asarray(geoms.values)), name
 
 
-def _tiles(raster: MapRaster) -> list[tuple[float, float]]:
+def _tiles(ds: "xr.Dataset") -> list[tuple[float, float]]:
     """(west, south) of the :data:`TILE_DEG` tiles, within [-180, 180), that touch a valid cell."""
-    valid = np.isfinite(raster.values).any(axis=0)
-    t = raster.transform
-    geographic = bool(getattr(raster.crs, "is_geographic", False))
+    valid = np.zeros((ds.sizes["y"], ds.sizes["x"]), dtype=bool)
+    for name in score_variables(ds):
+        valid |= np.isfinite(band_values(ds, name))
+    t, crs = ds.rio.transform(), ds.rio.crs
+    height, width = valid.shape
+    geographic = bool(getattr(crs, "is_geographic", False))
     if not geographic or t.b != 0 or t.d != 0:
         from rasterio.warp import transform_bounds
 
         west, south, east, north = transform_bounds(
-            raster.crs, "EPSG:4326", t.c, t.f + t.e * raster.height, t.c + t.a * raster.width,
-            t.f, densify_pts=51)
+            crs, "EPSG:4326", t.c, t.f + t.e * height, t.c + t.a * width, t.f, densify_pts=51)
         if east < west:
             east += 360.0
         boxes = [(x, y) for y in np.arange(math.floor(south / TILE_DEG) * TILE_DEG, north,
                                            TILE_DEG)
                  for x in np.arange(math.floor(west / TILE_DEG) * TILE_DEG, east, TILE_DEG)]
     else:
-        lon_w = t.c + t.a * np.arange(raster.width)
-        lat_n = t.f + t.e * np.arange(raster.height)
+        lon_w = t.c + t.a * np.arange(width)
+        lat_n = t.f + t.e * np.arange(height)
         tx0 = np.floor(lon_w / TILE_DEG).astype(int)
         tx1 = np.floor((lon_w + t.a) / TILE_DEG - 1e-9).astype(int)
         ty0 = np.floor((lat_n + t.e) / TILE_DEG).astype(int)
@@ -149,13 +162,13 @@ def _tiles(raster: MapRaster) -> list[tuple[float, float]]:
     return sorted(tiles)
 
 
-def h3_cells_on_map(raster: MapRaster, resolution: int = H3_RESOLUTION):
+def h3_cells_on_map(ds: "xr.Dataset", resolution: int = H3_RESOLUTION):
     """(H3 cell ids, (M, 2) (lat, lon) of their centres, (bands, M) map values there) of every
-    H3 cell whose centre falls on a cell valid in at least one band of ``raster``."""
+    H3 cell whose centre falls on a cell valid in at least one band of the (y, x) map ``ds``."""
     import h3
 
     ids: set[str] = set()
-    for west, south in _tiles(raster):
+    for west, south in _tiles(ds):
         north = min(south + TILE_DEG, 90.0)
         south = max(south, -90.0)
         east = west + TILE_DEG
@@ -163,9 +176,9 @@ def h3_cells_on_map(raster: MapRaster, resolution: int = H3_RESOLUTION):
         ids.update(h3.polygon_to_cells(poly, resolution))
     cells = np.array(sorted(ids), dtype=object)
     if cells.size == 0:
-        return cells, np.empty((0, 2)), np.empty((raster.values.shape[0], 0))
+        return cells, np.empty((0, 2)), np.empty((len(score_variables(ds)), 0))
     latlon = np.array([h3.cell_to_latlng(c) for c in cells], dtype=np.float64)
-    values, _ = raster.extract(latlon)
+    values, _ = sample_points(ds, latlon)
     keep = np.isfinite(values).any(axis=0)
     return cells[keep], latlon[keep], values[:, keep]
 
@@ -184,14 +197,22 @@ def inside_range(expert, latlon: np.ndarray) -> np.ndarray:
 
 
 def max_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The score threshold (``value >= t`` predicted in range) maximising F1 on these cells; of
-    equally good thresholds the highest."""
+    """The score threshold (``value >= t`` predicted in range) maximising F1 on these cells
+    (from scikit-learn's precision-recall curve); of equally good thresholds the highest."""
+    from sklearn.metrics import precision_recall_curve
+
     labels = np.asarray(labels, dtype=bool)
-    tps, fps, thresholds = binary_curve(scores[labels], scores[~labels])
-    if tps.size == 0 or tps[-1] == 0:
+    if not labels.any():
         return math.nan
-    f1 = 2.0 * tps / (tps + fps + tps[-1])
-    return float(thresholds[int(np.argmax(f1))])
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    # The curve's last point (precision 1, recall 0) has no threshold.
+    precision, recall = precision[:-1], recall[:-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2.0 * precision * recall / (precision + recall))
+    # Equal F1 values may differ in the last bit (two divisions): ties within 1e-12 go to the
+    # highest threshold. Thresholds come in increasing order.
+    best = np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]
+    return float(thresholds[best])
 
 
 def confusion_metrics(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -249,19 +270,19 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def band_threshold(raster: MapRaster, index: int, rule: str, scores: np.ndarray,
+def band_threshold(ds: "xr.Dataset", band: str, rule: str, scores: np.ndarray,
                    labels: np.ndarray, occurrences: Any = None, seed: int = 0) -> float:
-    """The threshold ``rule`` gives band ``index``: :data:`DEFAULT_RULE` on the H3 cells'
+    """The threshold ``rule`` gives ``band``: :data:`DEFAULT_RULE` on the H3 cells'
     ``scores``/``labels``, any range rule (:func:`taxamap.products.ranges.parse_rule`) on the map."""
     if str(rule).strip().lower() == DEFAULT_RULE:
         return max_f1_threshold(scores, labels)
     from taxamap.products.ranges import compute_threshold, parse_rule
 
-    return compute_threshold(raster, parse_rule(rule), index, occurrences, seed)
+    return compute_threshold(ds, parse_rule(rule), band, occurrences, seed)
 
 
 def compare_range(
-    map_or_path: MapRaster | str | os.PathLike,
+    map_or_path: Any,
     expert: Any,
     *,
     rule: str = DEFAULT_RULE,
@@ -270,7 +291,8 @@ def compare_range(
     seed: int = 0,
     resolution: int = H3_RESOLUTION,
 ) -> RangeComparison:
-    """Compare every band (or ``bands``) of a map with an expert range (module docstring).
+    """Compare every band (or ``bands``) of a (y, x) map (a score Dataset or a GeoTIFF path)
+    with an expert range (module docstring).
 
     ``expert``: a vector file, GeoDataFrame or shapely geometry (:func:`read_expert_range`).
     ``occurrences`` / ``seed`` serve a bare ``maxtss`` rule. TaxamapError when no H3 cell
@@ -279,7 +301,7 @@ def compare_range(
     import pandas as pd
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    raster = map_or_path if isinstance(map_or_path, MapRaster) else read_map(map_or_path)
+    ds = single_map(map_or_path)
     expert_name = (Path(expert).name if isinstance(expert, (str, os.PathLike))
                    else type(expert).__name__)
     polygons = read_expert_range(expert)
@@ -288,29 +310,30 @@ def compare_range(
         from taxamap.products.ranges import parse_rule
 
         parse_rule(rule)  # a bad rule fails before any work
-    ids, latlon, values = h3_cells_on_map(raster, resolution)
+    ids, latlon, values = h3_cells_on_map(ds, resolution)
     if ids.size == 0:
         raise TaxamapError(f"no H3 resolution-{resolution} cell centre falls on a valid cell of "
-                           f"{raster.path.name}; the map is smaller than an H3 cell (~253 km2)")
+                           f"{map_file(ds).name}; the map is smaller than an H3 cell (~253 km2)")
     labels = inside_range(polygons, latlon)
     if not labels.any():
         raise TaxamapError(f"none of the {ids.size:,} H3 cells on the map lies inside the expert "
                            f"range {expert_name}; check that it is the right species and region "
                            "and that its CRS is right")
-    indices = (range(len(raster.names)) if bands is None
-               else [raster.band_index(b) for b in bands])
+    names = score_variables(ds)
+    indices = (range(len(names)) if bands is None
+               else [names.index(band_name(ds, b)) for b in bands])
     records, thresholds = [], {}
     for i in indices:
         scores = values[i]
         ok = np.isfinite(scores)
         s, y = scores[ok], labels[ok]
         both = 0 < y.sum() < y.size
-        threshold = band_threshold(raster, i, rule, s, y, occurrences, seed)
-        thresholds[raster.names[i]] = threshold
+        threshold = band_threshold(ds, names[i], rule, s, y, occurrences, seed)
+        thresholds[names[i]] = threshold
         with np.errstate(invalid="ignore"):
             metrics = confusion_metrics(s >= threshold, y)
         records.append({
-            "band": raster.names[i], "rule": rule, "threshold": threshold,
+            "band": names[i], "rule": rule, "threshold": threshold,
             "range_ap": float(average_precision_score(y, s)) if both else math.nan,
             "range_auc": float(roc_auc_score(y, s)) if both else math.nan,
             **metrics, "n_h3_cells": int(ok.sum()), "n_h3_positive": int(y.sum()),
@@ -318,22 +341,22 @@ def compare_range(
     table = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     cells = pd.DataFrame({"h3": ids, "lat": latlon[:, 0], "lon": latlon[:, 1],
                           "expert": labels,
-                          **{raster.names[i]: values[i] for i in indices}})
-    return RangeComparison(table, cells, thresholds, rule, str(raster.path), expert_name,
+                          **{names[i]: values[i] for i in indices}})
+    return RangeComparison(table, cells, thresholds, rule, str(map_file(ds)), expert_name,
                            polygons)
 
 
-def agreement(raster: MapRaster, band_index: int, threshold: float, expert) -> np.ndarray:
+def agreement(ds: "xr.Dataset", band: str, threshold: float, expert) -> np.ndarray:
     """(height, width) uint8 on the map's grid: 1 = map and expert, 2 = map only (commission),
     3 = expert only (omission), 0 = neither or off the map (nodata). The expert side is whether
     the cell's centre lies inside the expert polygons."""
-    values = raster.values[band_index]
+    values = band_values(ds, band)
     valid = np.isfinite(values)
     out = np.zeros(values.shape, dtype=np.uint8)
     rows, cols = np.nonzero(valid)
     if rows.size == 0:
         return out
-    in_expert = inside_range(expert, raster.cell_centres(rows, cols))
+    in_expert = inside_range(expert, cell_centres(ds, rows, cols))
     in_map = values[rows, cols] >= threshold
     out[rows, cols] = np.where(in_map & in_expert, 1, np.where(in_map, 2,
                                np.where(in_expert, 3, AGREEMENT_NODATA)))
@@ -352,43 +375,26 @@ def agreement_qml() -> str:
             "    </rasterrenderer>\n  </pipe>\n</qgis>\n")
 
 
-def write_agreement(path: str | os.PathLike, raster: MapRaster, codes: np.ndarray,
+def write_agreement(path: str | os.PathLike, ds: "xr.Dataset", codes: np.ndarray,
                     tags: dict[str, str]) -> dict[str, Path]:
     """Write the agreement raster (uint8 GeoTIFF on the map's grid, nodata 0, colour table, the
     category labels in tags) and its QGIS style ``<stem>.qml``, atomically; returns both paths."""
-    import rasterio
-
-    from taxamap.writers.style import atomic_path
+    from taxamap.products.ranges import write_categories
 
     path = Path(path).expanduser()
-    profile = dict(driver="GTiff", width=raster.width, height=raster.height, count=1,
-                   dtype="uint8", nodata=AGREEMENT_NODATA, crs=raster.crs,
-                   transform=raster.transform, compress="deflate")
     labels = "; ".join(f"{v} = {label}" for v, (_, label) in AGREEMENT.items())
     palette = {AGREEMENT_NODATA: (0, 0, 0, 0), **{v: c for v, (c, _) in AGREEMENT.items()}}
-    try:
-        with atomic_path(path) as tmp:
-            with rasterio.open(tmp, "w", **profile) as ds:
-                ds.write(codes, 1)
-                ds.set_band_description(1, "agreement")
-                ds.write_colormap(1, palette)
-                ds.update_tags(**tags, VALUES=f"{labels}; 0 = nodata (neither, or off the map)")
-    except rasterio.errors.RasterioError as exc:
-        raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
-    style = path.with_suffix(".qml")
-    with atomic_path(style) as tmp:
-        tmp.write_text(agreement_qml(), encoding="utf-8")
+    write_categories(path, codes, ds, nodata=AGREEMENT_NODATA, palette=palette,
+                     description="agreement",
+                     tags={**tags, "VALUES": f"{labels}; 0 = nodata (neither, or off the map)"})
+    style = write_file(path.with_suffix(".qml"), agreement_qml().encode("utf-8"))
     return {"agreement.tif": path, "agreement.qml": style}
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """``data`` as JSON (NaN refused: give None), atomically."""
-    from taxamap.writers.style import atomic_path
-
-    path = Path(path).expanduser()
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return write_file(path, text.encode("utf-8"))
 
 
 def compare_files(
@@ -404,14 +410,14 @@ def compare_files(
     """``taxamap evaluate MAP --range EXPERT``: compare every band; with ``out_dir``, also write
     ``<map stem>_agreement.tif`` (+ ``.qml``) for ``band`` (number or name, default the fused
     score) there."""
-    raster = read_map(map_path)
-    comparison = compare_range(raster, range_path, rule=rule, occurrences=occurrences, seed=seed)
+    ds = single_map(map_path)
+    comparison = compare_range(ds, range_path, rule=rule, occurrences=occurrences, seed=seed)
     if out_dir is not None:
-        index = raster.band_index(band)
-        name = raster.names[index]
+        name = band_name(ds, band)
         threshold = comparison.thresholds[name]
-        codes = agreement(raster, index, threshold, comparison.expert)
-        tags = {"SOURCE_MAP": raster.path.name, "SOURCE_BAND": name,
+        codes = agreement(ds, name, threshold, comparison.expert)
+        source = map_file(ds)
+        tags = {"SOURCE_MAP": source.name, "SOURCE_BAND": name,
                 "EXPERT_RANGE": comparison.expert_name, "RULE": comparison.rule,
                 "THRESHOLD": repr(threshold)}
         out = Path(out_dir).expanduser()
@@ -420,6 +426,6 @@ def compare_files(
         except OSError as exc:
             raise TaxamapError(f"cannot create {out}: {exc.strerror or exc}; choose another "
                                "--out") from None
-        comparison.paths = write_agreement(out / f"{raster.path.stem}_agreement.tif", raster,
-                                           codes, tags)
+        comparison.paths = write_agreement(out / f"{source.stem}_agreement.tif", ds, codes,
+                                           tags)
     return comparison

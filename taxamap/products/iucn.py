@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from taxamap.crs import wrap_longitudes
+
 #: Side of the AOO reference grid cells in metres (IUCN's 2 km x 2 km) and its projection.
 AOO_CELL_M = 2000.0
 AOO_CRS = "EPSG:6933"
@@ -55,39 +57,6 @@ class RangeMetrics:
     def criterion_b(self) -> str:
         hull = self.hull_km2 if math.isfinite(self.hull_km2) else self.eoo_km2
         return criterion_b(hull, self.aoo_km2, self.n_cells)
-
-
-def wrap_longitudes(geom):
-    """``geom`` (lon/lat degrees, possibly past +/-180 as grids across the antimeridian are) cut at
-    the antimeridian and moved into [-180, 180]; polygons only (a MultiPolygon)."""
-    import shapely
-
-    if geom.is_empty:
-        return polygon_parts(geom)
-    west, _, east, _ = geom.bounds
-    if west >= -180 and east <= 180:
-        return polygon_parts(geom)
-    pieces = []
-    for shift in (-360.0, 0.0, 360.0):
-        window = shapely.box(-180 - shift, -90, 180 - shift, 90)
-        part = shapely.intersection(geom, window)
-        if not part.is_empty:
-            pieces.append(shapely.transform(part, lambda xy, s=shift: xy + np.array([s, 0.0])))
-    return polygon_parts(shapely.make_valid(shapely.union_all(pieces)))
-
-
-def polygon_parts(geom):
-    """The polygon parts of any geometry (collections flattened, lines and points dropped) as one
-    MultiPolygon."""
-    import shapely
-
-    parts = []
-    for part in shapely.get_parts(geom):
-        if part.geom_type == "Polygon" and not part.is_empty:
-            parts.append(part)
-        elif part.geom_type in ("MultiPolygon", "GeometryCollection"):
-            parts.extend(p for p in shapely.get_parts(polygon_parts(part).geoms))
-    return shapely.MultiPolygon(parts)
 
 
 def contiguous_longitudes(lon: np.ndarray) -> np.ndarray:

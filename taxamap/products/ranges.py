@@ -9,7 +9,9 @@ A threshold rule is one of
   presences in OCC_FILE against background cells sampled uniformly over the map (see
   :mod:`taxamap.products.evaluate`).
 
-A cell is in the range when its value is ``>= threshold``. :func:`threshold_map` writes
+A cell is in the range when its value is ``>= threshold``. :func:`cut_range` cuts a map (a score
+Dataset, or a GeoTIFF opened into one) into a :class:`Range`, the one range result; its
+:meth:`Range.write` (and :func:`threshold_map`, which does both) writes
 
 * ``<stem>_range.tif``: uint8 on the map's grid (same CRS and transform), 1 = in range, 0 = out,
   255 = nodata (where the map is NaN), with tags recording the rule, the threshold and the source;
@@ -25,7 +27,7 @@ themselves: EOO and AOO in km2 (GeoPackage fields ``eoo_km2`` and
 A rule that keeps no cell (``value:5`` on a map whose scores end at 0.15) is an error giving the
 band's value range: an empty range is never written.
 
-:func:`range_outline` returns the same geometry without writing files (for the HTML map).
+:func:`range_outline` returns the outline alone (what the HTML map draws).
 """
 
 from __future__ import annotations
@@ -34,15 +36,28 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from taxamap.crs import geometry_to_lonlat, is_wgs84
+from taxamap.crs import geometry_to_lonlat, is_wgs84, polygon_parts, wrap_longitudes
+from taxamap.dataset import (
+    band_name,
+    band_values,
+    georeference,
+    map_file,
+    sample_points,
+    score_variables,
+    single_map,
+)
 from taxamap.errors import TaxamapError
 from taxamap.io import DiskFull, atomic_path, atomic_write
-from taxamap.products.evaluate import DEFAULT_N_BACKGROUND, MapRaster, max_tss, read_map, sample_background
+from taxamap.products.evaluate import DEFAULT_N_BACKGROUND, max_tss, sample_background
 from taxamap.surface import accepts, current, option
+
+if TYPE_CHECKING:  # pragma: no cover
+    import geopandas as gpd
+    import xarray as xr
 
 RULE_FORMS = ("percentile:P (0-100, of the valid cells), value:V (a score), or "
               "maxtss:OCC_FILE (best TSS against occurrences)")
@@ -91,84 +106,74 @@ def parse_rule(rule: str) -> Rule:
     raise TaxamapError(f"unknown threshold {text!r}; use {rule_forms()}")
 
 
-@dataclass(frozen=True, eq=False)
-class RangeResult:
-    """What :func:`threshold_map` wrote: ``paths`` {"raster": .tif, "polygons": .gpkg}, the
-    ``threshold`` used, the band it was applied to, cell counts and the range's area."""
+@dataclass(eq=False)
+class Range:
+    """A map cut at a threshold rule (:func:`cut_range`); :meth:`write` writes it.
 
-    paths: dict[str, Path]
+    ``threshold`` (the score cut at), ``rule`` (as given), ``band`` (the band cut); ``raster``: an
+    ``xarray.DataArray`` on the map's grid, 1 in range, 0 out, NaN off the cells; ``polygons``: a
+    ``geopandas.GeoDataFrame`` in EPSG:4326, one row per part (largest first, cut at the
+    antimeridian) with its geodesic ``area_km2`` and the range's ``eoo_km2`` and ``aoo_km2``;
+    ``geometry``: the outline as one shapely MultiPolygon in EPSG:4326 (past +/-180 for grids
+    across the antimeridian, as the HTML map draws it); cell counts; ``area_km2`` (all parts);
+    the IUCN extent of occurrence and area of occupancy (``eoo_km2``, ``aoo_km2``, and
+    ``eoo_hull_km2``, the hull's own area before EOO is raised to the AOO) and ``criterion_b``
+    (which criterion B area thresholds they meet; the other conditions of B are not assessed);
+    ``source``: the map's file (written files go beside it by default, named after it);
+    ``tags``: what the written files record; ``paths``: {"raster": .tif, "polygons": .gpkg}
+    once written.
+    """
+
     threshold: float
     rule: str
     band: str
+    raster: "xr.DataArray" = field(repr=False)
+    polygons: "gpd.GeoDataFrame" = field(repr=False)
+    geometry: Any = field(repr=False)
     n_in_range: int
     n_valid: int
     area_km2: float
-    geometry: Any = field(repr=False, default=None)
-    eoo_km2: float = math.nan
-    aoo_km2: float = math.nan
-    eoo_hull_km2: float = math.nan  # the hull's own area, before EOO is raised to the AOO
+    eoo_km2: float
+    aoo_km2: float
+    eoo_hull_km2: float
+    criterion_b: str
+    source: Path
+    tags: dict[str, str] = field(default_factory=dict, repr=False)
+    paths: dict[str, Path] = field(default_factory=dict)
 
-    @property
-    def criterion_b(self) -> str:
-        """Which IUCN criterion B area thresholds EOO and AOO fall under (never a listing)."""
-        from taxamap.products.iucn import RangeMetrics
-
-        return RangeMetrics(self.eoo_km2, self.aoo_km2, self.eoo_hull_km2,
-                            self.n_in_range).criterion_b
-
-    @property
-    def raster_path(self) -> Path:
-        return self.paths["raster"]
-
-    @property
-    def polygons_path(self) -> Path:
-        return self.paths["polygons"]
-
-
-@dataclass(frozen=True, eq=False)
-class RangeCut:
-    """A map cut at a rule, in memory: ``binary`` uint8 on the map's grid (1 in, 0 out,
-    255 nodata) and ``geometry`` (shapely MultiPolygon, EPSG:4326, possibly past +/-180 for
-    grids across the antimeridian)."""
-
-    raster: MapRaster
-    band_index: int
-    threshold: float
-    binary: np.ndarray
-    geometry: Any
-    cells: Any = None   # the in-range cells dissolved, EPSG:4326 (IUCN metrics)
-    rule_text: str = ""
-
-    @property
-    def band_name(self) -> str:
-        return self.raster.names[self.band_index]
-
-    @property
-    def n_in_range(self) -> int:
-        return int((self.binary == 1).sum())
-
-    @property
-    def n_valid(self) -> int:
-        return int((self.binary != NODATA).sum())
-
-    def parts(self) -> list[tuple[Any, float]]:
-        """(polygon, geodesic area km2) of each part, wrapped into [-180, 180], largest first."""
-        parts = list(_wrap_longitudes(self.geometry).geoms)
-        areas = [geodesic_area_km2(p) for p in parts]
-        order = np.argsort(areas)[::-1]
-        return [(parts[i], areas[i]) for i in order]
+    def write(self, out_dir: str | os.PathLike | None = None,
+              stem: str | None = None) -> dict[str, Path]:
+        """Write ``<stem>_range.tif`` and ``<stem>_range.gpkg`` (atomically) into ``out_dir``
+        (default: the map's folder; ``stem``: the map's file stem); returns and keeps ``paths``."""
+        out_dir = Path(out_dir).expanduser() if out_dir is not None else self.source.parent
+        stem = stem or self.source.stem
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TaxamapError(f"cannot create {out_dir}: {exc.strerror or exc}; choose "
+                               "another --out") from None
+        raster_path = out_dir / f"{stem}_range.tif"
+        polygons_path = out_dir / f"{stem}_range.gpkg"
+        values = np.asarray(self.raster.values)
+        binary = np.where(np.isnan(values), NODATA, values).astype(np.uint8)
+        write_categories(raster_path, binary, self.raster, nodata=NODATA, palette=PALETTE,
+                         description="range", tags=self.tags)
+        _write_polygons(polygons_path, self.polygons, self.rule, self.threshold,
+                        self.source.name)
+        self.paths = {"raster": raster_path, "polygons": polygons_path}
+        return self.paths
 
 
 def compute_threshold(
-    raster: MapRaster, rule: Rule, band_index: int, occurrences: Any = None, seed: int = 0,
+    ds: "xr.Dataset", rule: Rule, band: str, occurrences: Any = None, seed: int = 0,
     n_background: int = DEFAULT_N_BACKGROUND,
 ) -> float:
-    """The threshold ``rule`` gives for band ``band_index`` (0-based) of ``raster``."""
-    values = raster.values[band_index]
+    """The threshold ``rule`` gives for ``band`` (a variable name) of the (y, x) map ``ds``."""
+    values = band_values(ds, band)
     valid = values[np.isfinite(values)]
     if valid.size == 0:
-        raise TaxamapError(f"band {raster.names[band_index]!r} of {raster.path.name} has no "
-                           "valid cells to threshold")
+        raise TaxamapError(f"band {band!r} of {map_file(ds).name} has no valid cells to "
+                           "threshold")
     if rule.kind == "value":
         return float(rule.value)
     if rule.kind == "percentile":
@@ -185,44 +190,79 @@ def compute_threshold(
         presences = read_points(source)
     else:
         presences = np.asarray(source, dtype=np.float64).reshape(-1, 2)
-    pres_values, inside = raster.extract(presences)
-    pres = pres_values[band_index]
-    pres = pres[np.isfinite(pres)]
+    pres, _ = sample_points(ds, presences, [band])
+    pres = pres[0][np.isfinite(pres[0])]
     if pres.size == 0:
         raise TaxamapError(f"none of the {len(presences)} occurrences falls on a valid cell of "
-                           f"{raster.path.name}; check that they are in the map's region")
-    back_values, _ = sample_background(raster, n_background, seed, band=band_index)
-    back = back_values[band_index]
+                           f"{map_file(ds).name}; check that they are in the map's region")
+    back_values, _ = sample_background(ds, n_background, seed, band=band)
+    back = back_values[score_variables(ds).index(band)]
     threshold, _, _, _ = max_tss(pres, back[np.isfinite(back)])
     return threshold
 
 
 def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | str = 1,
-              seed: int = 0, n_background: int = DEFAULT_N_BACKGROUND) -> RangeCut:
-    """Cut band ``band`` of a map (a score Dataset or a GeoTIFF path) at ``rule``, in memory."""
+              seed: int = 0, n_background: int = DEFAULT_N_BACKGROUND) -> Range:
+    """Cut ``band`` (1-based number or name; default the fused score) of a (y, x) map (a score
+    Dataset or a GeoTIFF path) at ``rule``, in memory; an empty range is refused.
+
+    ``occurrences`` (a file or (N, 2) (lat, lon) array) serves a bare ``maxtss`` rule; ``seed``
+    and ``n_background`` control its background sample.
+    """
+    import geopandas as gpd
+    import xarray as xr
+
+    from taxamap.products.iucn import range_metrics
+
     parsed = parse_rule(rule)
-    raster = read_map(map_or_path)
-    index = raster.band_index(band)
-    threshold = compute_threshold(raster, parsed, index, occurrences, seed, n_background)
-    values = raster.values[index]
+    ds = single_map(map_or_path)
+    name = band_name(ds, band)
+    threshold = compute_threshold(ds, parsed, name, occurrences, seed, n_background)
+    values = band_values(ds, name)
     valid = np.isfinite(values)
     with np.errstate(invalid="ignore"):
         inside = valid & (values >= threshold)
+    source = map_file(ds)
     if not inside.any():
         # An empty range is no result (its EOO of 0 would read as Critically Endangered).
         lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
         raise TaxamapError(
-            f"threshold {parsed.text} keeps no cell: band {raster.names[index]!r} of "
-            f"{raster.path.name} ranges from {lo:.4g} to {hi:.4g}; give a value at or below "
-            f"{hi:.4g}, or percentile:P")
-    binary = np.where(valid, inside, NODATA).astype(np.uint8)
-    outline, cells = _polygons(inside, raster)
-    return RangeCut(raster, index, threshold, binary, outline, cells, parsed.text)
+            f"threshold {parsed.text} keeps no cell: band {name!r} of {source.name} ranges "
+            f"from {lo:.4g} to {hi:.4g}; give a value at or below {hi:.4g}, or percentile:P")
+    geometry = _outline(inside, ds)
+    n_in_range = int(inside.sum())
+    metrics = range_metrics(geometry, n_in_range)
+    parts = list(wrap_longitudes(geometry).geoms)
+    areas = [geodesic_area_km2(p) for p in parts]
+    order = np.argsort(areas)[::-1]
+    parts, areas = [parts[i] for i in order], [areas[i] for i in order]
+    polygons = gpd.GeoDataFrame({"area_km2": areas, "eoo_km2": metrics.eoo_km2,
+                                 "aoo_km2": metrics.aoo_km2}, geometry=parts, crs="EPSG:4326")
+    binary = np.where(valid, inside, np.nan).astype(np.float32)
+    raster = georeference(
+        xr.Dataset({"range": (("y", "x"), binary)}, coords={"y": ds["y"], "x": ds["x"]}),
+        ds.rio.crs, ds.rio.transform())["range"]
+    raster.attrs.update(rule=parsed.text, threshold=threshold, band=name)
+    tags = {"RULE": parsed.text, "THRESHOLD": repr(threshold), "SOURCE_MAP": source.name,
+            "SOURCE_BAND": name,
+            "VALUES": "1 = in range (value >= threshold), 0 = out of range, 255 = nodata",
+            "EOO_KM2": f"{metrics.eoo_km2:.3f}", "AOO_KM2": f"{metrics.aoo_km2:.3f}",
+            "EOO_HULL_KM2": f"{metrics.hull_km2:.3f}", "IUCN_B": metrics.criterion_b}
+    provenance = {str(k).upper(): str(v) for k, v in ds.attrs.items()}
+    for key in ("QUERY", "PROMPT", "TAXAMAP_VERSION"):
+        if key in provenance:
+            tags[f"SOURCE_{key}"] = provenance[key]
+    return Range(threshold=threshold, rule=parsed.text, band=name, raster=raster,
+                 polygons=polygons, geometry=geometry, n_in_range=n_in_range,
+                 n_valid=int(valid.sum()), area_km2=float(sum(areas)),
+                 eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2,
+                 eoo_hull_km2=metrics.hull_km2, criterion_b=metrics.criterion_b,
+                 source=source, tags=tags)
 
 
-def _polygons(inside: np.ndarray, raster: MapRaster):
-    """(the True cells dissolved into valid polygons whose edges are the cells' own edges, for
-    drawing and the GeoPackage; the same for the IUCN metrics), both in EPSG:4326.
+def _outline(inside: np.ndarray, ds: "xr.Dataset"):
+    """The True cells dissolved into valid polygons whose edges are the cells' own edges, in
+    EPSG:4326 (one MultiPolygon).
 
     Exact, not simplified: any simplification that drops a corner draws a diagonal through cells,
     which shows at high zoom. GDAL's polygonize already gives one vertex per corner only."""
@@ -230,34 +270,17 @@ def _polygons(inside: np.ndarray, raster: MapRaster):
     from rasterio.features import shapes
     from shapely.geometry import shape
 
-    if not inside.any():
-        return shapely.MultiPolygon(), shapely.MultiPolygon()
+    transform, crs = ds.rio.transform(), ds.rio.crs
     pieces = [shape(geom) for geom, _ in
-              shapes(inside.astype(np.uint8), mask=inside, transform=raster.transform,
-                     connectivity=4)]
+              shapes(inside.astype(np.uint8), mask=inside, transform=transform, connectivity=4)]
     merged = shapely.union_all(pieces)
-    if not is_wgs84(raster.crs):
+    if not is_wgs84(crs):
         # Edges densified first, so the cells' straight edges in the map's CRS follow their
         # curves in lon/lat.
-        cell = min(abs(raster.transform.a), abs(raster.transform.e))
-        merged = geometry_to_lonlat(shapely.segmentize(merged, cell / 4.0), raster.crs,
-                                    f"map {raster.path.name}")
-    outline = _multipolygon(merged)
-    return outline, outline
-
-
-def _wrap_longitudes(geom):
-    """Polygons of a grid that runs past +/-180 degrees, cut at the antimeridian and moved back into
-    [-180, 180] so GIS tools read the GeoPackage's EPSG:4326 coordinates as they should."""
-    from taxamap.products.iucn import wrap_longitudes
-
-    return wrap_longitudes(geom)
-
-
-def _multipolygon(geom):
-    from taxamap.products.iucn import polygon_parts
-
-    return polygon_parts(geom)
+        cell = min(abs(transform.a), abs(transform.e))
+        merged = geometry_to_lonlat(shapely.segmentize(merged, cell / 4.0), crs,
+                                    f"map {map_file(ds).name}")
+    return polygon_parts(merged)
 
 
 def geodesic_area_km2(geom) -> float:
@@ -271,12 +294,11 @@ def geodesic_area_km2(geom) -> float:
 
 
 def range_outline(
-    map_path: str | os.PathLike, rule: str, occurrences: Any = None, band: int | str = 1,
-    seed: int = 0,
+    map_or_path: Any, rule: str, occurrences: Any = None, band: int | str = 1, seed: int = 0,
 ):
-    """The range of ``map_path`` under ``rule`` as a shapely MultiPolygon in EPSG:4326
-    (dissolved along cell edges, valid; empty when no cell reaches the threshold)."""
-    return cut_range(map_path, rule, occurrences, band, seed, DEFAULT_N_BACKGROUND).geometry
+    """The outline of :func:`cut_range`'s range: a shapely MultiPolygon in EPSG:4326 (dissolved
+    along cell edges, valid)."""
+    return cut_range(map_or_path, rule, occurrences, band, seed).geometry
 
 
 def threshold_map(
@@ -289,73 +311,38 @@ def threshold_map(
     seed: int = 0,
     n_background: int = DEFAULT_N_BACKGROUND,
     stem: str | None = None,
-) -> RangeResult:
-    """Cut band ``band`` (1-based number or name; default the fused score) of ``map_path`` at
-    ``rule`` and write ``<stem>_range.tif`` and ``<stem>_range.gpkg`` into ``out_dir`` (default:
-    the map's folder; ``stem`` defaults to the map's file stem).
-
-    ``occurrences`` (a file or (N, 2) (lat, lon) array) serves a bare ``maxtss`` rule; ``seed``
-    and ``n_background`` control its background sample. Files are written atomically.
-    """
-    return write_range(cut_range(map_path, rule, occurrences, band, seed, n_background),
-                       out_dir, stem=stem)
-
-
-def write_range(result: RangeCut, out_dir: str | os.PathLike | None = None,
-                stem: str | None = None) -> RangeResult:
-    """Write a :class:`RangeCut` as ``<stem>_range.tif`` and ``<stem>_range.gpkg`` (atomically)."""
-    raster = result.raster
-    out_dir = Path(out_dir).expanduser() if out_dir is not None else raster.path.parent
-    stem = stem or raster.path.stem
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TaxamapError(f"cannot create {out_dir}: {exc.strerror or exc}; choose another "
-                           "--out") from None
-    band_name = result.band_name
-    from taxamap.products.iucn import range_metrics
-
-    metrics = range_metrics(result.cells, result.n_in_range)
-    tags = {"RULE": result.rule_text, "THRESHOLD": repr(result.threshold),
-            "SOURCE_MAP": raster.path.name, "SOURCE_BAND": band_name,
-            "VALUES": "1 = in range (value >= threshold), 0 = out of range, 255 = nodata",
-            "EOO_KM2": f"{metrics.eoo_km2:.3f}", "AOO_KM2": f"{metrics.aoo_km2:.3f}",
-            "EOO_HULL_KM2": f"{metrics.hull_km2:.3f}", "IUCN_B": metrics.criterion_b}
-    for key in ("QUERY", "PROMPT", "TAXAMAP_VERSION"):
-        if key in raster.tags:
-            tags[f"SOURCE_{key}"] = raster.tags[key]
-    raster_path = out_dir / f"{stem}_range.tif"
-    polygons_path = out_dir / f"{stem}_range.gpkg"
-    _write_binary(raster_path, result.binary, raster, tags)
-    parts = result.parts()
-    areas = [a for _, a in parts]
-    _write_polygons(polygons_path, [p for p, _ in parts], areas, tags["RULE"], result.threshold,
-                    raster.path.name, metrics)
-    return RangeResult(
-        paths={"raster": raster_path, "polygons": polygons_path}, threshold=result.threshold,
-        rule=tags["RULE"], band=band_name, n_in_range=result.n_in_range,
-        n_valid=result.n_valid, area_km2=float(sum(areas)), geometry=result.geometry,
-        eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2, eoo_hull_km2=metrics.hull_km2,
-    )
+) -> Range:
+    """``taxamap threshold``: :func:`cut_range` of ``map_path``, written by :meth:`Range.write`
+    into ``out_dir`` (default: the map's folder) as ``<stem>_range.tif`` and
+    ``<stem>_range.gpkg`` (``stem`` defaults to the map's file stem)."""
+    result = cut_range(map_path, rule, occurrences, band, seed, n_background)
+    result.write(out_dir, stem=stem)
+    return result
 
 
 _OUT_HINT = "free some space or choose another --out"
 
 
-def _write_binary(path: Path, binary: np.ndarray, raster: MapRaster, tags: dict) -> None:
+def write_categories(path: Path, codes: np.ndarray, grid: Any, *, nodata: int,
+                     palette: dict[int, tuple[int, int, int, int]], description: str,
+                     tags: dict[str, str]) -> None:
+    """Write ``codes`` (uint8, (y, x)) as a one-band GeoTIFF on the grid of ``grid`` (a Dataset
+    or DataArray: its CRS and transform), with a colour table, a band description and ``tags``,
+    atomically."""
     import rasterio
     from rasterio.io import MemoryFile
 
-    profile = dict(driver="GTiff", width=raster.width, height=raster.height, count=1,
-                   dtype="uint8", nodata=NODATA, crs=raster.crs, transform=raster.transform,
+    height, width = codes.shape
+    profile = dict(driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+                   nodata=nodata, crs=grid.rio.crs, transform=grid.rio.transform(),
                    compress="deflate")
     try:
         # Built in memory and written by Python: a full disk is then one named error, not GDAL's.
         with MemoryFile() as mem:
             with mem.open(**profile) as ds:
-                ds.write(binary, 1)
-                ds.set_band_description(1, "range")
-                ds.write_colormap(1, PALETTE)
+                ds.write(codes, 1)
+                ds.set_band_description(1, description)
+                ds.write_colormap(1, palette)
                 ds.update_tags(**tags)
             data = mem.read()
         atomic_write(path, data, hint=_OUT_HINT)
@@ -365,19 +352,20 @@ def _write_binary(path: Path, binary: np.ndarray, raster: MapRaster, tags: dict)
         raise TaxamapError(f"cannot write {path}: {exc}; choose another --out") from None
 
 
-def _write_polygons(path: Path, parts: list, areas: list[float], rule: str, threshold: float,
-                    source: str, metrics) -> None:
+def _write_polygons(path: Path, polygons: "gpd.GeoDataFrame", rule: str, threshold: float,
+                    source: str) -> None:
     import pyogrio
     import shapely
 
-    n = len(parts)
-    geometry = np.array([shapely.to_wkb(p) for p in parts], dtype=object)
-    field_data = [np.arange(1, n + 1, dtype=np.int32), np.asarray(areas, dtype=np.float64),
+    n = len(polygons)
+    geometry = np.array([shapely.to_wkb(p) for p in polygons.geometry], dtype=object)
+    # EOO and AOO belong to the whole range: every part carries them.
+    field_data = [np.arange(1, n + 1, dtype=np.int32),
+                  np.asarray(polygons["area_km2"], dtype=np.float64),
                   np.array([rule] * n, dtype=object), np.full(n, threshold, dtype=np.float64),
                   np.array([source] * n, dtype=object),
-                  # EOO and AOO belong to the whole range: every part carries them.
-                  np.full(n, metrics.eoo_km2, dtype=np.float64),
-                  np.full(n, metrics.aoo_km2, dtype=np.float64)]
+                  np.asarray(polygons["eoo_km2"], dtype=np.float64),
+                  np.asarray(polygons["aoo_km2"], dtype=np.float64)]
     try:
         with atomic_path(path, need=sum(len(g) for g in geometry), hint=_OUT_HINT,
                          create=False) as tmp:

@@ -480,11 +480,11 @@ class MapService:
         return self._ranges(embedded, self.band_of(params), rule_param(params, "percentile:90"))
 
     def _range_geojson(self, embedded, band: str, rule: str) -> dict:
-        import taxamap
+        from taxamap.products.ranges import cut_range
 
         ds = self.dataset(embedded)
         try:
-            cut = taxamap.threshold(ds, rule, band=band)
+            cut = cut_range(ds, rule, band=band)
         except TaxamapError as exc:
             raise ApiError(400, _one_line(exc)) from None
         geojson = json.loads(cut.polygons.to_json(drop_id=True))
@@ -494,9 +494,8 @@ class MapService:
 
     def download(self, params) -> tuple[Path, str, Path]:
         """``/api/download``: (file, name to offer, folder to delete after sending)."""
-        import taxamap
-
         from taxamap.options import WriteOptions
+        from taxamap.products.ranges import cut_range
         from taxamap.writers.files import write_dataset
 
         fmt = params.get("format") or ""
@@ -510,8 +509,8 @@ class MapService:
         folder = Path(tempfile.mkdtemp(prefix="download-", dir=self.workdir))
         try:
             if fmt == "gpkg":
-                cut = taxamap.threshold(ds, rule, band=band, out=folder)
-                return cut.paths["polygons"], f"{slug}_range.gpkg", folder
+                written = cut_range(ds, rule, band=band).write(folder)
+                return written["polygons"], f"{slug}_range.gpkg", folder
             paths = write_dataset(ds, WriteOptions(out=folder, formats=(fmt,)))
             path = next(p for name, p in paths.items() if name.endswith(f".{fmt}"))
             return path, f"{slug}.{fmt}", folder

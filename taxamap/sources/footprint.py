@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from taxamap.crs import wrap_lon
+
 #: TaxaBind's footprint: 2 x 1,280 m in the local tangent plane (iSatNat's WMS bbox).
 DEFAULT_FOOTPRINT_M = 2560.0
 #: TaxaBind's patch size in pixels (the WMS width/height; the encoder then crops 224).
@@ -33,11 +35,6 @@ DEFAULT_SIZE = 256
 WGS84_A = 6378137.0
 WGS84_F = 1.0 / 298.257223563
 WGS84_E2 = WGS84_F * (2.0 - WGS84_F)
-
-
-def wrap_lon(lon):
-    """Longitude(s) wrapped into [-180, 180)."""
-    return (np.asarray(lon, dtype=np.float64) + 180.0) % 360.0 - 180.0
 
 
 def enu_to_lonlat(lat0: float, lon0: float, east, north, up=0.0) -> tuple[np.ndarray, np.ndarray]:

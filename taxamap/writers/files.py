@@ -184,10 +184,10 @@ def occurrence_notes(ds, occurrences: np.ndarray) -> tuple[str, ...]:
     """When no occurrence point falls on a scored cell of the (y, x) map ``ds`` (an empty file,
     latitude and longitude swapped, points outside the region), the reason, logged as one
     warning line, for the HTML legend; the map itself is still written."""
-    from taxamap.products.evaluate import points_on_map, read_map
+    from taxamap.products.evaluate import points_on_map
 
     try:
-        points_on_map(read_map(ds), occurrences, "occurrence points")
+        points_on_map(ds, occurrences, "occurrence points")
     except TaxamapError as exc:
         _logger.warning(f"occurrences: {exc}")
         return (f"occurrences: {exc}",)
@@ -255,13 +255,10 @@ def write_outputs(ds, out_dir: Path, formats=tuple(FORMATS), *, threshold: str |
         if name in formats:
             paths[name] = fmt.write(ds, out_dir / f"{slug}{fmt.suffix}", **context)
     if cut is not None:
-        from taxamap.products.ranges import write_range
-
-        result = write_range(cut, out_dir, stem=slug)
-        paths["range.tif"] = result.paths["raster"]
-        paths["range.gpkg"] = result.paths["polygons"]
-        log(f"range ({threshold}): threshold {result.threshold:.4f}, {result.n_in_range:,} of "
-            f"{result.n_valid:,} cells, {result.area_km2:,.0f} km2")
-        log(f"range EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km "
-            f"grid): {result.criterion_b}")
+        written = cut.write(out_dir, stem=slug)
+        paths["range.tif"], paths["range.gpkg"] = written["raster"], written["polygons"]
+        log(f"range ({threshold}): threshold {cut.threshold:.4f}, {cut.n_in_range:,} of "
+            f"{cut.n_valid:,} cells, {cut.area_km2:,.0f} km2")
+        log(f"range EOO {cut.eoo_km2:,.0f} km2, AOO {cut.aoo_km2:,.0f} km2 (IUCN 2 km "
+            f"grid): {cut.criterion_b}")
     return paths
