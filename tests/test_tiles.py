@@ -127,7 +127,9 @@ def test_stall_times_out_and_masks_the_cell_after_retries(tmp_path):
         assert patch is None
         assert server.by_tile["8/76/99"] == 3
         # Each attempt ended on the client's 0.2 s read timeout: it hung up while the server was
-        # still stalling (30 s), and no attempt got an answer.
+        # still stalling (30 s), and no attempt got an answer. (The server's handler notices the
+        # last hang-up a moment after fetch returns: wait for it, however busy the machine.)
+        assert server.wait_idle()
         assert server.abandoned["8/76/99"] == 3
         assert src.stats.failures == 1 and src.stats.retries == 2
         # A failure is not cached: the next run asks again.

@@ -186,6 +186,17 @@ class TileServer:
         """The decoded RGB pixels of exactly the bytes the server sends."""
         return np.asarray(Image.open(io.BytesIO(self.tile_bytes(z, x, y))).convert("RGB"))
 
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no request is being handled (a stalled handler ends when it sees the
+        client hang up, or when its stall is over); True once idle, False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.concurrent == 0:
+                    return True
+            time.sleep(0.02)
+        return False
+
     def _fault_for(self, key: str) -> str:
         with self._lock:
             plan = self.faults.get(key)
