@@ -107,8 +107,6 @@ def check_write(opts: "WriteOptions") -> dict:
     (``occurrences`` as (N, 2) lat/lon, ``expert`` geometry, ``out_dir``)."""
     for name in opts.formats:
         get_format(name)
-    if not opts.formats:
-        raise TaxamapError(f"no output format given; choose from {', '.join(FORMATS)}")
     if opts.stack and (opts.threshold or opts.occurrences is not None or opts.self_contained
                        or opts.expert_range is not None):
         given = [name for name, value in (
