@@ -26,7 +26,7 @@ from taxamap.pipeline import (
     maps_bytes,
     predict_and_write,
 )
-from tests.test_cli_e2e import run
+from tests.helpers.cli import run
 
 BBOX = "-84,39,-82,41"  # Ohio: every cell on land
 

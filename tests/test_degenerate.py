@@ -12,7 +12,7 @@ import pytest
 
 import taxamap
 from taxamap.errors import TaxamapError
-from tests.test_evaluate import centres, write_map
+from tests.helpers.maps import centres, write_map
 
 BBOX = "-84,39,-82,41"
 

@@ -14,7 +14,7 @@ import shapely
 from taxamap.cli import main
 from taxamap.errors import TaxamapError
 from taxamap.products.expert import compare_range, read_expert_range
-from tests.test_evaluate import centres, write_map
+from tests.helpers.maps import centres, write_map
 
 WEST, NORTH, RES, HEIGHT, WIDTH = -104.0, 45.0, 0.1, 70, 100
 #: The expert range: a non-convex polygon inside the map.

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.wmsserver import WMSServer
+from tests.helpers.wmsserver import WMSServer
 
 
 def run(args, env=None, timeout=300):
@@ -136,7 +136,7 @@ def test_occurrences_offline_names_the_variable_set(tmp_path, env, named):
 
 
 def test_evaluate_prints_the_json_and_roc_it_wrote(tmp_path):
-    from tests.test_evaluate import centres, write_map
+    from tests.helpers.maps import centres, write_map
 
     lat, lon = centres(-84.0, 41.0, 0.1, 20, 20)
     path = write_map(tmp_path / "m.tif", {"fused": (lat - 39).astype(np.float32)},

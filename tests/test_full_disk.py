@@ -15,7 +15,7 @@ import shapely
 
 from taxamap.io import DiskFull, atomic_write
 from taxamap.store import EmbeddingStore
-from tests.tileserver import TileServer
+from tests.helpers.tileserver import TileServer
 
 MB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_tile_cache_on_a_full_disk_names_it(small_disk):
 
 def test_wms_cache_on_a_full_disk_names_it(small_disk):
     from taxamap.sources.wms import WMSSource
-    from tests.wmsserver import WMSServer
+    from tests.helpers.wmsserver import WMSServer
 
     cache = small_disk.path / "tiles"
     cells = np.column_stack([np.linspace(-40, 40, 30), np.linspace(-120, 120, 30)])

@@ -9,7 +9,7 @@ import sys
 
 import rasterio
 
-from tests.hubserver import COMMIT, HubServer
+from tests.helpers.hubserver import COMMIT, HubServer
 
 
 def run(args, env_extra, timeout=300):

@@ -11,7 +11,7 @@ import rasterio
 from taxamap.errors import TaxamapError
 from taxamap.pipeline import GridRequest, build_grid
 from taxamap.geography import resolve_region
-from tests.test_cli_e2e import run
+from tests.helpers.cli import run
 
 #: (lat, lon) well inside large lakes of the contiguous USA.
 LAKES = {

@@ -77,7 +77,7 @@ def test_equal_earth_known_values():
 
 
 def test_tiny_model_loads_from_models_folder(tmp_path):
-    from tests.tiny import write_repo
+    from tests.helpers.tiny import write_repo
 
     write_repo(tmp_path, "MVRL/ecogeo")
     enc = load_location_encoder(models_dir=tmp_path)
@@ -118,7 +118,7 @@ def test_missing_weights_offline_says_how_to_fix(tmp_path):
 
 def test_hf_cache_layout_offline(tmp_path, monkeypatch):
     """The same tiny files, laid out as a Hugging Face cache snapshot, load with HF_HUB_OFFLINE."""
-    from tests.tiny import write_hf_cache
+    from tests.helpers.tiny import write_hf_cache
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     write_hf_cache(tmp_path / "hub", "MVRL/ecogeo", commit)

@@ -26,9 +26,9 @@ httpx = pytest.importorskip("httpx")
 
 import taxamap  # noqa: E402
 from taxamap.errors import TaxamapError  # noqa: E402
-from tests.bombs import png_bomb  # noqa: E402
-from tests.serveserver import (BBOX, PROMPT, SPECIES, ServeProcess, ServeServer,  # noqa: E402
-                               open_satellite_session, open_test_session)
+from tests.helpers.bombs import png_bomb  # noqa: E402
+from tests.helpers.serveserver import (  # noqa: E402
+    BBOX, PROMPT, SPECIES, ServeProcess, ServeServer, open_satellite_session, open_test_session)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 256 * 1024  # the test server's upload limit (the default is 20 MB)
@@ -239,7 +239,7 @@ def test_range_outline_is_taxamap_threshold(client, reference):
 
 def test_range_outline_runs_along_cell_edges(client):
     """The outline the page draws follows the cells' edges exactly (never through a cell)."""
-    from tests.test_ranges import off_cell_edges
+    from tests.helpers.maps import off_cell_edges
 
     health = client.get("/api/health").json()
     (south, west), (north, east) = health["bounds"]
@@ -597,7 +597,7 @@ def test_numbers_in_answers_are_json_finite(client):
 def satellite_server(models_dir, tmp_path_factory):
     """A server over 60 cells with the satellite modality fed by a loopback tile server whose
     tile 12/1104/1542 (the cell at 40.55, -82.95) is missing."""
-    from tests.tileserver import TileServer
+    from tests.helpers.tileserver import TileServer
 
     with TileServer(latency=0.0, faults={(12, 1104, 1542): "404"}) as tiles:
         session = open_satellite_session(models_dir, tmp_path_factory.mktemp("sat-cache"),

@@ -8,7 +8,7 @@ import pytest
 
 from taxamap.errors import TaxamapError
 from taxamap.pipeline import PredictRequest, embed_queries
-from tests.test_cli_e2e import run
+from tests.helpers.cli import run
 
 KNOWN = ["Cardinalis cardinalis", "Cyanocitta cristata", "Turdus migratorius"]
 UNKNOWN = ["Nonexistus imaginarius", "Fakeus birdus"]

@@ -206,7 +206,7 @@ def test_serve_session_repairs_at_start_and_health_counts_what_it_holds(pristine
                                                                        tmp_path, caplog):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    from tests.serveserver import ServeServer
+    from tests.helpers.serveserver import ServeServer
 
     cache, store_dir = _copy(pristine, tmp_path)
     DAMAGE["chunk zeroed"](store_dir)

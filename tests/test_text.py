@@ -22,8 +22,8 @@ from taxamap.models.text import (
     load_text_encoder,
     text_spec,
 )
-from tests.tiny import write_repo
-from tests.tiny.clip import CONFIG as TINY_CONFIG
+from tests.helpers.tiny import write_repo
+from tests.helpers.tiny.clip import CONFIG as TINY_CONFIG
 
 REPO = "MVRL/taxabind-vit-b-16"
 CARDINAL = "Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"
