@@ -22,7 +22,8 @@ from tests.helpers.browser import near as _near
 
 WIDTH, HEIGHT = 1000, 800
 
-pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
+# A real browser for every test: end to end, out of the quick loop (-m "not slow").
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))]
 pytest.importorskip("xstatic.pkg.leaflet", reason="offline assets: pip install 'taxamap[offline]'")
 pytest.importorskip("xstatic.pkg.leaflet_markercluster",
                     reason="offline assets: pip install 'taxamap[offline]'")

@@ -13,6 +13,9 @@ import rasterio
 from tests.helpers import reference
 from tests.helpers.cli import run
 
+# Every test runs the CLI in a subprocess: end to end, out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
+
 PROMPT = "Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"
 BBOX = "-84,39,-82,41"
 

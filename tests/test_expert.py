@@ -53,6 +53,7 @@ def independent(map_path):
     return ids, labels, values
 
 
+@pytest.mark.slow
 def test_ap_auc_and_best_f1_equal_an_independent_computation(scene):
     from sklearn.metrics import (average_precision_score, f1_score, jaccard_score,
                                  precision_score, recall_score, roc_auc_score)

@@ -180,6 +180,7 @@ def _predict(args, tmp_path):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_predict_with_out_or_cache_on_a_full_disk(small_disk, tmp_path, models_dir):
     # --out full: the writers' line; nothing half-written; the store (elsewhere) is complete.
     out = small_disk.path / "maps"
@@ -210,6 +211,7 @@ def test_predict_with_out_or_cache_on_a_full_disk(small_disk, tmp_path, models_d
 
 # -- a file-size limit (EFBIG), without root -------------------------------------------------------
 
+@pytest.mark.slow
 def test_file_size_limit_is_reported_like_a_full_disk(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal, sys

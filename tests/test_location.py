@@ -36,6 +36,7 @@ def reference_and_ours():
     return reference, load_location_encoder(checkpoint=path)
 
 
+@pytest.mark.slow
 def test_matches_geoclip_reference_on_real_weights(reference_and_ours):
     reference, ours = reference_and_ours
     rng = np.random.default_rng(0)

@@ -14,6 +14,9 @@ import rasterio
 from tests.helpers.tileserver import TileServer
 from tests.helpers.worldclim_fixtures import write_rasters
 
+# CLI runs over three modalities with loopback servers: end to end, out of the quick loop.
+pytestmark = pytest.mark.slow
+
 BBOX = "-83,40,-82,40.6"  # Ohio: 60 cells at 0.1 deg
 
 

@@ -24,6 +24,9 @@ from PIL import Image
 from tests.helpers.wmsserver import WMSServer
 from tests.helpers.worldclim_fixtures import write_rasters
 
+# Each test executes a notebook in a kernel: end to end, out of the quick loop.
+pytestmark = pytest.mark.slow
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT = 300
 #: Largest output a committed notebook may carry (bytes of JSON per cell); 0 outputs is the norm.

@@ -466,6 +466,7 @@ def test_unknown_route_and_method_are_json(client):
 
 # ------------------------------------------------------------------ the command
 
+@pytest.mark.slow
 def test_cli_defaults_and_help():
     from taxamap.cli import build_parser
 
@@ -514,6 +515,7 @@ def test_exposed_host_warns_before_binding():
     assert not is_loopback("0.0.0.0") and is_loopback("localhost") and is_loopback("::1")
 
 
+@pytest.mark.slow
 def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
     import os
     import signal
@@ -537,6 +539,7 @@ def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
     assert "warning" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_taxamap_serve_on_every_interface_prints_an_openable_url_and_each_line_once(
         models_dir, cache):
     """`--host 0.0.0.0`: the `serving` line names a URL a browser can open (127.0.0.1), stderr
@@ -606,6 +609,7 @@ def satellite_server(models_dir, tmp_path_factory):
             yield srv, tiles
 
 
+@pytest.mark.slow
 def test_cell_popup_patch_is_the_embedded_patch(satellite_server):
     from PIL import Image
 
@@ -702,6 +706,7 @@ def json_error_of(answer: bytes, status: int) -> str:
     return message
 
 
+@pytest.mark.slow
 def test_pixel_bomb_is_refused_from_its_header(served, bomb):
     served.reset_peak()
     before = served.memory_kib()["VmRSS"]
@@ -725,6 +730,7 @@ def test_pixel_bomb_is_refused_from_its_header(served, bomb):
     assert httpx.get(served.url + "api/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_dropped_upload_is_one_line_without_traceback(served):
     body = PART + b"\xff" * 200_000
     with socket.create_connection(("127.0.0.1", served.port)) as conn:
@@ -779,6 +785,7 @@ def impatient(session):
         yield srv
 
 
+@pytest.mark.slow
 def test_idle_and_half_sent_requests_are_closed_by_the_server(impatient):
     port = impatient.port
     with socket.create_connection(("127.0.0.1", port)) as conn:  # connects, never speaks
@@ -799,6 +806,7 @@ def test_idle_and_half_sent_requests_are_closed_by_the_server(impatient):
     assert impatient.alive and impatient.service.uploads_in_progress == 0
 
 
+@pytest.mark.slow
 def test_trickling_upload_is_cut_off(session):
     # No stall deadline before the upload's own: only the total time can cut this upload off.
     with ServeServer(session, max_upload=LIMIT, read_timeout=60, upload_timeout=3) as server, \

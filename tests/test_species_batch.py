@@ -45,6 +45,7 @@ def test_skip_unknown_on_a_file_of_unknown_names_only_is_an_error(tmp_path, monk
         embed_queries(req, config={}, device=lambda: "cpu")
 
 
+@pytest.mark.slow
 def test_cli_unknown_names_fail_before_any_cell_is_embedded(tmp_path, models_dir):
     out = tmp_path / "o"
     proc = run(["predict", "--species-file", str(mixed(tmp_path)), "--bbox=-83,40,-82,41",
@@ -58,6 +59,7 @@ def test_cli_unknown_names_fail_before_any_cell_is_embedded(tmp_path, models_dir
     assert not (tmp_path / "c" / "stores").exists()  # no cell embedded, no store made
 
 
+@pytest.mark.slow
 def test_cli_skip_unknown_maps_the_others_and_lists_the_skipped(tmp_path, models_dir):
     out = tmp_path / "o"
     proc = run(["predict", "--species-file", str(mixed(tmp_path)), "--skip-unknown",
@@ -74,6 +76,7 @@ def test_cli_skip_unknown_maps_the_others_and_lists_the_skipped(tmp_path, models
         assert name in rows and "skipped" in rows[name], table
 
 
+@pytest.mark.slow
 def test_skip_unknown_needs_a_species_file(tmp_path, models_dir):
     proc = run(["predict", "--species", "Cardinalis cardinalis", "--skip-unknown",
                 "--bbox=-83,40,-82,41", "--models", str(models_dir), "--out", str(tmp_path)])

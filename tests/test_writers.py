@@ -177,6 +177,7 @@ def _system_qgis() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _system_qgis(), reason="/usr/bin/python3 cannot import qgis.core")
 def test_qgis_opens_the_geotiff(scoremap, tif, tmp_path):
     grid = scoremap.grid
