@@ -89,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sys.path.insert(0, str(ROOT))
-        from tests.tiny import write_models_dir
+        from tests.helpers.tiny import write_models_dir
 
         models = write_models_dir(tmp / "models")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TAXAMAP_OFFLINE="1", PYTHONWARNINGS="ignore",

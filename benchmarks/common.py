@@ -24,7 +24,7 @@ def models_dir(target: Path, real_location: bool = True) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from tests.tiny import write_models_dir
+    from tests.helpers.tiny import write_models_dir
 
     write_models_dir(target)
     if real_location:

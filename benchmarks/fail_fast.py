@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from taxamap.errors import TaxamapError  # noqa: E402
-from tests.stallserver import StallServer  # noqa: E402
-from tests.tileserver import TileServer  # noqa: E402
+from tests.helpers.stallserver import StallServer  # noqa: E402
+from tests.helpers.tileserver import TileServer  # noqa: E402
 
 CELLS = np.column_stack([np.linspace(-50, 50, 40), np.linspace(-100, 100, 40)])
 

@@ -13,6 +13,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def write_satellite_repo(folder: Path) -> None:
 def write_location_repo(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from tests.tiny.location import state_dict
+    from tests.helpers.tiny.location import state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"dim": 512, "encoded_size": 256,
@@ -133,7 +134,7 @@ def main() -> None:
         add(("ViT-B/16 GFLOP per tile", f"{flops / 1e9:.1f}"))
         for batch in (64, 256, 512):
             pixels = torch.randn(batch, 3, 224, 224, device="cuda")
-            t = timed(lambda: sat.encode_pixels(pixels))
+            t = timed(partial(sat.encode_pixels, pixels))
             rate = batch / t
             add((f"satellite encoder as shipped (bf16 weights), batch {batch}",
                          f"{rate:.0f} tiles/s = {rate * flops / bf16:.0%} of bf16 GEMM"))
@@ -148,7 +149,7 @@ def main() -> None:
             with torch.inference_mode():
                 return m(pixel_values=pixels).image_embeds
 
-        t = timed(lambda: forward16(model16))
+        t = timed(partial(forward16, model16))
         add(("satellite, bf16 weights, batch 256", f"{256 / t:.0f} tiles/s = "
                      f"{256 / t * flops / bf16:.0%} of bf16 GEMM"))
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests import browser  # noqa: E402
+from tests.helpers import browser  # noqa: E402
 
 # The first image overlay's bounds, [[south, west], [north, east]]: the grid's extent.
 _BOUNDS = re.compile(r'L\.imageOverlay\(\s*"data:image/png;base64,[A-Za-z0-9+/=]*",\s*'

@@ -36,7 +36,7 @@ def random_cells(n: int, seed: int) -> np.ndarray:
 
 def _serve(conn, latency: float) -> None:
     """Child process: a loopback WMS answering 'reset', 'stats' and 'stop' over ``conn``."""
-    from tests.wmsserver import WMSServer
+    from tests.helpers.wmsserver import WMSServer
 
     with WMSServer(latency=latency, content="constant") as server:
         conn.send(server.url)
@@ -109,8 +109,8 @@ def encoder_rates(n_cells: int, device: str) -> list[tuple[str, float | int]]:
     from taxamap.models.satellite import load_satellite_encoder
     from taxamap.sources.tiles import XYZTileSource
     from taxamap.sources.wms import WMSSource
-    from tests.tileserver import TileServer
-    from tests.wmsserver import WMSServer
+    from tests.helpers.tileserver import TileServer
+    from tests.helpers.wmsserver import WMSServer
 
     rng = np.random.default_rng(0)
     latlon = np.c_[rng.uniform(39, 41, n_cells), rng.uniform(-84, -82, n_cells)]

@@ -43,7 +43,7 @@ def full_size_text_tower(models: Path) -> None:
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
-    from tests.tiny import clip as tiny_clip
+    from tests.helpers.tiny import clip as tiny_clip
 
     folder = models / "MVRL" / "taxabind-vit-b-16"
     config = json.loads(json.dumps(tiny_clip.CONFIG))

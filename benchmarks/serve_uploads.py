@@ -7,7 +7,7 @@ and for 50 slow ~13.5 MB uploads, and /api/map latency for new species while upl
 
 The server runs in its own process (its RSS read from /proc: VmRSS now, VmHWM the peak since a
 reset through /proc/PID/clear_refs) over a 2 x 2 deg box at 0.1 deg (400 cells) with the tiny
-test models (tests/tiny: a tiny CLIP, so a photo's forward pass is milliseconds and what is
+test models (tests/helpers/tiny: a tiny CLIP, so a photo's forward pass is milliseconds and what is
 measured is decoding, buffering and waiting). ``--tree DIR`` serves another checkout (e.g.
 ``git archive REV | tar -x -C DIR``, with ``ln -s ../grids DIR/taxamap/grids``): the "before"
 figures; the clients are always this checkout's.
@@ -194,7 +194,7 @@ def main() -> None:
     only = set(args.only.split(","))
 
     from taxamap.taxonomy import list_table_species
-    from tests.bombs import png_bomb
+    from tests.helpers.bombs import png_bomb
 
     figures: dict = {"machine": machine(), "tree": args.tree, "server_args": args.server_args}
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from taxamap.sources.base import DEFAULT_WORKERS  # noqa: E402
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE  # noqa: E402
 from taxamap.sources.tiles import XYZTileSource  # noqa: E402
-from tests.tileserver import TileServer  # noqa: E402
+from tests.helpers.tileserver import TileServer  # noqa: E402
 
 
 def random_cells(n: int, seed: int) -> np.ndarray:

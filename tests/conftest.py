@@ -27,6 +27,6 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """A models folder (``--models DIR`` layout) holding every tiny repo written so far."""
-    from tests.tiny import write_models_dir
+    from tests.helpers.tiny import write_models_dir
 
     return write_models_dir(tmp_path_factory.mktemp("models"))

@@ -27,6 +27,7 @@ def ds(models_dir, cache):
                            models=models_dir, cache=cache, progress=False)
 
 
+@pytest.mark.slow
 def test_import_taxamap_does_not_import_torch():
     code = ("import sys, taxamap; assert callable(taxamap.predict); "
             "print('torch' in sys.modules, 'xarray' in sys.modules)")

@@ -20,7 +20,7 @@ from taxamap.models.audio import (
     resample,
 )
 from taxamap.models.hub import DEFAULT_CONFIG
-from tests.tiny import write_repo
+from tests.helpers.tiny import write_repo
 
 MODEL = "MVRL/ecosound"
 PROCESSOR = "laion/clap-htsat-fused"

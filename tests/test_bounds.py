@@ -21,7 +21,7 @@ from taxamap.cells import build_grid
 from taxamap.options import GridOptions, PredictOptions, WriteOptions
 from taxamap.pipeline import maps_bytes, predict_and_write
 from taxamap.queries import NAMES_SHOWN
-from tests.test_cli_e2e import run
+from tests.helpers.cli import run
 
 BBOX = "-84,39,-82,41"  # Ohio: every cell on land
 
@@ -51,6 +51,7 @@ def stream(tmp_path, models_dir, path, formats=(), **kwargs):
 
 # --- species files --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_species_file_memory_is_flat_in_the_number_of_species(tmp_path, models_dir):
     # 4N species must not hold more memory than N: only one batch of maps is alive at a time.
     resolution = 0.025  # 80 x 80 cells: 51 kB of maps per species (fused + location)
@@ -148,6 +149,7 @@ def unknown_names(n: int) -> list[str]:
             for i in range(n)]
 
 
+@pytest.mark.slow
 def test_thousands_of_unknown_names_make_a_short_error(tmp_path, models_dir):
     path = species_file(tmp_path, unknown_names(20_000))
     proc = run(["predict", "--species-file", str(path), "--bbox", BBOX, "--models",
@@ -159,6 +161,7 @@ def test_thousands_of_unknown_names_make_a_short_error(tmp_path, models_dir):
     assert error.count('"Nonexistus ') == NAMES_SHOWN
 
 
+@pytest.mark.slow
 def test_skip_unknown_logs_a_count_and_the_first_names(tmp_path, models_dir, caplog):
     path = species_file(tmp_path, prompts(3) + unknown_names(5_000))
     with caplog.at_level("INFO", logger="taxamap"):
@@ -186,6 +189,7 @@ def star_file(tmp_path, n: int):
     return path
 
 
+@pytest.mark.slow
 def test_a_star_of_1000_crossing_vertices_is_refused_in_one_line(tmp_path, models_dir):
     proc = run(["predict", "--species", "Cardinalis cardinalis", "--region",
                 str(star_file(tmp_path, 1000)), "--models", str(models_dir), "--out",
@@ -196,6 +200,7 @@ def test_a_star_of_1000_crossing_vertices_is_refused_in_one_line(tmp_path, model
     assert f"{MAX_REPAIR_CROSSINGS:,}" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_million_vertex_region_is_refused_with_the_limit(tmp_path):
     with pytest.raises(TaxamapError) as err:
         resolve_region(str(star_file(tmp_path, 1_000_000)), cells="all")

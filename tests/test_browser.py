@@ -16,13 +16,14 @@ from PIL import Image
 
 from taxamap.grid import make_grid
 from taxamap.dataset import grid_of, provenance, scores_dataset
-from tests import browser
-from tests.browser import hex_rgb as _hex
-from tests.browser import near as _near
+from tests.helpers import browser
+from tests.helpers.browser import hex_rgb as _hex
+from tests.helpers.browser import near as _near
 
 WIDTH, HEIGHT = 1000, 800
 
-pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
+# A real browser for every test: end to end, out of the quick loop (-m "not slow").
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))]
 pytest.importorskip("xstatic.pkg.leaflet", reason="offline assets: pip install 'taxamap[offline]'")
 pytest.importorskip("xstatic.pkg.leaflet_markercluster",
                     reason="offline assets: pip install 'taxamap[offline]'")
@@ -191,7 +192,7 @@ _RANGE_RINGS = """(color) => {
 def test_range_outline_drawn_along_cell_edges(offline_map, chromium):
     """The outline Leaflet draws follows the cells' edges exactly (no diagonal through a cell
     at high zoom): every vertex is a cell corner, every segment runs along a row or column edge."""
-    from tests.test_ranges import off_cell_edges
+    from tests.helpers.maps import off_cell_edges
 
     page_path, *_ = offline_map
     grid = grid_of(_scoremap())

@@ -4,28 +4,20 @@ no network. The GeoTIFF is checked against an independent computation at its pix
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 
-from tests import reference
+from tests.helpers import reference
+from tests.helpers.cli import run
+
+# Every test runs the CLI in a subprocess: end to end, out of the quick loop (-m "not slow").
+pytestmark = pytest.mark.slow
 
 PROMPT = "Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"
 BBOX = "-84,39,-82,41"
-
-
-def run(args, env_extra=None, cwd=None, timeout=300):
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TAXAMAP_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, "-m", "taxamap.cli", *args], capture_output=True, text=True, env=env,
-        cwd=cwd, timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ def test_second_query_reuses_the_store(predicted, models_dir, tmp_path):
 
 def test_hf_cache_layout_offline(tmp_path, models_dir):
     """No --models: the tiny repos sit in a Hugging Face cache and HF_HUB_OFFLINE=1 is set."""
-    from tests.tiny import write_hf_cache
+    from tests.helpers.tiny import write_hf_cache
 
     commit = "f" * 40
     for repo in ("MVRL/taxabind-config", "MVRL/ecogeo", "MVRL/taxabind-vit-b-16"):
@@ -139,7 +131,7 @@ def test_bad_query_inputs(tmp_path, models_dir):
     ]
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg at all")
     cases.append((["--image", str(tmp_path / "bad.jpg")], "bad.jpg"))
-    from tests.bombs import png_bomb
+    from tests.helpers.bombs import png_bomb
 
     bomb = png_bomb(tmp_path / "huge.png", 12000, 12000)  # refused from its header
     cases.append((["--image", str(bomb)], "huge.png is 12,000 x 12,000 pixels (144 Mpx)"))

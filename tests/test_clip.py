@@ -15,8 +15,8 @@ from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.models.clip import load_clip
 from taxamap.models.hub import DEFAULT_CONFIG
 from taxamap.models.preprocess import build_transform, load_image, spec_from_config
-from tests import tiny
-from tests.tiny import write_repo
+from tests.helpers import tiny
+from tests.helpers.tiny import write_repo
 
 REPO = "MVRL/taxabind-vit-b-16"
 CARDINAL = "Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"
@@ -205,7 +205,7 @@ def test_load_image_formats_and_exif(tmp_path):
 def test_load_image_bounds_the_pixels_it_decodes(tmp_path):
     import tracemalloc
 
-    from tests.bombs import png_bomb
+    from tests.helpers.bombs import png_bomb
 
     photo(800, 600).save(tmp_path / "big.jpg", quality=90)
     photo(800, 600).save(tmp_path / "big.png")

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_location_encoder_cuda_equals_cpu(tmp_path):
     from taxamap.models.location import load_location_encoder
-    from tests.tiny import write_repo
+    from tests.helpers.tiny import write_repo
 
     write_repo(tmp_path, "MVRL/ecogeo")
     rng = np.random.default_rng(0)
@@ -26,7 +26,7 @@ def test_location_encoder_cuda_equals_cpu(tmp_path):
 def test_engine_on_cuda_streams_blocks(tmp_path):
     from taxamap import engine
     from taxamap.models.location import load_location_encoder
-    from tests.tiny import write_repo
+    from tests.helpers.tiny import write_repo
 
     write_repo(tmp_path, "MVRL/ecogeo")
     enc = load_location_encoder(tmp_path, device="cuda")

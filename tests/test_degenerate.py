@@ -12,7 +12,7 @@ import pytest
 
 import taxamap
 from taxamap.errors import TaxamapError
-from tests.test_evaluate import centres, write_map
+from tests.helpers.maps import centres, write_map
 
 BBOX = "-84,39,-82,41"
 
@@ -44,6 +44,7 @@ def low_map(tmp_path):
 
 # -- a threshold that keeps no cell ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_threshold_command_refuses_an_empty_range(low_map, tmp_path):
     out = tmp_path / "ranges"
     proc = run(["threshold", str(low_map), "--rule", "value:5", "--out", str(out)])
@@ -64,6 +65,7 @@ def test_python_threshold_refuses_an_empty_range(low_map, tmp_path):
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 
 
+@pytest.mark.slow
 def test_predict_threshold_keeping_no_cell_writes_nothing(tmp_path, models_dir):
     out = tmp_path / "out"
     proc = run(["predict", "--species", "Cardinalis cardinalis", "--bbox", BBOX,
@@ -86,6 +88,7 @@ def _fit(models_dir, tmp_path, points, name):
     return proc, out
 
 
+@pytest.mark.slow
 def test_fit_with_too_few_presence_cells_is_refused(tmp_path, models_dir):
     # One record; then six records in four cells (two pairs share a 0.1 degree cell).
     one, out = _fit(models_dir, tmp_path, [(40.05, -83.05)], "one")
@@ -123,6 +126,7 @@ def test_fit_maps_refuses_fewer_than_five_cells_and_warns_above():
     ("-83.1,40.2\n-82.5,40.5\n", "none of the 2 occurrence points falls on the map"),
     ("", "there are no occurrence points"),
 ])
+@pytest.mark.slow
 def test_occurrences_missing_the_map_are_said(tmp_path, models_dir, rows, needle):
     occ = tmp_path / "occ.csv"
     occ.write_text("lat,lon\n" + rows)  # swapped columns, or a header only

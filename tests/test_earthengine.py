@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import sys
 import types
 
@@ -19,37 +18,7 @@ from taxamap.sources.earthengine import (
     stretch_to_uint8,
 )
 from taxamap.sources.satellite import SatelliteSource, make_satellite_source
-
-
-def npy_bytes(size: int, dn=(1500, 600, 3000), valid=None) -> bytes:
-    """A structured NPY array as computePixels returns it: one uint16 field per band."""
-    dtype = [("B4", "<u2"), ("B3", "<u2"), ("B2", "<u2"), ("valid", "<u2")]
-    arr = np.zeros((size, size), dtype=dtype)
-    arr["B4"], arr["B3"], arr["B2"] = dn
-    arr["valid"] = 1 if valid is None else valid
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
-class FakeClient:
-    """Stands in for EarthEngineClient: records requests, replays scripted errors, returns NPY."""
-
-    def __init__(self, errors=(), valid=None, dn=(1500, 600, 3000)):
-        self.errors = list(errors)
-        self.valid = valid
-        self.dn = dn
-        self.requests: list[dict] = []
-        self.project = "unset"
-
-    def initialize(self, project):
-        self.project = project
-
-    def compute_pixels(self, request):
-        self.requests.append(request)
-        if self.errors:
-            raise self.errors.pop(0)
-        return npy_bytes(request["grid"]["dimensions"]["width"], self.dn, self.valid)
+from tests.helpers.earthengine import FakeClient
 
 
 def make(tmp_path, client, **kw):
@@ -236,7 +205,7 @@ class FlakyClient(FakeClient):
 
 def test_failed_patches_leave_their_block_for_the_rerun(tmp_path, models_dir):
     from taxamap.models.satellite import load_satellite_encoder
-    from tests.source_rerun import embed_through
+    from tests.helpers.source_rerun import embed_through
 
     encoder = load_satellite_encoder(models_dir)
     cells = np.array([[10.0, 10.0], [10.5, 10.5], [-5.0, 120.0], [-5.5, 120.5], [30.0, -60.0],

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.models.environment import load_environment_encoder
 from taxamap.sources.worldclim import WorldClimFeatures
-from tests.tiny import environment as tiny_env
-from tests.tiny import write_models_dir, write_repo
-from tests.worldclim_fixtures import write_rasters
+from tests.helpers.tiny import environment as tiny_env
+from tests.helpers.tiny import write_models_dir, write_repo
+from tests.helpers.worldclim_fixtures import write_rasters
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
-from affine import Affine
 
 from taxamap.dataset import band_name, cell_centres, open_map, pixels_of, sample_points
 from taxamap.errors import TaxamapError
@@ -23,28 +21,8 @@ from taxamap.products.evaluate import (
     roc_auc,
     spearman,
 )
-from tests.test_occurrences import ariolimax_path
-
-
-def write_map(path: Path, bands: dict[str, np.ndarray], west: float, north: float,
-              res: float, crs: str = "EPSG:4326") -> Path:
-    """A GeoTIFF in taxamap's shape: float32, NaN nodata, band descriptions name the bands."""
-    arrays = [np.asarray(a, dtype=np.float32) for a in bands.values()]
-    height, width = arrays[0].shape
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height,
-                       count=len(arrays), dtype="float32", crs=crs, nodata=float("nan"),
-                       transform=Affine(res, 0, west, 0, -res, north)) as ds:
-        for i, (name, arr) in enumerate(zip(bands, arrays), start=1):
-            ds.write(arr, i)
-            ds.set_band_description(i, name)
-    return path
-
-
-def centres(west: float, north: float, res: float, height: int, width: int):
-    lat = north - (np.arange(height) + 0.5) * res
-    lon = west + (np.arange(width) + 0.5) * res
-    return np.meshgrid(lat, lon, indexing="ij")
-
+from tests.helpers.maps import centres, write_map
+from tests.helpers.samples import ariolimax_path
 
 # --- metrics on hand-made and synthetic data --------------------------------------------------
 
@@ -63,7 +41,7 @@ def test_auc_and_ap_match_scikit_learn_with_ties():
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     rng = np.random.default_rng(3)
-    for trial in range(5):
+    for _ in range(5):
         pos = np.round(rng.normal(0.3, 1, 200), 1)  # rounding makes many ties
         neg = np.round(rng.normal(0.0, 1, 900), 1)
         y = np.r_[np.ones(pos.size), np.zeros(neg.size)]
@@ -245,7 +223,7 @@ def california_map(tmp_path_factory):
     """Bands: fused, location (the tiny location encoder's cosine to a query), environment (a
     smooth function of latitude). NaN in two corners; environment also NaN north of 39.5 N."""
     from taxamap.models.location import load_location_encoder
-    from tests.tiny import write_repo
+    from tests.helpers.tiny import write_repo
 
     tmp = tmp_path_factory.mktemp("ariolimax")
     models = tmp / "models"

@@ -14,7 +14,7 @@ import shapely
 from taxamap.cli import main
 from taxamap.errors import TaxamapError
 from taxamap.products.expert import compare_range, read_expert_range
-from tests.test_evaluate import centres, write_map
+from tests.helpers.maps import centres, write_map
 
 WEST, NORTH, RES, HEIGHT, WIDTH = -104.0, 45.0, 0.1, 70, 100
 #: The expert range: a non-convex polygon inside the map.
@@ -53,6 +53,7 @@ def independent(map_path):
     return ids, labels, values
 
 
+@pytest.mark.slow
 def test_ap_auc_and_best_f1_equal_an_independent_computation(scene):
     from sklearn.metrics import (average_precision_score, f1_score, jaccard_score,
                                  precision_score, recall_score, roc_auc_score)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.wmsserver import WMSServer
+from tests.helpers.wmsserver import WMSServer
 
 
 def run(args, env=None, timeout=300):
@@ -42,6 +42,7 @@ def closed_port() -> int:
 
 # -- patches -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_patch_from_a_server_that_is_down_is_an_error(tmp_path):
     port = closed_port()
     out = tmp_path / "p"
@@ -54,6 +55,7 @@ def test_one_patch_from_a_server_that_is_down_is_an_error(tmp_path):
     assert list(out.iterdir()) == []  # no JSON pretending the patch is simply absent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--lat", "41", "--lon", "-84"],
                                    ["--sat-source", "xyz"]])
 def test_several_patches_or_tiles_from_a_server_that_is_down(tmp_path, extra):
@@ -67,6 +69,7 @@ def test_several_patches_or_tiles_from_a_server_that_is_down(tmp_path, extra):
     assert "drop the satellite modality" not in line and "blocks already" not in line
 
 
+@pytest.mark.slow
 def test_a_failed_patch_among_good_ones_exits_2_and_keeps_the_good(tmp_path):
     out = tmp_path / "p"
     with WMSServer(faults={(40.0, -83.0): "503"}) as server:
@@ -78,6 +81,7 @@ def test_a_failed_patch_among_good_ones_exits_2_and_keeps_the_good(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["41_-84.json", "41_-84.png"]
 
 
+@pytest.mark.slow
 def test_genuinely_no_imagery_is_not_a_failure(tmp_path):
     out = tmp_path / "p"
     with WMSServer(faults={(40.0, -83.0): "blank"}) as server:
@@ -91,6 +95,7 @@ def test_genuinely_no_imagery_is_not_a_failure(tmp_path):
 
 # -- regions, climate array, offline, evaluate -------------------------------------------------
 
+@pytest.mark.slow
 def test_regions_kind_typo_lists_the_kinds_and_the_listing_has_a_header():
     line = error_line(run(["regions", "--kind", "countries"]))
     assert "'countries'" in line and "did you mean 'country'" in line
@@ -110,6 +115,7 @@ def test_python_regions_kind_typo(tmp_path):
         taxamap.regions(kind="states")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, why", [(b"", "the file is empty"),
                                           (b"plain text, not an array", "it is not a NumPy .npy array")])
 def test_env_array_that_cannot_be_read_is_one_line(tmp_path, models_dir, content, why):
@@ -124,6 +130,7 @@ def test_env_array_that_cannot_be_read_is_one_line(tmp_path, models_dir, content
     assert f"cannot read environment array {bad}: {why}" in last and "--worldclim" in last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env, named", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
                                         ({"TAXAMAP_OFFLINE": "1"}, "TAXAMAP_OFFLINE is set")])
 def test_occurrences_offline_names_the_variable_set(tmp_path, env, named):
@@ -135,8 +142,9 @@ def test_occurrences_offline_names_the_variable_set(tmp_path, env, named):
     assert other not in line
 
 
+@pytest.mark.slow
 def test_evaluate_prints_the_json_and_roc_it_wrote(tmp_path):
-    from tests.test_evaluate import centres, write_map
+    from tests.helpers.maps import centres, write_map
 
     lat, lon = centres(-84.0, 41.0, 0.1, 20, 20)
     path = write_map(tmp_path / "m.tif", {"fused": (lat - 39).astype(np.float32)},

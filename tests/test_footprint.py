@@ -22,15 +22,8 @@ from taxamap.sources.footprint import (
     resample_weights,
 )
 from taxamap.sources.tiles import XYZTileSource, auto_zoom
-from tests.tileserver import TileServer, world_pixel_of
-
-#: Rows of iSatNat's training table (TAXABIND.md): (lat, lon) -> bbox W, S, E, N of its WMS URL.
-TRAINING_ROWS = [
-    (-26.77723, 152.88014, 152.8672691752728, -26.78878233431938, 152.89301082472724, -26.76567764684007),
-    (-26.83874, 152.96104, 152.94816222854408, -26.850292233909503, 152.97391777145586, -26.827187747220343),
-    (-26.62276, 152.86433, 152.8514765224282, -26.634312585777742, 152.87718347757183, -26.611207395456457),
-    (-26.92638, 152.94038, 152.92749229217554, -26.937932090571337, 152.95326770782444, -26.914827890516477),
-]
+from tests.helpers.isatnat import TRAINING_ROWS
+from tests.helpers.tileserver import TileServer, world_pixel_of
 
 
 @pytest.mark.parametrize("lat, lon, west, south, east, north", TRAINING_ROWS)

@@ -15,7 +15,7 @@ import shapely
 
 from taxamap.io import DiskFull, atomic_write
 from taxamap.store import EmbeddingStore
-from tests.tileserver import TileServer
+from tests.helpers.tileserver import TileServer
 
 MB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_tile_cache_on_a_full_disk_names_it(small_disk):
 
 def test_wms_cache_on_a_full_disk_names_it(small_disk):
     from taxamap.sources.wms import WMSSource
-    from tests.wmsserver import WMSServer
+    from tests.helpers.wmsserver import WMSServer
 
     cache = small_disk.path / "tiles"
     cells = np.column_stack([np.linspace(-40, 40, 30), np.linspace(-120, 120, 30)])
@@ -182,6 +182,7 @@ def _predict(args, tmp_path):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_predict_with_out_or_cache_on_a_full_disk(small_disk, tmp_path, models_dir):
     # --out full: the writers' line; nothing half-written; the store (elsewhere) is complete.
     out = small_disk.path / "maps"
@@ -212,6 +213,7 @@ def test_predict_with_out_or_cache_on_a_full_disk(small_disk, tmp_path, models_d
 
 # -- a file-size limit (EFBIG), without root -------------------------------------------------------
 
+@pytest.mark.slow
 def test_file_size_limit_is_reported_like_a_full_disk(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal, sys

@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import rasterio
 
-from tests.hubserver import COMMIT, HubServer
+from tests.helpers.hubserver import COMMIT, HubServer
+
+# CLI subprocesses downloading from a loopback Hub: end to end, out of the quick loop.
+pytestmark = pytest.mark.slow
 
 
 def run(args, env_extra, timeout=300):

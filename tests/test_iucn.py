@@ -12,7 +12,7 @@ import shapely
 
 from taxamap.products.iucn import aoo_km2, contiguous_longitudes, criterion_b, eoo_km2
 from taxamap.products.ranges import threshold_map
-from tests.test_evaluate import centres, write_map
+from tests.helpers.maps import centres, write_map
 
 A = 6378137.0
 F = 1 / 298.257223563
@@ -98,7 +98,7 @@ def test_range_across_the_antimeridian(tmp_path):
 
 def test_small_ranges_and_thresholds():
     # One 2 km-ish square inside a single grid cell: AOO is one cell (4 km2).
-    x0, y0 = 1000.0 / (A * K0), 0.0
+    x0 = 1000.0 / (A * K0)
     tiny = shapely.box(math.degrees(x0) + 0.001, 10.001, math.degrees(x0) + 0.005, 10.005)
     assert aoo_km2(tiny) in (4.0, 8.0, 16.0)
     assert eoo_km2(shapely.Point(1, 1)) == 0.0 and aoo_km2(shapely.MultiPolygon()) == 0.0

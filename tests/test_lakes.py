@@ -12,7 +12,7 @@ from taxamap.errors import TaxamapError
 from taxamap.cells import build_grid
 from taxamap.options import GridOptions
 from taxamap.geography import resolve_region
-from tests.test_cli_e2e import run
+from tests.helpers.cli import run
 
 #: (lat, lon) well inside large lakes of the contiguous USA.
 LAKES = {
@@ -128,6 +128,7 @@ def test_mask_logs_how_many_cells_it_removed(caplog):
     assert "mask" not in logged(cells="all")
 
 
+@pytest.mark.slow
 def test_cli_cells_water_on_lake_erie(tmp_path, models_dir):
     """A box over Cleveland and Lake Erie: a water map scores the lake and leaves the shore
     blank; an unknown --cells value is one line, exit 2, before any work."""
@@ -153,6 +154,7 @@ def test_cli_cells_water_on_lake_erie(tmp_path, models_dir):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_help_documents_cells_and_lakes():
     for command in ("predict", "embed"):
         proc = run([command, "--help"])

@@ -36,6 +36,7 @@ def reference_and_ours():
     return reference, load_location_encoder(checkpoint=path)
 
 
+@pytest.mark.slow
 def test_matches_geoclip_reference_on_real_weights(reference_and_ours):
     reference, ours = reference_and_ours
     rng = np.random.default_rng(0)
@@ -77,7 +78,7 @@ def test_equal_earth_known_values():
 
 
 def test_tiny_model_loads_from_models_folder(tmp_path):
-    from tests.tiny import write_repo
+    from tests.helpers.tiny import write_repo
 
     write_repo(tmp_path, "MVRL/ecogeo")
     enc = load_location_encoder(models_dir=tmp_path)
@@ -118,7 +119,7 @@ def test_missing_weights_offline_says_how_to_fix(tmp_path):
 
 def test_hf_cache_layout_offline(tmp_path, monkeypatch):
     """The same tiny files, laid out as a Hugging Face cache snapshot, load with HF_HUB_OFFLINE."""
-    from tests.tiny import write_hf_cache
+    from tests.helpers.tiny import write_hf_cache
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     write_hf_cache(tmp_path / "hub", "MVRL/ecogeo", commit)

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import rasterio
 
-from tests.tileserver import TileServer
-from tests.worldclim_fixtures import write_rasters
+from tests.helpers.tileserver import TileServer
+from tests.helpers.worldclim_fixtures import write_rasters
+
+# CLI runs over three modalities with loopback servers: end to end, out of the quick loop.
+pytestmark = pytest.mark.slow
 
 BBOX = "-83,40,-82,40.6"  # Ohio: 60 cells at 0.1 deg
 
@@ -174,7 +177,7 @@ def test_stalled_tile_server_ends_the_run_in_one_line(tmp_path, models_dir):
     the satellite blocks stay unfinished for a rerun."""
     import zarr
 
-    from tests.stallserver import StallServer
+    from tests.helpers.stallserver import StallServer
 
     with StallServer() as stall:
         host = stall.host

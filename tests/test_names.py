@@ -14,7 +14,7 @@ from taxamap.cli import main
 from taxamap.errors import TaxamapError
 from taxamap.geography import resolve_region
 from taxamap.taxonomy import TaxonomyClient, resolve_species
-from tests.taxonomy_server import (
+from tests.helpers.taxonomy_server import (
     CARDINAL_DETAIL,
     CARDINAL_SEARCH,
     GBIF,
@@ -260,7 +260,7 @@ def ds(models_dir, cache):
 def client(models_dir, cache, ds):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    from tests.serveserver import ServeServer, open_test_session
+    from tests.helpers.serveserver import ServeServer, open_test_session
 
     with ServeServer(open_test_session(models_dir, cache)) as server:
         with httpx.Client(base_url=server.url, timeout=60) as c:

@@ -21,8 +21,11 @@ import rasterio
 from nbclient import NotebookClient
 from PIL import Image
 
-from tests.wmsserver import WMSServer
-from tests.worldclim_fixtures import write_rasters
+from tests.helpers.wmsserver import WMSServer
+from tests.helpers.worldclim_fixtures import write_rasters
+
+# Each test executes a notebook in a kernel: end to end, out of the quick loop.
+pytestmark = pytest.mark.slow
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT = 300

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 from pathlib import Path
 
@@ -18,17 +17,8 @@ from taxamap.products.occurrences import (
     read_points,
 )
 from taxamap.taxonomy import TaxonomyClient
-from tests.occurrence_server import OccurrenceServer, occurrence
-
-
-def ariolimax_path() -> Path | None:
-    """The presence/background sample shipped in the elapid wheel, without importing elapid."""
-    spec = importlib.util.find_spec("elapid")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "ariolimax.gpkg"
-    return path if path.is_file() else None
-
+from tests.helpers.occurrence_server import OccurrenceServer, occurrence
+from tests.helpers.samples import ariolimax_path
 
 # --- reading files ------------------------------------------------------------------------------
 

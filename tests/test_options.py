@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+from dataclasses import FrozenInstanceError, dataclass, fields
 
 import pytest
 
@@ -115,6 +115,6 @@ def test_api_errors_name_keywords_and_the_cli_names_flags(tmp_path):
 def test_options_are_frozen_and_paths_are_strings(tmp_path):
     options = GridOptions(cache=tmp_path, modalities=("location",))
     assert options.cache == str(tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         options.cache = "elsewhere"  # type: ignore[misc]
     assert {f.name for f in fields(MapOptions)} >= {f.name for f in fields(GridOptions)}

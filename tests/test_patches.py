@@ -10,11 +10,11 @@ from PIL import Image
 
 from taxamap.cli import main
 from taxamap.sources.satellite import patch_at, patch_name, write_patches
-from tests.test_earthengine import FakeClient
-from tests.test_footprint import TRAINING_ROWS
-from tests.test_rasters import geographic_raster
-from tests.tileserver import TileServer
-from tests.wmsserver import WMSServer
+from tests.helpers.earthengine import FakeClient
+from tests.helpers.isatnat import TRAINING_ROWS
+from tests.helpers.rasters import geographic_raster
+from tests.helpers.tileserver import TileServer
+from tests.helpers.wmsserver import WMSServer
 
 
 def read(folder, lat, lon):

@@ -86,6 +86,7 @@ def _predict(models_dir, tmp_path, *extra, env_extra=None):
                env_extra=env_extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["file", "under a file", "loop", "inside a loop", "proc", "sys"])
 def test_cache_that_cannot_be_used_is_one_line(blocked, case, models_dir, tmp_path):
     folder, why = blocked[case]
@@ -97,6 +98,7 @@ def test_cache_that_cannot_be_used_is_one_line(blocked, case, models_dir, tmp_pa
     assert not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_read_only_cache_env_store_and_out(read_only, models_dir, tmp_path):
     out = tmp_path / "out"
     proc = _predict(models_dir, tmp_path, "--cache", str(read_only), "--out", str(out))
@@ -116,6 +118,7 @@ def test_read_only_cache_env_store_and_out(read_only, models_dir, tmp_path):
     assert not any(out.iterdir()) and not any(read_only.iterdir())
 
 
+@pytest.mark.slow
 def test_store_out_and_models_in_a_loop_or_a_file(blocked, models_dir, tmp_path):
     loop, _ = blocked["inside a loop"]
     proc = _predict(models_dir, tmp_path, "--store", str(loop), "--out", str(tmp_path / "o"))
@@ -131,6 +134,7 @@ def test_store_out_and_models_in_a_loop_or_a_file(blocked, models_dir, tmp_path)
     assert "(TAXAMAP_MODELS)" in _one_line(proc, blocked["loop"][0])
 
 
+@pytest.mark.slow
 def test_a_finished_store_on_a_read_only_folder_is_still_read(read_only, models_dir, tmp_path):
     """Only a store that must be filled needs to be writable: a shared, finished one is read."""
     if os.geteuid() != 0:
@@ -155,6 +159,7 @@ def test_a_finished_store_on_a_read_only_folder_is_still_read(read_only, models_
         subprocess.run(["umount", "-l", str(store)], check=False)
 
 
+@pytest.mark.slow
 def test_api_and_serve_give_the_same_error(blocked, models_dir, tmp_path):
     afile, _ = blocked["file"]
     with pytest.raises(TaxamapError, match="cannot use .*afile as the cache folder"):

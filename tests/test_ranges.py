@@ -13,7 +13,7 @@ import shapely
 from taxamap.errors import TaxamapError
 from taxamap.products.evaluate import evaluate_map
 from taxamap.products.ranges import parse_rule, range_outline, threshold_map
-from tests.test_evaluate import centres, write_map
+from tests.helpers.maps import centres, off_cell_edges, write_map
 
 WEST, NORTH, RES, HEIGHT, WIDTH = -10.0, 50.0, 0.25, 40, 60
 
@@ -42,28 +42,6 @@ def read_polygons(path):
     meta, _, wkb, fields = pyogrio.raw.read(path)
     geoms = shapely.from_wkb(wkb) if wkb is not None else np.array([])
     return meta, geoms, dict(zip(meta["fields"], fields))
-
-
-def off_cell_edges(geom, west: float, north: float, res: float, tol: float = 1e-6) -> int:
-    """How many vertices and segments of ``geom``'s rings (shapely, lon/lat; or a list of rings,
-    each an (N, 2) array) leave the grid's cell edges: a vertex off the cells' corners, or a
-    segment neither along a row edge nor along a column edge (a diagonal through cells, which a
-    simplified outline draws)."""
-    if isinstance(geom, shapely.Geometry):
-        polys = shapely.get_parts(geom)
-        rings = [shapely.get_coordinates(r) for p in polys
-                 for r in (p.exterior, *p.interiors)]
-    else:
-        rings = [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in geom]
-    bad = 0
-    for xy in rings:
-        gx = (xy[:, 0] - west) / res
-        gy = (north - xy[:, 1]) / res
-        bad += int(((np.abs(gx - np.round(gx)) * res > tol)
-                    | (np.abs(gy - np.round(gy)) * res > tol)).sum())
-        step = np.abs(np.diff(xy, axis=0))
-        bad += int(((step[:, 0] > tol) & (step[:, 1] > tol)).sum())
-    return bad
 
 
 def test_outline_runs_along_cell_edges(tmp_path, score_map):

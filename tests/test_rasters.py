@@ -14,17 +14,10 @@ from taxamap.errors import TaxamapError
 from taxamap.sources.rasters import RasterFileSource
 from taxamap.sources.satellite import SatelliteSource, make_satellite_source
 from taxamap.sources.tiles import XYZTileSource
-from tests.tileserver import TileServer
+from tests.helpers.rasters import geographic_raster, write_tif
+from tests.helpers.tileserver import TileServer
 
 ZOOM = 8
-
-
-def write_tif(path, data, crs, transform, nodata=None):
-    bands, height, width = data.shape
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=bands,
-                       dtype=data.dtype, crs=crs, transform=transform, nodata=nodata, tiled=True,
-                       blockxsize=256, blockysize=256) as dst:
-        dst.write(data)
 
 
 def test_mercator_raster_gives_the_same_patch_as_the_tile_server(tmp_path):
@@ -54,21 +47,6 @@ def test_mercator_raster_gives_the_same_patch_as_the_tile_server(tmp_path):
             assert a.size == (256, 256) and a.mode == "RGB"
             diff = np.abs(np.asarray(a).astype(int) - np.asarray(b_).astype(int))
             assert diff.max() <= 1  # identical here; 1 DN of slack for GDAL's rounding
-
-
-def geographic_raster(tmp_path, dtype=np.uint8, scale=1.0):
-    """EPSG:4326 raster over lon 10..12, lat 40..42: red grows with lon, green with lat."""
-    n = 400
-    res = 2.0 / n
-    lon = 10 + (np.arange(n) + 0.5) * res
-    lat = 42 - (np.arange(n) + 0.5) * res
-    red = np.broadcast_to((lon - 10) / 2 * 250, (n, n))
-    green = np.broadcast_to(((lat - 40) / 2 * 250)[:, None], (n, n))
-    blue = np.full((n, n), 100.0)
-    data = (np.stack([red, green, blue]) * scale).astype(dtype)
-    path = tmp_path / "geo.tif"
-    write_tif(path, data, "EPSG:4326", Affine(res, 0, 10, 0, -res, 42))
-    return path
 
 
 def test_any_crs_is_warped_to_a_north_up_patch_centred_on_the_cell(tmp_path):
@@ -238,7 +216,7 @@ def write_mosaic_vrt(folder, n: int = 200):
 
 def test_unreadable_part_leaves_its_block_for_the_rerun(tmp_path, models_dir):
     from taxamap.models.satellite import load_satellite_encoder
-    from tests.source_rerun import embed_through
+    from tests.helpers.source_rerun import embed_through
 
     encoder = load_satellite_encoder(models_dir)
     vrt = write_mosaic_vrt(tmp_path)

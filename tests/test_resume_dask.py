@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import zarr
 
+# CLI subprocesses killed and resumed, a Dask cluster: end to end, out of the quick loop.
+pytestmark = pytest.mark.slow
+
 # ~60 k land-and-sea cells at 0.05 deg over the eastern US: several 16 k-cell blocks.
 BBOX = "-90,30,-75,45"
 

@@ -14,8 +14,8 @@ from torchvision import transforms
 from taxamap.errors import ModelFilesMissing, TaxamapError
 from taxamap.models.hub import DEFAULT_CONFIG
 from taxamap.models.satellite import load_satellite_encoder
-from tests import tiny
-from tests.tiny import write_repo
+from tests.helpers import tiny
+from tests.helpers.tiny import write_repo
 
 REPO = "MVRL/ecosat"
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"

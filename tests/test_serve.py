@@ -26,9 +26,9 @@ httpx = pytest.importorskip("httpx")
 
 import taxamap  # noqa: E402
 from taxamap.errors import TaxamapError  # noqa: E402
-from tests.bombs import png_bomb  # noqa: E402
-from tests.serveserver import (BBOX, PROMPT, SPECIES, ServeProcess, ServeServer,  # noqa: E402
-                               open_satellite_session, open_test_session)
+from tests.helpers.bombs import png_bomb  # noqa: E402
+from tests.helpers.serveserver import (  # noqa: E402
+    BBOX, PROMPT, SPECIES, ServeProcess, ServeServer, open_satellite_session, open_test_session)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 256 * 1024  # the test server's upload limit (the default is 20 MB)
@@ -239,7 +239,7 @@ def test_range_outline_is_taxamap_threshold(client, reference):
 
 def test_range_outline_runs_along_cell_edges(client):
     """The outline the page draws follows the cells' edges exactly (never through a cell)."""
-    from tests.test_ranges import off_cell_edges
+    from tests.helpers.maps import off_cell_edges
 
     health = client.get("/api/health").json()
     (south, west), (north, east) = health["bounds"]
@@ -466,6 +466,7 @@ def test_unknown_route_and_method_are_json(client):
 
 # ------------------------------------------------------------------ the command
 
+@pytest.mark.slow
 def test_cli_defaults_and_help():
     from taxamap.cli import build_parser
 
@@ -514,6 +515,7 @@ def test_exposed_host_warns_before_binding():
     assert not is_loopback("0.0.0.0") and is_loopback("localhost") and is_loopback("::1")
 
 
+@pytest.mark.slow
 def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
     import os
     import signal
@@ -537,6 +539,7 @@ def test_taxamap_serve_prints_its_url_and_serves(models_dir, cache):
     assert "warning" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_taxamap_serve_on_every_interface_prints_an_openable_url_and_each_line_once(
         models_dir, cache):
     """`--host 0.0.0.0`: the `serving` line names a URL a browser can open (127.0.0.1), stderr
@@ -597,7 +600,7 @@ def test_numbers_in_answers_are_json_finite(client):
 def satellite_server(models_dir, tmp_path_factory):
     """A server over 60 cells with the satellite modality fed by a loopback tile server whose
     tile 12/1104/1542 (the cell at 40.55, -82.95) is missing."""
-    from tests.tileserver import TileServer
+    from tests.helpers.tileserver import TileServer
 
     with TileServer(latency=0.0, faults={(12, 1104, 1542): "404"}) as tiles:
         session = open_satellite_session(models_dir, tmp_path_factory.mktemp("sat-cache"),
@@ -606,6 +609,7 @@ def satellite_server(models_dir, tmp_path_factory):
             yield srv, tiles
 
 
+@pytest.mark.slow
 def test_cell_popup_patch_is_the_embedded_patch(satellite_server):
     from PIL import Image
 
@@ -702,6 +706,7 @@ def json_error_of(answer: bytes, status: int) -> str:
     return message
 
 
+@pytest.mark.slow
 def test_pixel_bomb_is_refused_from_its_header(served, bomb):
     served.reset_peak()
     before = served.memory_kib()["VmRSS"]
@@ -725,6 +730,7 @@ def test_pixel_bomb_is_refused_from_its_header(served, bomb):
     assert httpx.get(served.url + "api/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_dropped_upload_is_one_line_without_traceback(served):
     body = PART + b"\xff" * 200_000
     with socket.create_connection(("127.0.0.1", served.port)) as conn:
@@ -779,6 +785,7 @@ def impatient(session):
         yield srv
 
 
+@pytest.mark.slow
 def test_idle_and_half_sent_requests_are_closed_by_the_server(impatient):
     port = impatient.port
     with socket.create_connection(("127.0.0.1", port)) as conn:  # connects, never speaks
@@ -799,6 +806,7 @@ def test_idle_and_half_sent_requests_are_closed_by_the_server(impatient):
     assert impatient.alive and impatient.service.uploads_in_progress == 0
 
 
+@pytest.mark.slow
 def test_trickling_upload_is_cut_off(session):
     # No stall deadline before the upload's own: only the total time can cut this upload off.
     with ServeServer(session, max_upload=LIMIT, read_timeout=60, upload_timeout=3) as server, \

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing")
+# A real browser for every test: end to end, out of the quick loop (-m "not slow").
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing")]
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from tests.serveserver import (SPECIES, ServeServer,  # noqa: E402
-                               open_satellite_session, open_test_session)
+from tests.helpers.serveserver import (  # noqa: E402
+    SPECIES, ServeServer, open_satellite_session, open_test_session)
 
 WIDTH, HEIGHT = 1280, 800
 RANGE_RGB = (0x7B, 0x32, 0x94)
@@ -146,7 +147,7 @@ def test_upload_a_photo_maps_it(page, tmp_path):
 
 
 def test_a_pixel_bomb_reads_as_a_message(page, tmp_path):
-    from tests.bombs import png_bomb
+    from tests.helpers.bombs import png_bomb
 
     bomb = png_bomb(tmp_path / "huge.png", 12000, 12000)  # refused from its header
     page.set_input_files("#file", str(bomb))
@@ -229,7 +230,7 @@ def test_compare_view_gives_each_map_its_legend_and_popup(page, server):
 
 
 def test_cell_popup_shows_the_satellite_patch(browser, models_dir, tmp_path_factory):
-    from tests.tileserver import TileServer
+    from tests.helpers.tileserver import TileServer
 
     with TileServer(latency=0.0) as tiles:
         session = open_satellite_session(models_dir, tmp_path_factory.mktemp("sat-browser"),

@@ -9,7 +9,7 @@ import pytest
 from taxamap.errors import TaxamapError
 from taxamap.options import PredictOptions
 from taxamap.queries import embed_queries
-from tests.test_cli_e2e import run
+from tests.helpers.cli import run
 
 KNOWN = ["Cardinalis cardinalis", "Cyanocitta cristata", "Turdus migratorius"]
 UNKNOWN = ["Nonexistus imaginarius", "Fakeus birdus"]
@@ -46,6 +46,7 @@ def test_skip_unknown_on_a_file_of_unknown_names_only_is_an_error(tmp_path, monk
         embed_queries(req, config={}, device=lambda: "cpu")
 
 
+@pytest.mark.slow
 def test_cli_unknown_names_fail_before_any_cell_is_embedded(tmp_path, models_dir):
     out = tmp_path / "o"
     proc = run(["predict", "--species-file", str(mixed(tmp_path)), "--bbox=-83,40,-82,41",
@@ -59,6 +60,7 @@ def test_cli_unknown_names_fail_before_any_cell_is_embedded(tmp_path, models_dir
     assert not (tmp_path / "c" / "stores").exists()  # no cell embedded, no store made
 
 
+@pytest.mark.slow
 def test_cli_skip_unknown_maps_the_others_and_lists_the_skipped(tmp_path, models_dir):
     out = tmp_path / "o"
     proc = run(["predict", "--species-file", str(mixed(tmp_path)), "--skip-unknown",
@@ -75,6 +77,7 @@ def test_cli_skip_unknown_maps_the_others_and_lists_the_skipped(tmp_path, models
         assert name in rows and "skipped" in rows[name], table
 
 
+@pytest.mark.slow
 def test_skip_unknown_needs_a_species_file(tmp_path, models_dir):
     proc = run(["predict", "--species", "Cardinalis cardinalis", "--skip-unknown",
                 "--bbox=-83,40,-82,41", "--models", str(models_dir), "--out", str(tmp_path)])

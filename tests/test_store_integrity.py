@@ -115,6 +115,7 @@ def test_predict_repairs_every_damage_kind(kind, pristine, models_dir, tmp_path,
     assert not [r for r in caplog.records if "damaged" in r.getMessage()]  # repaired for good
 
 
+@pytest.mark.slow
 def test_predict_cli_says_it_in_one_line(pristine, models_dir, tmp_path):
     """The issue's run: a zeroed second block, `taxamap predict` as a user types it."""
     import rasterio
@@ -206,7 +207,7 @@ def test_serve_session_repairs_at_start_and_health_counts_what_it_holds(pristine
                                                                        tmp_path, caplog):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
-    from tests.serveserver import ServeServer
+    from tests.helpers.serveserver import ServeServer
 
     cache, store_dir = _copy(pristine, tmp_path)
     DAMAGE["chunk zeroed"](store_dir)
@@ -309,6 +310,7 @@ def _computed(stdout: str) -> int:
     return int(stdout.split("\t")[2].split()[0])
 
 
+@pytest.mark.slow
 def test_two_concurrent_embeds_compute_each_block_once(models_dir, tmp_path):
     """Before: both runs computed every block (two runs' CPU for one run's work)."""
     cache = tmp_path / "cache"
@@ -346,6 +348,7 @@ def test_a_dead_runs_claim_is_taken_over(models_dir, tmp_path, capsys):
     _verified(store_dir)
 
 
+@pytest.mark.slow
 def test_a_live_claim_is_waited_for_and_checked_not_recomputed(pristine, models_dir, tmp_path):
     from taxamap.claims import BlockClaims
 

@@ -20,7 +20,7 @@ from taxamap.taxonomy import (
     lookup_table,
     resolve_species,
 )
-from tests.taxonomy_server import (
+from tests.helpers.taxonomy_server import (
     CARDINAL_DETAIL,
     CARDINAL_SEARCH,
     GBIF,
@@ -111,7 +111,7 @@ def test_table_is_consistent_and_complete():
 
 @pytest.mark.skipif(not SEED.exists(), reason="seed table (../shared/data/taxonomy) not present")
 def test_shipped_table_is_the_documented_rebuild_of_the_seed():
-    from tests.taxonomy_build import build
+    from tests.helpers.taxonomy_build import build
 
     assert build(SEED) == TABLE.read_text(encoding="utf-8")
 

@@ -22,8 +22,8 @@ from taxamap.models.text import (
     load_text_encoder,
     text_spec,
 )
-from tests.tiny import write_repo
-from tests.tiny.clip import CONFIG as TINY_CONFIG
+from tests.helpers.tiny import write_repo
+from tests.helpers.tiny.clip import CONFIG as TINY_CONFIG
 
 REPO = "MVRL/taxabind-vit-b-16"
 CARDINAL = "Animalia Chordata Aves Passeriformes Cardinalidae Cardinalis cardinalis"
@@ -367,6 +367,7 @@ def test_weights_not_matching_config_are_refused(tmp_path):
 # No open_clip import
 
 
+@pytest.mark.slow
 def test_encode_text_never_imports_open_clip(tiny_models):
     script = (
         "import sys, time\n"
@@ -386,6 +387,7 @@ def test_encode_text_never_imports_open_clip(tiny_models):
     assert open_clip_loaded == "False" and transformers_loaded == "False"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["models_dir", "hf_cache"])
 def test_numpy_backend_never_imports_torch(tiny_models, tmp_path, source):
     """Module import, file resolution (models folder or offline Hugging Face cache), weight load

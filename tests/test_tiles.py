@@ -11,7 +11,7 @@ from taxamap.errors import TaxamapError
 from taxamap.sources.cache import cache_clear, cache_info, source_id
 from taxamap.sources.satellite import SatelliteSource, make_satellite_source
 from taxamap.sources.tiles import DEFAULT_URL, EOX_LICENSE, XYZTileSource
-from tests.tileserver import TileServer
+from tests.helpers.tileserver import TileServer
 
 FAST = dict(backoff=0.001, max_backoff=0.01, timeout=(2.0, 2.0))
 
@@ -274,7 +274,7 @@ def test_concurrent_fetch_calls_share_tiles(tmp_path):
 
 def test_stalled_server_trips_the_breaker(tmp_path):
     from taxamap.http import CircuitOpen
-    from tests.stallserver import StallServer
+    from tests.helpers.stallserver import StallServer
 
     cells = np.column_stack([np.linspace(-50, 50, 40), np.linspace(-100, 100, 40)])
     with StallServer() as stall:

@@ -14,8 +14,8 @@ import rasterio
 from taxamap.errors import TaxamapError
 from taxamap.sources.satellite import SatelliteSource, make_satellite_source
 from taxamap.sources.wms import DEFAULT_WMS_URL, WMSSource
-from tests.test_footprint import TRAINING_ROWS
-from tests.wmsserver import WMSServer
+from tests.helpers.isatnat import TRAINING_ROWS
+from tests.helpers.wmsserver import WMSServer
 
 FAST = dict(backoff=0.001, max_backoff=0.01, timeout=(2.0, 2.0))
 TRAINING_URL = ("https://tiles.maps.eox.at/wms?service=WMS&version=1.1.1&request=GetMap"
@@ -37,7 +37,7 @@ def test_every_request_is_the_training_request(tmp_path):
         assert all(p is not None and p.size == (256, 256) and p.mode == "RGB" for p in patches)
         assert server.requests == 4 and server.widths == [256] * 4
         got = {tuple(round(v, 6) for v in b): b for b in server.bboxes}
-        for lat, lon, *bbox in TRAINING_ROWS:
+        for _lat, _lon, *bbox in TRAINING_ROWS:
             sent = got[tuple(round(v, 6) for v in bbox)]
             np.testing.assert_allclose(sent, bbox, rtol=0, atol=1e-9)
         (agent,) = server.user_agents
@@ -184,7 +184,7 @@ def test_dead_server_stops_the_run_with_one_line(tmp_path):
 def test_stalled_server_ends_in_one_wave_of_timeouts(tmp_path):
     """A WMS that accepts and never answers: the breaker stops after the first wave of timeouts,
     one line naming the server, instead of every cell's retries."""
-    from tests.stallserver import StallServer
+    from tests.helpers.stallserver import StallServer
 
     cells = np.column_stack([np.linspace(-50, 50, 40), np.linspace(-100, 100, 40)])
     with StallServer() as stall:
@@ -245,7 +245,7 @@ def test_answers_are_validated_before_use():
     """Every chunk's CRC is checked (a flipped byte, a cut body, another size are refused); real
     imagery is handed on undecoded, small answers are checked for blankness."""
     from taxamap.sources.wms import decode_answer
-    from tests.wmsserver import png, texture
+    from tests.helpers.wmsserver import png, texture
 
     body = png(texture(256))
     kind, img = decode_answer(body, (256, 256))

@@ -23,7 +23,7 @@ from taxamap.sources.worldclim import (
     cell_index,
     download_worldclim,
 )
-from tests.worldclim_fixtures import NODATA, official_zips, write_raster, write_rasters
+from tests.helpers.worldclim_fixtures import NODATA, official_zips, write_raster, write_rasters
 
 
 def reference_scaled(raw: np.ndarray) -> np.ndarray:
@@ -355,7 +355,7 @@ def test_download_accepts_rasters_and_zips_placed_by_hand(tmp_path, zips):
 
 
 def test_stalled_download_server_stops_in_two_timeouts(tmp_path):
-    from tests.stallserver import StallServer
+    from tests.helpers.stallserver import StallServer
 
     with StallServer() as stall:
         host, url = stall.host, stall.url

@@ -172,6 +172,7 @@ def _system_qgis() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _system_qgis(), reason="/usr/bin/python3 cannot import qgis.core")
 def test_qgis_opens_the_geotiff(scoremap, tif, tmp_path):
     grid = grid_of(scoremap)
@@ -198,7 +199,8 @@ def test_qgis_opens_the_geotiff(scoremap, tif, tmp_path):
     spec.write_text(json.dumps(expected))
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([SYSTEM_PYTHON, str(HERE / "qgis_check.py"), str(tif), str(spec)],
+    checker = HERE / "helpers" / "qgis_check.py"
+    done = subprocess.run([SYSTEM_PYTHON, str(checker), str(tif), str(spec)],
                           capture_output=True, text=True, env=env, timeout=120)
     report_line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     assert report_line, done.stdout + done.stderr
@@ -546,7 +548,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, scoremap, 
         raise rasterio.errors.RasterioIOError("write failed")
 
     monkeypatch.setattr(rasterio.shutil, "copy", broken_copy)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017
         write_geotiff(scoremap, target)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["map.tif"]

@@ -1,7 +1,7 @@
 """Tiny checkpoints in the released TaxaBind file layouts, written by the tests.
 
-Each module ``tests/tiny/<name>.py`` exposes ``write(repo_dir: Path, seed: int = 0) -> None`` that
-writes exactly the files of its hub repo (same names, same config keys, same state-dict keys as the
+Each module ``tests/helpers/tiny/<name>.py`` exposes ``write(repo_dir: Path, seed: int = 0) ->
+None`` that writes exactly the files of its hub repo (same names, same config keys, same state-dict keys as the
 released checkpoint) with small hidden sizes and 512-d outputs. They load through taxamap's real
 resolver and loaders, from a models folder or from a Hugging Face cache.
 """
@@ -29,7 +29,7 @@ def available() -> dict[str, str]:
     out = {}
     for repo, mod in WRITERS.items():
         try:
-            importlib.import_module(f"tests.tiny.{mod}")
+            importlib.import_module(f"tests.helpers.tiny.{mod}")
         except ModuleNotFoundError:
             continue
         out[repo] = mod
@@ -40,7 +40,7 @@ def write_repo(root: Path, repo: str, seed: int = 0) -> Path:
     """Write one repo's tiny files into ``root/<org>/<name>/`` and return that folder."""
     folder = Path(root) / repo
     folder.mkdir(parents=True, exist_ok=True)
-    importlib.import_module(f"tests.tiny.{WRITERS[repo]}").write(folder, seed=seed)
+    importlib.import_module(f"tests.helpers.tiny.{WRITERS[repo]}").write(folder, seed=seed)
     return folder
 
 

@@ -1,10 +1,10 @@
 """Open a taxamap GeoTIFF in QGIS (PyQGIS, headless) and check what a QGIS user would see.
 
 Run with the system Python that has QGIS: ``QT_QPA_PLATFORM=offscreen /usr/bin/python3
-tests/qgis_check.py MAP.tif EXPECTED.json``. EXPECTED.json holds ``crs`` (authid), ``extent``
-([xmin, ymin, xmax, ymax]), ``bands`` (names in order), ``samples`` ([[x, y, band, value], ...];
-value null = expect no data) and ``tolerance``. Prints a JSON report; exit code 0 when every check
-passes, 1 otherwise.
+tests/helpers/qgis_check.py MAP.tif EXPECTED.json``. EXPECTED.json holds ``crs`` (authid),
+``extent`` ([xmin, ymin, xmax, ymax]), ``bands`` (names in order), ``samples`` ([[x, y, band,
+value], ...]; value null = expect no data) and ``tolerance``. Prints a JSON report; exit code 0
+when every check passes, 1 otherwise.
 """
 
 from __future__ import annotations

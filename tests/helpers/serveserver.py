@@ -19,7 +19,7 @@ from pathlib import Path
 from taxamap.serve.app import create_app
 from taxamap.serve.server import allowed_hosts_for, bind, make_server, url_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: The small box the serve tests map (every cell is on land; see tests/test_api.py).
 BBOX = (-84.0, 39.0, -82.0, 41.0)

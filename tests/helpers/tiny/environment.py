@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.tiny import write_json
+from tests.helpers.tiny import write_json
 
 CONFIG = {"num_inputs": 20, "num_filts": 512, "depth": 2, "num_classes": 10}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from taxamap.models.hub import DEFAULT_CONFIG
-from tests.tiny import write_json
+from tests.helpers.tiny import write_json
 
 
 def write(folder: Path, seed: int = 0) -> None:

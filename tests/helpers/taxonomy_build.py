@@ -1,6 +1,6 @@
 """Rebuild ``taxamap/data/taxonomy.csv`` from the seed table (kept here so the table is reproducible).
 
-    python -m tests.taxonomy_build ../shared/data/taxonomy/animals_7rank.csv taxamap/data/taxonomy.csv
+    python -m tests.helpers.taxonomy_build ../shared/data/taxonomy/animals_7rank.csv taxamap/data/taxonomy.csv
 
 Steps: rename higher ranks to iNaturalist's (``taxamap.taxonomy.harmonize_ranks``), fix the seed's
 individual errors (``ROW_FIXES``), capitalise all-lower-case common names, add ``ADDITIONS``,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny import write_json
+from tests.helpers.tiny import write_json
 
 CONFIG = {
     "model_cfg": {
@@ -37,7 +37,7 @@ def write(folder: Path, seed: int = 0) -> None:
     # open_clip initialises some projections to small values; spread them so different inputs give
     # clearly different embeddings in the tests.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.2)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

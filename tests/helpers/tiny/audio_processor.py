@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.tiny import write_json
+from tests.helpers.tiny import write_json
 
 PREPROCESSOR = {
     "chunk_length_s": 10,

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.tiny import write_json
+from tests.helpers.tiny import write_json
 
 SIGMAS = [1, 16, 256]
 
