@@ -149,15 +149,65 @@ class PerCellSource:
         self.close()
 
 
+def check_patch_size(size: int, most: int = 4096, source: str = "") -> int:
+    """``size`` as an int, or TaxamapError naming the option when it is outside 16..``most``."""
+    from taxamap.surface import option
+
+    if not 16 <= int(size) <= most:
+        raise TaxamapError(f"{option('sat-size')} must be between 16 and {most} pixels{source}, "
+                           f"got {size}")
+    return int(size)
+
+
+def explain_footprint(fp, lat: float, lon: float, source: dict) -> dict:
+    """The start of every source's ``explain``: the footprint (or just the point where a cell has
+    none) and the source's settings."""
+    out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon)}
+    out["source"] = source
+    return out
+
+
 class HTTPSource:
     """The plumbing the HTTP imagery sources (XYZ tiles, WMS) share: one session made on first
     use from the source's retry settings and circuit breaker (:func:`taxamap.http.
     make_session`), retries counted in ``stats``, and ``close`` / the context manager.
 
-    Subclasses set ``workers``, ``retries``, ``backoff``, ``max_backoff``, ``max_retry_after``,
-    ``timeout``, ``breaker``, ``stats``, ``_user_agent``, ``_lock``, ``_executor``, ``_session``
-    and ``_own_session``.
+    Subclasses call :meth:`_configure` from ``__init__`` (after their own checks) and may then
+    replace ``_lock`` (the tile source needs a re-entrant one).
     """
+
+    def _configure(self, *, what: str, size: int, workers: int, retries: int, backoff: float,
+                   max_backoff: float, max_retry_after: float, timeout, session, user_agent: str,
+                   fail_fast_after: int, fail_after_in_row: int,
+                   attribution: tuple[str | None, str | None]) -> None:
+        """Check and keep the settings every HTTP imagery source has: patch ``size``, request
+        ``workers`` and retry policy, ``timeout``, the circuit breaker over ``what`` (its name in
+        messages), the session (None: one made on first use) and the (attribution, licence)."""
+        from taxamap import http
+        from taxamap.surface import option
+
+        check_patch_size(size)
+        if int(workers) < 1:
+            raise TaxamapError(f"{option('workers')} must be at least 1, got {workers}")
+        self.size = int(size)
+        self.workers = int(workers)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_retry_after = float(max_retry_after)
+        self.timeout = http.default_timeout(http.DEFAULT_TIMEOUT if timeout is None else timeout)
+        self.attribution, self.license = attribution
+        self.stats = SourceStats()
+        self.breaker = http.CircuitBreaker(
+            what, first=fail_fast_after, consecutive=fail_after_in_row,
+            hint="check --sat-url and the network, or drop the satellite modality; blocks "
+                 "already embedded are kept and the same command resumes")
+        self._user_agent = user_agent
+        self._session = session
+        self._own_session = session is None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._fatal: Exception | None = None  # an error that ends the run (a full cache disk)
 
     def close(self) -> None:
         """Stop the worker threads and close the HTTP connections."""

@@ -45,7 +45,7 @@ from taxamap.surface import option
 from taxamap.io import DiskFull
 from taxamap import http
 from taxamap.sources.cache import TileCache, cached
-from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
+from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource, check_patch_size, explain_footprint
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 
 COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
@@ -216,12 +216,10 @@ class EarthEngineSource(PerCellSource):
         if not 2017 <= int(year) <= 2100:
             raise TaxamapError(f"{option('sat-year')} must be 2017 or later (Sentinel-2 L2A), "
                                f"got {year}")
-        if not 16 <= int(size) <= 1024:
-            raise TaxamapError(f"{option('sat-size')} must be between 16 and 1024 pixels for "
-                               f"Earth Engine, got {size}")
+        self.size = check_patch_size(size, 1024, " for Earth Engine")
         super().__init__(workers)
         self.project = project
-        self.year, self.size = int(year), int(size)
+        self.year = int(year)
         self.footprint_m = float(footprint_m)
         self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
         self.reflectance_max, self.gamma = float(reflectance_max), float(gamma)
@@ -293,9 +291,7 @@ class EarthEngineSource(PerCellSource):
 
     def explain(self, lat: float, lon: float) -> dict:
         """What the patch of (lat, lon) is computed from (no request): footprint and EE grids."""
-        fp = self.footprint(lat, lon)
-        out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon)}
-        out["source"] = self.describe()
+        out = explain_footprint(self.footprint(lat, lon), lat, lon, self.describe())
         planned = self.requests_for(lat, lon)
         if planned is not None:
             # The composite is the source's (out["source"]); each request adds its grid.

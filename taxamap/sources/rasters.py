@@ -31,7 +31,7 @@ import numpy as np
 
 from taxamap.errors import TaxamapError
 from taxamap.surface import option
-from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource
+from taxamap.sources.base import DEFAULT_WORKERS, PerCellSource, check_patch_size
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,8 @@ class RasterFileSource(PerCellSource):
         if not self.path.is_file() and not str(path).startswith("/vsi"):
             raise TaxamapError(f"satellite raster {path} does not exist: pass an existing "
                                f"{option('sat-file')}")
-        if not 16 <= int(size) <= 4096:
-            raise TaxamapError(f"{option('sat-size')} must be between 16 and 4096 pixels, got "
-                               f"{size}")
+        self.size = check_patch_size(size)
         super().__init__(workers)
-        self.size = int(size)
         self.footprint_m = float(footprint_m)
         self.min_coverage = float(min_coverage)
         self.attribution, self.license = attribution, license

@@ -46,7 +46,7 @@ from taxamap.errors import TaxamapError
 from taxamap.surface import option
 from taxamap.io import DiskFull
 from taxamap import http
-from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
+from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, as_latlon
 from taxamap.sources.cache import TileCache, cached, decode_image
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, Footprint, footprint, resample
 
@@ -227,42 +227,25 @@ class XYZTileSource(HTTPSource):
             zoom = DEFAULT_ZOOM
         if zoom is not None and not 0 <= int(zoom) <= 24:
             raise TaxamapError(f"{option('sat-zoom')} must be between 0 and 24, got {zoom}")
-        if not 16 <= int(size) <= 4096:
-            raise TaxamapError(f"{option('sat-size')} must be between 16 and 4096 pixels, got "
-                               f"{size}")
-        if int(workers) < 1:
-            raise TaxamapError(f"{option('workers')} must be at least 1, got {workers}")
+        eox_attr, eox_lic = eox_metadata(url)
+        self._configure(
+            what="satellite tiles", size=size, workers=workers, retries=retries, backoff=backoff,
+            max_backoff=max_backoff, max_retry_after=max_retry_after, timeout=timeout,
+            session=session, user_agent=user_agent, fail_fast_after=fail_fast_after,
+            fail_after_in_row=fail_after_in_row,
+            attribution=(eox_attr if attribution is None else attribution,
+                         eox_lic if license is None else license))
         self.url = url
         self.zoom = None if zoom is None else int(zoom)
         self.max_zoom = int(max_zoom)
-        self.size = int(size)
         self.footprint_m = None if footprint_m is None else float(footprint_m)
         self.tile_size = int(tile_size)
-        self.workers = int(workers)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.max_retry_after = float(max_retry_after)
-        self.timeout = http.default_timeout(http.DEFAULT_TIMEOUT if timeout is None else timeout)
         self.subdomains = subdomains
         self.prefetch = max(64, 16 * self.workers) if prefetch is None else max(1, int(prefetch))
-        eox_attr, eox_lic = eox_metadata(url)
-        self.attribution = attribution if attribution is not None else eox_attr
-        self.license = license if license is not None else eox_lic
-        self.stats = SourceStats()
         self.cache = TileCache(cache_dir, url) if cache else None
-        self.breaker = http.CircuitBreaker(
-            "satellite tiles", first=fail_fast_after, consecutive=fail_after_in_row,
-            hint="check --sat-url and the network, or drop the satellite modality; blocks "
-                 "already embedded are kept and the same command resumes")
-        self._user_agent = user_agent
-        self._session = session
-        self._own_session = session is None
-        self._executor: ThreadPoolExecutor | None = None
         self._inflight: dict[tuple[int, int, int], Future] = {}
         # Re-entrant: add_done_callback runs _forget at once, in this thread, if the tile is done.
         self._lock = threading.RLock()
-        self._fatal: Exception | None = None  # an error that ends the run (a full cache disk)
 
     # -- public -------------------------------------------------------------------------------
 

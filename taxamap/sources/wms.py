@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,7 +49,7 @@ from taxamap.io import DiskFull
 from taxamap import http
 from taxamap.sources.cache import TileCache, cached
 from taxamap.sources.footprint import DEFAULT_FOOTPRINT_M, DEFAULT_SIZE, Footprint, footprint
-from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, SourceStats, as_latlon
+from taxamap.sources.base import DEFAULT_WORKERS, HTTPSource, as_latlon, explain_footprint
 from taxamap.sources.tiles import eox_metadata
 
 #: EOX's WMS, the endpoint of every iSatNat training URL.
@@ -202,37 +201,19 @@ class WMSSource(HTTPSource):
         fail_after_in_row: int = 32,
     ):
         self.url = check_endpoint(url)
-        if not 16 <= int(size) <= 4096:
-            raise TaxamapError(f"{option('sat-size')} must be between 16 and 4096 pixels, got "
-                               f"{size}")
-        if int(workers) < 1:
-            raise TaxamapError(f"{option('workers')} must be at least 1, got {workers}")
         self.layer = str(layer)
-        self.size = int(size)
-        self.footprint_m = float(footprint_m)
-        self.workers = int(workers)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.max_retry_after = float(max_retry_after)
-        self.timeout = http.default_timeout(http.DEFAULT_TIMEOUT if timeout is None else timeout)
         eox_attr, eox_lic = eox_metadata(self.layer)
-        self.attribution = attribution if attribution is not None else eox_attr
-        self.license = license if license is not None else eox_lic
-        self.stats = SourceStats()
+        self._configure(
+            what="satellite patches", size=size, workers=workers, retries=retries,
+            backoff=backoff, max_backoff=max_backoff, max_retry_after=max_retry_after,
+            timeout=timeout, session=session, user_agent=user_agent,
+            fail_fast_after=fail_fast_after, fail_after_in_row=fail_after_in_row,
+            attribution=(eox_attr if attribution is None else attribution,
+                         eox_lic if license is None else license))
+        self.footprint_m = float(footprint_m)
         identity = {"kind": self.kind, "url": self.url, "layers": self.layer, "version": WMS_VERSION,
                     "srs": WMS_SRS, "format": WMS_FORMAT, "styles": ""}
         self.cache = TileCache(cache_dir, identity, label=f"{self.url} {self.layer}") if cache else None
-        self.breaker = http.CircuitBreaker(
-            "satellite patches", first=fail_fast_after, consecutive=fail_after_in_row,
-            hint="check --sat-url and the network, or drop the satellite modality; blocks "
-                 "already embedded are kept and the same command resumes")
-        self._user_agent = user_agent
-        self._session = session
-        self._own_session = session is None
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._fatal: Exception | None = None  # an error that ends the run (a full cache disk)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -264,9 +245,7 @@ class WMSSource(HTTPSource):
 
     def explain(self, lat: float, lon: float) -> dict:
         """What the patch of (lat, lon) is (no request): its footprint and the GetMap URL(s)."""
-        fp = self.footprint(lat, lon)
-        out = fp.to_dict() if fp is not None else {"lat": float(lat), "lon": float(lon)}
-        out["source"] = self.describe()
+        out = explain_footprint(self.footprint(lat, lon), lat, lon, self.describe())
         planned = self.requests_for(lat, lon)
         if planned is not None:
             out["requests"] = [url for _, _, url in planned]
