@@ -24,7 +24,8 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.models import hub
 from taxamap.models.autocast import autocast, normalize_rows, resolve_device, resolve_dtype
-from taxamap.models.preprocess import build_transform, preprocess_batch, spec_from_config
+from taxamap.models.preprocess import (build_transform, check_prompts, preprocess_batch,
+                                       spec_from_config)
 
 #: The TaxaBind config key naming the CLIP repo (image and text towers).
 CONFIG_KEY = "clip"
@@ -58,12 +59,7 @@ class ClipEncoder:
 
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         """Embed prompts (plain seven-rank strings) -> float32 (N, embed_dim), unit-norm rows."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise TaxamapError(f"text prompt must be a non-empty string, got {p!r}")
+        prompts = check_prompts(prompts)
         if not prompts:
             return np.zeros((0, self.embed_dim), np.float32)
         import torch
@@ -148,28 +144,6 @@ def _fit_state(model, state: dict) -> dict:
     return state
 
 
-def _load_strict(model, state: dict, weights: Path) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)} "
-                         f"vs config {tuple(own[k].shape)})")
-        raise TaxamapError(
-            f"weights {weights} do not match {CONFIG_FILE}: " + "; ".join(parts)
-            + "; the repo's files are from different models or corrupt, download them again"
-        )
-    model.load_state_dict(state, strict=True)
-
-
 def load_clip(
     models_dir: str | os.PathLike | None = None,
     device="cpu",
@@ -208,7 +182,9 @@ def load_clip(
     folder = config_path.parent
     model = _build_model(folder)
     state = hub.load_weights(weights_path)
-    _load_strict(model, _fit_state(model, state), weights_path)
+    state = _fit_state(model, state)
+    hub.check_state(model.state_dict(), state, weights_path, config_name=CONFIG_FILE)
+    model.load_state_dict(state, strict=True)
     del state
 
     import open_clip

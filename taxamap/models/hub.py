@@ -372,26 +372,31 @@ def load_weights(path: Path) -> dict:
     return state
 
 
-def check_state(own: dict, state: dict, weights, ignore_suffixes: tuple[str, ...] = ()) -> None:
+def check_state(own: dict, state: dict, weights, ignore_suffixes: tuple[str, ...] = (),
+                config_name: str = "config.json") -> None:
     """Raise one TaxamapError when ``state`` (a checkpoint) does not fit ``own`` (a model's
-    state dict): unexpected, missing or mis-shaped keys, the first few named. A half-random model
-    is never loaded silently. Keys ending in ``ignore_suffixes`` (buffers a model rebuilds) pass."""
+    state dict, or {name: shape}): unexpected, missing or mis-shaped keys, the first few named. A
+    half-random model is never loaded silently. Keys ending in ``ignore_suffixes`` (buffers a
+    model rebuilds) pass; ``config_name`` is the repo file the model was built from."""
+    def shape(value) -> tuple:
+        return tuple(value) if isinstance(value, tuple) else tuple(value.shape)
+
     unexpected = [k for k in state if k not in own and not k.endswith(ignore_suffixes)]
     missing = [k for k in own if k not in state and not k.endswith(ignore_suffixes)]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if not (missing or unexpected or shape):
+    other = [k for k in own if k in state and shape(own[k]) != shape(state[k])]
+    if not (missing or unexpected or other):
         return
     parts = []
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
     if missing:
         parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if shape:
-        k = shape[0]
-        parts.append(f"{len(shape)} with other shapes (e.g. {k}: file {tuple(state[k].shape)} "
-                     f"vs config {tuple(own[k].shape)})")
+    if other:
+        k = other[0]
+        parts.append(f"{len(other)} with other shapes (e.g. {k}: file {shape(state[k])} "
+                     f"vs config {shape(own[k])})")
     raise TaxamapError(
-        f"weights {weights} do not match its config.json: " + "; ".join(parts)
+        f"weights {weights} do not match its {config_name}: " + "; ".join(parts)
         + "; the repo's files are from different models or corrupt, download them again"
     )
 

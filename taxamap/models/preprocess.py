@@ -194,3 +194,13 @@ def preprocess_batch(images: Sequence, transform: Callable):
     if not tensors:
         raise ValueError("preprocess_batch needs at least one image")
     return torch.stack(tensors)
+
+
+def check_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """Text prompts as a list (one string is one prompt); TaxamapError on an empty or non-string
+    prompt, so every text backend refuses the same input the same way."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise TaxamapError(f"text prompt must be a non-empty string, got {p!r}")
+    return prompts

@@ -40,6 +40,7 @@ import numpy as np
 from taxamap.errors import TaxamapError
 from taxamap.models.clip import CONFIG_KEY as CLIP_CONFIG_KEY
 from taxamap.models import hub
+from taxamap.models.preprocess import check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -418,18 +419,7 @@ def load_text_weights(path: str | os.PathLike, spec: dict, backend: str = "torch
     except Exception as exc:  # corrupt or truncated files come in many exception types
         raise TaxamapError(f"cannot load weights {path}: {exc.__class__.__name__}: {exc}") from exc
 
-    missing = [k for k in wanted if k not in state]
-    bad = [k for k in wanted if k in state and tuple(state[k].shape) != wanted[k]]
-    if missing or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} text tensors missing (e.g. {', '.join(missing[:3])})")
-        if bad:
-            k = bad[0]
-            parts.append(f"{len(bad)} with other shapes (e.g. {k}: file {tuple(state[k].shape)} "
-                         f"vs config {wanted[k]})")
-        raise TaxamapError(f"weights {path} do not match {CONFIG_FILE}: " + "; ".join(parts)
-                           + "; the repo's files are from different models or corrupt, download them again")
+    hub.check_state(wanted, state, path, config_name=CONFIG_FILE)
     if backend == "numpy":
         state = {k: v if isinstance(v, np.memmap) else np.require(v, np.float32, "CW")
                  for k, v in state.items()}
@@ -806,12 +796,7 @@ class TextEncoder:
         """Embed prompts (plain seven-rank strings) -> float32 (N, embed_dim), unit-norm rows."""
         from taxamap.models.autocast import normalize_rows
 
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise TaxamapError(f"text prompt must be a non-empty string, got {p!r}")
+        prompts = check_prompts(prompts)
         if not prompts:
             return np.zeros((0, self.embed_dim), np.float32)
         out = np.empty((len(prompts), self.embed_dim), np.float32)
