@@ -55,6 +55,24 @@ def polygon_parts(geom):
     return shapely.MultiPolygon(parts)
 
 
+def clip_wrapped(geom, bounds: tuple[float, float, float, float], kind: str) -> list:
+    """The parts of type ``kind`` ("Polygon", "LineString") of lon/lat ``geom`` inside ``bounds``
+    (west, south, east, north), where west may be below -180 and east above 180: copies of
+    ``geom`` shifted by 360 degrees fill those parts, so a map across the antimeridian is whole."""
+    import shapely
+    from shapely import affinity
+
+    west, south, east, north = bounds
+    parts = []
+    for shift in (-360.0, 0.0, 360.0):
+        if west - shift < 180.0 and east - shift > -180.0:
+            moved = geom if shift == 0 else affinity.translate(geom, xoff=shift)
+            parts.extend(p for p in shapely.get_parts(
+                shapely.clip_by_rect(moved, west, south, east, north))
+                if p.geom_type == kind and not p.is_empty)
+    return parts
+
+
 def as_crs(crs: Any, what: str = "the data"):
     """A ``pyproj.CRS`` from an EPSG code, WKT, a rasterio/pyproj CRS or a user string; a
     TaxamapError saying how to fix it otherwise."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from taxamap.version import __version__
+from taxamap.crs import clip_wrapped
 from taxamap.dataset import grid_of, map_bands, map_title, one_map, outline_of
 from taxamap.writers import HTML_QUERY_META
 from taxamap.writers.style import (
@@ -201,19 +202,11 @@ def land_context(bounds: tuple[float, float, float, float], tolerance: float):
         return None
     if geom is None or geom.is_empty:
         return None
-    import shapely
-    from shapely import affinity
-
-    west, south, east, north = bounds
-    pieces = []
-    for shift in (-360.0, 0.0, 360.0):
-        if west - shift < 180.0 and east - shift > -180.0:
-            moved = geom if shift == 0 else affinity.translate(geom, xoff=shift)
-            pieces.append(shapely.clip_by_rect(moved, west, south, east, north))
-    polys = [p for piece in pieces for p in shapely.get_parts(piece)
-             if p.geom_type == "Polygon" and not p.is_empty]
+    polys = clip_wrapped(geom, bounds, "Polygon")
     if not polys:
         return None
+    import shapely
+
     out = shapely.simplify(shapely.multipolygons(polys), tolerance, preserve_topology=True)
     return None if out.is_empty else out
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from taxamap.version import __version__
+from taxamap.crs import clip_wrapped
 from taxamap.dataset import grid_of, map_bands, map_title, modality_bands, one_map, outline_of
 from taxamap.options import DEFAULT_FUSION
 from taxamap.writers import PNG_QUERY_KEY
@@ -46,18 +47,9 @@ def coastlines(bounds: tuple[float, float, float, float]):
     if geom is None or geom.is_empty:
         return None
     import shapely
-    from shapely import affinity
 
-    west, south, east, north = bounds
     # Clip lines, not polygons: a clipped polygon's boundary would draw the clip frame too.
-    lines = shapely.boundary(geom)
-    pieces = []
-    for shift in (-360.0, 0.0, 360.0):
-        if west - shift < 180.0 and east - shift > -180.0:
-            moved = lines if shift == 0 else affinity.translate(lines, xoff=shift)
-            pieces.append(shapely.clip_by_rect(moved, west, south, east, north))
-    parts = [line for piece in pieces for line in shapely.get_parts(piece)
-             if line.geom_type == "LineString" and not line.is_empty]
+    parts = clip_wrapped(shapely.boundary(geom), bounds, "LineString")
     return shapely.MultiLineString(parts) if parts else None
 
 
