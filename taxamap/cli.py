@@ -53,7 +53,15 @@ SATELLITE_OPTIONS = tuple(f.name for f in option_fields(GridOptions)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (and exit code 2)."""
+    """argparse that reports a usage error as one line (and exit code 2), keeps the examples'
+    line breaks, and takes ``--debug`` after any command (``taxamap predict ... --debug``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand that is not given --debug leaves the top-level value alone.
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show tracebacks on errors")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -69,10 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="taxamap",
         description="Zero-shot species-distribution maps from TaxaBind embeddings.",
         epilog="Run 'taxamap COMMAND --help' for a command's options.\n\n" + EXAMPLES_PREDICT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"taxamap {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
@@ -80,10 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score every cell of a region against a species name or a photo and write "
         "OUT/<slug>.tif (raw cosine similarities, band 1 fused, then one band per modality), "
         "OUT/<slug>.html (interactive map) and OUT/<slug>.png.",
-        epilog=EXAMPLES_PREDICT, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES_PREDICT,
     )
     add_options(p, QueryOptions, GridOptions, MapOptions, WriteOptions, FitOptions)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "embed", help="embed a grid's cells into a store, for instant later predictions",
@@ -94,13 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checks its checksum too.",
         epilog="examples:\n  taxamap embed --region usa --resolution 0.05\n"
         "  taxamap embed --region usa --resolution 0.05 --verify   # check (and repair) the store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _grid_options(p)
     p.add_argument("--verify", action="store_true",
                    help="read every stored block back and check it against its checksum; "
                    "damaged blocks are embedded again")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "serve", help="a local web app: map any species on a stored grid in under a second",
@@ -108,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "not stored) and serve a web page and an HTTP API on it: type a species (or drop a "
         "photo or a recording) and see its map; switch layers, stretch, threshold, compare, "
         "download. Prints 'serving http://HOST:PORT/' on stdout when ready.",
-        epilog=EXAMPLES_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES_SERVE,
     )
     add_options(p, MapOptions)
     w = p.add_argument_group("web server")
@@ -126,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "before the connection is closed (408; default 20)")
     w.add_argument("--upload-timeout", type=float, default=120.0, metavar="S",
                    help="seconds an upload's whole body may take to arrive (408; default 120)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce) or an "
@@ -139,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  taxamap evaluate cardinalis-cardinalis.tif --occurrences gbif.csv\n"
         "  taxamap evaluate map.tif --occurrences pres.gpkg --background bg.gpkg --json m.json\n"
         "  taxamap evaluate map.tif --range iucn_range.gpkg --out compare/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("map", help="a GeoTIFF written by taxamap predict")
     p.add_argument("--occurrences", metavar="FILE",
@@ -161,13 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="background sampling seed (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--roc", metavar="PNG", help="also write ROC curves (PNG)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "threshold", help="cut a map into a binary range GeoTIFF and polygons",
         epilog="examples:\n  taxamap threshold map.tif --rule percentile:90\n"
         "  taxamap threshold map.tif --rule maxtss:gbif.csv --out ranges/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("map", help="a GeoTIFF written by taxamap predict")
     p.add_argument("--rule", default="percentile:90",
@@ -175,13 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "rule that keeps no cell is an error giving the map's value range")
     p.add_argument("--band", default="1", help="band number or name (default 1 = fused)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the map's folder)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "occurrences", help="download GBIF occurrences of a species in a region (needs internet)",
         epilog='example:\n  taxamap occurrences --species "Cardinalis cardinalis" --region ohio '
         "--out cardinal.csv",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--species", required=True, help="binomial")
     p.add_argument("--region", help="preset name or vector file")
@@ -189,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="CSV to write")
     p.add_argument("--limit", type=int, default=5000, help="most records to fetch (default 5000)")
     p.add_argument("--cache", metavar="DIR", default=None, help="cache folder")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "patches", help="write the satellite patches the encoder sees at some points",
@@ -198,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
         "footprint (bbox, metres per pixel), the source and the request(s) or tiles used.",
         epilog="examples:\n  taxamap patches --lat 40.0 --lon -83.0 --out patches/\n"
         "  taxamap patches --lat 60.1 --lon 24.9 --lat -70 --lon 140 --sat-source xyz --out p/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--lat", type=float, action="append", required=True, metavar="LAT",
                    help="latitude in degrees (repeat, one per --lon)")
@@ -206,24 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longitude in degrees (repeat, one per --lat)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_options(p, GridOptions, only=("cache", *SATELLITE_OPTIONS))
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("regions", help="list region presets",
                        description="List the region presets --region accepts, one per line: "
                        "name, kind and code, tab-separated, after a header line.")
     p.add_argument("--kind", help="only this kind (world, continent, country, state, province; "
                    "any other is an error)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("models", help="manage model weights")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", parser_class=_Parser)
     d = msub.add_parser("download", help="fill a models folder for air-gapped machines",
                         epilog="example:\n  taxamap models download ~/taxabind-models\n"
-                        "  taxamap predict --models ~/taxabind-models ...",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        "  taxamap predict --models ~/taxabind-models ...")
     d.add_argument("dir", help="target folder (gets DIR/<org>/<repo>/ files)")
     d.add_argument("--repos", help="comma list of hub repos (default: all TaxaBind repos)")
-    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "cache", help="inspect, check or clear the cache (embedding stores and tiles)",
@@ -231,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
         "  taxamap cache clear --region Ohio          # the stored grids of one region\n"
         "  taxamap cache clear --older-than 30        # stores unused for 30 days\n"
         "  taxamap cache clear --tiles                # every cached tile, no store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     csub = p.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
     for name, helptext in (
@@ -242,7 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
             ("clear", "delete embedding stores and cached tiles (default: all of both)")):
         c = csub.add_parser(name, help=helptext, description=helptext)
         c.add_argument("--cache", metavar="DIR", default=None, help="cache folder")
-        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name == "clear":
             c.add_argument("--stores", action="store_true", help="only embedding stores")
             c.add_argument("--tiles", action="store_true", help="only cached tiles")
@@ -256,7 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", metavar="DATASET", parser_class=_Parser)
     w = dsub.add_parser("worldclim", help="WorldClim 2.1 5-minute rasters (elevation + bio1-19)")
     w.add_argument("dir", help="target folder")
-    w.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -599,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
-    debug = args.debug or os.environ.get("TAXAMAP_DEBUG") == "1"
+    debug = getattr(args, "debug", False) or os.environ.get("TAXAMAP_DEBUG") == "1"
     try:
         with speaking_to("cli"):
             return COMMANDS[args.command](args)

@@ -333,17 +333,9 @@ def audio_config(data: dict, path: Path):
     ``ClapConfig``). No network."""
     from transformers import ClapAudioConfig
 
-    if data.get("model_type") == "clap" or "audio_config" in data:
-        sub = dict(data.get("audio_config") or {})
-        for key in ("projection_dim", "projection_hidden_act"):
-            if key in data:
-                sub[key] = data[key]
-        data = sub
-    elif data.get("model_type") not in (None, "clap_audio_model"):
-        raise TaxamapError(
-            f"{path} describes a {data.get('model_type')!r} model, expected clap_audio_model"
-        )
-    data = {k: v for k, v in data.items() if k not in ("architectures", "model_type")}
+    data = hub.tower_settings(data, path, full="clap", part="audio_config",
+                              tower="clap_audio_model",
+                              lifted=("projection_dim", "projection_hidden_act"), override=True)
     try:
         return ClapAudioConfig.from_dict(data)
     except (TypeError, ValueError) as exc:

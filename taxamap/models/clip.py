@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -36,19 +37,18 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
+@dataclass(eq=False, repr=False)
 class ClipEncoder:
     """Text and image embeddings in TaxaBind's shared space (float32, unit-norm rows)."""
 
-    def __init__(self, model, tokenizer, transform, ref: str, device, dtype=None,
-                 embed_dim: int = 512, batch_size: int = 64):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.transform = transform
-        self.ref = ref
-        self.device = device
-        self.dtype = dtype
-        self.embed_dim = embed_dim
-        self.batch_size = batch_size
+    model: Any
+    tokenizer: Any
+    transform: Any
+    ref: str
+    device: Any
+    dtype: Any = None
+    embed_dim: int = 512
+    batch_size: int = 64
 
     def __repr__(self) -> str:
         return f"ClipEncoder({self.ref}, device={self.device}, dtype={self.dtype or 'float32'})"

@@ -372,6 +372,24 @@ def load_weights(path: Path) -> dict:
     return state
 
 
+def tower_settings(data: dict, path, *, full: str, part: str, tower: str,
+                   lifted: tuple[str, ...], override: bool) -> dict:
+    """The settings of one tower from a repo's config.json ``data``: a ``tower`` config as it is,
+    or the ``part`` section of a ``full`` model's config, with the top-level keys ``lifted`` into
+    it (``override``: they win over the section's, else they only fill gaps). TaxamapError when
+    the file describes another model."""
+    if data.get("model_type") == full or part in data:
+        sub = dict(data.get(part) or {})
+        for key in lifted:
+            if key in data and (override or key not in sub):
+                sub[key] = data[key]
+        data = sub
+    elif data.get("model_type") not in (None, tower):
+        raise TaxamapError(
+            f"{path} describes a {data.get('model_type')!r} model, expected {tower}")
+    return {k: v for k, v in data.items() if k not in ("architectures", "model_type")}
+
+
 def check_state(own: dict, state: dict, weights, ignore_suffixes: tuple[str, ...] = (),
                 config_name: str = "config.json") -> None:
     """Raise one TaxamapError when ``state`` (a checkpoint) does not fit ``own`` (a model's

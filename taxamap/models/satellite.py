@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,19 +36,18 @@ FILES = ["config.json", "model.safetensors"]
 _IGNORABLE_SUFFIXES = ("position_ids",)
 
 
+@dataclass(eq=False, repr=False)
 class SatelliteEncoder:
     """Satellite tiles (PIL RGB images) -> float32 (N, 512) unit-norm embeddings."""
 
-    def __init__(self, model, transform, ref: str, device, dtype=None, batch_size: int = 32,
-                 embed_dim: int = 512, weights_cast: bool = False):
-        self.weights_cast = weights_cast
-        self.model = model
-        self.transform = transform
-        self.ref = ref
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.embed_dim = embed_dim
+    model: Any
+    transform: Any
+    ref: str
+    device: Any
+    dtype: Any = None
+    batch_size: int = 32
+    embed_dim: int = 512
+    weights_cast: bool = False
 
     def __repr__(self) -> str:
         return f"SatelliteEncoder({self.ref}, device={self.device}, dtype={self.dtype or 'float32'})"
@@ -97,17 +97,10 @@ def vision_config(data: dict, path: Path):
     """A ``CLIPVisionConfig`` from a repo's config.json dict, no network."""
     from transformers import CLIPVisionConfig
 
-    if data.get("model_type") == "clip" or "vision_config" in data:
-        sub = dict(data.get("vision_config") or {})
-        # A full CLIP config keeps the projection size at the top level.
-        if "projection_dim" in data and "projection_dim" not in sub:
-            sub["projection_dim"] = data["projection_dim"]
-        data = sub
-    elif data.get("model_type") not in (None, "clip_vision_model"):
-        raise TaxamapError(
-            f"{path} describes a {data.get('model_type')!r} model, expected clip_vision_model"
-        )
-    data = {k: v for k, v in data.items() if k not in ("architectures", "model_type")}
+    # A full CLIP config keeps the projection size at the top level.
+    data = hub.tower_settings(data, path, full="clip", part="vision_config",
+                              tower="clip_vision_model", lifted=("projection_dim",),
+                              override=False)
     try:
         return CLIPVisionConfig(**data)
     except (TypeError, ValueError) as exc:
