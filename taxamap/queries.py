@@ -92,7 +92,7 @@ def resolve_species_file(names: list[str], source: str, cache: Path | None,
     taxa, unknown = [], []
     for name in names:
         try:
-            taxa.append(resolve_species(name, cache_dir=cache))
+            taxa.append(resolve_species(name, cache_dir=cache, suggest=False))
         except TaxamapError:
             unknown.append(name)
     if not unknown:
