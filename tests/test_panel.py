@@ -365,3 +365,22 @@ def test_lat_lon_off_the_grid_is_one_line(session, reference):
         assert "\n" not in str(err.value)
     with pytest.raises(TaxamapError, match="top must be"):
         species_at(ref, session.grid, session.cells.stores, 40.2, -83.4, session.fusion, top=0)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 37.3, 90.0, 99.99, 100.0])
+def test_richness_thresholds_are_numpys_percentiles_on_large_grids(q):
+    """Above the sample size the percentile is found inside a sampled bracket: bit for bit what
+    np.percentile (taxamap threshold's rule) gives, ties and NaN cells included."""
+    from taxamap.panel.richness import SAMPLE_CELLS, _thresholds, richness_rule
+
+    rng = np.random.default_rng(7)
+    n = 2 * SAMPLE_CELLS + 12345
+    part = rng.normal(size=(5, n)).astype(np.float32)
+    part[1] = np.round(part[1], 2)  # heavy ties
+    part[2] = np.sort(part[2])  # ordered along the cells: a strided sample still brackets it
+    part[3, : n // 2] = 0.25  # half the cells one value
+    valid = rng.random(n) > 0.1
+    part[:, ~valid] = np.nan
+    got = _thresholds(part, valid, richness_rule(f"percentile:{q}"))
+    want = [np.percentile(row[valid].astype(np.float64), q) for row in part]
+    assert np.array_equal(got, np.array(want))

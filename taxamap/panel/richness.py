@@ -121,13 +121,15 @@ def richness(cell_source: Callable[[], Iterable[tuple[slice, Mapping[str, np.nda
                     raise TaxamapError("no cell of the grid has a score; nothing to count")
             found = _thresholds(part, valid, parsed)
             thresholds[chunk] = found
-            with np.errstate(invalid="ignore"):
-                inside = part >= found[:, None].astype(np.float32)
-            inside &= valid[None, :]
-            in_range[chunk] = inside.sum(axis=1)
-            counts += inside.sum(axis=0, dtype=np.int32)
+            binary = np.empty(part.shape, dtype=np.uint8) if on_batch is not None else None
+            inside = np.empty(n, dtype=bool)
+            for i, row in enumerate(part):  # row by row: no (batch x cells) temporaries
+                np.greater_equal(row, np.float32(found[i]), out=inside)  # NaN: out
+                in_range[chunk.start + i] = np.count_nonzero(inside)
+                counts += inside
+                if binary is not None:
+                    binary[i] = np.where(valid, inside, np.uint8(255))
             if on_batch is not None:
-                binary = np.where(valid[None, :], inside, 255).astype(np.uint8)
                 on_batch(chunk, binary, found)
             bar.update(chunk.stop - chunk.start)
     empty = [labels[i] for i in np.flatnonzero(in_range == 0)]
@@ -142,26 +144,65 @@ def richness(cell_source: Callable[[], Iterable[tuple[slice, Mapping[str, np.nda
 
 def _thresholds(part: np.ndarray, valid: np.ndarray, parsed) -> np.ndarray:
     """Each species' threshold under ``parsed`` from its scores on the ``valid`` cells, as
-    :func:`taxamap.products.ranges.compute_threshold` finds it."""
+    :func:`taxamap.products.ranges.compute_threshold` finds it (exactly: the two order
+    statistics around the percentile, then numpy's interpolation)."""
     if parsed.kind == "value":
         return np.full(part.shape[0], float(parsed.value), dtype=np.float64)
     n = int(valid.sum())
     index = parsed.value / 100.0 * (n - 1)
     low = int(np.floor(index))
     high = min(low + 1, n - 1)
+    bounds = _brackets(part, valid, low, high)
     pairs = np.empty((part.shape[0], 2), dtype=np.float64)
-    # Only the two order statistics around the percentile's index are needed: a partition, not
-    # a sort, of a few species at a time (a copy of the whole batch would double its memory).
-    for first in range(0, part.shape[0], PARTITION_SPECIES):
-        values = part[first:first + PARTITION_SPECIES][:, valid]
-        values.partition(sorted({low, high}), axis=1)
-        pairs[first:first + values.shape[0], 0] = values[:, low]
-        pairs[first:first + values.shape[0], 1] = values[:, high]
+    for i, row in enumerate(part):
+        pairs[i] = _order_statistics(row, valid, low, high, *bounds[i])
     return percentile_of(pairs, n, parsed.value)
 
 
-#: Species whose scores are copied and partitioned together to find their percentiles.
-PARTITION_SPECIES = 16
+#: Cells of a strided sample whose scores bracket each species' percentile before the exact
+#: count: the exact order statistics are then found among the few scores inside the bracket.
+SAMPLE_CELLS = 20000
+
+
+def _brackets(part: np.ndarray, valid: np.ndarray, low: int, high: int) -> np.ndarray:
+    """Per species (lo, hi) scores that very likely hold its ``low``-th and ``high``-th smallest
+    valid scores: quantiles of a strided sample of cells a few standard errors either side
+    (-inf, inf where the sample is the grid)."""
+    cells = np.flatnonzero(valid)
+    n = cells.size
+    out = np.tile(np.array([-np.inf, np.inf]), (part.shape[0], 1))
+    if n <= 2 * SAMPLE_CELLS:
+        return out
+    sample = part[:, cells[np.linspace(0, n - 1, SAMPLE_CELLS).astype(np.int64)]]
+    f_lo, f_hi = low / (n - 1), high / (n - 1)
+    m = SAMPLE_CELLS
+    # The sample quantile's standard error is sqrt(f (1 - f) / m): five of them either side.
+    margin = 5.0 * np.sqrt(max(f_lo * (1 - f_lo), 1.0 / m) / m) + 2.0 / m
+    k_lo = int(np.floor((f_lo - margin) * (m - 1)))
+    k_hi = int(np.ceil((f_hi + margin) * (m - 1)))
+    kth = [k for k in (k_lo, k_hi) if 0 <= k < m]
+    if kth:
+        sample.partition(kth, axis=1)
+    if 0 <= k_lo < m:
+        out[:, 0] = sample[:, k_lo]
+    if 0 <= k_hi < m:
+        out[:, 1] = sample[:, k_hi]
+    return out
+
+
+def _order_statistics(row: np.ndarray, valid: np.ndarray, low: int, high: int, lo: float,
+                      hi: float) -> tuple[float, float]:
+    """The ``low``-th and ``high``-th smallest valid values of ``row`` (NaN off ``valid``): from
+    the values in [lo, hi] when the bracket holds both ranks, else from all of them."""
+    if np.isfinite(lo) or np.isfinite(hi):
+        below = np.count_nonzero(row < lo)  # NaN is never below
+        inside = row[(row >= lo) & (row <= hi)]
+        if below <= low and high < below + inside.size:
+            inside.partition(sorted({low - below, high - below}))
+            return float(inside[low - below]), float(inside[high - below])
+    values = row[valid]
+    values.partition(sorted({low, high}))
+    return float(values[low]), float(values[high])
 
 
 __all__ = ["BATCH_BYTES", "RichnessResult", "batch_size_for", "percentile_of", "richness",
