@@ -17,6 +17,12 @@ import numpy as np
 from taxamap.panel.members import Panel
 
 
+#: Panels up to this many species are counted exactly at every query (a user's checklist:
+#: one (block x D) @ (D x P) product and a sort per block of cells); larger ones (a clade of
+#: the default panel) keep per-cell statistics beside the stores, as the default panel does.
+EXACT_MAX_SPECIES = 500
+
+
 @dataclass(frozen=True, eq=False)
 class ReferencePanel:
     """A :class:`Panel` with the unit prompt embeddings (P, D) of the text encoder ``ref``."""
@@ -52,14 +58,15 @@ def relative_scores(reference: ReferencePanel, stores: Mapping[str, object],
                     progress: bool = True) -> np.ndarray:
     """``relative`` (S, N) of queries with fused scores ``query_scores`` (S, N) and prompts
     ``query_prompts`` (None for a photo or a sound) over the cells of ``stores`` (one grid's
-    EmbeddingStores). The default panel reads its per-cell statistics (computed and kept
-    beside the stores the first time); any other panel is counted exactly. ``cell_source``:
+    EmbeddingStores). The default panel, and any panel of more than
+    :data:`EXACT_MAX_SPECIES`, reads its per-cell statistics (computed and kept beside the
+    stores the first time); smaller panels are counted exactly. ``cell_source``:
     the same cells as arrays in memory (a web session), read instead of the stores."""
     from taxamap.panel.cells import blocks
     from taxamap.panel.relative import exact_relative, load_or_build_stats
 
     members = [reference.panel.position(p) for p in query_prompts]
-    if reference.panel.default:
+    if reference.panel.default or len(reference) > EXACT_MAX_SPECIES:
         stats = load_or_build_stats(stores, reference.ref, reference.panel.digest,
                                     reference.vectors, fusion, cache_dir=cache_dir,
                                     cell_source=cell_source, progress=progress)
