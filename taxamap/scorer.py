@@ -159,6 +159,11 @@ class Scorer:
             if not np.isfinite(norms).any():
                 check_scored({modality: norms})
 
+    def cell_arrays(self) -> dict[str, np.ndarray] | None:
+        """{modality: (N, D)} L2-normalised cell embeddings held in memory (rows of zeros where
+        a modality has no embedding), or None when scoring from disk."""
+        return None if self._memory is None else {m: e for m, (e, _) in self._memory.items()}
+
     @property
     def in_memory(self) -> bool:
         return self._memory is not None

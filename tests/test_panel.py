@@ -91,7 +91,7 @@ def test_relative_of_another_query_counts_the_whole_panel(session, reference, me
     low, high = expected_counts(member_maps, scores[0], leave_out=None)
     assert np.all((low <= np.rint(got * len(MEMBERS))) & (np.rint(got * len(MEMBERS)) <= high))
     # The same from the cells held in memory (the web session's arrays).
-    again = exact_relative(array_blocks(session._embeddings), ref.vectors, scores,
+    again = exact_relative(array_blocks(session.scorer.cell_arrays()), ref.vectors, scores,
                            session.fusion)[0]
     assert np.max(np.abs(again - got)) <= 1.0 / len(MEMBERS) + 1e-6
     assert np.mean(again == got) > 0.95

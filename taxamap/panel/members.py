@@ -84,7 +84,7 @@ def panel_from_file(path: str | os.PathLike, cache_dir: str | os.PathLike | None
     the file's order. Unknown names are one error listing them (``skip_unknown`` leaves them
     out instead); a name that resolves to a clade, not a species, is refused."""
     from taxamap.paths import cache_subdir
-    from taxamap.pipeline import read_species_file, resolve_species_file
+    from taxamap.queries import read_species_file, resolve_species_file
 
     path = Path(path).expanduser()
     names = read_species_file(path)
