@@ -57,6 +57,21 @@ def is_product(name: str) -> bool:
     return name in PRODUCT_BANDS
 
 
+def signal_note(ds: "xr.Dataset") -> str | None:
+    """The "no signal" notice of a one-query map (None when it has a signal or no verdict): the
+    query never stands out from the reference panel in the region (``no_signal`` attrs)."""
+    if str(ds.attrs.get("no_signal", "")).lower() != "yes":
+        return None
+    try:
+        share = f"{float(ds.attrs.get('standout_fraction', 'nan')):.2%}"
+    except ValueError:
+        share = "?"
+    panel = ds.attrs.get("panel") or "reference"
+    return (f"No signal: {ds.attrs.get('query', 'this query')} stands out from the {panel} "
+            f"panel on only {share} of the cells (rule: {ds.attrs.get('standout_rule', '')}); "
+            "its hotspots are not evidence of presence")
+
+
 def band_unit(name: str) -> str:
     """The unit of band ``name``."""
     return PRODUCT_BANDS.get(name, COSINE_UNIT)

@@ -348,11 +348,7 @@ class WriteOptions:
         "'relative' always shows 0-1", metavar="RULE")
 
     def __post_init__(self) -> None:
-        from taxamap.writers.stretch import parse_stretch
-
-        _set(self, "out", _path(self.out))
-        if self.stretch is not None:
-            _set(self, "stretch", parse_stretch(self.stretch).text)
+        _set(self, "out", _path(self.out))  # the stretch is checked with the files to write
         formats = (self.formats.split(",") if isinstance(self.formats, str)
                    else list(self.formats))
         # Checked against the writers' registry where files are written (taxamap.writers).
@@ -405,15 +401,12 @@ class RichnessOptions(PanelOptions):
         metavar="RULE")
 
     def __post_init__(self) -> None:
-        from taxamap.panel.richness import richness_rule
-
-        super().__post_init__()
+        super().__post_init__()  # the rule is checked by taxamap.panel.richness, first thing
         _set(self, "species_file", _path(self.species_file))
         given = [n for n in ("species_file", "panel") if getattr(self, n) is not None]
         if len(given) > 1:
             raise TaxamapError(f"give one list of species: {option('species-file')} or "
                                f"{option('panel')}, not both")
-        richness_rule(self.rule)
 
 
 # ------------------------------------------------------------------------------ derivations
