@@ -42,6 +42,7 @@ COSINE_UNIT = "cosine similarity"
 #: variable attrs, the GeoTIFF band units and the legends. The one list of product bands.
 PRODUCT_BANDS = {
     "relative": "fraction of the reference panel's species scoring lower (0-1)",
+    "richness": "species whose range holds the cell",
     "fitted": "relative suitability (0-1)",
     "combined": "relative suitability (0-1)",
 }
