@@ -374,7 +374,7 @@ class SpeciesAtOptions(PanelOptions):
                             parse=float)
     lon: float | None = opt(None, WHERE, "longitude of the place, degrees", metavar="LON",
                             parse=float)
-    top: int = opt(10, PANEL, "how many species to list (default 10)", metavar="K", parse=int)
+    top: int | None = opt(10, PANEL, "how many species to list (default 10)", metavar="K", parse=int)
     json: PathLike | None = opt(None, PANEL, "also write the ranking as JSON to FILE",
                                 metavar="FILE")
 
@@ -384,8 +384,9 @@ class SpeciesAtOptions(PanelOptions):
         if self.lat is None or self.lon is None:
             raise TaxamapError(f"give the place: {option('lat', metavar='LAT')} and "
                                f"{option('lon', metavar='LON')} in degrees")
-        _set(self, "top", _positive(self.top, "top", "a whole number of species, 1 or more",
-                                    int))
+        if self.top is not None:  # None: the whole panel
+            _set(self, "top", _positive(self.top, "top", "a whole number of species, 1 or more",
+                                        int))
 
 
 @dataclass(frozen=True, kw_only=True)
