@@ -29,7 +29,6 @@ is reported (and ``--models DIR`` reruns all of it on real weights).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -48,16 +47,12 @@ os.environ.setdefault("TAXAMAP_OFFLINE", "1")
 
 def grid_and_stores(models: Path, cache: Path, region: str = "usa", resolution: float = 0.05,
                     modalities=("location",), **extra):
-    from taxamap.devices import lazy_device
-    from taxamap.models.hub import load_config
-    from taxamap.pipeline import GridRequest, build_grid, embed_cells
+    from taxamap.options import MapOptions
+    from taxamap.scorer import Scorer
 
-    req = GridRequest(region=region, resolution=resolution, models_dir=str(models),
-                      cache_dir=str(cache), progress=True, modalities=list(modalities), **extra)
-    config, _ = load_config(req.models_dir)
-    _, grid = build_grid(req)
-    cells = embed_cells(req, grid, config, lazy_device("cpu"))
-    return grid, cells.stores
+    scorer = Scorer(MapOptions(region=region, resolution=resolution, models=str(models),
+                               cache=str(cache), modalities=modalities, **extra))
+    return scorer.grid, scorer.embed_cells().stores
 
 
 def text_encoder(models: Path):
@@ -185,65 +180,74 @@ def stats_costs(models: Path, cache: Path) -> None:
     print(f"a 50-species user panel, exact relative of one map from the store: {exact50:.2f} s")
 
 
-RICHNESS_CHILD = r"""
-import json, sys, time
-t0 = time.perf_counter()
-models, cache, out = sys.argv[1:4]
-from taxamap.devices import lazy_device
-from taxamap.models.hub import load_config
-from taxamap.pipeline import GridRequest, build_grid, embed_cells
-from taxamap.panel import default_panel, richness_dataset
-from taxamap.panel.cells import blocks, n_cells
-from taxamap.panel.richness import richness
-from taxamap.panel.vectors import cached_vectors, text_ref
-stages = {"start-up": time.perf_counter() - t0}
-t = time.perf_counter()
-req = GridRequest(region="usa", resolution=0.05, models_dir=models, cache_dir=cache, progress=False)
-config, _ = load_config(models)
-_, grid = build_grid(req)
-stores = embed_cells(req, grid, config, lazy_device("cpu")).stores
-stages["grid + stores"] = time.perf_counter() - t
-t = time.perf_counter()
-panel = default_panel()
-vectors = cached_vectors(panel.prompts, text_ref(models, config), cache)
-assert vectors is not None, "panel prompts not cached: run the accuracy part first"
-stages["panel (cache)"] = time.perf_counter() - t
-t = time.perf_counter()
-result = richness(lambda: blocks(stores), n_cells(stores), vectors, list(panel.labels),
-                  "percentile:90", "mean", progress=False)
-stages["richness"] = time.perf_counter() - t
-t = time.perf_counter()
-ds = richness_dataset(result, grid)
-ds["richness"].rio.to_raster(out, driver="COG", compress="deflate")
-stages["GeoTIFF"] = time.perf_counter() - t
-stages["total"] = time.perf_counter() - t0
-print(json.dumps({"stages": stages, "max": int(result.counts.max()),
-                  "mean": float(result.counts[result.valid].mean())}))
-"""
-
-
 def richness_run(models: Path, cache: Path, text: str) -> None:
+    """``taxamap richness --region usa --resolution 0.05`` (all 2,435 table species, the panel's
+    prompts from the cache) as a user runs it: wall time and the child's peak RSS."""
     from common import gemm_flops
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "table_richness.tif"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore",
+                   TAXAMAP_OFFLINE="1", HF_HUB_OFFLINE="1")
+        cmd = [sys.executable, "-m", "taxamap.cli", "richness", "--region", "usa",
+               "--resolution", "0.05", "--models", str(models), "--cache", str(cache),
+               "--out", tmp, "--no-progress"]
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", RICHNESS_CHILD, str(models), str(cache),
-                               str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - t
         if proc.returncode:
             raise SystemExit(proc.stderr)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
     flops = 2 * 326257 * 512 * 2435
     rate = gemm_flops()
-    print(f"richness of the 2,435 table species over the USA at 0.05 deg ({text} text tower's "
-          f"panel cache), percentile:90: wall {wall:.1f} s, peak RSS {peak:,.0f} MiB; GEMM "
-          f"{flops / 1e9:.0f} GFLOP = {flops / rate:.1f} s at this machine's {rate / 1e9:.0f} "
-          f"GFLOP/s; richness max {report['max']}, mean {report['mean']:.0f}")
-    for stage, seconds in report["stages"].items():
-        print(f"  {stage:<16} {seconds:>7.2f} s")
+    print(f"taxamap richness --region usa --resolution 0.05 (2,435 table species, {text} text "
+          f"tower's panel cache, percentile:90, tif+html+png): wall {wall:.1f} s, peak RSS "
+          f"{peak:,.0f} MiB; the GEMM is {flops / 1e9:.0f} GFLOP = {flops / rate:.1f} s at the "
+          f"{rate / 1e9:.0f} GFLOP/s measured now")
+    print("  " + " | ".join(line for line in proc.stderr.splitlines() if "richness of" in line))
+
+
+def web(models: Path, cache: Path) -> None:
+    """The web app's server time over the USA at 0.05 deg with the full-size text tower:
+    /api/species (2,435 species ranked at a cell) and /api/map for table species whose prompt
+    embeddings come from the panel cache (each species mapped once: no map cache hit), and what
+    encoding such a prompt with the text tower would cost instead."""
+    import taxamap
+    from taxamap.serve.app import MapService
+
+    session = taxamap.open_session(region="usa", resolution=0.05, models=str(models),
+                                   cache=str(cache), progress=False, map_cache=0)
+    service = MapService(session)
+    from taxamap.panel import default_panel
+
+    names = list(default_panel().labels)
+    rng = np.random.default_rng(1)
+    picks = [names[int(i)] for i in rng.choice(len(names), 60, replace=False)]
+
+    def map_ms(batch):
+        out = []
+        for name in batch:
+            answer = service.map_answer({"species": name})
+            out.append(answer["elapsed_ms"])
+        return out
+
+    assert session.panel.ready, "the panel's prompts are not in this cache"
+    text = session.encoders.text()  # what a name outside the panel would need
+    encoded = []
+    for name in picks[:20]:
+        prompt = session.panel.panel.prompts[names.index(name)]
+        t = time.perf_counter()
+        text.encode_text([prompt])
+        encoded.append(1000 * (time.perf_counter() - t))
+    places = ((40.0, -83.0), (35.0, -106.0), (45.0, -120.0), (30.0, -90.0), (42.0, -75.0))
+    service.species_answer({"lat": "40.0", "lon": "-83.0"})  # the panel held (cache read)
+    species = [service.species_answer({"lat": str(a), "lon": str(o)})["elapsed_ms"]
+               for a, o in places for _ in range(3)]
+    cached = map_ms(picks[20:60])
+    print(f"web app, USA 0.05 deg ({session.n_cells:,} cells), server time: /api/species "
+          f"(top 10 of 2,435) p50 {np.median(species):.1f} ms, max {max(species):.1f} ms; "
+          f"/api/map of a table species p50 {np.median(cached):.1f} ms, its embedding from "
+          f"the panel cache (n={len(cached)}); encoding the prompt instead would add "
+          f"{np.median(encoded):.1f} ms p50 (the full-size text tower, NumPy, n={len(encoded)})")
 
 
 def latency(models: Path, cache: Path) -> None:
@@ -306,7 +310,7 @@ def basis(models: Path, cache: Path) -> None:
     rng = np.random.default_rng(0)
     inverted = pairs = 0
     top_changed = cells_seen = 0
-    for rows, block in store_blocks(stores):
+    for _rows, block in store_blocks(stores):
         fused, per = fuse_many(block, v, "mean")
         ok = np.isfinite(fused[0])
         fused = fused[:, ok]
@@ -335,7 +339,7 @@ def main() -> None:
                         help="a models folder with real weights (default: GeoCLIP location "
                              "weights + the tiny test models)")
     parser.add_argument("--text", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--only", default="accuracy,stats,richness,latency,basis")
+    parser.add_argument("--only", default="accuracy,stats,richness,latency,basis,web")
     parser.add_argument("--sample", type=int, default=20000)
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -360,6 +364,8 @@ def main() -> None:
         latency(models, cache)
     if "basis" in only:
         basis(models, cache)
+    if "web" in only:
+        web(models, cache)
 
 
 if __name__ == "__main__":
