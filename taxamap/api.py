@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from taxamap.errors import TaxamapError
 from taxamap.options import (FitOptions, GridOptions, MapOptions, PredictOptions, QueryOptions,
-                             WriteOptions, keywords)
+                             RichnessOptions, SpeciesAtOptions, WriteOptions, keywords)
 from taxamap.products.ranges import Range  # noqa: F401  (taxamap.Range)
 from taxamap.surface import api_entry
 
@@ -80,6 +80,34 @@ def open_session(*, prompt_cache: int = 1024, map_cache: int = 32,
 
 
 @api_entry
+@keywords(SpeciesAtOptions)
+def species_at(lat: float, lon: float, **options: Any) -> "pd.DataFrame":
+    """"What lives here?": the reference panel's species (``panel``: a file, default the
+    table's 2,435 species; ``clade``: a rank prefix) ranked at the cell holding (``lat``,
+    ``lon``) by the score their own maps have there, best first: a DataFrame with rank, name,
+    prompt, score and relative (the share of the other panel species scoring lower there), the
+    first ``top`` rows; the cell, the panel and the ranking rule in ``attrs``. ``json`` also
+    writes it as JSON. Grid keywords as :func:`predict`; no text is encoded once the panel's
+    prompts are cached."""
+    from taxamap.panel.questions import species_at_table
+
+    return species_at_table(SpeciesAtOptions(lat=lat, lon=lon, **options))
+
+
+@api_entry
+@keywords(RichnessOptions)
+def richness(*, stack: bool = False, **options: Any) -> "xr.Dataset":
+    """Per cell, how many species' ranges hold it: each species' map (``species_file``'s
+    species, else the panel's: ``panel`` or the table's, under ``clade``) cut at ``rule``
+    (``percentile:P`` or ``value:V``) as :func:`threshold` cuts it. Returns a Dataset with
+    ``richness`` (y, x) and, with ``stack``, ``in_range`` (species, y, x). Species are scored a
+    batch at a time: memory is flat in their number. Write it with ``taxamap.write``."""
+    from taxamap.panel.questions import richness_map
+
+    return richness_map(RichnessOptions(**options), stack=stack)
+
+
+@api_entry
 @keywords(WriteOptions)
 def write(ds: "xr.Dataset", out: PathLike = ".", formats: Sequence[str] = ("tif", "html", "png"),
           *, outline: Any = None, **options: Any) -> dict[str, Path]:
@@ -91,7 +119,12 @@ def write(ds: "xr.Dataset", out: PathLike = ".", formats: Sequence[str] = ("tif"
     boundary drawn (default: the Dataset's region). Returns ``{name: path}``."""
     from taxamap.writers.files import write_dataset
 
-    return write_dataset(ds, WriteOptions(out=out, formats=formats, **options), outline=outline)
+    opts = WriteOptions(out=out, formats=formats, **options)
+    if "in_range" in getattr(ds, "data_vars", ()):  # a richness map with its --stack
+        from taxamap.panel.questions import write_richness
+
+        return write_richness(ds, opts)
+    return write_dataset(ds, opts, outline=outline)
 
 
 @api_entry

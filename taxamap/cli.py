@@ -14,7 +14,8 @@ import sys
 from taxamap.version import __version__
 from taxamap.errors import TaxamapError
 from taxamap.options import (SATELLITE, FitOptions, GridOptions, MapOptions, PredictOptions,
-                             QueryOptions, WriteOptions, add_options, from_args, option_fields)
+                             QueryOptions, RichnessOptions, SpeciesAtOptions, WriteOptions,
+                             add_options, from_args, option_fields)
 from taxamap.surface import speaking_to
 
 EXAMPLES_PREDICT = """examples:
@@ -44,6 +45,18 @@ HTTP API (what the page uses; scripts may too):
        413: larger than --max-upload; 503 + Retry-After: --max-uploads already arriving;
        408: the body stalled (--read-timeout) or took longer than --upload-timeout.
        Photos are decoded up to 40 Mpx (larger JPEGs at 1/2-1/8 size), recordings up to 10 min.
+"""
+
+
+EXAMPLES_PANEL = """examples:
+  taxamap species-at --lat 40.0 --lon -83.0 --region ohio --top 15
+  taxamap species-at --lat 40.0 --lon -83.0 --region ohio --clade "Animalia Chordata Mammalia" --json here.json
+  taxamap species-at --lat 40.0 --lon -83.0 --region ohio --panel ohio_checklist.txt
+  taxamap richness --region usa --resolution 0.05 --out maps/            # all 2,435 table species
+  taxamap richness --region ohio --clade "Animalia Chordata Aves Passeriformes" --rule percentile:95
+  taxamap richness --region ohio --species-file birds.txt --stack --stretch value:0,40
+  taxamap predict --species "Animalia Chordata Aves Passeriformes Cardinalidae" --region usa   # a clade's own map
+  taxamap predict --species "Turdus merula" --region ohio --relative    # + band 'relative', 'no signal' warning
 """
 
 
@@ -129,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "before the connection is closed (408; default 20)")
     w.add_argument("--upload-timeout", type=float, default=120.0, metavar="S",
                    help="seconds an upload's whole body may take to arrive (408; default 120)")
+
+    p = sub.add_parser(
+        "species-at", help="what lives here? the reference panel's species ranked at one place",
+        description="Rank the reference panel's species (default: taxamap's 2,435 table "
+        "species; --panel FILE, --clade PREFIX) at the cell holding --lat/--lon by the score "
+        "each species' own map has there, best first; 'relative' is the share of the other "
+        "panel species scoring lower there. Prints a table (and the ranking rule); --json "
+        "writes it too. The grid's cells are embedded first when they are not stored.",
+        epilog=EXAMPLES_PANEL)
+    add_options(p, SpeciesAtOptions, skip=("relative",))
+
+    p = sub.add_parser(
+        "richness", help="species richness: per cell, how many species' ranges hold it",
+        description="Cut every species' map at --rule (as 'taxamap threshold' does) and count, "
+        "per cell, the species whose range holds it: OUT/<name>_richness.tif (band "
+        "'richness'), .html and .png; --stack also writes OUT/<name>_richness_stack.tif, one "
+        "in/out band per species. Species: --species-file's, else the reference panel's "
+        "(--panel FILE, default the table's 2,435), under --clade PREFIX. Streamed in batches "
+        "of species: memory stays flat.",
+        epilog=EXAMPLES_PANEL)
+    add_options(p, RichnessOptions, skip=("relative",))
+    add_options(p, WriteOptions, only=("out", "stack", "stretch", "self_contained"))
 
     p = sub.add_parser(
         "evaluate", help="score a map against occurrence points (AUC, AP, max TSS, Boyce) or an "
@@ -276,6 +311,32 @@ def _cmd_predict(args) -> int:
                 continue
             _say(f"{row['species'][:32]:<32} {row['taxonomy']:<12} {row['max']:>7.3f} "
                  f"{row['mean']:>7.3f}")
+    return 0
+
+
+def _cmd_species_at(args) -> int:
+    from taxamap.panel.questions import species_at_table
+
+    table = species_at_table(from_args(SpeciesAtOptions, args))
+    a = table.attrs
+    _say(f"cell at lat {a['lat']:g}, lon {a['lon']:g}; panel {a['panel']}; {a['rule']}")
+    print(f"{'rank':>4}  {'species':<34} {'score':>8} {'relative':>8}")
+    for row in table.itertuples(index=False):
+        print(f"{row.rank:>4}  {row.name[:34]:<34} {row.score:>8.4f} {row.relative:>8.3f}")
+    if args.json:
+        print(args.json)
+    return 0
+
+
+def _cmd_richness(args) -> int:
+    from taxamap.panel.questions import richness_map, write_richness
+
+    opts = from_args(RichnessOptions, args)
+    wopts = from_args(WriteOptions, args)
+    from taxamap.writers.files import check_write
+
+    check_write(wopts)  # a bad --out or --stretch fails before any species is counted
+    _print_paths(write_richness(richness_map(opts, stack=args.stack), wopts))
     return 0
 
 
@@ -519,6 +580,8 @@ COMMANDS = {
     "threshold": _cmd_threshold,
     "occurrences": _cmd_occurrences,
     "predict": _cmd_predict,
+    "species-at": _cmd_species_at,
+    "richness": _cmd_richness,
     "embed": _cmd_embed,
     "serve": _cmd_serve,
     "regions": _cmd_regions,

@@ -41,14 +41,36 @@ COSINE_UNIT = "cosine similarity"
 #: Bands that are not cosines (placed after the modalities): their unit, in the Dataset's
 #: variable attrs, the GeoTIFF band units and the legends. The one list of product bands.
 PRODUCT_BANDS = {
+    "relative": "fraction of the reference panel's species scoring lower (0-1)",
+    "richness": "species whose range holds the cell",
     "fitted": "relative suitability (0-1)",
     "combined": "relative suitability (0-1)",
 }
 
 
+#: Attrs of one query's map that a map of several keeps per query, as coordinates along
+#: ``species`` (:func:`iter_species` turns them back into attrs): the "no signal" verdict.
+PER_QUERY_ATTRS = ("no_signal", "standout_fraction", "relative_max")
+
+
 def is_product(name: str) -> bool:
     """Whether band ``name`` is a product (``fitted``, ...) rather than a cosine."""
     return name in PRODUCT_BANDS
+
+
+def signal_note(ds: "xr.Dataset") -> str | None:
+    """The "no signal" notice of a one-query map (None when it has a signal or no verdict): the
+    query never stands out from the reference panel in the region (``no_signal`` attrs)."""
+    if str(ds.attrs.get("no_signal", "")).lower() != "yes":
+        return None
+    try:
+        share = f"{float(ds.attrs.get('standout_fraction', 'nan')):.2%}"
+    except ValueError:
+        share = "?"
+    panel = ds.attrs.get("panel") or "reference"
+    return (f"No signal: {ds.attrs.get('query', 'this query')} stands out from the {panel} "
+            f"panel on only {share} of the cells (rule: {ds.attrs.get('standout_rule', '')}); "
+            "its hotspots are not evidence of presence")
 
 
 def band_unit(name: str) -> str:
@@ -259,8 +281,9 @@ def iter_species(ds: "xr.Dataset") -> Iterator["xr.Dataset"]:
     for i in range(ds.sizes["species"]):
         one = ds.isel(species=i)
         label = str(one["species"].values)
-        one = one.drop_vars([c for c in ("species", "prompt", "slug") if c in one.coords])
-        one.attrs = {**ds.attrs, "query": label,
+        own = {c: str(one[c].values) for c in PER_QUERY_ATTRS if c in one.coords}
+        one = one.drop_vars([c for c in ("species", "prompt", "slug", *own) if c in one.coords])
+        one.attrs = {**ds.attrs, **own, "query": label,
                      "prompt": str(ds["prompt"].values[i]) if "prompt" in ds.coords else "",
                      "slug": str(ds["slug"].values[i]) if "slug" in ds.coords else label}
         yield one

@@ -51,6 +51,7 @@ QUERY = "query (one of)"
 MAPS = "maps"
 RANGES = "range products and overlays"
 FIT = "fit on occurrences (few-shot maps)"
+PANEL = "reference panel (readable scores)"
 
 
 def opt(default: Any, group: str, help: str, *, metavar: str | None = None,
@@ -215,10 +216,24 @@ class MapOptions(GridOptions):
         DEFAULT_FUSION, MAPS, "mean: average of per-modality cosine maps (default); sum: "
         "TaxaBind's rule, cosine with the renormalised sum of the cell's modality embeddings",
         choices=FUSIONS)
+    relative: bool = opt(
+        False, PANEL, "add the band 'relative': at each cell, the fraction of the reference "
+        "panel's species scoring lower than the query (0-1, one fixed scale for every map), and "
+        "warn when the query never stands out from the panel ('no signal'). The first use "
+        "embeds the panel's prompts (once per text model) and its per-cell statistics (once per "
+        "grid); later maps add milliseconds")
+    panel: PathLike | None = opt(
+        None, PANEL, "reference panel: one species name per line, or a CSV with a 'species' "
+        "column (e.g. a regional checklist; bring one for plants, fishes or insects); default: "
+        "taxamap's 2,435 table species (mostly birds and mammals). Implies --relative for maps",
+        metavar="FILE")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _set(self, "fusion", check_fusion(self.fusion))
+        _set(self, "panel", _path(self.panel))
+        if self.panel is not None:
+            _set(self, "relative", True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,14 +341,73 @@ class WriteOptions:
         "instead of files per species; it is built in memory, so it refuses more than 2 GB of "
         "maps")
     stack_name: str | None = opt(None, MAPS, "file stem of the --stack GeoTIFF", cli=False)
+    stretch: str | None = opt(
+        None, MAPS, "display scale of the PNG and HTML (never the GeoTIFF): percentile:P "
+        "(default percentile:90: clipped below each band's P-th percentile), value:LO,HI (one "
+        "fixed scale, so several maps compare by colour) or none (minimum to maximum); "
+        "'relative' always shows 0-1", metavar="RULE")
 
     def __post_init__(self) -> None:
-        _set(self, "out", _path(self.out))
+        _set(self, "out", _path(self.out))  # the stretch is checked with the files to write
         formats = (self.formats.split(",") if isinstance(self.formats, str)
                    else list(self.formats))
         # Checked against the writers' registry where files are written (taxamap.writers).
         _set(self, "formats", tuple(dict.fromkeys(str(f).strip().lower() for f in formats
                                                   if str(f).strip())))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PanelOptions(MapOptions):
+    """A grid and the reference panel (``--panel``, ``--clade``) whose species are ranked or
+    counted: what ``species-at`` and ``richness`` share."""
+
+    clade: str | None = opt(
+        None, PANEL, "only the panel's species under this rank prefix, one to six ranks from "
+        "the kingdom down ('Animalia Chordata Aves Passeriformes', any case)", metavar="PREFIX")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpeciesAtOptions(PanelOptions):
+    """``taxamap species-at``: the panel ranked at one cell."""
+
+    lat: float | None = opt(None, WHERE, "latitude of the place, degrees", metavar="LAT",
+                            parse=float)
+    lon: float | None = opt(None, WHERE, "longitude of the place, degrees", metavar="LON",
+                            parse=float)
+    top: int | None = opt(10, PANEL, "how many species to list (default 10)", metavar="K", parse=int)
+    json: PathLike | None = opt(None, PANEL, "also write the ranking as JSON to FILE",
+                                metavar="FILE")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _set(self, "json", _path(self.json))
+        if self.lat is None or self.lon is None:
+            raise TaxamapError(f"give the place: {option('lat', metavar='LAT')} and "
+                               f"{option('lon', metavar='LON')} in degrees")
+        if self.top is not None:  # None: the whole panel
+            _set(self, "top", _positive(self.top, "top", "a whole number of species, 1 or more",
+                                        int))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RichnessOptions(PanelOptions):
+    """``taxamap richness``: per cell, how many species' ranges hold it."""
+
+    species_file: PathLike | None = opt(
+        None, PANEL, "count these species (one name per line, or a CSV with a 'species' "
+        "column) instead of the panel's", metavar="FILE")
+    rule: str = opt(
+        "percentile:90", PANEL, "each species' range, as 'taxamap threshold' cuts it: "
+        "percentile:P (its top (100-P) %% of cells; default percentile:90) or value:V",
+        metavar="RULE")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # the rule is checked by taxamap.panel.richness, first thing
+        _set(self, "species_file", _path(self.species_file))
+        given = [n for n in ("species_file", "panel") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise TaxamapError(f"give one list of species: {option('species-file')} or "
+                               f"{option('panel')}, not both")
 
 
 # ------------------------------------------------------------------------------ derivations
@@ -451,7 +525,7 @@ def keywords(*classes: type) -> Callable:
 
 
 __all__ = ["CELL_CHOICES", "DEFAULT_FUSION", "DEFAULT_RESOLUTION", "FUSIONS", "FitOptions",
-           "GridOptions", "MapOptions", "PredictOptions", "QueryOptions", "SAT_SOURCES",
-           "WriteOptions", "add_options", "build", "check_cells", "check_fusion", "flag_of",
+           "GridOptions", "MapOptions", "PanelOptions", "PredictOptions", "QueryOptions",
+           "RichnessOptions", "SAT_SOURCES", "SpeciesAtOptions", "WriteOptions", "add_options", "build", "check_cells", "check_fusion", "flag_of",
            "from_args", "keywords", "option_fields", "parse_modalities", "values_of",
            "with_options"]

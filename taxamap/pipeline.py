@@ -108,9 +108,11 @@ def predict_dataset(opts: PredictOptions) -> tuple[object, dict[str, float]]:
     # The query first: a bad species name or file fails in seconds, not after the cells.
     t = time.perf_counter()
     skipped: list[str] = []
+    encoders = QueryEncoders(opts, scorer.config, scorer.device)
+    panel = open_panel(scorer, encoders, opts)
     queries, query_ref = embed_queries(
-        opts, scorer.config, scorer.device, skipped,
-        limit=lambda n: check_in_memory(n, grid, len(opts.modalities) + 1))
+        opts, scorer.config, scorer.device, skipped, encoders=encoders, panel=panel,
+        limit=lambda n: check_in_memory(n, grid, len(opts.modalities) + 1 + opts.relative))
     timings["query"] = time.perf_counter() - t
     if opts.fit and len(queries) > 1:
         raise TaxamapError(fit_one_species())
@@ -123,7 +125,17 @@ def predict_dataset(opts: PredictOptions) -> tuple[object, dict[str, float]]:
     scores = scorer.score(np.stack([q.vector for q in queries]))
     more_attrs = {"skipped_species": "; ".join(skipped)} if skipped else {}
     timings["score"] = time.perf_counter() - t
-    extra = None
+    extra: dict[str, np.ndarray] = {}
+    verdicts: list[dict] = []
+    if panel is not None:
+        from taxamap.panel.product import shared_attrs
+        from taxamap.scorer import check_scored
+
+        check_scored(scores[1])
+        t = time.perf_counter()
+        extra["relative"], verdicts = panel.relative_band(scores[0], queries)
+        timings["relative"] = time.perf_counter() - t
+        more_attrs.update(shared_attrs(verdicts) if len(queries) > 1 else verdicts[0])
     if opts.fit:
         from taxamap.products.fit import fit_grid
         from taxamap.scorer import check_scored
@@ -134,11 +146,31 @@ def predict_dataset(opts: PredictOptions) -> tuple[object, dict[str, float]]:
                        seed=opts.seed, cv_blocks_deg=opts.cv_blocks)
         timings["fit"] = time.perf_counter() - t
         log(fit.format_table())
-        extra = {"fitted": fit.fitted[None], "combined": fit.combined[None]}
+        extra.update({"fitted": fit.fitted[None], "combined": fit.combined[None]})
         more_attrs.update({k.lower(): v for k, v in fit.tags().items()})
-    ds = scorer.dataset(queries, query_ref, scores=scores, extra=extra, more_attrs=more_attrs)
+    ds = scorer.dataset(queries, query_ref, scores=scores, extra=extra or None,
+                        more_attrs=more_attrs)
+    if len(queries) > 1 and verdicts:
+        from taxamap.panel.product import mark_verdicts
+
+        ds = mark_verdicts(ds, verdicts)
     timings["total"] = time.perf_counter() - t0
     return ds, timings
+
+
+def open_panel(scorer: Scorer, encoders: QueryEncoders, opts):
+    """The reference panel of ``scorer``'s grid when the options ask for ``relative`` (else
+    None); a bad panel file fails now, and a panel already in the cache is held at once, so its
+    species need no text encoding."""
+    if not opts.relative:
+        return None
+    from taxamap.panel.product import GridPanel
+
+    panel = GridPanel(scorer, lambda n: encoders.text(n_prompts=n), panel=opts.panel,
+                      progress=opts.progress)
+    panel.panel  # noqa: B018 - resolves (and checks) the panel's species now
+    panel.load_cached()
+    return panel
 
 
 def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
@@ -285,7 +317,9 @@ def _stream_species(opts: PredictOptions, wopts: WriteOptions, checked: dict,
     t = time.perf_counter()
     skipped: list[str] = []
     taxa = resolve_taxa(opts, skipped)
-    text = QueryEncoders(opts, scorer.config, scorer.device).text(n_prompts=len(taxa))
+    encoders = QueryEncoders(opts, scorer.config, scorer.device)
+    panel = open_panel(scorer, encoders, opts)
+    text = encoders.text(n_prompts=len(taxa))
     timings["query"] = time.perf_counter() - t
     t = time.perf_counter()
     scorer.embed_cells()
@@ -323,7 +357,7 @@ def _stream_species(opts: PredictOptions, wopts: WriteOptions, checked: dict,
             timings["query"] += time.perf_counter() - t
             t = time.perf_counter()
             fused, per = scorer.score(np.stack([q.vector for q in queries]))
-            ds = scorer.dataset(queries, text.ref, scores=(fused, per), more_attrs=more_attrs)
+            ds = _scored_batch(scorer, panel, queries, text.ref, (fused, per), more_attrs)
             timings["score"] += time.perf_counter() - t
             _logger.debug("scored species %d to %d of %d", start + 1, start + len(queries),
                           len(taxa))
@@ -347,6 +381,19 @@ def _stream_species(opts: PredictOptions, wopts: WriteOptions, checked: dict,
         written({csv_path.name: csv_path})
     return PredictResult(None, paths, timings, list(table.rows), summary_path=csv_path,
                          summary_count=table.count)
+
+
+def _scored_batch(scorer: Scorer, panel, queries: list[Query], ref: str, scores, more_attrs):
+    """A streamed batch's Dataset, with its ``relative`` band and verdicts when asked for."""
+    if panel is None:
+        return scorer.dataset(queries, ref, scores=scores, more_attrs=more_attrs)
+    from taxamap.panel.product import mark_verdicts, shared_attrs
+
+    relative, verdicts = panel.relative_band(scores[0], queries)
+    attrs = {**more_attrs, **(shared_attrs(verdicts) if len(queries) > 1 else verdicts[0])}
+    ds = scorer.dataset(queries, ref, scores=scores, extra={"relative": relative},
+                        more_attrs=attrs)
+    return mark_verdicts(ds, verdicts) if len(queries) > 1 else ds
 
 
 def fit_one_species() -> str:

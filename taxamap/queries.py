@@ -161,8 +161,8 @@ class QueryEncoders:
 def embed_queries(options: PredictOptions, config: dict, device: Callable[[], str],
                   skipped: list[str] | None = None,
                   encoders: QueryEncoders | None = None,
-                  forward_lock=None, limit: Callable[[int], None] | None = None
-                  ) -> tuple[list[Query], str]:
+                  forward_lock=None, limit: Callable[[int], None] | None = None,
+                  panel=None) -> tuple[list[Query], str]:
     """Embed the request's query or queries; returns them and the query encoder's ref.
 
     Every species prompt goes through the text encoder in one call. Names of a species file
@@ -172,7 +172,9 @@ def embed_queries(options: PredictOptions, config: dict, device: Callable[[], st
     log-mel features, which seed NumPy's global RNG, and the forward pass) runs inside
     ``forward_lock`` (a context manager, e.g. a session's encoder lock), so decoding never
     holds up other queries. ``limit`` is called with the number of species once they are
-    resolved, before any is embedded (it may refuse them).
+    resolved, before any is embedded (it may refuse them). ``panel`` (a
+    :class:`~taxamap.panel.product.GridPanel` holding its embeddings) answers species that are
+    all its members from the panel cache, with no text encoding.
     """
     given = [x for x in (options.species, options.image, options.audio, options.species_file) if x]
     if len(given) != 1:
@@ -208,6 +210,9 @@ def embed_queries(options: PredictOptions, config: dict, device: Callable[[], st
     taxa = resolve_taxa(options, skipped)
     if limit is not None:
         limit(len(taxa))
+    known = panel_queries(taxa, panel)
+    if known is not None:
+        return known, panel.text_ref
     text = encoders.text(n_prompts=len(taxa))
     return species_queries(taxa, text), text.ref
 
@@ -250,6 +255,18 @@ def resolve_taxa(options: PredictOptions, skipped: list[str] | None = None) -> l
 def species_queries(taxa: list, text) -> list[Query]:
     """The queries of ``taxa`` (see :func:`resolve_taxa`), their prompts embedded by ``text``."""
     vectors = text.encode_text([t.prompt for t in taxa])
+    return [Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source)
+            for v, t in zip(vectors, taxa)]
+
+
+def panel_queries(taxa: list, panel) -> list[Query] | None:
+    """The queries of ``taxa`` with their prompt embeddings from a reference ``panel`` that
+    holds every one of them (None otherwise: they are encoded)."""
+    if panel is None or not panel.ready:
+        return None
+    vectors = [panel.vector_of(t.prompt) for t in taxa]
+    if any(v is None for v in vectors):
+        return None
     return [Query(v, t.prompt, t.binomial, slugify(t.binomial), t.source)
             for v, t in zip(vectors, taxa)]
 

@@ -129,7 +129,8 @@ class Scorer:
         self.region, self.grid = build_grid(options)
         self.cells: CellEmbeddings | None = None
         self._memory: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
-        self._template = None  # the first one-query Dataset: later ones are made like it
+        # (extra bands, the first one-query Dataset with them): later ones are made like it
+        self._template: tuple[tuple[str, ...], "xr.Dataset"] | None = None
 
     # ------------------------------------------------------------------ cells
 
@@ -158,6 +159,11 @@ class Scorer:
         for modality, (_, norms) in self._memory.items():
             if not np.isfinite(norms).any():
                 check_scored({modality: norms})
+
+    def cell_arrays(self) -> dict[str, np.ndarray] | None:
+        """{modality: (N, D)} L2-normalised cell embeddings held in memory (rows of zeros where
+        a modality has no embedding), or None when scoring from disk."""
+        return None if self._memory is None else {m: e for m, (e, _) in self._memory.items()}
 
     @property
     def in_memory(self) -> bool:
@@ -229,25 +235,27 @@ class Scorer:
         check_scored(per)
         attrs = self.provenance(query_ref, list(per))
         attrs.update(more_attrs or {})
-        if len(queries) == 1 and not extra and self._template is not None:
-            return self._like(queries[0], fused[0], {m: v[0] for m, v in per.items()}, attrs)
+        bands = tuple(extra or ())
+        if len(queries) == 1 and self._template is not None and self._template[0] == bands:
+            return self._like(queries[0], fused[0], {m: v[0] for m, v in per.items()},
+                              {k: v[0] for k, v in (extra or {}).items()}, attrs)
         ds = scores_dataset(self.grid, fused, per, labels=[q.label for q in queries],
                             prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
                             attrs=attrs, extra=extra)
         if len(queries) > 1:
             ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
-        elif not extra:
-            self._template = ds
+        elif bands in ((), ("relative",)):  # the web session's maps: with or without relative
+            self._template = (bands, ds)
         return ds
 
     def _like(self, query: "Query", fused: np.ndarray, per: dict[str, np.ndarray],
-              attrs: dict[str, str]) -> "xr.Dataset":
+              extra: dict[str, np.ndarray], attrs: dict[str, str]) -> "xr.Dataset":
         """A one-query Dataset made like the first one (same coords, CRS, transform, nodata and
         variable attrs) holding these scores: building it again through rioxarray costs more
         than scoring every cell; this is a shallow copy."""
-        template = self._template
+        template = self._template[1]
         ds = template.copy(deep=False)
-        for name, values in (("fused", fused), *per.items()):
+        for name, values in (("fused", fused), *per.items(), *extra.items()):
             ds[name].values = self.grid.to_raster(values)
         ds.attrs = {**attrs, "bands": template.attrs["bands"], "query": str(query.label),
                     "prompt": query.prompt or "", "slug": str(query.slug)}

@@ -32,6 +32,7 @@ from taxamap.scorer import open_scorer
 from taxamap.surface import api_entry
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
     import xarray as xr
 
 
@@ -89,8 +90,24 @@ class MapSession:
         self._maps = functools.lru_cache(maxsize=max(map_cache, 0))(self._map_of)
         self._pixel_cell = np.full(self.grid.height * self.grid.width, -1, dtype=np.int64)
         self._pixel_cell[self.grid.cell_index()] = np.arange(self.grid.n_cells)
+        self.panel = self._open_panel()
         self.load_seconds = time.perf_counter() - t0
         log(f"session ready in {self.load_seconds:.1f} s")
+
+    def _open_panel(self):
+        """The reference panel: prepared now (prompts embedded once, statistics over the grid)
+        when maps carry ``relative``; else held only if the cache has it, and prepared on the
+        first "what lives here?"."""
+        from taxamap.panel.product import GridPanel
+
+        panel = GridPanel(self.scorer, lambda n: self.encoders.text(n_prompts=n),
+                          panel=self.options.panel, progress=self.options.progress)
+        if self.options.relative:
+            panel.warm()
+            log(f"reference panel ready: {panel.panel.describe()}")
+        else:
+            panel.load_cached()
+        return panel
 
     # ------------------------------------------------------------------ facts
 
@@ -121,8 +138,9 @@ class MapSession:
 
     @property
     def bands(self) -> list[str]:
-        """The Dataset's score variables: ``fused`` then each modality."""
-        return ["fused", *self.modalities]
+        """The Dataset's score variables: ``fused``, each modality, then ``relative`` when the
+        session has it."""
+        return ["fused", *self.modalities, *(["relative"] if self.options.relative else [])]
 
     @property
     def n_cells(self) -> int:
@@ -187,7 +205,7 @@ class MapSession:
     def _embed(self, lock, **query) -> EmbeddedQuery:
         queries, ref = embed_queries(with_query(self.options, **query), self.config,
                                      self.scorer.device, encoders=self.encoders,
-                                     forward_lock=lock)
+                                     forward_lock=lock, panel=self.panel)
         return EmbeddedQuery(queries[0], ref)
 
     def _embed_name(self, name: str) -> EmbeddedQuery:
@@ -212,7 +230,18 @@ class MapSession:
 
     def _map_of(self, embedded: EmbeddedQuery) -> "xr.Dataset":
         with self._compute:
-            return self.scorer.dataset([embedded.query], embedded.ref)
+            if not self.options.relative:
+                return self.scorer.dataset([embedded.query], embedded.ref)
+            scores = self.scorer.score(embedded.query.vector[None])
+            relative, verdicts = self.panel.relative_band(scores[0], [embedded.query])
+            return self.scorer.dataset([embedded.query], embedded.ref, scores=scores,
+                                       extra={"relative": relative}, more_attrs=verdicts[0])
+
+    @api_entry
+    def species_at(self, lat: float, lon: float, top: int | None = 10) -> "pd.DataFrame":
+        """The reference panel's species ranked at the cell holding (``lat``, ``lon``), best
+        first (:func:`taxamap.species_at`); the panel is prepared on the first call."""
+        return self.panel.species_at(lat, lon, top)
 
     def dataset(self, queries: EmbeddedQuery | Sequence[EmbeddedQuery]) -> "xr.Dataset":
         """The score Dataset of embedded ``queries`` (one: dims (y, x); several: (species, y, x));

@@ -166,6 +166,14 @@ def beside(location: str, suffix: str) -> Path | None:
     return None if root is None else root.with_name(root.name + suffix)
 
 
+def derived_folder(location: str) -> Path | None:
+    """``<grid folder>/.<store name>.derived``: where what is computed from a local store's cells
+    (a reference panel's per-cell statistics) is kept; hidden, so ``taxamap cache info`` does not
+    list it as a store, and deleted with the store."""
+    root = local_root(location)
+    return None if root is None else root.with_name(f".{root.name}.derived")
+
+
 @contextlib.contextmanager
 def _creation_lock(location: str):
     """An exclusive advisory lock (``<store>.lock`` beside a local store) while a store is opened
@@ -644,6 +652,18 @@ class EmbeddingStore:
     def is_complete(self) -> bool:
         return not self.pending_chunks()
 
+    def records_digest(self) -> str:
+        """A hash of the store's key, completion flags and check records as on disk now: it
+        changes whenever any block is embedded again, so what is derived from the cells
+        (a panel's per-cell statistics) can key on it."""
+        flags, _ = self._read_flags()
+        records, _ = self._read_records()
+        h = hashlib.sha1(self.key.encode())
+        h.update(np.ascontiguousarray(flags, dtype=np.uint8).tobytes())
+        if records is not None:
+            h.update(np.ascontiguousarray(records, dtype="<u8").tobytes())
+        return h.hexdigest()[:20]
+
     def finished(self, blocks) -> set[int]:
         """Which of ``blocks`` are recorded finished on disk now, with a sound record and chunk
         file (another run may have just written them); their bytes are not read."""
@@ -781,6 +801,7 @@ def delete_store(location: str | os.PathLike) -> None:
     with _creation_lock(location):
         remove_tree(root)
         remove_tree(beside(location, ".claims"))
+        remove_tree(derived_folder(location))
     beside(location, ".lock").unlink(missing_ok=True)
 
 

@@ -112,10 +112,15 @@ class Taxon:
     binomial: str
     source: str
     common_name: str | None = None
+    #: The rank the prompt ends at: "species" for the seven ranks, else the rank of a clade's
+    #: prompt (a prefix of the ranks: "family" for "Animalia ... Passeriformes Cardinalidae"),
+    #: whose ``binomial`` is then the clade's own name ("Cardinalidae").
+    rank: str = "species"
 
     @property
     def ranks(self) -> dict[str, str]:
-        """The prompt split into its seven named ranks ("species" is the epithet)."""
+        """The prompt split into its named ranks ("species" is the epithet; a clade's prompt
+        has the ranks down to its own)."""
         return dict(zip(RANKS, self.prompt.split()))
 
     @property
@@ -292,6 +297,98 @@ def parse_seven_rank(text: str) -> Taxon | None:
     return Taxon(prompt=" ".join(ranks), binomial=f"{ranks[5]} {ranks[6]}", source="given")
 
 
+def parse_rank_prefix(text: str) -> Taxon | None:
+    """A clade given by the first one to six of the seven ranks, kingdom first
+    (``"Animalia Chordata Aves Passeriformes Cardinalidae"``), as a :class:`Taxon` whose prompt
+    is that prefix and whose ``rank`` is the last rank given; None when ``text`` is not such a
+    prefix (its first word is not a kingdom, or it is a binomial such as ``"Bacteria peruviana"``,
+    a stick insect).
+
+    Ranks the shipped table knows are spelt as the table spells them (source "table"); a rank
+    the table lacks under a known parent is accepted as given (source "given": the table is not
+    the tree of life) unless it is a near miss of one the table has, which is refused with the
+    names it may have meant.
+    """
+    words = text.replace("_", " ").split() if isinstance(text, str) else []
+    if (not 1 <= len(words) <= 6 or words[0].capitalize() not in KINGDOMS
+            or not all(_WORD.match(w) for w in words)):
+        return None
+    prefixes = _table_prefixes()
+    known = prefixes.get(" ".join(words).lower())
+    # Two words after a kingdom's name may be a binomial of a genus named like it (Bacteria is a
+    # genus of stick insects): a clade's second rank is capitalised, an epithet is not.
+    if len(words) == 2 and known is None and not words[1][:1].isupper():
+        return None
+    rank = RANKS[len(words) - 1]
+    if known is not None:
+        return Taxon(prompt=known, binomial=known.split()[-1], source="table", rank=rank)
+    given = [w.capitalize() for w in words]
+    close = close_rank_prefixes(" ".join(given))
+    if close:
+        raise TaxamapError(
+            f'"{" ".join(given)}" is not a clade taxamap\'s table knows; did you mean '
+            f"{' or '.join(repr(c) for c in close)}? Give the ranks from the kingdom down, e.g. "
+            f'{option("species", "Animalia Chordata Aves Passeriformes Cardinalidae")}')
+    return Taxon(prompt=" ".join(given), binomial=given[-1], source="given", rank=rank)
+
+
+def rank_prefixes(prompts: Sequence[str]) -> dict[str, str]:
+    """Every clade of ``prompts`` (seven-rank strings) as a rank prefix of one to six ranks:
+    lower case -> its spelling in the prompts."""
+    out: dict[str, str] = {}
+    for prompt in prompts:
+        words = prompt.split()
+        for n in range(1, min(len(words), 7)):
+            prefix = " ".join(words[:n])
+            out.setdefault(prefix.lower(), prefix)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _table_prefixes() -> dict[str, str]:
+    """The clades of the shipped table (:func:`rank_prefixes` of its prompts)."""
+    return rank_prefixes([t.prompt for t in _table().values()])
+
+
+def table_clade(prefix: str) -> str | None:
+    """The table's spelling of the clade ``prefix`` (one to six ranks, any case and spacing),
+    or None when no species of the table is in it."""
+    return _table_prefixes().get(" ".join(str(prefix).replace("_", " ").split()).lower())
+
+
+#: Least similarity (difflib ratio) of a rank name to one of the table's for a "did you mean":
+#: lower than :data:`SIMILAR`, since rank names are short ("Avez" is 0.75 alike to "Aves").
+SIMILAR_RANK = 0.7
+
+
+def close_rank_prefixes(prefix: str, known: Mapping[str, str] | None = None, limit: int = 3,
+                        cutoff: float = SIMILAR_RANK) -> list[str]:
+    """Clades of ``known`` (:func:`rank_prefixes`; default the table's) that ``prefix`` (ranks
+    from the kingdom down) may have meant, the most alike first: clades of as many ranks that
+    share its ranks as far as ``known`` has them and whose next rank is at least ``cutoff``
+    alike to its own. Empty when ``prefix`` is a clade of ``known`` or none is alike."""
+    known = _table_prefixes() if known is None else known
+    words = " ".join(str(prefix).replace("_", " ").split()).lower().split()
+    depth = 0
+    while depth < len(words) and " ".join(words[:depth + 1]) in known:
+        depth += 1
+    if depth == len(words):
+        return []
+    parent = " ".join(words[:depth])
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(" ".join(words))
+    scored = []
+    for key, spelt in known.items():
+        parts = key.split()
+        if len(parts) != len(words) or (depth and not key.startswith(parent + " ")):
+            continue
+        if difflib.SequenceMatcher(None, parts[depth], words[depth]).ratio() < cutoff:
+            continue
+        matcher.set_seq1(key)
+        scored.append((-matcher.ratio(), spelt))
+    return [spelt for _, spelt in sorted(scored)[:limit]]
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped table
 
@@ -336,6 +433,12 @@ def lookup_table(binomial: str) -> Taxon | None:
 def list_table_species() -> list[str]:
     """Every binomial in the shipped offline table, sorted."""
     return sorted(t.binomial for t in _table().values())
+
+
+def table_taxa() -> list[Taxon]:
+    """Every species of the shipped offline table, sorted by binomial (the default reference
+    panel: :mod:`taxamap.panel`)."""
+    return sorted(_table().values(), key=lambda t: t.binomial)
 
 
 @lru_cache(maxsize=1)
@@ -699,12 +802,18 @@ def resolve_species(
     """Turn ``--species`` text into the seven-rank prompt.
 
     ``text`` is a binomial (any case, any spacing), a common name ("Northern Cardinal": the
-    shipped table's, or online iNaturalist's) or a full seven-rank string (used as given).
+    shipped table's, or online iNaturalist's), a full seven-rank string (used as given) or a
+    clade: the first one to six ranks from the kingdom down (:func:`parse_rank_prefix`), whose
+    map is that prefix's prompt.
     ``offline=None`` reads ``TAXAMAP_OFFLINE`` / ``HF_HUB_OFFLINE``. Raises TaxamapError with a
     one-line fix for malformed input and for species that cannot be resolved, offering the
     closest names ("did you mean ...?") of the table and, online, of iNaturalist and GBIF
     (``suggest=False`` skips them: a species file reports its unknown names all at once).
     """
+    if isinstance(text, str) and text.strip() and _table_entry(text) is None:
+        clade = parse_rank_prefix(text)
+        if clade is not None:
+            return clade
     if isinstance(text, str) and text.strip():
         shared = lookup_common_name(text) if _table_entry(text) is None else []
         if len(shared) > 1:
@@ -811,9 +920,12 @@ __all__ = [
     "normalize_binomial",
     "offline_requested",
     "online_suggestions",
+    "parse_rank_prefix",
     "parse_seven_rank",
     "rank_names",
     "resolve_species",
     "search_table",
     "seven_rank_hint",
+    "table_clade",
+    "table_taxa",
 ]

@@ -254,3 +254,19 @@ def test_cell_popup_shows_the_satellite_patch(browser, models_dir, tmp_path_fact
             assert size[1:] == [64, 64]
             assert re.search(r"satellite\s+-?\d\.\d{4}", pg.locator("#cell").inner_text())
             context.close()
+
+
+def test_click_lists_the_species_there_and_each_link_maps_it(page):
+    """What lives here? A click lists the panel's likeliest species at the cell; following one
+    maps that species."""
+    map_species(page)
+    box = page.locator("#map").bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    links = page.locator("#here ol.species-at li a")
+    sync_api.expect(links).to_have_count(10, timeout=60000)
+    assert "% of the panel" in page.locator("#here").inner_text()
+    second = links.nth(1).inner_text()
+    links.nth(1).click()
+    sync_api.expect(page.locator("#status")).to_have_text("ready", timeout=30000)
+    assert page.locator("#title").inner_text().startswith(second)
+    assert page.input_value("#species") == second

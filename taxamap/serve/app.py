@@ -67,6 +67,9 @@ UPLOAD_AUDIO_SECONDS = 600.0
 #: Longest text parameter (species names, threshold rules) accepted.
 MAX_TEXT = 200
 
+#: Most species /api/species lists.
+MAX_SPECIES_AT = 200
+
 #: Most suggestions /api/search returns.
 MAX_SUGGESTIONS = 20
 
@@ -394,6 +397,8 @@ class MapService:
         return answer
 
     def _new_map_answer(self, embedded, key: tuple, band: str, percentile: float) -> dict:
+        from taxamap.dataset import signal_note
+
         key = dict(key)
         t0 = time.perf_counter()
         ds = self.dataset(embedded)
@@ -418,6 +423,7 @@ class MapService:
             "bands": stats,
             "stretch": overlay["stretch"],
             "overlay": "/api/overlay.png?" + urlencode(query),
+            "no_signal": signal_note(ds),
             **({"upload": key["upload"]} if "upload" in key else {}),
             # Where the server's time went (scoring every cell, statistics, drawing the PNG).
             "timings_ms": {"score": round((t1 - t0) * 1000.0, 1),
@@ -432,17 +438,20 @@ class MapService:
 
     def _draw_overlay(self, embedded, band: str, percentile: float) -> dict:
         from taxamap.writers.html import overlay_rgba
-        from taxamap.writers.style import stretch_of
+        from taxamap.writers.stretch import StretchRule, display_range
 
         ds = self.dataset(embedded)
         raster = np.asarray(ds[band].values)
         with self._compute:
-            stretch = stretch_of(raster, percentile)
+            # 'relative' keeps its fixed 0-1 scale whatever the slider says.
+            stretch = display_range(raster, StretchRule("percentile", percentile=percentile),
+                                    band=band)
             rgba, bounds = overlay_rgba(raster, self.session.grid, stretch)
             png = encode_png(rgba)
         out = {"png": png, "bounds": [[float(v) for v in p] for p in bounds],
                "stretch": {"percentile": percentile, "vmin": stretch.vmin,
-                           "vmax": stretch.vmax, "cells": stretch.valid}}
+                           "vmax": stretch.vmax, "cells": stretch.valid,
+                           "fixed": stretch.fixed}}
         return out
 
     def overlay_png(self, params) -> bytes:
@@ -471,6 +480,28 @@ class MapService:
                   "scores": scores, "query": ds.attrs.get("query")}
         if self.patches:
             answer["patch"] = "/api/patch?" + urlencode({"lat": f"{lat:.6f}", "lon": f"{lon:.6f}"})
+        return answer
+
+    def species_answer(self, params) -> dict:
+        """``/api/species``: the reference panel's species ranked at the cell holding (lat,
+        lon), best first (``top``, default 10); 404 off the grid's cells."""
+        from taxamap.panel.questions import ranking_json
+
+        t0 = time.perf_counter()
+        lat = number_param(params, "lat", lo=-90.0, hi=90.0)
+        lon = number_param(params, "lon", lo=-1e6, hi=1e6)
+        top = number_param(params, "top", 10, 1, MAX_SPECIES_AT)
+        if top != int(top):
+            raise ApiError(400, "top must be a whole number of species")
+        if self.session.cell_at(lat, lon) is None:
+            raise ApiError(404, f"no cell of this grid at lat {lat:.4f}, lon {lon:.4f}; click "
+                           "inside the region")
+        try:
+            table = self.session.species_at(lat, lon, int(top))
+        except TaxamapError as exc:
+            raise ApiError(400, _one_line(exc)) from None
+        answer = ranking_json(table)
+        answer["elapsed_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
         return answer
 
     def range_answer(self, params) -> dict:
@@ -730,6 +761,9 @@ def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
     def cell(request) -> Response:
         return json_response(service.cell(request.query_params))
 
+    def species(request) -> Response:
+        return json_response(service.species_answer(request.query_params))
+
     def range_(request) -> Response:
         return JSONResponse(service.range_answer(request.query_params),
                             media_type="application/geo+json", headers=no_store)
@@ -785,6 +819,7 @@ def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
         Route("/api/overlay.png", overlay),
         Route("/api/cell", cell),
         Route("/api/range", range_),
+        Route("/api/species", species),
         Route("/api/land", land),
         Route("/api/download", download),
         Route("/api/patch", patch),

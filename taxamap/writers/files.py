@@ -42,10 +42,10 @@ def _html(ds, path, **context) -> Path:
     return write_html(ds, path, **context)
 
 
-def _png(ds, path, *, outline=None, **_context) -> Path:
+def _png(ds, path, *, outline=None, stretch=None, **_context) -> Path:
     from taxamap.writers.png import write_png
 
-    return write_png(ds, path, outline=outline)
+    return write_png(ds, path, outline=outline, stretch=stretch)
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,11 @@ def check_out_dir(out) -> Path:
 def check_write(opts: "WriteOptions") -> dict:
     """Check every input :func:`write_dataset` reads before any long work; returns what it read
     (``occurrences`` as (N, 2) lat/lon, ``expert`` geometry, ``out_dir``)."""
+    from taxamap.writers.stretch import parse_stretch
+
     for name in opts.formats:
         get_format(name)
+    parse_stretch(opts.stretch)
     if opts.stack and (opts.threshold or opts.occurrences is not None or opts.self_contained
                        or opts.expert_range is not None):
         given = [name for name, value in (
@@ -172,7 +175,8 @@ def write_dataset(ds, opts: "WriteOptions", *, checked: dict | None = None,
         files = write_outputs(one, out_dir, opts.formats, threshold=opts.threshold,
                               occurrences=checked["occurrences"],
                               self_contained=opts.self_contained, outline=outline,
-                              expert_geometry=checked["expert"], notes=notes)
+                              expert_geometry=checked["expert"], notes=notes,
+                              stretch=opts.stretch)
         for ext, path in files.items():
             paths[f"{one.attrs['slug']}.{ext}"] = path
     return paths
@@ -228,14 +232,14 @@ def free_stem(out_dir: Path, slug: str, query: str, formats, threshold: bool) ->
 
 def write_outputs(ds, out_dir: Path, formats=tuple(FORMATS), *, threshold: str | None = None,
                   occurrences: np.ndarray | None = None, self_contained: bool = False,
-                  outline=None, expert_geometry=None, notes: tuple[str, ...] = ()
-                  ) -> dict[str, Path]:
+                  outline=None, expert_geometry=None, notes: tuple[str, ...] = (),
+                  stretch: str | None = None) -> dict[str, Path]:
     """Write the requested files for the one-query (y, x) Dataset ``ds`` into ``out_dir`` (each
     atomically), in :data:`FORMATS` order; returns ``{format: path}``.
 
     With ``threshold`` the binary range GeoTIFF and polygons are written beside the map and the
     range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it;
-    ``notes`` are warnings for the HTML legend.
+    ``notes`` are warnings for the HTML legend; ``stretch`` the PNG's and HTML's display scale.
     """
     slug = free_stem(out_dir, str(ds.attrs["slug"]), str(ds.attrs.get("query", "")), formats,
                      bool(threshold))
@@ -247,7 +251,7 @@ def write_outputs(ds, out_dir: Path, formats=tuple(FORMATS), *, threshold: str |
     context = {"outline": outline, "occurrences": occurrences, "notes": tuple(notes),
                "self_contained": self_contained, "expert_geometry": expert_geometry,
                "range_geometry": None if cut is None else cut.geometry,
-               "range_label": threshold if cut is not None else None}
+               "range_label": threshold if cut is not None else None, "stretch": stretch}
     paths: dict[str, Path] = {}
     for name, fmt in FORMATS.items():
         if name in formats:

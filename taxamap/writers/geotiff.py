@@ -95,6 +95,14 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
     return write_bytes(path, data)
 
 
+def write_bands(path: str | os.PathLike, grid, bands: list[tuple[str, np.ndarray]],
+                tags: dict[str, str], band_tags: list[dict], units: list[str]) -> Path:
+    """Named float32 ``bands`` over ``grid`` as a COG at ``path`` (atomically), with dataset
+    ``tags`` and per-band tags and units: a stack that is not a score map (``richness
+    --stack``)."""
+    return _write_cog(path, grid, bands, tags, band_tags, units)
+
+
 def write_geotiff(ds, path: str | os.PathLike) -> Path:
     """Write a one-query (y, x) score Dataset as a Cloud-Optimized GeoTIFF at ``path``
     (atomically) and return it.

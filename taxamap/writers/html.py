@@ -21,20 +21,20 @@ import numpy as np
 
 from taxamap.version import __version__
 from taxamap.crs import clip_wrapped
-from taxamap.dataset import grid_of, map_bands, map_title, one_map, outline_of
+from taxamap.dataset import (band_unit, grid_of, is_product, map_bands, map_title, one_map,
+                             outline_of, signal_note)
 from taxamap.writers import HTML_QUERY_META
 from taxamap.writers.style import (
     COLORMAP,
-    STRETCH_PERCENTILE,
     UNITS,
     Stretch,
     colorize,
     gradient_css,
     imagery_credit,
     mercator_rows,
-    stretch_of,
     write_bytes,
 )
+from taxamap.writers.stretch import display_range, parse_stretch
 
 #: Largest overlay side in pixels; bigger rasters are subsampled (nearest) for the browser only.
 MAX_OVERLAY_PIXELS = 4096
@@ -87,13 +87,34 @@ def _title_html(ds) -> str:
 
 
 def _legend_html(ds, stretches: list[tuple[str, Stretch]], extras: str = "",
-                 footer: str = "") -> str:
+                 footer: str = "", stretch: str | None = None) -> str:
+    rule = parse_stretch(stretch)
     rows = "".join(
         f"<tr><td>{_esc(name)}</td><td style='text-align:right'>"
         + (f"{s.vmin:.3f} – {s.vmax:.3f}" if s.valid else "no valid cells")
+        + (f" <span style='color:#555'>({_esc(band_unit(name))}; fixed scale)</span>"
+           if is_product(name) and getattr(s, "fixed", False) else "")
         + "</td></tr>"
         for name, s in stretches
     )
+    if rule.kind == "percentile":
+        how = (f"each layer is clipped below the {rule.percentile:g}th percentile of its valid "
+               "cells (lightest) up to its maximum (darkest)")
+        ends = (f"≤ {rule.percentile:g}th percentile", "maximum")
+    elif rule.kind == "value":
+        how = (f"one fixed scale for every map (--stretch {rule.text}): {rule.lo:g} (lightest) "
+               f"to {rule.hi:g} (darkest), values outside clipped")
+        ends = (f"≤ {rule.lo:g}", f"≥ {rule.hi:g}")
+    else:
+        how = "each layer runs from its minimum (lightest) to its maximum (darkest)"
+        ends = ("minimum", "maximum")
+    if any(name == "relative" for name, _ in stretches):
+        how += ("; 'relative' always runs 0 to 1 (the share of the reference panel's species "
+                "scoring lower), so maps of different species compare directly")
+    note = signal_note(ds)
+    if note:
+        extras = (f"<div id='taxamap-no-signal' style='color:#a40000;margin-top:4px'>&#9888; "
+                  f"{_esc(note)}</div>") + extras
     credit = imagery_credit(ds)
     imagery = (f"<div style='margin-top:4px'>Imagery: {_esc(credit[0])} (licence: "
                f"{_esc(credit[1])})</div>" if credit else "")
@@ -104,10 +125,9 @@ def _legend_html(ds, stretches: list[tuple[str, Stretch]], extras: str = "",
         f"<b>Score</b>: {_esc(UNITS)}"
         f"<div style='height:12px;margin:4px 0 1px;background:{gradient_css(COLORMAP)}'></div>"
         "<div style='display:flex;justify-content:space-between;font-size:11px'>"
-        "<span>≤ 90th percentile</span><span>maximum</span></div>"
-        f"<div style='margin-top:4px'>Display stretch: each layer is clipped below the "
-        f"{STRETCH_PERCENTILE:g}th percentile of its valid cells (lightest) up to its maximum "
-        f"(darkest), colour map {COLORMAP}. Transparent: no data.</div>"
+        f"<span>{_esc(ends[0])}</span><span>{_esc(ends[1])}</span></div>"
+        f"<div style='margin-top:4px'>Display stretch: {_esc(how)}; colour map {COLORMAP}. "
+        "Transparent: no data.</div>"
         f"<table style='margin-top:4px;font-size:11px'>{rows}</table>"
         "<div style='font-size:11px;color:#555'>The GeoTIFF holds the raw, unstretched values."
         "</div>"
@@ -329,7 +349,7 @@ def _needs_internet_html() -> str:
 def write_html(ds, path: str | os.PathLike, *, occurrences: np.ndarray | None = None,
                range_geometry=None, range_label: str | None = None,
                self_contained: bool = False, outline=None, expert_geometry=None,
-               notes: tuple[str, ...] = ()) -> Path:
+               notes: tuple[str, ...] = (), stretch: str | None = None) -> Path:
     """Write a one-query (y, x) score Dataset as an interactive folium map at ``path``
     (atomically); return the path. ``outline``: the region boundary to draw (shapely,
     EPSG:4326; default: the Dataset's region).
@@ -344,7 +364,10 @@ def write_html(ds, path: str | os.PathLike, *, occurrences: np.ndarray | None = 
     drawn as an outline in its own layer; ``range_label`` (e.g. the threshold rule) names it.
     ``expert_geometry``: an expert range (shapely, EPSG:4326) drawn as a dashed outline in its
     own layer, to compare with the map by eye.
-    ``notes``: warnings shown in the legend (e.g. that no occurrence falls on the map).
+    ``notes``: warnings shown in the legend (e.g. that no occurrence falls on the map); a
+    map without signal against its reference panel says so there too.
+    ``stretch``: the display scale (:mod:`taxamap.writers.stretch`; default percentile:90);
+    ``relative`` always shows 0 to 1.
     ``self_contained``: embed Leaflet and the marker-cluster plugin from the installed
     ``taxamap[offline]`` packages (TaxamapError naming them when missing), drop the web basemap
     and draw Natural Earth land instead, so the one file renders with no network.
@@ -407,9 +430,9 @@ def write_html(ds, path: str | os.PathLike, *, occurrences: np.ndarray | None = 
     stretches = []
     bounds = None
     for i, (name, raster) in enumerate(bands):
-        stretch = stretch_of(raster)
-        stretches.append((name, stretch))
-        rgba, bounds = overlay_rgba(raster, grid, stretch)
+        shown = display_range(raster, stretch, band=name)
+        stretches.append((name, shown))
+        rgba, bounds = overlay_rgba(raster, grid, shown)
         options = {"attribution": f"Imagery: {_esc(credit[0])}"} if credit else {}
         folium.raster_layers.ImageOverlay(
             image=_data_uri(rgba),
@@ -491,7 +514,7 @@ def write_html(ds, path: str | os.PathLike, *, occurrences: np.ndarray | None = 
     extras += "".join(f"<div style='color:#a40000;margin-top:4px'>&#9888; {_esc(note)}</div>"
                       for note in notes)
     footer = _offline_footer(libraries) if libraries else ""
-    root.html.add_child(folium.Element(_legend_html(ds, stretches, extras, footer)))
+    root.html.add_child(folium.Element(_legend_html(ds, stretches, extras, footer, stretch)))
     if not self_contained:
         root.html.add_child(folium.Element(_needs_internet_html()))
 

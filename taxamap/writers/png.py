@@ -15,18 +15,18 @@ import numpy as np
 
 from taxamap.version import __version__
 from taxamap.crs import clip_wrapped
-from taxamap.dataset import grid_of, map_bands, map_title, modality_bands, one_map, outline_of
+from taxamap.dataset import (band_unit, grid_of, is_product, map_bands, map_title,
+                             modality_bands, one_map, outline_of, signal_note)
 from taxamap.options import DEFAULT_FUSION
 from taxamap.writers import PNG_QUERY_KEY
 from taxamap.writers.style import (
     COLORMAP,
     NODATA_COLOR,
-    STRETCH_PERCENTILE,
     UNITS,
     imagery_credit,
-    stretch_of,
     write_bytes,
 )
+from taxamap.writers.stretch import display_range, parse_stretch
 
 DPI = 150
 
@@ -70,6 +70,24 @@ def _outline_segments(geom) -> list[np.ndarray]:
     return out
 
 
+def _short(rule) -> str:
+    """A colour bar's few words for the stretch ``rule``."""
+    if rule.kind == "percentile":
+        return f"p{rule.percentile:g}–max"
+    return f"{rule.lo:g}–{rule.hi:g}" if rule.kind == "value" else "min–max"
+
+
+def _stretch_words(rule) -> str:
+    """The stretch ``rule`` in a sentence for the footer."""
+    if rule.kind == "percentile":
+        return (f"each map is clipped below the {rule.percentile:g}th percentile of its valid "
+                "cells (lightest green) up to its maximum")
+    if rule.kind == "value":
+        return (f"one fixed scale, {rule.lo:g} (lightest green) to {rule.hi:g} (darkest), for "
+                "every map drawn with it")
+    return "each map runs from its minimum (lightest green) to its maximum"
+
+
 def _wrap_lon(x: float, _pos=None) -> str:
     lon = (x + 180.0) % 360.0 - 180.0
     return f"{180.0 if lon == -180.0 else lon:g}°"
@@ -107,13 +125,14 @@ def _draw_map(ax, raster, grid, stretch, region, land, cmap):
     return image
 
 
-def write_png(ds, path: str | os.PathLike, *, outline=None) -> Path:
+def write_png(ds, path: str | os.PathLike, *, outline=None, stretch: str | None = None) -> Path:
     """Render a one-query (y, x) score Dataset to a PNG at ``path`` (atomically) and return the
     path; ``outline`` is the region boundary to draw (default: the Dataset's region).
 
-    The fused map is drawn large, with one small panel per modality when there are several. Each
-    map uses the display stretch of :func:`taxamap.writers.style.stretch_of` (clip below the 90th
-    percentile of its valid cells, "Greens"), stated in its colour-bar label and the footer.
+    The fused map is drawn large, with one small panel per other band when there are several.
+    Each map uses the display ``stretch`` (:mod:`taxamap.writers.stretch`; default: clip below
+    the 90th percentile of its valid cells, "Greens"; ``relative`` always 0-1), stated in its
+    colour-bar label and the footer; a map without signal against its panel says so.
     """
     import matplotlib
     from matplotlib.figure import Figure
@@ -146,10 +165,11 @@ def write_png(ds, path: str | os.PathLike, *, outline=None) -> Path:
         panel_axes = []
 
     fused_name, fused = bands[0]
-    stretch = stretch_of(fused)
-    image = _draw_map(main_ax, fused, grid, stretch, region, land, cmap)
+    rule = parse_stretch(stretch)
+    shown = display_range(fused, rule, band=fused_name)
+    image = _draw_map(main_ax, fused, grid, shown, region, land, cmap)
     bar = fig.colorbar(image, ax=main_ax, extend="min", shrink=0.9)
-    bar.set_label(f"{fused_name} score: {UNITS}\n{stretch.describe()}", fontsize=8,
+    bar.set_label(f"{fused_name} score: {UNITS}\n{shown.describe()}", fontsize=8,
                   parse_math=False)
     bar.ax.tick_params(labelsize=7)
     fusion = ds.attrs.get("fusion", DEFAULT_FUSION)
@@ -158,23 +178,30 @@ def write_png(ds, path: str | os.PathLike, *, outline=None) -> Path:
                       fontsize=9, parse_math=False)
 
     for ax, (name, raster) in zip(panel_axes, panels):
-        s = stretch_of(raster)
+        s = display_range(raster, rule, band=name)
         im = _draw_map(ax, raster, grid, s, region, land, cmap)
         ax.set_title(name, fontsize=8, parse_math=False)
-        b = fig.colorbar(im, ax=ax, extend="min", shrink=0.8)
+        b = fig.colorbar(im, ax=ax, extend="neither" if s.fixed else "min", shrink=0.8)
         b.ax.tick_params(labelsize=6)
-        b.set_label(f"p{STRETCH_PERCENTILE:g}–max", fontsize=6, parse_math=False)
+        b.set_label(band_unit(name) if is_product(name) else _short(rule), fontsize=6,
+                    parse_math=False)
 
     lines = [map_title(ds)]
     if prompt and prompt != query:
         lines.append(textwrap.shorten(f"prompt: {prompt}", 140))
+    if signal_note(ds):
+        lines.append("no signal: the query never stands out from the reference panel here")
     fig.suptitle("\n".join(lines), fontsize=11, parse_math=False)
 
     footer = [
-        f"Scores are {UNITS} (the GeoTIFF holds them unchanged). Display stretch: each map is "
-        f"clipped below the {STRETCH_PERCENTILE:g}th percentile of its valid cells (lightest "
-        "green) up to its maximum; grey = no data.",
+        f"Scores are {UNITS} (the GeoTIFF holds them unchanged). Display stretch: "
+        f"{_stretch_words(rule)}; grey = no data."
+        + (" 'relative' runs 0 to 1 on every map: the share of the reference panel's species "
+           "scoring lower." if any(name == "relative" for name, _ in bands) else ""),
     ]
+    note = signal_note(ds)
+    if note:
+        footer.insert(0, note)
     credit = imagery_credit(ds)
     if credit:
         footer.append(f"Imagery: {credit[0]} — licence: {credit[1]}")

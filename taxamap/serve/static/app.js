@@ -127,7 +127,7 @@
     L.control.scale({ position: "bottomright" }).addTo(map);
     if (health && health.attribution) map.attributionControl.addAttribution(health.attribution);
     map.fitBounds(health.bounds);
-    map.on("click", function (e) { showCell(e.latlng, view); });
+    map.on("click", function (e) { showCell(e.latlng, view); showSpeciesAt(e.latlng, view); });
     map.on("move", function () { syncFrom(view); });
     view.el.addEventListener("dragover", function (e) {
       e.preventDefault(); view.el.classList.add("dragging");
@@ -216,9 +216,14 @@
     inPanel(view, "legend-min").textContent = fmt(s.vmin, 3);
     inPanel(view, "legend-max").textContent = fmt(s.vmax, 3);
     var b = answer.bands[answer.band];
-    inPanel(view, "legend-note").textContent = "score (" + answer.band + "): raw cosine similarity; " +
-      "colours from the " + s.percentile + "th percentile to the maximum. " +
+    inPanel(view, "legend-note").textContent = (s.fixed
+      ? answer.band + ": the share of the reference panel's species scoring lower here; " +
+        "one fixed scale, 0 to 1, for every species. "
+      : "score (" + answer.band + "): raw cosine similarity; " +
+        "colours from the " + s.percentile + "th percentile to the maximum. ") +
       "Cells: mean " + fmt(b.mean, 3) + ", max " + fmt(b.max, 3) + ".";
+    // The model sees nothing that sets this query apart from the panel here: say so.
+    inPanel(view, "legend-signal").textContent = answer.no_signal ? "\u26a0 " + answer.no_signal : "";
   }
 
   function setBands(bands) {
@@ -368,6 +373,42 @@
           inPanel(view, "cell").textContent = err.message;
         });
     });
+  }
+
+  // ------------------------------------------------------------------ what lives here?
+
+  // The reference panel's likeliest species at the clicked cell, each a link that maps it.
+  function showSpeciesAt(latlng, view) {
+    var box = inPanel(view, "here");
+    box.textContent = "what lives here? …";
+    api("/api/species", { lat: latlng.lat, lon: latlng.lng, top: 10 })
+      .then(function (answer) {
+        box.textContent = "";
+        var head = document.createElement("div");
+        head.textContent = "Likeliest here (" + answer.panel + "):";
+        head.title = answer.rule;
+        box.appendChild(head);
+        var list = document.createElement("ol");
+        list.className = "species-at";
+        answer.species.forEach(function (sp) {
+          var li = document.createElement("li");
+          var a = document.createElement("a");
+          a.href = "?" + query({ species: sp.name });
+          a.textContent = sp.name;
+          a.title = sp.prompt;
+          a.addEventListener("click", function (e) {
+            e.preventDefault();
+            $("species").value = sp.name;
+            submitSpecies(sp.name);
+          });
+          li.appendChild(a);
+          li.appendChild(document.createTextNode(
+            " " + fmt(sp.score, 3) + " · above " + Math.round(sp.relative * 100) + "% of the panel"));
+          list.appendChild(li);
+        });
+        box.appendChild(list);
+      })
+      .catch(function (err) { box.textContent = err.message; });
   }
 
   // ------------------------------------------------------------------ queries
