@@ -270,10 +270,13 @@ def threshold(
     occurrences: Any = None,
     out: PathLike | None = None,
     seed: int = 0,
+    mask: str | None = None,
 ) -> Range:
     """Cut ``map`` (a Dataset of :func:`predict`, or a taxamap GeoTIFF path) at ``rule``
     (``percentile:P``, ``value:V`` or ``maxtss[:OCC]``; ``occurrences`` serve a bare
-    ``maxtss``). With ``out`` the range GeoTIFF and GeoPackage are written there too."""
+    ``maxtss``). ``mask`` drops the cells a model cannot vouch for, e.g. ``"novelty>2"`` or
+    ``"novelty>2,uncertainty>0.1"`` (they become NaN, neither in nor out). With ``out`` the
+    range GeoTIFF and GeoPackage are written there too."""
     import geopandas as gpd
     import numpy as np
     import xarray as xr
@@ -287,7 +290,7 @@ def threshold(
         from taxamap.products.occurrences import as_latlon_points
 
         occurrences = as_latlon_points(occurrences, "occurrences")
-    cut = cut_range(ds, rule, occurrences, band, seed)
+    cut = cut_range(ds, rule, occurrences, band, seed, mask=mask)
     binary = cut.binary.astype(np.float32)
     binary[cut.binary == NODATA] = np.nan
     raster = georeference(
@@ -308,6 +311,36 @@ def threshold(
                  area_km2=float(polygons["area_km2"].sum()), paths=paths,
                  eoo_km2=metrics.eoo_km2, aoo_km2=metrics.aoo_km2,
                  criterion_b=metrics.criterion_b)
+
+
+@api_entry
+def survey(
+    map: Any,
+    occurrences: Any = None,
+    *,
+    n: int = 50,
+    min_distance: float = 10.0,
+    weights: str | Sequence[str] | dict | None = None,
+    out: PathLike | None = None,
+) -> "gpd.GeoDataFrame":
+    """Where to survey next on ``map`` (a Dataset of :func:`predict`, best with ``fit=True``,
+    or a GeoTIFF path): up to ``n`` sites ranked by the weighted geometric mean of their
+    percentile ranks in ``weights`` (default suitability plus the map's ``uncertainty`` and
+    ``novelty``), each at least ``min_distance`` km (geodesic) from every record in
+    ``occurrences`` and from every other site. A GeoDataFrame (EPSG:4326: ``rank``, ``lat``,
+    ``lon``, ``priority``, the bands' values, ``nearest_record_km``); with ``out`` also
+    ``<name>_survey.gpkg/.csv/.gpx/.html`` there (their paths in ``.attrs["paths"]``)."""
+    from taxamap.dataset import as_dataset
+    from taxamap.products.survey import survey_map
+
+    is_file = isinstance(map, (str, os.PathLike))
+    plan = survey_map(map if is_file else as_dataset(map), occurrences, n=n,
+                      min_distance_km=min_distance, weights=weights,
+                      out_dir=out)
+    sites = plan.sites
+    sites.attrs["paths"] = {k: str(v) for k, v in plan.paths.items()}
+    sites.attrs["description"] = plan.describe()
+    return sites
 
 
 @api_entry

@@ -198,14 +198,26 @@ def compute_threshold(
 
 
 def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | str = 1,
-              seed: int = 0, n_background: int = DEFAULT_N_BACKGROUND) -> RangeCut:
-    """Cut band ``band`` of a map (a score Dataset or a GeoTIFF path) at ``rule``, in memory."""
+              seed: int = 0, n_background: int = DEFAULT_N_BACKGROUND,
+              mask: str | None = None) -> RangeCut:
+    """Cut band ``band`` of a map (a score Dataset or a GeoTIFF path) at ``rule``, in memory.
+    ``mask`` (e.g. ``"novelty>2"``, see :func:`taxamap.products.trust.parse_mask`) drops the
+    cells where it holds after the rule has set the threshold: they become nodata, neither in
+    nor out of the range."""
     parsed = parse_rule(rule)
     raster = read_map(map_or_path)
     index = raster.band_index(band)
     threshold = compute_threshold(raster, parsed, index, occurrences, seed, n_background)
     values = raster.values[index]
     valid = np.isfinite(values)
+    if mask:
+        from taxamap.products.trust import mask_cells, parse_mask
+
+        conditions = parse_mask(mask)
+        valid &= ~mask_cells(dict(zip(raster.names, raster.values)), conditions,
+                             raster.path.name)
+        parsed = Rule(parsed.kind, parsed.value, parsed.occurrences,
+                      f"{parsed.text}; mask {','.join(c.text for c in conditions)}")
     with np.errstate(invalid="ignore"):
         inside = valid & (values >= threshold)
     if not inside.any():
@@ -289,15 +301,17 @@ def threshold_map(
     seed: int = 0,
     n_background: int = DEFAULT_N_BACKGROUND,
     stem: str | None = None,
+    mask: str | None = None,
 ) -> RangeResult:
     """Cut band ``band`` (1-based number or name; default the fused score) of ``map_path`` at
     ``rule`` and write ``<stem>_range.tif`` and ``<stem>_range.gpkg`` into ``out_dir`` (default:
     the map's folder; ``stem`` defaults to the map's file stem).
 
     ``occurrences`` (a file or (N, 2) (lat, lon) array) serves a bare ``maxtss`` rule; ``seed``
-    and ``n_background`` control its background sample. Files are written atomically.
+    and ``n_background`` control its background sample; ``mask`` drops cells (see
+    :func:`cut_range`). Files are written atomically.
     """
-    return write_range(cut_range(map_path, rule, occurrences, band, seed, n_background),
+    return write_range(cut_range(map_path, rule, occurrences, band, seed, n_background, mask),
                        out_dir, stem=stem)
 
 

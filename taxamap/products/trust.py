@@ -147,6 +147,42 @@ def mess(values: np.ndarray, reference: np.ndarray,
     return MessResult(out, variable, names)
 
 
+def climate_mess(worldclim, cell_latlon: np.ndarray,
+                 reference_latlon: np.ndarray | None = None) -> MessResult:
+    """:func:`mess` of the cells' WorldClim variables (``worldclim``: a
+    :class:`taxamap.sources.worldclim.WorldClimFeatures`; ``mess_variable`` indexes
+    :data:`~taxamap.sources.worldclim.WORLDCLIM_FILES`, named ``elev``, ``bio_1``...) against
+    the reference places: the occurrence and background points when given, else the cells
+    themselves (the region). Cells with no climate at all (open water) are NaN / -1; a layer
+    missing at a single place reads as that layer's global mean (the features' own filling)."""
+    from taxamap.sources.worldclim import WORLDCLIM_FILES
+
+    names = tuple(name.removeprefix("wc2.1_5m_").removesuffix(".tif") for name in WORLDCLIM_FILES)
+    cell_latlon = np.asarray(cell_latlon, dtype=np.float64).reshape(-1, 2)
+    values = worldclim.features(cell_latlon)
+    if reference_latlon is None:
+        reference = values
+    else:
+        reference = worldclim.features(np.asarray(reference_latlon, dtype=np.float64).reshape(-1, 2))
+    return mess(values, reference, names)
+
+
+#: What each trust band holds and what a high value means (for band tags and legends).
+BAND_INFO = {
+    "uncertainty": ("standard deviation of the fitted suitability over bootstrap refits (0-0.5)",
+                    "high: the fit changes with which records it got; trust it less"),
+    "novelty": ("nearest cosine distance to a training sample / the training samples' typical "
+                "spacing (0 = like the training data)",
+                "high: the cell's embedding is unlike any training sample; the fit extrapolates"),
+    "disagreement": ("standard deviation of the per-modality scores",
+                     "high: location, satellite and climate tell different stories"),
+    "mess": ("percent (Elith et al. 2010); < 0 outside the reference climate",
+             "low or negative: climate unlike the reference cells; the map extrapolates"),
+    "mess_variable": ("index into the WorldClim variables (elev, bio_1..bio_19)",
+                      "the variable most unlike the reference climate"),
+}
+
+
 # --- novelty in embedding space -----------------------------------------------------------------
 
 class Novelty:
