@@ -2,7 +2,8 @@
 held-out predictions, what do they cost, and how fast are MESS, novelty and survey at USA size.
 
     python benchmarks/trust.py [--resolution 0.05] [--blocks 0.5] [--seed 0] [--repeat 2]
-                               [--cache DIR] [--figure docs/trust.png] [--only fit,usa]
+                               [--cache DIR] [--figure docs/trust.png] [--map MAP.tif]
+                               [--only fit,usa]
 
 ``fit`` (elapid's ariolimax sample, as ``fit.py``): California at 0.05 degree embedded once with
 GeoCLIP's published location weights (kept in ``--cache`` as .npy for reruns); every point on a
@@ -79,17 +80,21 @@ def terciles(values: np.ndarray, y: np.ndarray, pred: np.ndarray) -> list[tuple]
     rows = []
     for k in (1, 2, 3):
         s = ok & (t == k)
+        err = np.abs(y - pred)
         rows.append((k, float(values[s].min()), float(values[s].max()), int(s.sum()),
                      int(y[s].sum()), roc_auc(pred[s & (y == 1)], pred[s & (y == 0)]),
-                     float(np.abs(y[s] - pred[s]).mean())))
+                     float(err[s].mean()), float(err[s & (y == 1)].mean()),
+                     float(err[s & (y == 0)].mean())))
     return rows
 
 
 def print_terciles(name: str, rows: list[tuple]) -> None:
-    print(f"\n{name}\n\n| tercile | range | samples (presences) | held-out AUC | mean \\|error\\| |")
-    print("|---|---|---|---|---|")
-    for k, lo, hi, n, n_p, auc, err in rows:
-        print(f"| {k} | {lo:.3g}-{hi:.3g} | {n} ({n_p}) | {auc:.3f} | {err:.3f} |")
+    print(f"\n{name}\n\n| tercile | range | samples (presences) | held-out AUC | mean \\|error\\| "
+          "| of presences | of background |")
+    print("|---|---|---|---|---|---|---|")
+    for k, lo, hi, n, n_p, auc, err, err_p, err_b in rows:
+        print(f"| {k} | {lo:.3g}-{hi:.3g} | {n} ({n_p}) | {auc:.3f} | {err:.3f} | {err_p:.3f} "
+              f"| {err_b:.3f} |")
 
 
 def knn_novelty(samples, joint: np.ndarray, position: np.ndarray, k: int = 10) -> np.ndarray:
@@ -117,22 +122,27 @@ def run_fit(args) -> None:
     query = emb[np.argmin(np.abs(latlon - [37.1, -122.0]).sum(axis=1))]
     fused, _ = fuse({"location": emb}, query)
     kwargs = dict(seed=args.seed, cv_blocks_deg=args.blocks, thin=False)
-    times = {"before (no trust layers)": [], "after (uncertainty + novelty)": []}
+    labels = ("before (no trust layers)", "after (uncertainty + novelty)")
+    wall = {label: [] for label in labels}
+    cpu = {label: [] for label in labels}
     result = None
     for _ in range(args.repeat):
-        for label, extra in (("before (no trust layers)", dict(n_boot=0, novelty=False)),
-                             ("after (uncertainty + novelty)", {})):
-            t = time.perf_counter()
+        for label, extra in zip(labels, (dict(n_boot=0, novelty=False), {})):
+            t, c = time.perf_counter(), time.process_time()
             r = fit_maps({"location": emb}, fused, latlon, pres, back, **kwargs, **extra)
-            times[label].append(time.perf_counter() - t)
+            wall[label].append(time.perf_counter() - t)
+            cpu[label].append(time.process_time() - c)
             if extra == {}:
                 result = r
-    print(f"\nfit_maps wall seconds, {args.repeat} alternating runs each:")
-    for label, ts in times.items():
-        print(f"  {label}: {', '.join(f'{t:.1f}' for t in ts)} (median {np.median(ts):.1f})")
-    ratio = np.median(times["after (uncertainty + novelty)"]) / np.median(
-        times["before (no trust layers)"])
-    print(f"  after / before: {ratio:.2f}x")
+    print(f"\nfit_maps seconds, {args.repeat} alternating runs each (wall; CPU of all threads, "
+          "steadier on a shared machine):")
+    for label in labels:
+        print(f"  {label}: wall {', '.join(f'{t:.1f}' for t in wall[label])} (median "
+              f"{np.median(wall[label]):.1f}); CPU {', '.join(f'{t:.1f}' for t in cpu[label])} "
+              f"(median {np.median(cpu[label]):.1f})")
+    for name, series in (("wall", wall), ("CPU", cpu)):
+        print(f"  after / before, {name}: "
+              f"{np.median(series[labels[1]]) / np.median(series[labels[0]]):.2f}x")
     print("\n" + result.format_table())
     s = result.samples
     y, pred = s.presence.to_numpy(), s.fitted.to_numpy()
@@ -152,6 +162,30 @@ def run_fit(args) -> None:
               f" (high)")
     if args.figure:
         figure(args.figure, grid, result, latlon[pres])
+    if args.map:
+        write_map(args.map, grid, result)
+
+
+def write_map(path: Path, grid, result) -> None:
+    """The fit as a GeoTIFF with bands fitted, combined, uncertainty, novelty (for trying
+    ``taxamap survey`` and ``taxamap threshold --mask`` on real data)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    bands = {"fitted": result.fitted, "combined": result.combined,
+             "uncertainty": result.uncertainty, "novelty": result.novelty}
+    flat = grid.cell_index()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=grid.width, height=grid.height,
+                       count=len(bands), dtype="float32", nodata=float("nan"), crs="EPSG:4326",
+                       transform=from_origin(grid.west, grid.north, grid.resolution,
+                                             grid.resolution), compress="deflate") as dst:
+        for i, (name, values) in enumerate(bands.items(), start=1):
+            image = np.full(grid.height * grid.width, np.nan, dtype=np.float32)
+            image[flat] = values
+            dst.write(image.reshape(grid.height, grid.width), i)
+            dst.set_band_description(i, name)
+    print(f"wrote {path}")
 
 
 def figure(path: Path, grid, result, presences: np.ndarray) -> None:
@@ -160,27 +194,40 @@ def figure(path: Path, grid, result, presences: np.ndarray) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("fitted", result.fitted, "viridis", "fitted (relative suitability)"),
-              ("uncertainty", result.uncertainty, "magma", "uncertainty (sd of 20 refits)"),
-              ("novelty", result.novelty, "cividis", "novelty (0 = like the training data)"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 5.2), constrained_layout=True)
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    # Novelty in bands a reader can act on: within the training samples' own spacing (< 1),
+    # up to twice it, and beyond.
+    novelty_cmap = ListedColormap(["#f0f0f0", "#fdd49e", "#fc8d59", "#b30000"])
+    novelty_norm = BoundaryNorm([0, 1, 2, 3, 4], novelty_cmap.N)
+    panels = (("fitted (relative suitability)", result.fitted, "viridis", None),
+              (f"uncertainty (sd of {result.n_boot} bootstrap refits)", result.uncertainty,
+               "magma", None),
+              ("novelty (0 = a training sample; 1 = their typical spacing)",
+               np.minimum(result.novelty, 3.5), novelty_cmap, novelty_norm))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.9), constrained_layout=True)
     extent = (grid.west, grid.west + grid.width * grid.resolution,
               grid.north - grid.height * grid.resolution, grid.north)
     flat = grid.cell_index()
-    for ax, (name, values, cmap, title) in zip(axes, panels):
+    for i, (ax, (title, values, cmap, norm)) in enumerate(zip(axes, panels)):
         image = np.full(grid.height * grid.width, np.nan, dtype=np.float32)
         image[flat] = values
         image = image.reshape(grid.height, grid.width)
-        hi = np.nanpercentile(values, 99)
-        im = ax.imshow(image, extent=extent, cmap=cmap, vmin=0, vmax=hi, interpolation="nearest")
-        ax.scatter(presences[:, 1], presences[:, 0], s=2, c="white", edgecolors="black",
-                   linewidths=0.2, label="presence records")
+        scale = dict(norm=norm) if norm else dict(vmin=0, vmax=np.nanpercentile(values, 99))
+        im = ax.imshow(image, extent=extent, cmap=cmap, interpolation="nearest", **scale)
+        if i < 2:
+            ax.scatter(presences[:, 1], presences[:, 0], s=1, c="#00e5ff", linewidths=0,
+                       label="presence records")
         ax.set_title(title, fontsize=10)
         ax.set_xticks([]), ax.set_yticks([])
-        fig.colorbar(im, ax=ax, shrink=0.7)
-    axes[0].legend(loc="lower left", fontsize=8, markerscale=4)
-    fig.suptitle("Banana slug (elapid's ariolimax sample), California 0.05°, GeoCLIP location "
-                 "embeddings: a fit and where to trust it", fontsize=11)
+        bar = fig.colorbar(im, ax=ax, shrink=0.75)
+        if norm:
+            bar.set_ticks([0.5, 1.5, 2.5, 3.5])
+            bar.set_ticklabels(["< 1", "1-2", "2-3", "> 3"])
+    axes[0].legend(loc="lower left", fontsize=8, markerscale=6)
+    fig.suptitle("Banana slug (elapid's ariolimax sample: presences and background points), "
+                 "California 0.05°, GeoCLIP location embeddings: a fit and where to trust it",
+                 fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"\nwrote {path}")
@@ -253,6 +300,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--figure", type=Path, default=None)
+    ap.add_argument("--map", type=Path, default=None, help="write the fit as a GeoTIFF here")
     ap.add_argument("--only", default="fit,usa")
     args = ap.parse_args()
     print(f"machine: {machine()}; checkout {ROOT}")

@@ -198,7 +198,7 @@ class Novelty:
     distance / spacing. Values of a few mean the cell lies well outside the cloud of embeddings
     the model was fitted on: its prediction extrapolates."""
 
-    def __init__(self, reference: np.ndarray) -> None:
+    def __init__(self, reference: np.ndarray, spacing: float | None = None) -> None:
         ref = np.asarray(reference, dtype=np.float32)
         if ref.ndim != 2 or ref.shape[0] < 2:
             raise TaxamapError("novelty needs at least 2 training samples")
@@ -206,10 +206,10 @@ class Novelty:
         self.reference = np.unique(ref, axis=0)
         if self.reference.shape[0] < 2:
             raise TaxamapError("novelty needs at least 2 distinct training samples")
-        loo = self.distance(self.reference, exclude_self=True)
-        spacing = float(np.median(loo))
+        if spacing is None:
+            spacing = _spacing(self.distance(self.reference, exclude_self=True))
         #: Median leave-one-out nearest-neighbour distance of the training samples.
-        self.spacing = spacing if spacing > 1e-9 else 1.0
+        self.spacing = float(spacing)
 
     def distance(self, rows: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
         """Raw cosine distance (1 - cosine) of each row to its nearest reference sample; with
@@ -232,6 +232,55 @@ class Novelty:
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         """Novelty (float32) of ``rows``: raw distance / :attr:`spacing`."""
         return (self.distance(rows) / np.float32(self.spacing)).astype(np.float32)
+
+
+def _spacing(loo: np.ndarray) -> float:
+    spacing = float(np.nanmedian(loo)) if np.isfinite(loo).any() else 0.0
+    return spacing if spacing > 1e-9 else 1.0
+
+
+def held_out_novelty(rows: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, float]:
+    """Novelty of each training sample against the samples of the *other* folds, on the scale
+    a fit without its fold would use (that fold set's own leave-one-out spacing), and the
+    spacing of all samples together (for the map's :class:`Novelty`).
+
+    ``rows``: one row per distinct sample cell (:func:`joint_rows`), ``fold``: its fold. One
+    pass of blocked products over the samples: per sample, its nearest sample in each fold
+    (itself excluded); every fold's reference set is then a union of folds."""
+    rows = np.asarray(rows, dtype=np.float32)
+    fold = np.asarray(fold)
+    folds = np.unique(fold)
+    order = np.argsort(fold, kind="stable")
+    ranked = rows[order]
+    bounds = np.searchsorted(fold[order], np.r_[folds, np.inf])
+    # nearest[i, j]: the largest cosine of sample i to a sample of fold j (itself excluded).
+    nearest = np.full((rows.shape[0], folds.size), -np.inf, dtype=np.float32)
+    ranked_t = np.ascontiguousarray(ranked.T)
+    for start in range(0, rows.shape[0], NOVELTY_BLOCK):
+        stop = min(start + NOVELTY_BLOCK, rows.shape[0])
+        sims = ranked[start:stop] @ ranked_t
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        for j in range(folds.size):
+            if bounds[j + 1] > bounds[j]:
+                nearest[start:stop, j] = sims[:, bounds[j]:bounds[j + 1]].max(axis=1)
+    distance = np.maximum(1.0 - nearest, 0.0)
+    distance[distance < ROUNDING] = 0.0
+    own = np.searchsorted(folds, fold[order])
+    out_ranked = np.full(rows.shape[0], np.nan, dtype=np.float32)
+    for j in range(folds.size):
+        others = np.delete(np.arange(folds.size), j)
+        if others.size == 0:
+            continue
+        train = own != j
+        loo = distance[train][:, others].min(axis=1)  # nearest other sample, fold j left out
+        test = own == j
+        out_ranked[test] = distance[test][:, others].min(axis=1) / _spacing(loo)
+    empty = ~np.any(ranked != 0, axis=1)
+    out_ranked[empty] = np.nan
+    out = np.empty_like(out_ranked)
+    out[order] = out_ranked
+    full = distance.min(axis=1)
+    return out, _spacing(np.where(empty, np.nan, full))
 
 
 def joint_rows(unit_blocks: Sequence[np.ndarray]) -> np.ndarray:
