@@ -54,7 +54,7 @@ def test_bootstrap_spread_shrinks_with_tenfold_presences():
     # Ten times the presences: the refits agree more, over the range and over the whole map.
     assert np.mean(many.uncertainty[inside]) < 0.7 * np.mean(few.uncertainty[inside])
     assert np.mean(many.uncertainty) < np.mean(few.uncertainty)
-    assert few.n_boot == 20 and "20 bootstrap refits" in few.tags()["FIT_UNCERTAINTY"]
+    assert few.n_boot == 10 and "10 bootstrap refits" in few.tags()["FIT_UNCERTAINTY"]
 
 
 def test_bootstrap_refits_minimise_scikit_learns_objective():

@@ -99,7 +99,7 @@ BLOCK_CELLS = 32768
 #: Bands reported by the cross-validation, in order.
 CV_BANDS = ("fused", "fitted", "combined")
 #: Bootstrap refits behind ``uncertainty`` (of the map, and of each fold's held-out samples).
-DEFAULT_BOOTSTRAP = 20
+DEFAULT_BOOTSTRAP = 10
 #: Columns of the per-sample table, in order (``<slug>_cv.csv``).
 SAMPLE_COLUMNS = ("cell", "lat", "lon", "presence", "fold", "fused", "fitted", "combined",
                   "novelty", "uncertainty")
@@ -394,29 +394,36 @@ def _fit_lr(x: np.ndarray, y: np.ndarray, cs: Sequence[float]):
     return out
 
 
-#: The bootstrap refits stop when no training sample's logit moves by more than this in a step.
-BOOTSTRAP_TOL = 1e-5
+#: The bootstrap refits stop when no training sample's logit moves by more than this in a step
+#: (the steps shrink geometrically, so what is left is of the same order: a change of the
+#: fitted probability below 3e-5).
+BOOTSTRAP_TOL = 1e-4
 BOOTSTRAP_MAX_STEPS = 200
 
 
 def _bootstrap(x: np.ndarray, y: np.ndarray, c: float, n_boot: int, seed: int,
                start: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
-    """``n_boot`` refits at penalty ``c`` on bootstrap resamples of the samples, drawn within
-    presences and within background (each class keeps its count, so the balanced class weights
-    stay as in the fit). Returns the coefficients (D, n_boot) and intercepts (n_boot,).
+    """``n_boot`` refits at penalty ``c`` on bootstrap resamples of the samples ``x``, ``y``,
+    warm-started at ``start`` (coef, intercept): coefficients (D, n_boot), intercepts (n_boot,).
 
     Each refit minimises the same objective as scikit-learn's ``LogisticRegression(C=c,
-    class_weight="balanced")`` with the resample's multiplicities as sample weights. The solver
-    is Newton's method with the Hessian held at the full fit (``start``): a resample's Hessian
-    differs from it by the resampling noise, so the steps contract quickly (tens of steps, each
-    two products with the samples, for all refits at once), where lbfgs would start over for
-    each refit. A refit that has not converged after :data:`BOOTSTRAP_MAX_STEPS` steps is
-    finished by scikit-learn's lbfgs from where it stands."""
+    class_weight="balanced")`` with a resample's multiplicities as sample weights (drawn within
+    presences and within background, so both keep their counts and the balanced class weights
+    stay as in the fit). The solver is Newton's method with the Hessian held at ``start``: a
+    resample's Hessian differs from it by resampling noise, so the steps contract quickly
+    (about twenty, each two products with the samples, for all refits at once), where lbfgs
+    would start over for each refit. A refit that has not converged after
+    :data:`BOOTSTRAP_MAX_STEPS` steps is finished by scikit-learn's lbfgs from where it stands.
+    """
     from scipy.linalg import cho_factor, cho_solve
 
+    # The products with the samples in float32 (half the memory traffic of float64): the
+    # Hessian only preconditions, and the tolerance is well above float32's rounding.
+    x32 = np.asarray(x, dtype=np.float32)
+    x32_t = np.ascontiguousarray(x32.T)
+    n, d = x32.shape
     rng = np.random.default_rng(seed)
     pres, back = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    n, d = x.shape
     class_weight = np.where(y == 1, n / (2.0 * pres.size), n / (2.0 * back.size))
     counts = np.empty((n, n_boot))
     for i in range(n_boot):
@@ -424,23 +431,19 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, c: float, n_boot: int, seed: int,
                         + np.bincount(rng.choice(back, back.size), minlength=n))
     weight = counts * class_weight[:, None]
     penalty = np.r_[np.full(d, 1.0 / float(c)), 0.0]  # the intercept is not penalised
-    beta0 = np.r_[start[0], start[1]]
-    p0 = 1.0 / (1.0 + np.exp(-(x @ start[0] + start[1])))
-    curvature = class_weight * p0 * (1.0 - p0)
-    xw = x * curvature[:, None]
-    hessian = np.empty((d + 1, d + 1))
-    hessian[:d, :d] = xw.T @ x
-    hessian[:d, d] = hessian[d, :d] = xw.sum(axis=0)
-    hessian[d, d] = curvature.sum()
-    hessian[np.diag_indices(d + 1)] += penalty
+    z0 = x32 @ start[0].astype(np.float32) + np.float32(start[1])
+    p0 = 1.0 / (1.0 + np.exp(-z0.astype(np.float64)))
+    curvature = (class_weight * p0 * (1.0 - p0)).astype(np.float32)
+    hessian = np.diag(penalty)
+    hessian[:d, :d] += x32_t @ (x32 * curvature[:, None])
+    hessian[:d, d] += x32_t @ curvature
+    hessian[d, :d] = hessian[:d, d]
+    hessian[d, d] += curvature.sum(dtype=np.float64)
     factor = cho_factor(hessian)
-    beta = np.tile(beta0[:, None], (1, n_boot))
+    beta = np.tile(np.r_[start[0], start[1]][:, None], (1, n_boot))
+    z = np.tile(z0.astype(np.float64)[:, None], (1, n_boot))
     yf = y.astype(np.float64)[:, None]
-    # The products with the samples in float32 (half the memory traffic of float64): the steps
-    # only need to point downhill; the tolerance below is well above float32's rounding.
-    x32, x32_t = np.asarray(x, dtype=np.float32), np.ascontiguousarray(x.T, dtype=np.float32)
     active = np.ones(n_boot, dtype=bool)
-    z = np.tile((x @ start[0] + start[1])[:, None], (1, n_boot))
     for _ in range(BOOTSTRAP_MAX_STEPS):
         b, za = beta[:, active], z[:, active]
         residual = weight[:, active] * (1.0 / (1.0 + np.exp(-za)) - yf)
@@ -635,7 +638,7 @@ def fit_maps(
         index = Novelty(joint, spacing)
     fitted, combined, uncertainty, novelty_map = _predict_all(
         readers, n, stats, coef_fit, b_fit, coef_comb, b_comb, fused, f_mean, f_sd, has_cell,
-        boot, index)
+        boot, index, wanted)
     held_out = {"fused": fused[sample_cells].astype(np.float64), "fitted": _sigmoid(oof[best]),
                 "combined": _sigmoid(oof_comb)}
     cv = _cv_table(held_out, y, fold, folds)
@@ -656,10 +659,11 @@ def fit_maps(
 
 
 def _predict_all(readers, n, stats, coef_fit, b_fit, coef_comb, b_comb, fused, f_mean, f_sd,
-                 has_cell, boot=None, index=None):
+                 has_cell, boot=None, index=None, sample_cells=None):
     """Both models over every cell, streaming the embeddings block by block; with ``boot``
     (bootstrap coefficients, intercepts) the spread of the refits, with ``index`` (a
-    :class:`~taxamap.products.trust.Novelty`) each cell's novelty, in the same pass."""
+    :class:`~taxamap.products.trust.Novelty`) each cell's novelty, in the same pass; the
+    training cells (``sample_cells``, sorted) have novelty 0 without a search."""
     dims = [stats[m][0].shape[0] for m in readers]
     bounds = np.cumsum([0] + dims)
     fitted = np.full(n, np.nan, dtype=np.float32)
@@ -691,7 +695,12 @@ def _predict_all(readers, n, stats, coef_fit, b_fit, coef_comb, b_comb, fused, f
         if index is not None:
             from taxamap.products.trust import joint_rows
 
-            novelty[start:stop][ok] = index(joint_rows(units)[ok])
+            search = ok.copy()
+            if sample_cells is not None:
+                lo, hi = np.searchsorted(sample_cells, [start, stop])
+                search[sample_cells[lo:hi] - start] = False
+                novelty[sample_cells[lo:hi]] = 0.0
+            novelty[start:stop][search] = index(joint_rows(units)[search])
     return fitted, combined, uncertainty, novelty
 
 
