@@ -121,8 +121,10 @@ class MapSession:
 
     @property
     def bands(self) -> list[str]:
-        """The Dataset's score variables: ``fused`` then each modality."""
-        return ["fused", *self.modalities]
+        """The Dataset's score variables: ``fused``, each modality, then the trust bands
+        (``disagreement`` with two or more modalities; ``mess``, ``mess_variable`` with the
+        environment modality)."""
+        return self.scorer.band_names()
 
     @property
     def n_cells(self) -> int:

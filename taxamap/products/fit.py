@@ -61,7 +61,6 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -239,14 +238,6 @@ class FitResult:
                                f"distance ({self.novelty_spacing:.4g}); 0 = on a training sample"}
                if self.novelty is not None else {}),
         }
-
-    def write_samples(self, path) -> Path:
-        """Write :attr:`samples` as CSV (``<slug>_cv.csv``), atomically; returns the path."""
-        from taxamap.io import atomic_write
-
-        columns = [c for c in SAMPLE_COLUMNS if c in self.samples]
-        text = self.samples[columns].to_csv(index=False, float_format="%.6g")
-        return atomic_write(Path(path), text, hint="free some space or choose another --out")
 
 
 def _pm(mean: float, sd: float) -> str:

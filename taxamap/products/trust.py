@@ -167,22 +167,6 @@ def climate_mess(worldclim, cell_latlon: np.ndarray,
     return mess(values, reference, names)
 
 
-#: What each trust band holds and what a high value means (for band tags and legends).
-BAND_INFO = {
-    "uncertainty": ("standard deviation of the fitted suitability over bootstrap refits (0-0.5)",
-                    "high: the fit changes with which records it got; trust it less"),
-    "novelty": ("nearest cosine distance to a training sample / the training samples' typical "
-                "spacing (0 = like the training data)",
-                "high: the cell's embedding is unlike any training sample; the fit extrapolates"),
-    "disagreement": ("standard deviation of the per-modality scores",
-                     "high: location, satellite and climate tell different stories"),
-    "mess": ("percent (Elith et al. 2010); < 0 outside the reference climate",
-             "low or negative: climate unlike the reference cells; the map extrapolates"),
-    "mess_variable": ("index into the WorldClim variables (elev, bio_1..bio_19)",
-                      "the variable most unlike the reference climate"),
-}
-
-
 # --- novelty in embedding space -----------------------------------------------------------------
 
 class Novelty:

@@ -417,6 +417,7 @@ class MapService:
             "bounds": overlay["bounds"],
             "bands": stats,
             "stretch": overlay["stretch"],
+            **({"legend": overlay["legend"]} if "legend" in overlay else {}),
             "overlay": "/api/overlay.png?" + urlencode(query),
             **({"upload": key["upload"]} if "upload" in key else {}),
             # Where the server's time went (scoring every cell, statistics, drawing the PNG).
@@ -431,18 +432,22 @@ class MapService:
         return self._overlays(embedded, band, round(percentile, 4))
 
     def _draw_overlay(self, embedded, band: str, percentile: float) -> dict:
+        from taxamap.dataset import band_meaning, band_unit
         from taxamap.writers.html import overlay_rgba
-        from taxamap.writers.style import stretch_of
+        from taxamap.writers.style import display_of, gradient_css
 
         ds = self.dataset(embedded)
         raster = np.asarray(ds[band].values)
         with self._compute:
-            stretch = stretch_of(raster, percentile)
-            rgba, bounds = overlay_rgba(raster, self.session.grid, stretch)
+            cmap, stretch = display_of(band, raster, percentile)
+            rgba, bounds = overlay_rgba(raster, self.session.grid, stretch, cmap=cmap)
             png = encode_png(rgba)
         out = {"png": png, "bounds": [[float(v) for v in p] for p in bounds],
                "stretch": {"percentile": percentile, "vmin": stretch.vmin,
                            "vmax": stretch.vmax, "cells": stretch.valid}}
+        if band_meaning(band):  # a trust layer: its own colours, unit and what high means
+            out["legend"] = {"unit": band_unit(band), "meaning": band_meaning(band),
+                             "stretch": stretch.describe(), "gradient": gradient_css(cmap)}
         return out
 
     def overlay_png(self, params) -> bytes:

@@ -216,6 +216,14 @@
     inPanel(view, "legend-min").textContent = fmt(s.vmin, 3);
     inPanel(view, "legend-max").textContent = fmt(s.vmax, 3);
     var b = answer.bands[answer.band];
+    var bar = inPanel(view, "legend-bar");
+    if (answer.legend) {  // a trust layer: its own colours, unit and what high means
+      bar.style.background = answer.legend.gradient;
+      inPanel(view, "legend-note").textContent = answer.band + ": " + answer.legend.unit + "; " +
+        answer.legend.meaning + ". " + answer.legend.stretch + ".";
+      return;
+    }
+    if (health) bar.style.background = health.gradient;
     inPanel(view, "legend-note").textContent = "score (" + answer.band + "): raw cosine similarity; " +
       "colours from the " + s.percentile + "th percentile to the maximum. " +
       "Cells: mean " + fmt(b.mean, 3) + ", max " + fmt(b.max, 3) + ".";
