@@ -3,7 +3,7 @@ held-out predictions, what do they cost, and how fast are MESS, novelty and surv
 
     python benchmarks/trust.py [--resolution 0.05] [--blocks 0.5] [--seed 0] [--repeat 2]
                                [--cache DIR] [--figure docs/trust.png] [--map MAP.tif]
-                               [--only fit,usa]
+                               [--only fit,usa,fittime]
 
 ``fit`` (elapid's ariolimax sample, as ``fit.py``): California at 0.05 degree embedded once with
 GeoCLIP's published location weights (kept in ``--cache`` as .npy for reruns); every point on a
@@ -14,6 +14,10 @@ novelty (mean distance to the 10 nearest), and the wall time of :func:`fit_maps`
 trust layers (``n_boot=0, novelty=False``: the fit as it was) and with them, alternating
 ``--repeat`` times in one process. ``--figure`` draws fitted / uncertainty / novelty over
 California with the presences.
+
+``fittime``: ``fit_maps`` with its defaults on the inputs ``fit`` saved in ``--cache``, timed in
+whichever taxamap is imported: run it with ``PYTHONPATH`` at a checkout of main before the trust
+layers (131afc4) and without, for the fit stage of ``predict --fit`` before and after.
 
 ``usa``: the contiguous USA at 0.05 degree (326 k cells): novelty of every cell against 10,000
 training samples (random unit embeddings of the location encoder's 512 dimensions: the cost
@@ -110,9 +114,15 @@ def knn_novelty(samples, joint: np.ndarray, position: np.ndarray, k: int = 10) -
     return out
 
 
-def run_fit(args) -> None:
-    from taxamap.products.fit import _unit_rows, fit_maps  # noqa: benchmark reaches inside
-    from taxamap.products.trust import joint_rows
+def unit_rows(emb: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as the fit reads embeddings."""
+    norm = np.linalg.norm(emb, axis=1, keepdims=True)
+    return np.where(norm > 0, emb / np.where(norm > 0, norm, 1.0), 0.0).astype(np.float32)
+
+
+def fit_inputs(args):
+    """(grid, cell lat/lon, embeddings, fused, presence cells, background cells); the arrays
+    also saved as ``--cache``/ariolimax-fit-inputs.npz for ``--only fittime``."""
     from taxamap.score import fuse
 
     grid, latlon, emb = california(args.resolution, args.cache)
@@ -121,6 +131,40 @@ def run_fit(args) -> None:
           f"{grid.n_cells:,} cells of California at {args.resolution:g} deg")
     query = emb[np.argmin(np.abs(latlon - [37.1, -122.0]).sum(axis=1))]
     fused, _ = fuse({"location": emb}, query)
+    if args.cache:
+        np.savez(args.cache / "ariolimax-fit-inputs.npz", emb=emb, fused=fused, latlon=latlon,
+                 pres=pres, back=back)
+    return grid, latlon, emb, fused, pres, back
+
+
+def run_fittime(args) -> None:
+    """``fit_maps`` with its defaults, timed in whichever taxamap is imported (run once with
+    ``PYTHONPATH`` at a baseline checkout, once in this one): the fit stage of ``predict
+    --fit`` before and after the trust layers."""
+    import taxamap
+    from taxamap.products.fit import fit_maps
+
+    data = np.load(args.cache / "ariolimax-fit-inputs.npz")
+    inputs = ({"location": data["emb"]}, data["fused"], data["latlon"], data["pres"],
+              data["back"])
+    kwargs = dict(seed=args.seed, cv_blocks_deg=args.blocks, thin=False)
+    fit_maps(*inputs, **kwargs)  # loads scikit-learn and SciPy: not timed
+    wall, cpu = [], []
+    for _ in range(args.repeat):
+        t, c = time.perf_counter(), time.process_time()
+        fit_maps(*inputs, **kwargs)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    print(f"fit_maps (defaults) from {Path(taxamap.__file__).parent}: wall "
+          f"{', '.join(f'{t:.2f}' for t in wall)} s (median {np.median(wall):.2f}); CPU "
+          f"{', '.join(f'{t:.2f}' for t in cpu)} s (median {np.median(cpu):.2f})")
+
+
+def run_fit(args) -> None:
+    from taxamap.products.fit import fit_maps
+    from taxamap.products.trust import joint_rows
+
+    grid, latlon, emb, fused, pres, back = fit_inputs(args)
     kwargs = dict(seed=args.seed, cv_blocks_deg=args.blocks, thin=False)
     labels = ("before (no trust layers)", "after (uncertainty + novelty)")
     wall = {label: [] for label in labels}
@@ -153,7 +197,7 @@ def run_fit(args) -> None:
     print_terciles(f"uncertainty (sd over {result.n_boot} bootstrap refits), held out",
                    terciles(s.uncertainty.to_numpy(), y, pred))
     cells, position = np.unique(s.cell.to_numpy(), return_inverse=True)
-    joint = joint_rows([_unit_rows(emb[cells])[0]])
+    joint = joint_rows([unit_rows(emb[cells])])
     print_terciles("variant: mean cosine distance to the 10 nearest training samples, held out",
                    terciles(knn_novelty(s, joint, position), y, pred))
     for name in ("novelty", "uncertainty"):
@@ -262,7 +306,44 @@ def run_usa(args) -> None:
     mess(climate, climate)
     print(f"MESS, 20 variables, the region as reference ({n:,} cells): "
           f"{time.perf_counter() - t:.2f} s")
+    run_climate_mess(grid, rng)
     run_survey(grid, rng)
+
+
+def run_climate_mess(grid, rng) -> None:
+    """MESS as ``predict`` makes it (:func:`taxamap.products.trust.climate_mess`): the cells'
+    20 WorldClim variables read from global 5-minute GeoTIFFs (synthetic fields of the official
+    size and names: no network here), against the region and against 10,000 cells."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from taxamap.products.trust import climate_mess
+    from taxamap.sources.worldclim import WORLDCLIM_FILES, WorldClimFeatures
+
+    latlon = grid.cell_latlon()
+    with tempfile.TemporaryDirectory() as tmp:
+        height, width = 2160, 4320
+        coarse = rng.normal(size=(len(WORLDCLIM_FILES), 18, 36))
+        for k, name in enumerate(WORLDCLIM_FILES):
+            layer = np.kron(coarse[k], np.ones((120, 120))).astype(np.float32) * (k + 1) + 10 * k
+            with rasterio.open(Path(tmp) / name, "w", driver="GTiff", width=width, height=height,
+                               count=1, dtype="float32", nodata=-3.4e38, crs="EPSG:4326",
+                               transform=from_origin(-180, 90, 1 / 12, 1 / 12),
+                               compress="deflate") as dst:
+                dst.write(layer, 1)
+        features = WorldClimFeatures(tmp)
+        t = time.perf_counter()
+        features.stats()
+        print(f"WorldClim layer statistics (once per folder, then cached): "
+              f"{time.perf_counter() - t:.2f} s")
+        t = time.perf_counter()
+        climate_mess(features, latlon)
+        print(f"climate_mess, the region as reference ({grid.n_cells:,} cells, rasters read): "
+              f"{time.perf_counter() - t:.2f} s")
+        t = time.perf_counter()
+        climate_mess(features, latlon, latlon[rng.choice(grid.n_cells, 10_000, replace=False)])
+        print(f"climate_mess, 10,000 reference cells (a fit's presences and background): "
+              f"{time.perf_counter() - t:.2f} s")
 
 
 def run_survey(grid, rng) -> None:
@@ -303,12 +384,14 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--figure", type=Path, default=None)
     ap.add_argument("--map", type=Path, default=None, help="write the fit as a GeoTIFF here")
-    ap.add_argument("--only", default="fit,usa")
+    ap.add_argument("--only", default="fit,usa", help="fit, usa, fittime (comma list)")
     args = ap.parse_args()
     print(f"machine: {machine()}; checkout {ROOT}")
     only = set(args.only.split(","))
     if "fit" in only:
         run_fit(args)
+    if "fittime" in only:
+        run_fittime(args)
     if "usa" in only:
         run_usa(args)
 
