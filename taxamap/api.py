@@ -57,7 +57,12 @@ def predict(species: str | Sequence[str] | None = None, **options: Any) -> "xr.D
     (N, 2) lat/lon; ``background`` likewise, else ``seed``-sampled cells) two more variables:
     ``fitted``, a presence/background classifier on the stored cell embeddings (in [0, 1]), and
     ``combined``, the same with the zero-shot fused score as an input; the spatially blocked
-    cross-validation (``cv_blocks`` degrees, 5 folds) is logged and kept in ``attrs["fit_cv"]``.
+    cross-validation (``cv_blocks`` degrees, 5 folds) is logged and kept in ``attrs["fit_cv"]``;
+    the trust bands ``uncertainty`` (bootstrap spread) and ``novelty`` (distance to the training
+    samples in embedding space) follow, and the per-sample held-out table travels along a
+    ``sample`` dim (``taxamap.dataset.cv_table(ds)``, a DataFrame; ``<slug>_cv.csv`` when
+    written). Maps of two or more modalities have ``disagreement``, maps with the environment
+    modality ``mess`` and ``mess_variable`` (README: "Reading the trust layers").
     """
     from taxamap.pipeline import predict_dataset
 
