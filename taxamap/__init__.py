@@ -17,7 +17,7 @@ from taxamap.errors import TaxamapError  # noqa: E402
 
 #: Names served lazily from :mod:`taxamap.api`.
 _API = ("predict", "write", "embed", "threshold", "evaluate", "occurrences", "region", "regions",
-        "Range", "open_session", "species_at", "richness")
+        "Range", "open_session", "species_at", "richness", "survey")
 
 __all__ = ["TaxamapError", "__version__", *_API]
 

@@ -57,7 +57,12 @@ def predict(species: str | Sequence[str] | None = None, **options: Any) -> "xr.D
     (N, 2) lat/lon; ``background`` likewise, else ``seed``-sampled cells) two more variables:
     ``fitted``, a presence/background classifier on the stored cell embeddings (in [0, 1]), and
     ``combined``, the same with the zero-shot fused score as an input; the spatially blocked
-    cross-validation (``cv_blocks`` degrees, 5 folds) is logged and kept in ``attrs["fit_cv"]``.
+    cross-validation (``cv_blocks`` degrees, 5 folds) is logged and kept in ``attrs["fit_cv"]``;
+    the trust bands ``uncertainty`` (bootstrap spread) and ``novelty`` (distance to the training
+    samples in embedding space) follow, and the per-sample held-out table travels along a
+    ``sample`` dim (``taxamap.dataset.cv_table(ds)``, a DataFrame; ``<slug>_cv.csv`` when
+    written). Maps of two or more modalities have ``disagreement``, maps with the environment
+    modality ``mess`` and ``mess_variable`` (README: "Reading the trust layers").
     """
     from taxamap.pipeline import predict_dataset
 
@@ -147,11 +152,14 @@ def threshold(
     occurrences: Any = None,
     out: PathLike | None = None,
     seed: int = 0,
+    mask: str | None = None,
 ) -> Range:
     """Cut ``map`` (a Dataset of :func:`predict`, or a taxamap GeoTIFF path) at ``rule``
     (``percentile:P``, ``value:V`` or ``maxtss[:OCC]``; ``occurrences`` serve a bare
-    ``maxtss``) into a :class:`Range` (``.raster``, ``.polygons``, areas, EOO/AOO). With ``out``
-    the range GeoTIFF and GeoPackage are written there too (``.paths``)."""
+    ``maxtss``) into a :class:`Range` (``.raster``, ``.polygons``, areas, EOO/AOO). ``mask``
+    drops the cells a model cannot vouch for, e.g. ``"novelty>2"`` or
+    ``"novelty>2,uncertainty>0.1"`` (they become NaN, neither in nor out). With ``out`` the
+    range GeoTIFF and GeoPackage are written there too (``.paths``)."""
     from taxamap.dataset import single_map
     from taxamap.products.ranges import cut_range
 
@@ -160,10 +168,40 @@ def threshold(
         from taxamap.products.occurrences import as_latlon_points
 
         occurrences = as_latlon_points(occurrences, "occurrences")
-    result = cut_range(ds, rule, occurrences, band, seed)
+    result = cut_range(ds, rule, occurrences, band, seed, mask=mask)
     if out is not None:
         result.write(out)
     return result
+
+
+@api_entry
+def survey(
+    map: Any,
+    occurrences: Any = None,
+    *,
+    n: int = 50,
+    min_distance: float = 10.0,
+    weights: str | Sequence[str] | dict | None = None,
+    out: PathLike | None = None,
+) -> "gpd.GeoDataFrame":
+    """Where to survey next on ``map`` (a Dataset of :func:`predict`, best with ``fit=True``,
+    or a GeoTIFF path): up to ``n`` sites ranked by the weighted geometric mean of their
+    percentile ranks in ``weights`` (default suitability plus the map's ``uncertainty`` and
+    ``novelty``), each at least ``min_distance`` km (geodesic) from every record in
+    ``occurrences`` and from every other site. A GeoDataFrame (EPSG:4326: ``rank``, ``lat``,
+    ``lon``, ``priority``, the bands' values, ``nearest_record_km``); with ``out`` also
+    ``<name>_survey.gpkg/.csv/.gpx/.html`` there (their paths in ``.attrs["paths"]``)."""
+    from taxamap.dataset import as_dataset
+    from taxamap.products.survey import survey_map
+
+    is_file = isinstance(map, (str, os.PathLike))
+    plan = survey_map(map if is_file else as_dataset(map), occurrences, n=n,
+                      min_distance_km=min_distance, weights=weights,
+                      out_dir=out)
+    sites = plan.sites
+    sites.attrs["paths"] = {k: str(v) for k, v in plan.paths.items()}
+    sites.attrs["description"] = plan.describe()
+    return sites
 
 
 @api_entry

@@ -201,13 +201,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "threshold", help="cut a map into a binary range GeoTIFF and polygons",
         epilog="examples:\n  taxamap threshold map.tif --rule percentile:90\n"
-        "  taxamap threshold map.tif --rule maxtss:gbif.csv --out ranges/",
+        "  taxamap threshold map.tif --rule maxtss:gbif.csv --out ranges/\n"
+        "  taxamap threshold map.tif --band combined --rule value:0.5 --mask novelty>2",
     )
     p.add_argument("map", help="a GeoTIFF written by taxamap predict")
     p.add_argument("--rule", default="percentile:90",
                    help="percentile:P | value:V | maxtss:OCC_FILE (default percentile:90); a "
                    "rule that keeps no cell is an error giving the map's value range")
     p.add_argument("--band", default="1", help="band number or name (default 1 = fused)")
+    p.add_argument("--mask", metavar="COND", help="drop the cells where a trust band says the "
+                   "model cannot vouch for them (nodata, neither in nor out), after the rule "
+                   "set the threshold: BAND>V, BAND<V (>=, <=), comma-separated, e.g. "
+                   "novelty>2 or novelty>2,uncertainty>0.1")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the map's folder)")
+
+    p = sub.add_parser(
+        "survey", help="where to survey next: suitable but uncertain or novel cells, far from "
+        "every known record (GeoPackage, CSV, GPX waypoints, HTML map)",
+        description="Rank the valid cells of MAP by the weighted geometric mean of their "
+        "percentile ranks in the --weights bands (suitability = combined, else fitted, else "
+        "fused) and pick up to --n sites, best first, each at least --min-distance km "
+        "(geodesic) from every record and from every other site. Writes MAP_survey.gpkg, "
+        ".csv, .gpx and .html.",
+        epilog="examples:\n  taxamap survey maps/ariolimax.tif --occurrences records.csv\n"
+        "  taxamap survey map.tif --occurrences gbif.csv --n 20 --min-distance 25 "
+        "--weights suitability:2,novelty --out field/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("map", help="a GeoTIFF written by taxamap predict (with --fit for the "
+                   "uncertainty and novelty bands)")
+    p.add_argument("--occurrences", metavar="FILE", help="the known records: CSV (lat/lon, "
+                   "latitude/longitude or decimalLatitude/decimalLongitude), GeoPackage, "
+                   "Shapefile or GeoJSON in any CRS")
+    p.add_argument("--n", type=int, default=50, help="number of sites (default 50)")
+    p.add_argument("--min-distance", type=float, default=10.0, metavar="KM",
+                   help="least geodesic distance from every record and between sites, km "
+                   "(default 10)")
+    p.add_argument("--weights", metavar="LIST", help="bands to rank by, as names or name:weight "
+                   "(default: suitability plus the map's uncertainty and novelty bands), e.g. "
+                   "suitability,uncertainty,novelty or suitability:2,novelty:1")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the map's folder)")
 
     p = sub.add_parser(
@@ -549,13 +581,23 @@ def _cmd_threshold(args) -> int:
     from taxamap.products.ranges import threshold_map
 
     band = int(args.band) if args.band.isdigit() else args.band
-    result = threshold_map(args.map, args.rule, args.out, band=band)
+    result = threshold_map(args.map, args.rule, args.out, band=band, mask=args.mask)
     print(result.paths["raster"])
     print(result.paths["polygons"])
     print(f"threshold {result.threshold:.4f}: {result.n_in_range:,} of {result.n_valid:,} cells, "
           f"{result.area_km2:,.0f} km2", file=sys.stderr)
     print(f"EOO {result.eoo_km2:,.0f} km2, AOO {result.aoo_km2:,.0f} km2 (IUCN 2 km grid): "
           f"{result.criterion_b}", file=sys.stderr)
+    return 0
+
+
+def _cmd_survey(args) -> int:
+    from taxamap.products.survey import survey_map
+
+    plan = survey_map(args.map, args.occurrences, n=args.n, min_distance_km=args.min_distance,
+                      weights=args.weights, out_dir=args.out)
+    _print_paths(plan.paths)
+    print(plan.describe(), file=sys.stderr)
     return 0
 
 
@@ -578,6 +620,7 @@ def _cmd_occurrences(args) -> int:
 COMMANDS = {
     "evaluate": _cmd_evaluate,
     "threshold": _cmd_threshold,
+    "survey": _cmd_survey,
     "occurrences": _cmd_occurrences,
     "predict": _cmd_predict,
     "species-at": _cmd_species_at,

@@ -45,6 +45,26 @@ PRODUCT_BANDS = {
     "richness": "species whose range holds the cell",
     "fitted": "relative suitability (0-1)",
     "combined": "relative suitability (0-1)",
+    "uncertainty": "standard deviation of fitted over bootstrap refits (0-0.5)",
+    "novelty": "nearest cosine distance to a training sample / the training samples' median "
+               "spacing (0 = like the training data)",
+    "disagreement": "standard deviation of the per-modality raw cosine similarities",
+    "mess": "MESS, percent (Elith et al. 2010): < 0 outside the reference climate",
+    "mess_variable": "index of the most dissimilar WorldClim variable (see MESS_VARIABLES)",
+}
+
+#: The trust bands (issue 19): what a high value means, for band tags and legends. A band
+#: here is not a suitability: it says where the map can be trusted.
+TRUST_BANDS = {
+    "uncertainty": "high: the fit changes with which records it got; trust it less here",
+    "novelty": "high: the cell's embedding is unlike every training sample, so the fit "
+               "extrapolates; above ~2, treat the fitted value as a guess",
+    "disagreement": "high: location, satellite and climate tell different stories about "
+                    "this cell; 0: every modality gives it the same score",
+    "mess": "low or negative: the cell's climate lies outside the reference cells' (the "
+            "occurrences and background, else the region), so the map extrapolates",
+    "mess_variable": "the WorldClim variable most unlike the reference climate (the one "
+                     "setting MESS)",
 }
 
 
@@ -76,6 +96,35 @@ def signal_note(ds: "xr.Dataset") -> str | None:
 def band_unit(name: str) -> str:
     """The unit of band ``name``."""
     return PRODUCT_BANDS.get(name, COSINE_UNIT)
+
+
+def band_meaning(name: str) -> str:
+    """What a high value of trust band ``name`` means ("" for a score band)."""
+    return TRUST_BANDS.get(name, "")
+
+
+#: Prefix of the per-sample cross-validation table's variables (dim ``sample``) in a fitted
+#: map's Dataset: ``cv_lat``, ``cv_presence``, ``cv_fitted``, ``cv_novelty`` ...
+CV_PREFIX = "cv_"
+
+
+def with_cv_table(ds: "xr.Dataset", table: Any) -> "xr.Dataset":
+    """``ds`` with a fit's per-sample table (a DataFrame) as variables ``cv_<column>`` along a
+    ``sample`` dim: it travels with the map (``to_netcdf`` keeps it); :func:`cv_table` reads
+    it back."""
+    return ds.assign({f"{CV_PREFIX}{c}": ("sample", np.asarray(table[c])) for c in table.columns})
+
+
+def cv_table(ds: "xr.Dataset") -> Any:
+    """The per-sample cross-validation table of a map made with ``fit=True`` (a DataFrame:
+    ``cell, lat, lon, presence, fold, fused, fitted, combined, novelty, uncertainty``), or None."""
+    names = [str(v) for v in ds.data_vars if ds[v].dims == ("sample",)
+             and str(v).startswith(CV_PREFIX)]
+    if not names:
+        return None
+    import pandas as pd
+
+    return pd.DataFrame({n[len(CV_PREFIX):]: np.asarray(ds[n].values) for n in names})
 
 
 def _rio():
@@ -126,6 +175,8 @@ def scores_dataset(
     ds["x"].attrs.update(standard_name="longitude", units="degrees_east", axis="X")
     for name in ds.data_vars:
         ds[name].attrs.update(long_name=name, units=band_unit(name))
+        if band_meaning(name):
+            ds[name].attrs["meaning"] = band_meaning(name)
     ds.attrs.update({k: v for k, v in (attrs or {}).items() if v is not None})
     ds.attrs["bands"] = ",".join(bands)
     if s == 1:

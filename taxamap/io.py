@@ -162,3 +162,15 @@ def remove_tree(folder: str | os.PathLike) -> None:
     except OSError:
         trash = folder
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def out_folder(folder: str | os.PathLike, option_name: str = "--out") -> Path:
+    """``folder`` (``~`` expanded), created with its parents when missing; a TaxamapError naming
+    ``option_name`` when it cannot be."""
+    out = Path(folder).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TaxamapError(f"cannot create {out}: {exc.strerror or exc}; choose another "
+                           f"{option_name}") from None
+    return out

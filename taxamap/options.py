@@ -283,7 +283,10 @@ class FitOptions:
     fit: bool = opt(
         False, FIT, "with --occurrences: add bands 'fitted' (logistic regression on the stored "
         "cell embeddings, presences vs background) and 'combined' (the same with the zero-shot "
-        "score as an input); prints their spatial cross-validation. Needs presences in at least "
+        "score as an input), 'uncertainty' (their spread over 10 bootstrap refits) and "
+        "'novelty' (distance to the training samples in embedding space); prints their spatial "
+        "cross-validation, with held-out AUC and error by novelty and uncertainty tercile, and "
+        "writes each sample's held-out values to <slug>_cv.csv. Needs presences in at least "
         "5 cells; warns under 10")
     background: Any = opt(
         None, FIT, "background points for --fit (default: 10,000 cells sampled uniformly)",

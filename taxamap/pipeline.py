@@ -112,7 +112,7 @@ def predict_dataset(opts: PredictOptions) -> tuple[object, dict[str, float]]:
     panel = open_panel(scorer, encoders, opts)
     queries, query_ref = embed_queries(
         opts, scorer.config, scorer.device, skipped, encoders=encoders, panel=panel,
-        limit=lambda n: check_in_memory(n, grid, len(opts.modalities) + 1 + opts.relative))
+        limit=lambda n: check_in_memory(n, grid, len(scorer.band_names()) + opts.relative))
     timings["query"] = time.perf_counter() - t
     if opts.fit and len(queries) > 1:
         raise TaxamapError(fit_one_species())
@@ -146,14 +146,19 @@ def predict_dataset(opts: PredictOptions) -> tuple[object, dict[str, float]]:
                        seed=opts.seed, cv_blocks_deg=opts.cv_blocks)
         timings["fit"] = time.perf_counter() - t
         log(fit.format_table())
-        extra.update({"fitted": fit.fitted[None], "combined": fit.combined[None]})
-        more_attrs.update({k.lower(): v for k, v in fit.tags().items()})
+        fit_extra, fit_attrs = fit_bands(scorer, fit)
+        extra.update(fit_extra)
+        more_attrs.update(fit_attrs)
     ds = scorer.dataset(queries, query_ref, scores=scores, extra=extra or None,
                         more_attrs=more_attrs)
     if len(queries) > 1 and verdicts:
         from taxamap.panel.product import mark_verdicts
 
         ds = mark_verdicts(ds, verdicts)
+    if opts.fit:
+        from taxamap.dataset import with_cv_table
+
+        ds = with_cv_table(ds, fit.samples)
     timings["total"] = time.perf_counter() - t0
     return ds, timings
 
@@ -171,6 +176,26 @@ def open_panel(scorer: Scorer, encoders: QueryEncoders, opts):
     panel.panel  # noqa: B018 - resolves (and checks) the panel's species now
     panel.load_cached()
     return panel
+
+
+def fit_bands(scorer: Scorer, fit) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The bands a fit adds to the map, (1, N) each, and their attrs: ``fitted``,
+    ``combined``, ``uncertainty`` and ``novelty``; with the environment modality ``mess`` and
+    ``mess_variable`` against the climate of the fit's presence and background cells."""
+    from taxamap.scorer import mess_attrs, mess_bands
+
+    extra = {"fitted": fit.fitted[None], "combined": fit.combined[None]}
+    for name in ("uncertainty", "novelty"):
+        if getattr(fit, name) is not None:
+            extra[name] = getattr(fit, name)[None]
+    attrs = {k.lower(): v for k, v in fit.tags().items()}
+    if "environment" in scorer.modalities:
+        reference = fit.samples[["lat", "lon"]].to_numpy(dtype=np.float64)
+        result = scorer.climate_mess(reference)
+        extra.update(mess_bands(result))
+        attrs.update(mess_attrs(result, f"the fit's {fit.n_presence:,} presence and "
+                                        f"{fit.n_background:,} background cells"))
+    return extra, attrs
 
 
 def summary_rows(ds, paths: dict[str, Path]) -> list[dict]:
@@ -326,7 +351,7 @@ def _stream_species(opts: PredictOptions, wopts: WriteOptions, checked: dict,
     timings["cells"] = time.perf_counter() - t
     timings["score"] = timings["write"] = 0.0
 
-    size = batch_size or species_batch_size(grid, len(opts.modalities) + 1)
+    size = batch_size or species_batch_size(grid, len(scorer.band_names()))
     # Every map's tags name the skipped species: the first few and the count, not thousands.
     more_attrs = {"skipped_species": listed_names(skipped)} if skipped else {}
     many = len(taxa) + len(skipped) > SUMMARY_PRINTED

@@ -131,6 +131,7 @@ class Scorer:
         self._memory: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         # (extra bands, the first one-query Dataset with them): later ones are made like it
         self._template: tuple[tuple[str, ...], "xr.Dataset"] | None = None
+        self._region_mess = None  # the cells' MESS against the region, made once per grid
 
     # ------------------------------------------------------------------ cells
 
@@ -217,6 +218,49 @@ class Scorer:
             extra=satellite_tags(cells.sources.get("satellite")),
         )
 
+    # ------------------------------------------------------------------ trust bands
+
+    def climate_mess(self, reference_latlon: np.ndarray | None = None):
+        """MESS (:func:`taxamap.products.trust.climate_mess`) of the grid's cells' WorldClim
+        variables against the cells at ``reference_latlon`` ((M, 2) lat/lon: a fit's presence
+        and background cells), else against the region's own cells (made once per grid)."""
+        from taxamap.products.trust import climate_mess
+        from taxamap.sources.worldclim import WorldClimFeatures
+
+        if reference_latlon is None and self._region_mess is not None:
+            return self._region_mess
+        features = WorldClimFeatures(self.options.worldclim, env_array=self.options.env_array)
+        result = climate_mess(features, self.grid.cell_latlon(), reference_latlon)
+        if reference_latlon is None:
+            self._region_mess = result
+        return result
+
+    def trust_bands(self, per: dict[str, np.ndarray], *, mess: bool = True
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The bands saying where a zero-shot map can be trusted, (S, N) each, and their attrs:
+        ``disagreement`` (two or more modalities: the spread of the raw per-modality cosines)
+        and, with the environment modality and ``mess``, ``mess`` and ``mess_variable`` against
+        the region's climate."""
+        from taxamap.products.trust import DISAGREEMENT_SCALES, disagreement
+
+        bands: dict[str, np.ndarray] = {}
+        attrs: dict[str, str] = {}
+        if len(per) >= 2:
+            bands["disagreement"] = disagreement(per)
+            attrs["disagreement_scale"] = f"cosine: {DISAGREEMENT_SCALES['cosine']}"
+        if mess and "environment" in per:
+            result = self.climate_mess()
+            bands.update(mess_bands(result, next(iter(per.values())).shape[0]))
+            attrs.update(mess_attrs(result, f"the region's {self.grid.n_cells:,} cells"))
+        return bands, attrs
+
+    def band_names(self) -> list[str]:
+        """The bands of this grid's zero-shot maps, in order: ``fused``, each modality, then
+        the trust bands :meth:`trust_bands` adds."""
+        mods = self.modalities
+        return ["fused", *mods, *(["disagreement"] if len(mods) >= 2 else []),
+                *(["mess", "mess_variable"] if "environment" in mods else [])]
+
     def dataset(self, queries: Sequence["Query"], query_ref: str, *,
                 scores: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
                 extra: dict[str, np.ndarray] | None = None,
@@ -234,14 +278,17 @@ class Scorer:
             np.stack([q.vector for q in queries]))
         check_scored(per)
         attrs = self.provenance(query_ref, list(per))
+        trust, trust_attrs = self.trust_bands(per, mess="mess" not in (extra or {}))
+        attrs.update(trust_attrs)
         attrs.update(more_attrs or {})
         bands = tuple(extra or ())
         if len(queries) == 1 and self._template is not None and self._template[0] == bands:
-            return self._like(queries[0], fused[0], {m: v[0] for m, v in per.items()},
+            return self._like(queries[0], fused[0],
+                              {m: v[0] for m, v in {**per, **trust}.items()},
                               {k: v[0] for k, v in (extra or {}).items()}, attrs)
         ds = scores_dataset(self.grid, fused, per, labels=[q.label for q in queries],
                             prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
-                            attrs=attrs, extra=extra)
+                            attrs=attrs, extra={**(extra or {}), **trust} or None)
         if len(queries) > 1:
             ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
         elif bands in ((), ("relative",)):  # the web session's maps: with or without relative
@@ -260,6 +307,20 @@ class Scorer:
         ds.attrs = {**attrs, "bands": template.attrs["bands"], "query": str(query.label),
                     "prompt": query.prompt or "", "slug": str(query.slug)}
         return ds
+
+
+def mess_bands(result, n_queries: int = 1) -> dict[str, np.ndarray]:
+    """``mess`` and ``mess_variable`` (float32, NaN where a cell has no climate) of a
+    :class:`~taxamap.products.trust.MessResult`, repeated for ``n_queries`` maps: (S, N)."""
+    variable = np.where(result.variable >= 0, result.variable, np.nan).astype(np.float32)
+    return {"mess": np.tile(result.mess, (n_queries, 1)),
+            "mess_variable": np.tile(variable, (n_queries, 1))}
+
+
+def mess_attrs(result, reference: str) -> dict[str, str]:
+    """The attrs (GeoTIFF tags) recording a MESS: its unit, the variables ``mess_variable``
+    indexes, and the reference climate."""
+    return {**{k.lower(): v for k, v in result.tags().items()}, "mess_reference": reference}
 
 
 def region_spec(options) -> str:

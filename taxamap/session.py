@@ -138,9 +138,10 @@ class MapSession:
 
     @property
     def bands(self) -> list[str]:
-        """The Dataset's score variables: ``fused``, each modality, then ``relative`` when the
-        session has it."""
-        return ["fused", *self.modalities, *(["relative"] if self.options.relative else [])]
+        """The Dataset's score variables: ``fused``, each modality, the trust bands
+        (``disagreement`` with two or more modalities; ``mess``, ``mess_variable`` with the
+        environment modality), then ``relative`` when the session has it."""
+        return [*self.scorer.band_names(), *(["relative"] if self.options.relative else [])]
 
     @property
     def n_cells(self) -> int:

@@ -223,7 +223,14 @@ def test_fit_adds_fitted_and_combined_variables(models_dir, cache):
     ds = taxamap.predict(species="Cardinalis cardinalis", bbox=BBOX, resolution=0.1,
                          models=models_dir, cache=cache, progress=False, occurrences=pres,
                          fit=True, cv_blocks=0.5, seed=1)
-    assert list(ds.data_vars) == ["fused", "location", "fitted", "combined"]
+    from taxamap.dataset import cv_table, score_variables
+
+    assert score_variables(ds) == ["fused", "location", "fitted", "combined", "uncertainty",
+                                   "novelty"]
+    # The per-sample cross-validation travels with the map (what <slug>_cv.csv holds).
+    samples = cv_table(ds)
+    assert samples["presence"].sum() > 0 and samples["fitted"].between(0, 1).all()
+    assert {"fold", "novelty", "uncertainty"} <= set(samples.columns)
     fitted = ds["fitted"].values[np.isfinite(ds["fitted"].values)]
     assert fitted.size == 400 and fitted.min() >= 0.0 and fitted.max() <= 1.0
     assert "fit_cv" in ds.attrs and "fit_model" in ds.attrs

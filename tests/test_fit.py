@@ -163,16 +163,35 @@ def test_predict_fit_adds_bands_tags_and_table(tmp_path, models_dir, capsys):
     err = capsys.readouterr().err
     assert code == 0, err
     assert "spatial 5-fold CV (blocks of 0.5 deg, seed 2)" in err and "combined" in err
+    assert "held-out fitted by tercile of novelty and uncertainty" in err
     with rasterio.open(tmp_path / "out" / "cardinalis-cardinalis.tif") as ds:
-        assert ds.descriptions == ("fused", "location", "fitted", "combined")
+        assert ds.descriptions == ("fused", "location", "fitted", "combined", "uncertainty",
+                                   "novelty")
         tags = ds.tags()
         fitted = ds.read(3)
         assert ds.units[2] == "relative suitability (0-1)"
+        assert ds.units[4].startswith("standard deviation of fitted over bootstrap refits")
+        assert ds.tags(6)["UNITS"] == ds.units[5] and "unlike every training" in ds.tags(6)[
+            "MEANING"]
+        novelty, uncertainty = ds.read(6), ds.read(5)
+    # All 400 cells are background samples here: every cell is training data, novelty 0.
+    assert np.nanmax(novelty) == 0 and np.isfinite(novelty).sum() == 400
+    assert np.nanmin(uncertainty) >= 0 and np.nanmax(uncertainty) > 0
+    assert "bootstrap refits" in tags["FIT_UNCERTAINTY"]
+    samples = pd.read_csv(tmp_path / "out" / "cardinalis-cardinalis_cv.csv")
+    assert list(samples.columns) == ["cell", "lat", "lon", "presence", "fold", "fused", "fitted",
+                                     "combined", "novelty", "uncertainty"]
+    assert samples["presence"].sum() == 22 and samples["fold"].between(1, 5).all()
+    assert (tmp_path / "out" / "cardinalis-cardinalis.png").stat().st_size > 0
     assert tags["FIT_SEED"] == "2" and "fitted" in json.loads(tags["FIT_CV"])["summary"]
     assert np.nanmin(fitted) >= 0 and np.nanmax(fitted) <= 1
     assert "fitted,combined" in tags["BANDS"] and tags["MODALITIES"] == "location"
     page = (tmp_path / "out" / "cardinalis-cardinalis.html").read_text()
     assert "expert range" in page and '"dashArray": "6 4"' in page and "fitted" in page
+    # Each trust layer has its own legend entry saying what high means.
+    assert "Where the map can be trusted" in page
+    assert "data-band='novelty'" in page and "data-band='uncertainty'" in page
+    assert "the fit changes with which records it got" in page
 
     far = tmp_path / "far.csv"
     far.write_text("lat,lon\n10,10\n-20,30\n")

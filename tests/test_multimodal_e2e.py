@@ -53,12 +53,22 @@ def test_three_modalities_fused_and_cached(tmp_path, models_dir, worldclim, fusi
         assert second.returncode == 0, second.stderr
         assert server.requests == 0  # tiles and embeddings both come from the caches
     with rasterio.open(tmp_path / "o" / "cardinalis-cardinalis.tif") as ds:
-        assert ds.descriptions == ("fused", "location", "satellite", "environment")
+        assert ds.descriptions == ("fused", "location", "satellite", "environment",
+                                   "disagreement", "mess", "mess_variable")
         bands = ds.read()
         tags = {k.lower(): v for k, v in ds.tags().items()}
+        assert "MEANING" in ds.tags(5) and ds.units[5].startswith("MESS, percent")
     assert tags["fusion"] == fusion
     assert "MVRL/ecosat@local-" in tags["models"] and "MVRL/ecoclim@local-" in tags["models"]
-    fused, loc, sat, env = bands
+    fused, loc, sat, env, spread, mess, variable = bands
+    # disagreement: the population spread of the raw cosines of the modalities scoring a cell.
+    both = np.isfinite(loc) & np.isfinite(sat) & np.isfinite(env)
+    assert np.allclose(spread[both], np.std(np.stack([loc, sat, env]), axis=0)[both], atol=1e-5)
+    assert tags["disagreement_scale"].startswith("cosine")
+    # mess against the region's own cells: never outside their range, 0 at an extreme.
+    assert np.nanmin(mess) == pytest.approx(0.0, abs=1e-4) and np.nanmax(mess) <= 100
+    assert set(np.unique(variable[np.isfinite(variable)])) <= set(range(20))
+    assert tags["mess_reference"].startswith("the region's") and "bio_1" in tags["mess_variables"]
     valid = np.isfinite(loc)
     assert valid.sum() == 60
     # The cell at (40.55, -82.95) sits in tile 12/1104/1542, which the server answers 404: its
@@ -77,8 +87,9 @@ def test_three_modalities_fused_and_cached(tmp_path, models_dir, worldclim, fusi
     with rasterio.open(tmp_path / "o2" / "cardinalis-cardinalis.tif") as ds:
         assert np.array_equal(ds.read(), bands, equal_nan=True)
     html = (tmp_path / "o" / "cardinalis-cardinalis.html").read_text()
-    for name in ("fused", "location", "satellite", "environment"):
+    for name in ("fused", "location", "satellite", "environment", "disagreement", "mess"):
         assert name in html
+    assert "data-band='disagreement'" in html and "tell different stories" in html
 
 
 def test_environment_without_climate_data_is_one_line(tmp_path, models_dir):

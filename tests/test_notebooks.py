@@ -157,11 +157,13 @@ def test_multimodal(tmp_path, notebook_env, monkeypatch):
     out = text_of(nb)
     assert "20 WorldClim rasters" in out
     assert "cells:  80" in out
-    assert "bands: ('fused', 'location', 'satellite', 'environment')" in out
+    assert ("bands: ('fused', 'location', 'satellite', 'environment', 'disagreement', 'mess', "
+            "'mess_variable')") in out
     tif = work / "maps-multimodal" / "cardinalis-cardinalis.tif"
     with rasterio.open(tif) as ds:
         bands = ds.read()
-        assert ds.descriptions == ("fused", "location", "satellite", "environment")
+        assert ds.descriptions == ("fused", "location", "satellite", "environment",
+                                   "disagreement", "mess", "mess_variable")
     assert np.isfinite(bands[0]).sum() == 80
     # the satellite and environment maps differ from the location one: three real modalities
     assert not np.allclose(bands[1], bands[2]) and not np.allclose(bands[1], bands[3])

@@ -618,7 +618,15 @@ def test_cell_popup_patch_is_the_embedded_patch(satellite_server):
     server, tiles = satellite_server
     with httpx.Client(base_url=server.url, timeout=60) as client:
         health = client.get("/api/health").json()
-        assert health["patches"] is True and health["bands"] == ["fused", "location", "satellite"]
+        assert health["patches"] is True and health["bands"] == ["fused", "location", "satellite",
+                                                                  "disagreement"]
+        # A multimodal grid's disagreement layer: its own legend says what high means.
+        layer = client.get("/api/map", params={"species": SPECIES, "band": "disagreement"})
+        legend = layer.json()["legend"]
+        assert layer.status_code == 200 and "tell different stories" in legend["meaning"]
+        assert legend["unit"].startswith("standard deviation")
+        assert legend["gradient"].startswith("linear-gradient")
+        assert "legend" not in client.get("/api/map", params={"species": SPECIES}).json()
         cell = client.get("/api/cell", params={"species": SPECIES, "lat": 40.21, "lon": -82.38})
         body = cell.json()
         assert body["scores"]["satellite"] is not None and body["patch"].startswith("/api/patch?")

@@ -36,6 +36,22 @@ square blocks of ``cv_blocks_deg`` degrees (of cell-centre latitude/longitude), 
 to the folds, greedily balancing presences (then background) over folds in an order shuffled
 with ``seed``. The same folds score ``fused`` (no training), ``fitted`` and ``combined``: ROC-AUC,
 average precision and the continuous Boyce index of :mod:`taxamap.products.evaluate`, per fold.
+
+Trust layers (issue 19), beside ``fitted``:
+
+* ``uncertainty``: the standard deviation of the ``fitted`` probability over
+  :data:`DEFAULT_BOOTSTRAP` refits at the chosen ``C``, each on a bootstrap resample of the
+  training samples drawn within presences and within background (so both keep their counts),
+  warm-started from the full fit. It measures how much the fit depends on which records it got;
+  it is a point bootstrap, so it understates what spatially clustered records leave open.
+* ``novelty``: per cell, the cosine distance of its embedding to the nearest training sample
+  (presences and background), divided by the training samples' own median leave-one-out
+  nearest-neighbour distance (:class:`taxamap.products.trust.Novelty`): 0 on a training
+  sample, 1 as far out as training samples typically lie from each other.
+* The per-sample table (``samples``, written as ``<slug>_cv.csv``) gives each training sample's
+  held-out prediction with the ``novelty`` and ``uncertainty`` it gets from a fit *without its
+  fold* (the fold's training samples as reference, the fold's own bootstrap refits), and
+  :meth:`FitResult.trust_table` the held-out AUC and mean absolute error by tercile of each.
 """
 
 from __future__ import annotations
@@ -82,6 +98,11 @@ MIN_PRESENCES = 10
 BLOCK_CELLS = 32768
 #: Bands reported by the cross-validation, in order.
 CV_BANDS = ("fused", "fitted", "combined")
+#: Bootstrap refits behind ``uncertainty`` (of the map, and of each fold's held-out samples).
+DEFAULT_BOOTSTRAP = 10
+#: Columns of the per-sample table, in order (``<slug>_cv.csv``).
+SAMPLE_COLUMNS = ("cell", "lat", "lon", "presence", "fold", "fused", "fitted", "combined",
+                  "novelty", "uncertainty")
 
 
 class EmbeddingSource(Protocol):
@@ -98,10 +119,13 @@ class FitResult:
     """The two fitted bands over every cell, and the cross-validation that scores them.
 
     ``fitted``, ``combined``: (N,) float32 in [0, 1] in cell order, NaN where no modality has an
-    embedding. ``cv``: one row per (band, fold) with ``band``, ``fold`` (1-based),
+    embedding; ``uncertainty`` and ``novelty`` likewise (None when switched off, see
+    :func:`fit_maps`). ``cv``: one row per (band, fold) with ``band``, ``fold`` (1-based),
     ``n_presence``, ``n_background``, ``auc``, ``ap``, ``boyce``. ``samples``: one row per
-    training sample with ``cell``, ``lat``, ``lon``, ``presence`` (1/0), ``fold`` and the
-    held-out (out-of-fold) value of each band. ``C``: the chosen penalty.
+    training sample with the columns of :data:`SAMPLE_COLUMNS`: ``cell``, ``lat``, ``lon``,
+    ``presence`` (1/0), ``fold``, the held-out (out-of-fold) value of each band, and the
+    ``novelty`` and ``uncertainty`` computed without the sample's fold. ``C``: the chosen
+    penalty.
     """
 
     fitted: np.ndarray = field(repr=False)
@@ -117,6 +141,43 @@ class FitResult:
     cv_blocks_deg: float
     folds: int
     warnings: list[str] = field(default_factory=list)
+    uncertainty: np.ndarray | None = field(default=None, repr=False)
+    novelty: np.ndarray | None = field(default=None, repr=False)
+    n_boot: int = 0
+    novelty_spacing: float = math.nan
+
+    def trust_table(self):
+        """Held-out ``fitted`` by tercile of the samples' ``novelty`` and ``uncertainty`` (each
+        computed without the sample's fold): a DataFrame with ``measure``, ``tercile`` (1 =
+        lowest third), ``low``/``high`` (its range), ``n``, ``n_presence``, ``auc`` and
+        ``mean_abs_error`` (mean |presence - held-out fitted|)."""
+        import pandas as pd
+
+        records = []
+        y = self.samples["presence"].to_numpy()
+        pred = self.samples["fitted"].to_numpy()
+        for measure in ("novelty", "uncertainty"):
+            if measure not in self.samples:
+                continue
+            v = self.samples[measure].to_numpy(dtype=np.float64)
+            ok = np.isfinite(v) & np.isfinite(pred)
+            if ok.sum() < 3:
+                continue
+            cuts = np.quantile(v[ok], [1 / 3, 2 / 3])
+            tercile = np.where(ok, 1 + (v > cuts[0]).astype(int) + (v > cuts[1]), 0)
+            for t in (1, 2, 3):
+                sel = tercile == t
+                records.append({
+                    "measure": measure, "tercile": t,
+                    "low": float(v[sel].min()) if sel.any() else math.nan,
+                    "high": float(v[sel].max()) if sel.any() else math.nan,
+                    "n": int(sel.sum()), "n_presence": int((y[sel] == 1).sum()),
+                    "auc": roc_auc(pred[sel & (y == 1)], pred[sel & (y == 0)]),
+                    "mean_abs_error": float(np.abs(y[sel] - pred[sel]).mean())
+                    if sel.any() else math.nan})
+        return pd.DataFrame.from_records(
+            records, columns=["measure", "tercile", "low", "high", "n", "n_presence", "auc",
+                              "mean_abs_error"])
 
     def summary(self):
         """Per band: mean and standard deviation over folds of AUC, AP and Boyce (a DataFrame
@@ -136,7 +197,18 @@ class FitResult:
         for band, r in self.summary().iterrows():
             rows.append((str(band), _pm(r.auc, r.auc_sd), _pm(r.ap, r.ap_sd),
                          _pm(r.boyce, r.boyce_sd), str(int(r.folds_scored))))
-        return "\n".join(lines + text_table(rows))
+        lines += text_table(rows)
+        trust = self.trust_table()
+        if len(trust):
+            lines.append("held-out fitted by tercile of novelty and uncertainty (each computed "
+                         "without the sample's fold):")
+            rows = [("measure", "tercile", "range", "samples", "AUC", "mean |error|")]
+            for r in trust.itertuples():
+                rows.append((r.measure, str(r.tercile), f"{r.low:.3g}-{r.high:.3g}",
+                             f"{r.n} ({r.n_presence} pres.)", _pm(r.auc, math.nan),
+                             _pm(r.mean_abs_error, math.nan)))
+            lines += text_table(rows)
+        return "\n".join(lines)
 
     def tags(self) -> dict[str, str]:
         """GeoTIFF tags recording the fit and its CV (``FIT_CV`` is JSON: summary and folds)."""
@@ -158,6 +230,13 @@ class FitResult:
             "FIT_CV_BLOCKS_DEG": f"{self.cv_blocks_deg:g}",
             "FIT_FOLDS": str(self.folds),
             "FIT_CV": json.dumps(cv, allow_nan=False, separators=(",", ":")),
+            **({"FIT_UNCERTAINTY": f"standard deviation of fitted over {self.n_boot} bootstrap "
+                                   "refits (presences and background resampled separately)"}
+               if self.uncertainty is not None else {}),
+            **({"FIT_NOVELTY": "cosine distance of the cell's embedding to the nearest training "
+                               "sample / the training samples' median leave-one-out nearest "
+                               f"distance ({self.novelty_spacing:.4g}); 0 = on a training sample"}
+               if self.novelty is not None else {}),
         }
 
 
@@ -305,6 +384,95 @@ def _fit_lr(x: np.ndarray, y: np.ndarray, cs: Sequence[float]):
     return out
 
 
+#: The bootstrap refits stop when no training sample's logit moves by more than this in a step
+#: (the steps shrink geometrically, so what is left is of the same order: a change of the
+#: fitted probability below 3e-5).
+BOOTSTRAP_TOL = 1e-4
+BOOTSTRAP_MAX_STEPS = 200
+
+
+def _bootstrap(x: np.ndarray, y: np.ndarray, c: float, n_boot: int, seed: int,
+               start: tuple[np.ndarray, float]) -> tuple[np.ndarray, np.ndarray]:
+    """``n_boot`` refits at penalty ``c`` on bootstrap resamples of the samples ``x``, ``y``,
+    warm-started at ``start`` (coef, intercept): coefficients (D, n_boot), intercepts (n_boot,).
+
+    Each refit minimises the same objective as scikit-learn's ``LogisticRegression(C=c,
+    class_weight="balanced")`` with a resample's multiplicities as sample weights (drawn within
+    presences and within background, so both keep their counts and the balanced class weights
+    stay as in the fit). The solver is Newton's method with the Hessian held at ``start``: a
+    resample's Hessian differs from it by resampling noise, so the steps contract quickly
+    (about twenty, each two products with the samples, for all refits at once), where lbfgs
+    would start over for each refit. A refit that has not converged after
+    :data:`BOOTSTRAP_MAX_STEPS` steps is finished by scikit-learn's lbfgs from where it stands.
+    """
+    from scipy.linalg import cho_factor, cho_solve
+
+    # The products with the samples in float32 (half the memory traffic of float64): the
+    # Hessian only preconditions, and the tolerance is well above float32's rounding.
+    x32 = np.asarray(x, dtype=np.float32)
+    x32_t = np.ascontiguousarray(x32.T)
+    n, d = x32.shape
+    rng = np.random.default_rng(seed)
+    pres, back = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    class_weight = np.where(y == 1, n / (2.0 * pres.size), n / (2.0 * back.size))
+    counts = np.empty((n, n_boot))
+    for i in range(n_boot):
+        counts[:, i] = (np.bincount(rng.choice(pres, pres.size), minlength=n)
+                        + np.bincount(rng.choice(back, back.size), minlength=n))
+    weight = counts * class_weight[:, None]
+    penalty = np.r_[np.full(d, 1.0 / float(c)), 0.0]  # the intercept is not penalised
+    z0 = x32 @ start[0].astype(np.float32) + np.float32(start[1])
+    p0 = 1.0 / (1.0 + np.exp(-z0.astype(np.float64)))
+    curvature = (class_weight * p0 * (1.0 - p0)).astype(np.float32)
+    hessian = np.diag(penalty)
+    hessian[:d, :d] += x32_t @ (x32 * curvature[:, None])
+    hessian[:d, d] += x32_t @ curvature
+    hessian[d, :d] = hessian[:d, d]
+    hessian[d, d] += curvature.sum(dtype=np.float64)
+    factor = cho_factor(hessian)
+    beta = np.tile(np.r_[start[0], start[1]][:, None], (1, n_boot))
+    z = np.tile(z0.astype(np.float64)[:, None], (1, n_boot))
+    yf = y.astype(np.float64)[:, None]
+    active = np.ones(n_boot, dtype=bool)
+    for _ in range(BOOTSTRAP_MAX_STEPS):
+        b, za = beta[:, active], z[:, active]
+        residual = weight[:, active] * (1.0 / (1.0 + np.exp(-za)) - yf)
+        grad = np.vstack([x32_t @ residual.astype(np.float32), residual.sum(axis=0)])
+        step = cho_solve(factor, grad + penalty[:, None] * b)
+        b = b - step
+        beta[:, active] = b
+        z_new = x32 @ b[:d].astype(np.float32) + b[d]
+        moved = np.abs(z_new - za).max(axis=0)
+        z[:, active] = z_new
+        still = np.flatnonzero(active)[moved > BOOTSTRAP_TOL]
+        active[:] = False
+        active[still] = True
+        if not active.any():
+            break
+    for i in np.flatnonzero(active):  # rare: let lbfgs finish what the fixed Hessian did not
+        beta[:, i] = _lbfgs_weighted(x, y, c, counts[:, i], beta[:, i])
+    return beta[:d], beta[d]
+
+
+def _lbfgs_weighted(x: np.ndarray, y: np.ndarray, c: float, sample_weight: np.ndarray,
+                    beta: np.ndarray) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=float(c), class_weight="balanced", max_iter=500,
+                               warm_start=True)
+    model.coef_, model.intercept_ = beta[None, :-1].copy(), beta[-1:].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y, sample_weight=sample_weight)
+    return np.r_[model.coef_[0], model.intercept_[0]]
+
+
+def _spread(z: np.ndarray) -> np.ndarray:
+    """Standard deviation (ddof=1) over the last axis of the probabilities of logits ``z``."""
+    return _sigmoid(z).std(axis=-1, ddof=1).astype(np.float32)
+
+
 def fit_maps(
     embeddings: Mapping[str, np.ndarray | EmbeddingSource],
     fused: np.ndarray,
@@ -318,6 +486,8 @@ def fit_maps(
     n_background: int = DEFAULT_N_BACKGROUND,
     thin: bool = True,
     cs: Sequence[float] = DEFAULT_CS,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    novelty: bool = True,
 ) -> FitResult:
     """Fit ``fitted`` and ``combined`` over every cell and cross-validate them (module docstring).
 
@@ -327,7 +497,9 @@ def fit_maps(
     :func:`cells_of_points`; negative entries are ignored); without background, up to
     ``n_background`` distinct cells with embeddings are drawn uniformly with ``seed``. ``thin``
     keeps one sample per cell (duplicates add no information and weight clustered records);
-    ``thin=False`` keeps one sample per point, as point-based tools do.
+    ``thin=False`` keeps one sample per point, as point-based tools do. ``n_boot`` bootstrap
+    refits give ``uncertainty`` (0: none, and no uncertainty column); ``novelty=False`` skips
+    the novelty band and column.
     """
     from threadpoolctl import threadpool_limits
 
@@ -339,6 +511,10 @@ def fit_maps(
     if not embeddings:
         raise TaxamapError("fitting needs the embeddings of at least one modality")
     readers = {m: _as_source(m, src, n) for m, src in embeddings.items()}
+    n_boot = int(n_boot)
+    if n_boot == 1 or n_boot < 0:
+        raise TaxamapError(f"uncertainty needs at least 2 bootstrap refits (or 0 for none), "
+                           f"not {n_boot}")
     notes: list[str] = []
     has_cell = np.isfinite(fused)
 
@@ -391,6 +567,7 @@ def fit_maps(
     oof = {c: np.full(y.size, np.nan) for c in cs}
     oof_comb = np.full(y.size, np.nan)
     scored = []
+    fold_models: dict[int, dict[float, tuple[np.ndarray, float]]] = {}
     with threadpool_limits(limits=1):  # small problems: extra BLAS threads only contend
         for k in range(int(folds)):
             train, test = fold != k, fold == k
@@ -401,7 +578,8 @@ def fit_maps(
                              "not scored")
                 continue
             scored.append(k)
-            for c, (coef, b) in zip(cs, _fit_lr(x[train], y[train], cs)):
+            fold_models[k] = dict(zip(cs, _fit_lr(x[train], y[train], cs)))
+            for c, (coef, b) in fold_models[k].items():
                 oof[c][test] = x[test] @ coef + b
         if not scored:
             raise TaxamapError("cross-validation impossible: the presences lie in one spatial "
@@ -424,9 +602,33 @@ def fit_maps(
             oof_comb[test] = x_comb[test] @ coef + b
         (coef_fit, b_fit), = _fit_lr(x, y, [best])
         (coef_comb, b_comb), = _fit_lr(x_comb, y, [best])
+        trust: dict[str, np.ndarray] = {}
+        boot = None
+        if n_boot:
+            # Each fold's held-out samples get the spread of that fold's own refits: the same
+            # figure the map gets from refits on all samples, as if the fold were new ground.
+            trust["uncertainty"] = np.full(y.size, np.nan)
+            for k in scored:
+                train, test = fold != k, fold == k
+                w, b0 = _bootstrap(x[train], y[train], best, n_boot, seed + 1 + k,
+                                   fold_models[k][best])
+                trust["uncertainty"][test] = _spread(x[test] @ w + b0)
+            boot = _bootstrap(x, y, best, n_boot, seed, (coef_fit, b_fit))
 
-    fitted, combined = _predict_all(readers, n, stats, coef_fit, b_fit, coef_comb, b_comb,
-                                    fused, f_mean, f_sd, has_cell)
+    index = None
+    if novelty:
+        from taxamap.products.trust import Novelty, held_out_novelty, joint_rows
+
+        joint = joint_rows([rows[m][0] for m in readers])  # per distinct sample cell
+        # A cell lies in one spatial block, hence one fold.
+        cell_fold = np.empty(wanted.size, dtype=np.int64)
+        cell_fold[position] = fold
+        per_cell, spacing = held_out_novelty(joint, cell_fold)
+        trust["novelty"] = per_cell[position].astype(np.float64)
+        index = Novelty(joint, spacing)
+    fitted, combined, uncertainty, novelty_map = _predict_all(
+        readers, n, stats, coef_fit, b_fit, coef_comb, b_comb, fused, f_mean, f_sd, has_cell,
+        boot, index, wanted)
     held_out = {"fused": fused[sample_cells].astype(np.float64), "fitted": _sigmoid(oof[best]),
                 "combined": _sigmoid(oof_comb)}
     cv = _cv_table(held_out, y, fold, folds)
@@ -436,37 +638,60 @@ def fit_maps(
         "cell": sample_cells, "lat": cell_latlon[sample_cells, 0],
         "lon": cell_latlon[sample_cells, 1], "presence": y, "fold": fold + 1,
         **{band: np.asarray(v, dtype=np.float64) for band, v in held_out.items()},
+        **{name: trust[name] for name in ("novelty", "uncertainty") if name in trust},
     })
     for note in notes:
         log.warning("fit: %s", note)
     return FitResult(fitted, combined, cv, samples, best, list(readers), int(presence.size),
                      int(background.size), source, int(seed), float(cv_blocks_deg), int(folds),
-                     notes)
+                     notes, uncertainty, novelty_map, n_boot,
+                     index.spacing if index is not None else math.nan)
 
 
 def _predict_all(readers, n, stats, coef_fit, b_fit, coef_comb, b_comb, fused, f_mean, f_sd,
-                 has_cell):
-    """Both models over every cell, streaming the embeddings block by block."""
+                 has_cell, boot=None, index=None, sample_cells=None):
+    """Both models over every cell, streaming the embeddings block by block; with ``boot``
+    (bootstrap coefficients, intercepts) the spread of the refits, with ``index`` (a
+    :class:`~taxamap.products.trust.Novelty`) each cell's novelty, in the same pass; the
+    training cells (``sample_cells``, sorted) have novelty 0 without a search."""
     dims = [stats[m][0].shape[0] for m in readers]
     bounds = np.cumsum([0] + dims)
     fitted = np.full(n, np.nan, dtype=np.float32)
     combined = np.full(n, np.nan, dtype=np.float32)
+    uncertainty = np.full(n, np.nan, dtype=np.float32) if boot is not None else None
+    novelty = np.full(n, np.nan, dtype=np.float32) if index is not None else None
     w_prior = coef_comb[-1] * PRIOR_SCALE / f_sd
     for start in range(0, n, BLOCK_CELLS):
         stop = min(start + BLOCK_CELLS, n)
         z_fit = np.full(stop - start, b_fit)
         z_comb = np.full(stop - start, b_comb)
+        z_boot = np.tile(boot[1], (stop - start, 1)) if boot is not None else None
+        units = []
         for i, (m, read) in enumerate(readers.items()):
             unit, valid = _unit_rows(read(slice(start, stop)))
+            units.append(unit)
             x = _design(unit, valid, *stats[m])
             z_fit += x @ coef_fit[bounds[i]:bounds[i + 1]].astype(np.float32)
             z_comb += x @ coef_comb[bounds[i]:bounds[i + 1]].astype(np.float32)
+            if z_boot is not None:
+                z_boot += x @ boot[0][bounds[i]:bounds[i + 1]].astype(np.float32)
         f = fused[start:stop].astype(np.float64)
         z_comb += np.where(np.isfinite(f), (f - f_mean) * w_prior, 0.0)
         ok = has_cell[start:stop]
         fitted[start:stop][ok] = _sigmoid(z_fit[ok])
         combined[start:stop][ok] = _sigmoid(z_comb[ok])
-    return fitted, combined
+        if z_boot is not None:
+            uncertainty[start:stop][ok] = _spread(z_boot[ok])
+        if index is not None:
+            from taxamap.products.trust import joint_rows
+
+            search = ok.copy()
+            if sample_cells is not None:
+                lo, hi = np.searchsorted(sample_cells, [start, stop])
+                search[sample_cells[lo:hi] - start] = False
+                novelty[sample_cells[lo:hi]] = 0.0
+            novelty[start:stop][search] = index(joint_rows(units)[search])
+    return fitted, combined, uncertainty, novelty
 
 
 def _cv_table(held_out: dict, y: np.ndarray, fold: np.ndarray, folds: int):
@@ -523,6 +748,8 @@ def fit_grid(
     cv_blocks_deg: float = DEFAULT_CV_BLOCKS_DEG,
     folds: int = DEFAULT_FOLDS,
     n_background: int = DEFAULT_N_BACKGROUND,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    novelty: bool = True,
 ) -> FitResult:
     """:func:`fit_maps` from points: ``occurrences`` and ``background`` are (N, 2) (lat, lon)
     degrees, placed on the cells of ``grid`` (a :class:`taxamap.grid.Grid`). Points off the grid
@@ -544,4 +771,4 @@ def fit_grid(
         back = back[back >= 0]
     return fit_maps(embeddings, fused, grid.cell_latlon(), presence[presence >= 0], back,
                     seed=seed, cv_blocks_deg=cv_blocks_deg, folds=folds,
-                    n_background=n_background)
+                    n_background=n_background, n_boot=n_boot, novelty=novelty)

@@ -202,12 +202,15 @@ def compute_threshold(
 
 
 def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | str = 1,
-              seed: int = 0, n_background: int = DEFAULT_N_BACKGROUND) -> Range:
+              seed: int = 0, n_background: int = DEFAULT_N_BACKGROUND,
+              mask: str | None = None) -> Range:
     """Cut ``band`` (1-based number or name; default the fused score) of a (y, x) map (a score
     Dataset or a GeoTIFF path) at ``rule``, in memory; an empty range is refused.
 
     ``occurrences`` (a file or (N, 2) (lat, lon) array) serves a bare ``maxtss`` rule; ``seed``
-    and ``n_background`` control its background sample.
+    and ``n_background`` control its background sample. ``mask`` (e.g. ``"novelty>2"``, see
+    :func:`taxamap.products.trust.parse_mask`) drops the cells where it holds after the rule has
+    set the threshold: they become nodata, neither in nor out of the range.
     """
     import geopandas as gpd
     import xarray as xr
@@ -220,6 +223,14 @@ def cut_range(map_or_path: Any, rule: str, occurrences: Any = None, band: int | 
     threshold = compute_threshold(ds, parsed, name, occurrences, seed, n_background)
     values = band_values(ds, name)
     valid = np.isfinite(values)
+    if mask:
+        from taxamap.products.trust import mask_cells, parse_mask
+
+        conditions = parse_mask(mask)
+        valid &= ~mask_cells({n: band_values(ds, n) for n in score_variables(ds)}, conditions,
+                             map_file(ds).name)
+        parsed = Rule(parsed.kind, parsed.value, parsed.occurrences,
+                      f"{parsed.text}; mask {','.join(c.text for c in conditions)}")
     with np.errstate(invalid="ignore"):
         inside = valid & (values >= threshold)
     source = map_file(ds)
@@ -311,11 +322,13 @@ def threshold_map(
     seed: int = 0,
     n_background: int = DEFAULT_N_BACKGROUND,
     stem: str | None = None,
+    mask: str | None = None,
 ) -> Range:
     """``taxamap threshold``: :func:`cut_range` of ``map_path``, written by :meth:`Range.write`
     into ``out_dir`` (default: the map's folder) as ``<stem>_range.tif`` and
-    ``<stem>_range.gpkg`` (``stem`` defaults to the map's file stem)."""
-    result = cut_range(map_path, rule, occurrences, band, seed, n_background)
+    ``<stem>_range.gpkg`` (``stem`` defaults to the map's file stem); ``mask`` drops cells
+    (:func:`cut_range`)."""
+    result = cut_range(map_path, rule, occurrences, band, seed, n_background, mask)
     result.write(out_dir, stem=stem)
     return result
 

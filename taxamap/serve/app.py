@@ -422,6 +422,7 @@ class MapService:
             "bounds": overlay["bounds"],
             "bands": stats,
             "stretch": overlay["stretch"],
+            **({"legend": overlay["legend"]} if "legend" in overlay else {}),
             "overlay": "/api/overlay.png?" + urlencode(query),
             "no_signal": signal_note(ds),
             **({"upload": key["upload"]} if "upload" in key else {}),
@@ -437,21 +438,27 @@ class MapService:
         return self._overlays(embedded, band, round(percentile, 4))
 
     def _draw_overlay(self, embedded, band: str, percentile: float) -> dict:
+        from taxamap.dataset import band_meaning, band_unit
         from taxamap.writers.html import overlay_rgba
-        from taxamap.writers.stretch import StretchRule, display_range
+        from taxamap.writers.stretch import StretchRule, band_display
+        from taxamap.writers.style import gradient_css
 
         ds = self.dataset(embedded)
         raster = np.asarray(ds[band].values)
         with self._compute:
-            # 'relative' keeps its fixed 0-1 scale whatever the slider says.
-            stretch = display_range(raster, StretchRule("percentile", percentile=percentile),
-                                    band=band)
-            rgba, bounds = overlay_rgba(raster, self.session.grid, stretch)
+            # 'relative' keeps its fixed 0-1 scale whatever the slider says; a trust layer
+            # has its own colours over most of its range.
+            cmap, stretch = band_display(band, raster,
+                                         StretchRule("percentile", percentile=percentile))
+            rgba, bounds = overlay_rgba(raster, self.session.grid, stretch, cmap=cmap)
             png = encode_png(rgba)
         out = {"png": png, "bounds": [[float(v) for v in p] for p in bounds],
                "stretch": {"percentile": percentile, "vmin": stretch.vmin,
                            "vmax": stretch.vmax, "cells": stretch.valid,
-                           "fixed": stretch.fixed}}
+                           "fixed": bool(getattr(stretch, "fixed", False))}}
+        if band_meaning(band):  # a trust layer: its own colours, unit and what high means
+            out["legend"] = {"unit": band_unit(band), "meaning": band_meaning(band),
+                             "stretch": stretch.describe(), "gradient": gradient_css(cmap)}
         return out
 
     def overlay_png(self, params) -> bytes:

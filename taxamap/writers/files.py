@@ -241,6 +241,9 @@ def write_outputs(ds, out_dir: Path, formats=tuple(FORMATS), *, threshold: str |
     range outline is drawn on the HTML map; ``occurrences`` (N, 2) (lat, lon) are overlaid on it;
     ``notes`` are warnings for the HTML legend; ``stretch`` the PNG's and HTML's display scale.
     """
+    from taxamap.dataset import cv_table
+    from taxamap.io import atomic_write
+
     slug = free_stem(out_dir, str(ds.attrs["slug"]), str(ds.attrs.get("query", "")), formats,
                      bool(threshold))
     cut = None
@@ -256,6 +259,12 @@ def write_outputs(ds, out_dir: Path, formats=tuple(FORMATS), *, threshold: str |
     for name, fmt in FORMATS.items():
         if name in formats:
             paths[name] = fmt.write(ds, out_dir / f"{slug}{fmt.suffix}", **context)
+    samples = cv_table(ds)
+    if samples is not None:
+        # A fitted map's per-sample cross-validation: held-out prediction, novelty, uncertainty.
+        paths["cv.csv"] = atomic_write(out_dir / f"{slug}_cv.csv",
+                                       samples.to_csv(index=False, float_format="%.6g"),
+                                       hint="free some space or choose another --out")
     if cut is not None:
         written = cut.write(out_dir, stem=slug)
         paths["range.tif"], paths["range.gpkg"] = written["raster"], written["polygons"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from taxamap.dataset import (OUTLINE_ATTR, UNITS, band_unit, check_dataset, grid_of,
-                             is_product, iter_species, map_bands, modality_bands, one_map,
-                             score_variables, tag_key)
+from taxamap.dataset import (OUTLINE_ATTR, UNITS, band_meaning, band_unit, check_dataset,
+                             grid_of, is_product, iter_species, map_bands, modality_bands,
+                             one_map, score_variables, tag_key)
 from taxamap.options import DEFAULT_FUSION
 from taxamap.version import __version__
 from taxamap.writers.style import imagery_credit, output_path, write_bytes
@@ -118,6 +118,9 @@ def write_geotiff(ds, path: str | os.PathLike) -> Path:
     band_tags = [{"PRODUCT": name} if is_product(name) else {"MODALITY": name}
                  for name, _ in bands]
     units = [band_unit(name) for name, _ in bands]
+    for tags, (name, _) in zip(band_tags, bands):
+        if band_meaning(name):  # a trust band: its unit and what high means, in its own tags
+            tags.update(UNITS=band_unit(name), MEANING=band_meaning(name))
     return _write_cog(path, grid_of(ds), bands, geotiff_tags(ds), band_tags, units)
 
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from taxamap.version import __version__
 from taxamap.crs import clip_wrapped
-from taxamap.dataset import (band_unit, grid_of, is_product, map_bands, map_title, one_map,
-                             outline_of, signal_note)
+from taxamap.dataset import (band_meaning, band_unit, grid_of, is_product, map_bands, map_title,
+                             one_map, outline_of, signal_note)
 from taxamap.writers import HTML_QUERY_META
 from taxamap.writers.style import (
     COLORMAP,
@@ -34,7 +34,7 @@ from taxamap.writers.style import (
     mercator_rows,
     write_bytes,
 )
-from taxamap.writers.stretch import display_range, parse_stretch
+from taxamap.writers.stretch import band_display, parse_stretch
 
 #: Largest overlay side in pixels; bigger rasters are subsampled (nearest) for the browser only.
 MAX_OVERLAY_PIXELS = 4096
@@ -46,7 +46,8 @@ OUTLINE_NAME = "region outline"
 
 
 def overlay_rgba(raster: np.ndarray, grid, stretch: Stretch,
-                 max_pixels: int = MAX_OVERLAY_PIXELS) -> tuple[np.ndarray, list[list[float]]]:
+                 max_pixels: int = MAX_OVERLAY_PIXELS,
+                 cmap: str = COLORMAP) -> tuple[np.ndarray, list[list[float]]]:
     """Colour ``raster`` for Leaflet: (rows, cols, 4) uint8 with rows at evenly spaced Web Mercator
     northings (NaN transparent), and its bounds ``[[south, west], [north, east]]``."""
     rows, south, north = mercator_rows(grid.north, grid.resolution, grid.height,
@@ -55,7 +56,7 @@ def overlay_rgba(raster: np.ndarray, grid, stretch: Stretch,
     if grid.width > max_pixels:
         cols = np.floor((np.arange(max_pixels) + 0.5) * grid.width / max_pixels).astype(np.int64)
     picked = np.asarray(raster)[rows][:, cols]
-    return colorize(picked, stretch), [[south, grid.west], [north, grid.east]]
+    return colorize(picked, stretch, cmap), [[south, grid.west], [north, grid.east]]
 
 
 def _data_uri(rgba: np.ndarray) -> str:
@@ -135,6 +136,26 @@ def _legend_html(ds, stretches: list[tuple[str, Stretch]], extras: str = "",
         f"<div style='font-size:10px;color:#777'>taxamap {_esc(__version__)}</div>"
         "</div>"
     )
+
+
+def _trust_legend(ds, trust: list[tuple[str, str, Stretch]]) -> str:
+    """One legend entry per trust layer: its colour ramp and range, its unit and what a high
+    value means (the layers are not suitability)."""
+    if not trust:
+        return ""
+    parts = ["<div style='margin-top:6px;border-top:1px solid #ccc;padding-top:4px'>"
+             "<b>Where the map can be trusted</b> (layers in the layer control)</div>"]
+    for name, cmap, stretch in trust:
+        scale = (f"{stretch.vmin:.3g} – {stretch.vmax:.3g}" if stretch.valid
+                 else "no valid cells")
+        if name == "mess_variable" and ds.attrs.get("mess_variables"):
+            scale = "0 – 19: " + str(ds.attrs["mess_variables"]).replace(",", ", ")
+        parts.append(
+            f"<div class='taxamap-trust' data-band='{_esc(name)}' style='margin-top:4px'>"
+            f"<b>{_esc(name)}</b>: {_esc(band_unit(name))}"
+            f"<div style='height:8px;margin:2px 0;background:{gradient_css(cmap)}'></div>"
+            f"<div style='font-size:11px'>{_esc(scale)}; {_esc(band_meaning(name))}</div></div>")
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------- extra layers
@@ -429,10 +450,14 @@ def write_html(ds, path: str | os.PathLike, *, occurrences: np.ndarray | None = 
 
     stretches = []
     bounds = None
+    trust = []
     for i, (name, raster) in enumerate(bands):
-        shown = display_range(raster, stretch, band=name)
-        stretches.append((name, shown))
-        rgba, bounds = overlay_rgba(raster, grid, shown)
+        cmap, shown = band_display(name, raster, stretch)
+        if band_meaning(name):
+            trust.append((name, cmap, shown))
+        else:
+            stretches.append((name, shown))
+        rgba, bounds = overlay_rgba(raster, grid, shown, cmap=cmap)
         options = {"attribution": f"Imagery: {_esc(credit[0])}"} if credit else {}
         folium.raster_layers.ImageOverlay(
             image=_data_uri(rgba),
@@ -513,6 +538,7 @@ def write_html(ds, path: str | os.PathLike, *, occurrences: np.ndarray | None = 
                             range_label, n_records)
     extras += "".join(f"<div style='color:#a40000;margin-top:4px'>&#9888; {_esc(note)}</div>"
                       for note in notes)
+    extras += _trust_legend(ds, trust)
     footer = _offline_footer(libraries) if libraries else ""
     root.html.add_child(folium.Element(_legend_html(ds, stretches, extras, footer, stretch)))
     if not self_contained:

@@ -15,7 +15,7 @@ import numpy as np
 
 from taxamap.version import __version__
 from taxamap.crs import clip_wrapped
-from taxamap.dataset import (band_unit, grid_of, is_product, map_bands, map_title,
+from taxamap.dataset import (band_meaning, band_unit, grid_of, is_product, map_bands, map_title,
                              modality_bands, one_map, outline_of, signal_note)
 from taxamap.options import DEFAULT_FUSION
 from taxamap.writers import PNG_QUERY_KEY
@@ -26,9 +26,11 @@ from taxamap.writers.style import (
     imagery_credit,
     write_bytes,
 )
-from taxamap.writers.stretch import display_range, parse_stretch
+from taxamap.writers.stretch import band_display, display_range, parse_stretch
 
 DPI = 150
+#: Small band panels per row under the main map.
+PANELS_PER_ROW = 4
 
 
 def coastlines(bounds: tuple[float, float, float, float]):
@@ -150,16 +152,20 @@ def write_png(ds, path: str | os.PathLike, *, outline=None, stretch: str | None 
     mid = math.radians(min(max((north + south) / 2.0, -80.0), 80.0))
     ratio = (north - south) / max(east - west, 1e-9) / math.cos(mid)
     panels = bands[1:] if len(bands) > 2 else []
+    # Panels in rows of at most PANELS_PER_ROW: a fitted multimodal map has up to ten bands.
+    per_row = min(len(panels), PANELS_PER_ROW)
+    n_rows = -(-len(panels) // PANELS_PER_ROW)
     map_w = 8.0
     map_h = min(max(map_w * ratio, 2.5), 9.0)
-    panel_h = min(max(map_w / max(len(panels), 1) * ratio, 1.6), 4.0) if panels else 0.0
-    fig_h = map_h + panel_h + 2.0
+    panel_h = min(max(map_w / max(per_row, 1) * ratio, 1.6), 4.0) if panels else 0.0
+    fig_h = map_h + panel_h * n_rows + 2.0
     fig = Figure(figsize=(map_w + 2.0, fig_h), dpi=DPI, layout="constrained")
 
     if panels:
-        gs = fig.add_gridspec(2, len(panels), height_ratios=[map_h, panel_h])
+        gs = fig.add_gridspec(1 + n_rows, per_row, height_ratios=[map_h] + [panel_h] * n_rows)
         main_ax = fig.add_subplot(gs[0, :])
-        panel_axes = [fig.add_subplot(gs[1, i]) for i in range(len(panels))]
+        panel_axes = [fig.add_subplot(gs[1 + i // per_row, i % per_row])
+                      for i in range(len(panels))]
     else:
         main_ax = fig.add_subplot(1, 1, 1)
         panel_axes = []
@@ -177,14 +183,23 @@ def write_png(ds, path: str | os.PathLike, *, outline=None, stretch: str | None 
                                          if len(layers) > 1 else f" = {next(iter(layers), '')}"),
                       fontsize=9, parse_math=False)
 
+    trust = []
     for ax, (name, raster) in zip(panel_axes, panels):
-        s = display_range(raster, rule, band=name)
-        im = _draw_map(ax, raster, grid, s, region, land, cmap)
+        name_cmap, s = band_display(name, raster, rule)
+        meaning = band_meaning(name)
+        panel_cmap = (cmap if not meaning else
+                      matplotlib.colormaps[name_cmap].with_extremes(bad=NODATA_COLOR))
+        im = _draw_map(ax, raster, grid, s, region, land, panel_cmap)
         ax.set_title(name, fontsize=8, parse_math=False)
-        b = fig.colorbar(im, ax=ax, extend="neither" if s.fixed else "min", shrink=0.8)
+        fixed = meaning or getattr(s, "fixed", False)
+        b = fig.colorbar(im, ax=ax, extend="neither" if fixed else "min", shrink=0.8)
         b.ax.tick_params(labelsize=6)
-        b.set_label(band_unit(name) if is_product(name) else _short(rule), fontsize=6,
+        b.set_label("p2–p98" if meaning and name not in ("mess", "mess_variable") else
+                    "index" if name == "mess_variable" else "0-centred" if meaning else
+                    band_unit(name) if is_product(name) else _short(rule), fontsize=6,
                     parse_math=False)
+        if meaning:
+            trust.append(f"{name} ({band_unit(name)}): {meaning}")
 
     lines = [map_title(ds)]
     if prompt and prompt != query:
@@ -202,6 +217,10 @@ def write_png(ds, path: str | os.PathLike, *, outline=None, stretch: str | None 
     note = signal_note(ds)
     if note:
         footer.insert(0, note)
+    if trust:
+        footer.append("Trust layers (their own colours, 2nd-98th percentile): " + "; ".join(trust)
+                      + (f"; mess_variable indexes {ds.attrs['mess_variables']}"
+                         if ds.attrs.get("mess_variables") else ""))
     credit = imagery_credit(ds)
     if credit:
         footer.append(f"Imagery: {credit[0]} — licence: {credit[1]}")

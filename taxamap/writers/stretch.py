@@ -117,5 +117,19 @@ def display_range(raster: np.ndarray, stretch: str | StretchRule | None = None,
     return DisplayRange(lo, hi, rule, int(finite.size))
 
 
-__all__ = ["DEFAULT_STRETCH", "DisplayRange", "FIXED_SCALES", "StretchRule", "display_range",
+def band_display(name: str, raster: np.ndarray, stretch: str | StretchRule | None = None
+                 ) -> tuple[str, "DisplayRange"]:
+    """(colour map, display range) of band ``name``: a trust band (uncertainty, novelty,
+    disagreement, mess...) in its own colours over most of its range, whatever the stretch
+    (:func:`taxamap.writers.style.display_of`); every other band in the score colours with
+    ``stretch`` (:func:`display_range`)."""
+    from taxamap.dataset import band_meaning
+    from taxamap.writers.style import COLORMAP, display_of
+
+    if band_meaning(name):
+        return display_of(name, raster)
+    return COLORMAP, display_range(raster, stretch, band=name)
+
+
+__all__ = ["DEFAULT_STRETCH", "band_display", "DisplayRange", "FIXED_SCALES", "StretchRule", "display_range",
            "parse_stretch"]

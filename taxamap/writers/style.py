@@ -52,11 +52,15 @@ class Stretch:
     vmax: float
     percentile: float
     valid: int
+    #: How a stretch that is not a percentile clip was made (the trust bands'), said instead.
+    text: str = ""
 
     def describe(self) -> str:
         """One line saying what the colours mean, for legends and footers."""
         if self.valid == 0:
             return "no valid cells"
+        if self.text:
+            return f"display: {self.text}; colours run {self.vmin:.3g} to {self.vmax:.3g}"
         return (
             f"display: clipped below the {self.percentile:g}th percentile of valid cells; "
             f"colours run {self.vmin:.3f} to {self.vmax:.3f}"
@@ -75,6 +79,44 @@ def stretch_of(raster: np.ndarray, percentile: float = STRETCH_PERCENTILE) -> St
         # A constant layer (or a percentile equal to the maximum) still needs a non-empty range.
         vmax = vmin + max(abs(vmin) * 1e-6, 1e-6)
     return Stretch(vmin, vmax, percentile, int(values.size))
+
+
+#: Colour maps of the trust bands (:data:`taxamap.dataset.TRUST_BANDS`), apart from the
+#: green scores so a layer is never mistaken for suitability. ``mess`` diverges around 0 (red:
+#: outside the reference climate).
+TRUST_COLORMAPS = {"uncertainty": "Oranges", "novelty": "Purples", "disagreement": "RdPu",
+                   "mess": "RdBu", "mess_variable": "tab20"}
+#: Trust bands are drawn over most of their range (these percentiles), not the top tenth:
+#: where they are low matters as much as where they are high.
+TRUST_PERCENTILES = (2.0, 98.0)
+
+
+def display_of(name: str, raster: np.ndarray,
+               percentile: float = STRETCH_PERCENTILE) -> tuple[str, Stretch]:
+    """(colour map, stretch) that draw band ``name``: the scores in :data:`COLORMAP` clipped
+    below ``percentile``; a trust band in its own colour map over most of its range (``mess``
+    symmetric around 0, ``mess_variable`` one colour per variable index)."""
+    cmap = TRUST_COLORMAPS.get(name)
+    if cmap is None:
+        return COLORMAP, stretch_of(raster, percentile)
+    values = np.asarray(raster, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return cmap, Stretch(0.0, 1.0, 0.0, 0)
+    lo_p, hi_p = TRUST_PERCENTILES
+    if name == "mess_variable":
+        return cmap, Stretch(0.0, 19.0, 0.0, int(values.size),
+                             "one colour per WorldClim variable (index 0-19)")
+    lo, hi = (float(v) for v in np.percentile(values, [lo_p, hi_p]))
+    if name == "mess":
+        edge = max(abs(lo), abs(hi), 1e-6)
+        return cmap, Stretch(-edge, edge, 0.0, int(values.size),
+                             f"symmetric around 0 to the larger of the {lo_p:g}th and "
+                             f"{hi_p:g}th percentiles' magnitudes (red: below 0)")
+    if not hi > lo:
+        hi = lo + max(abs(lo) * 1e-6, 1e-6)
+    return cmap, Stretch(lo, hi, 0.0, int(values.size),
+                         f"{lo_p:g}th to {hi_p:g}th percentile of valid cells")
 
 
 def colorize(raster: np.ndarray, stretch: Stretch, cmap: str = COLORMAP) -> np.ndarray:

@@ -216,14 +216,22 @@
     inPanel(view, "legend-min").textContent = fmt(s.vmin, 3);
     inPanel(view, "legend-max").textContent = fmt(s.vmax, 3);
     var b = answer.bands[answer.band];
+    var bar = inPanel(view, "legend-bar");
+    // The model sees nothing that sets this query apart from the panel here: say so.
+    inPanel(view, "legend-signal").textContent = answer.no_signal ? "\u26a0 " + answer.no_signal : "";
+    if (answer.legend) {  // a trust layer: its own colours, unit and what high means
+      bar.style.background = answer.legend.gradient;
+      inPanel(view, "legend-note").textContent = answer.band + ": " + answer.legend.unit + "; " +
+        answer.legend.meaning + ". " + answer.legend.stretch + ".";
+      return;
+    }
+    if (health) bar.style.background = health.gradient;
     inPanel(view, "legend-note").textContent = (s.fixed
       ? answer.band + ": the share of the reference panel's species scoring lower here; " +
         "one fixed scale, 0 to 1, for every species. "
       : "score (" + answer.band + "): raw cosine similarity; " +
         "colours from the " + s.percentile + "th percentile to the maximum. ") +
       "Cells: mean " + fmt(b.mean, 3) + ", max " + fmt(b.max, 3) + ".";
-    // The model sees nothing that sets this query apart from the panel here: say so.
-    inPanel(view, "legend-signal").textContent = answer.no_signal ? "\u26a0 " + answer.no_signal : "";
   }
 
   function setBands(bands) {
