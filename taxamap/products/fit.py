@@ -743,17 +743,12 @@ def fit_grid(
     fused: np.ndarray,
     occurrences: np.ndarray,
     background: np.ndarray | None = None,
-    *,
-    seed: int = 0,
-    cv_blocks_deg: float = DEFAULT_CV_BLOCKS_DEG,
-    folds: int = DEFAULT_FOLDS,
-    n_background: int = DEFAULT_N_BACKGROUND,
-    n_boot: int = DEFAULT_BOOTSTRAP,
-    novelty: bool = True,
+    **options,
 ) -> FitResult:
     """:func:`fit_maps` from points: ``occurrences`` and ``background`` are (N, 2) (lat, lon)
-    degrees, placed on the cells of ``grid`` (a :class:`taxamap.grid.Grid`). Points off the grid
-    are counted in a warning; TaxamapError when no occurrence falls on it."""
+    degrees, placed on the cells of ``grid`` (a :class:`taxamap.grid.Grid`); ``options`` are
+    :func:`fit_maps`'s keywords (seed, cv_blocks_deg, folds, n_background, n_boot, novelty).
+    Points off the grid are counted in a warning; TaxamapError when no occurrence falls on it."""
     presence = locate_occurrences(occurrences, grid)
     off = int((presence < 0).sum())
     if off:
@@ -770,5 +765,4 @@ def fit_grid(
                         "not used", int((back < 0).sum()), back.size)
         back = back[back >= 0]
     return fit_maps(embeddings, fused, grid.cell_latlon(), presence[presence >= 0], back,
-                    seed=seed, cv_blocks_deg=cv_blocks_deg, folds=folds,
-                    n_background=n_background, n_boot=n_boot, novelty=novelty)
+                    **options)
