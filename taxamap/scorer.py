@@ -208,7 +208,8 @@ class Scorer:
             region_name=self.region.name, region_spec=region_spec(self.options),
             region_outline=self.region.outline, resolution=self.grid.resolution,
             cells=self.options.cells, attribution=cells.attribution, license_=cells.license,
-            extra=satellite_tags(cells.sources.get("satellite")),
+            extra={**satellite_tags(cells.sources.get("satellite")),
+                   **{f"precision_{m}": p for m, p in cells.precisions.items()}},
         )
 
     def dataset(self, queries: Sequence["Query"], query_ref: str, *,

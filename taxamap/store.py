@@ -67,16 +67,24 @@ _FULL_HINT = ("free some space or pass --cache DIR (or --store DIR) on a disk wi
 _log = logging.getLogger("taxamap")
 
 
-def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict | None) -> str:
-    """The identity of a store: a hash over everything that changes its contents."""
+def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict | None,
+              precision: str = "fp32") -> str:
+    """The identity of a store: a hash over everything that changes its contents.
+
+    ``precision`` (the encoder's, :mod:`taxamap.models.precision`) enters the hash only when it
+    is not fp32, so float32 stores keep the keys they had before precisions existed, and bf16
+    and fp32 embeddings never share a store."""
+    identity = {
+        "format": KEY_FORMAT,
+        "grid": grid_definition,
+        "modality": modality,
+        "model": model_ref,
+        "source": source or {},
+    }
+    if precision != "fp32":
+        identity["precision"] = precision
     blob = json.dumps(
-        {
-            "format": KEY_FORMAT,
-            "grid": grid_definition,
-            "modality": modality,
-            "model": model_ref,
-            "source": source or {},
-        },
+        identity,
         sort_keys=True,
         default=str,
     ).encode()

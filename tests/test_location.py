@@ -156,7 +156,7 @@ def _torch_fp32_forward(state: dict, latlon: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_location(tmp_path_factory):
-    from tests.tiny import write_repo
+    from tests.helpers.tiny import write_repo
 
     root = tmp_path_factory.mktemp("models")
     write_repo(root, "MVRL/ecogeo")

@@ -86,6 +86,30 @@ def resolve_precision(requested: str | None, device) -> str:
     return choose_precision(name, device_type, cpu_flags=cpu_flags())
 
 
+def gpu_possible() -> bool:
+    """Whether a GPU may be visible to torch, judged without importing it: False only on Linux
+    with no NVIDIA (``/dev/nvidiactl``) or ROCm (``/dev/kfd``) device node, where
+    ``torch.cuda.is_available()`` is False too."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+
+
+def cell_precision(requested: str | None, device_option: str, device) -> str:
+    """The precision a cell encoder runs under the options ``--precision`` (``requested``) and
+    ``--device`` (``device_option``; ``device()`` resolves it): what keys its store, known before
+    any weights load. Torch is imported only where a GPU may be the device, so a warm query on a
+    CPU machine never imports it."""
+    name = check_precision(requested)
+    if name != "auto":
+        return name
+    if device_option == "cpu" or (device_option == "auto" and not gpu_possible()):
+        return resolve_precision(name, "cpu")
+    return resolve_precision(name, device())
+
+
 def cast_layers(layers, precision: str) -> None:
     """Give ``layers`` (torch modules) bf16 weights for ``bf16-mixed``; leave them for ``fp32``."""
     if precision == BF16_MIXED:
