@@ -34,7 +34,7 @@ import common  # noqa: F401  (puts this checkout on sys.path)
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two score maps (finite cells only; ties are rare floats)."""
     ok = np.isfinite(a) & np.isfinite(b)
-    ra = np.empty(ok.sum()); rb = np.empty(ok.sum())
+    ra, rb = np.empty(ok.sum()), np.empty(ok.sum())
     ra[np.argsort(a[ok])] = np.arange(ok.sum())
     rb[np.argsort(b[ok])] = np.arange(ok.sum())
     return float(np.corrcoef(ra, rb)[0, 1])

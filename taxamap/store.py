@@ -579,6 +579,24 @@ class EmbeddingStore:
             return f"its chunk file is cut short, {size:,} of {want:,} bytes"
         return f"its chunk file holds {size:,} bytes, not {want:,}"
 
+    def mapped_block(self, i: int) -> np.ndarray | None:
+        """Block ``i``'s rows as a read-only float16 view of its chunk file, memory-mapped (the
+        pages are the OS's file cache: nothing is copied, and they are shared between processes
+        reading the same store), or None where it cannot be mapped: a store at a URL or in
+        another codec, a chunk file that is missing or not whole. Copy-on-write mapping, so
+        nothing taxamap does to the view can reach the file."""
+        path = self._chunk_file(i)
+        if path is None or self._file_problem(i, None) is not None:
+            return None
+        try:
+            if path.stat().st_size != self.chunk_cells * self.dim * 2:
+                return None
+            view = np.memmap(path, dtype="<f2", mode="c", shape=(self.chunk_cells, self.dim))
+        except (OSError, ValueError):
+            return None
+        sl = self.chunk_slice(i)
+        return view[:sl.stop - sl.start]
+
     @staticmethod
     def _record_problem(record) -> str | None:
         if record is None:
