@@ -169,6 +169,9 @@ def embed_cells(options: GridOptions, grid: Grid, config: dict,
                 log(f"{modality}: {missing:,} of {asked:,} cells had no imagery (not found, or "
                     "still failing after retries); they are NaN in that band and fused over the "
                     "other modalities")
+        if not store.has_coordinates():
+            # New stores, and stores made before the coordinates: once (read-only ones skip).
+            store.write_coordinates(grid.cell_latlon() if latlon is None else latlon)
         store.touch()
         if plan.attribution:
             attribution, license_ = plan.attribution, plan.license
