@@ -9,7 +9,9 @@ scores queries either
   thread while the current one is scored, so memory holds a couple of blocks however large the
   grid; or
 * from memory (:meth:`Scorer.load`: ``taxamap.open_session``, the web app): every modality's
-  L2-normalised embeddings are read once and each query is one matrix product.
+  blocks are read once (CRC-checked, row lengths kept), then memory-mapped from the store as
+  float16 (:class:`CellMatrix`: no float32 copy of the grid), and each query (or several, as
+  one product) is one float16 matrix product per modality.
 
 Both end in :meth:`Scorer.dataset`, the only place a score Dataset is assembled
 (:func:`taxamap.dataset.scores_dataset`, with the request's provenance), and a block found

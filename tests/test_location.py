@@ -256,3 +256,23 @@ def test_auto_on_this_machine_follows_its_flags(tiny_location):
     assert enc.precision == ("bf16-mixed" if native else "fp32")
     dtypes = {m.weight.dtype for m in enc.module.modules() if isinstance(m, torch.nn.Linear)}
     assert dtypes == {torch.bfloat16 if native else torch.float32}
+
+
+def test_the_precision_option_is_checked_and_resolved_without_loading_weights():
+    from taxamap.errors import TaxamapError
+    from taxamap.models.precision import cell_precision
+    from taxamap.options import GridOptions
+
+    assert GridOptions().precision == "auto"
+    assert GridOptions(precision="FP32").precision == "fp32"
+    with pytest.raises(TaxamapError, match="choose auto") as err:
+        GridOptions(precision="bf16")
+    assert "--precision" in str(err.value) and "\n" not in str(err.value)
+
+    def no_device():
+        raise AssertionError("the device was resolved")
+
+    # Forced, or auto on the CPU: known from the options and the CPU flags alone.
+    assert cell_precision("fp32", "cuda", no_device) == "fp32"
+    assert cell_precision("bf16-mixed", "auto", no_device) == "bf16-mixed"
+    assert cell_precision("auto", "cpu", no_device) in ("fp32", "bf16-mixed")
