@@ -135,15 +135,14 @@ class CellMatrix:
         import torch
 
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(torch.float16)
-        out = torch.empty((q.shape[0], self.n_cells), dtype=torch.float32)
+        raw = torch.empty((q.shape[0], self.n_cells), dtype=torch.float16)
         for start, rows in self.blocks:
             stop = start + rows.shape[0]
             if q.shape[0] == 1:
-                out[0, start:stop] = torch.mv(rows, q[0])
+                torch.mv(rows, q[0], out=raw[0, start:stop])  # no temporary per block
             else:
-                out[:, start:stop] = torch.mm(q, rows.T)
-        out *= torch.from_numpy(self.inv_norms)
-        return out.numpy()
+                raw[:, start:stop] = torch.mm(q, rows.T)
+        return (raw.float() * torch.from_numpy(self.inv_norms)).numpy()
 
 
 def sum_norms(cells: dict[str, CellMatrix]) -> np.ndarray:
