@@ -57,10 +57,18 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(models_dir, cache):
-    """What taxamap.predict (the library's one-shot path) makes of the same query."""
+def oneshot(models_dir, cache):
+    """What taxamap.predict (the library's one-shot path, float32 from disk) makes of the same
+    query."""
     return taxamap.predict(species=SPECIES, bbox=BBOX, resolution=0.1, models=models_dir,
                            cache=cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(session):
+    """What the library's session (float16 cells, the server's engine) makes of the same query:
+    the server's answers must be exactly these."""
+    return session.predict(species=SPECIES)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +92,8 @@ def error_of(response, status: int) -> str:
 
 # ------------------------------------------------------------------ the session (library API)
 
-def test_session_predict_equals_taxamap_predict(session, reference):
+def test_session_predict_equals_taxamap_predict(session, oneshot):
+    reference = oneshot
     ds = session.predict(species=SPECIES)
     assert list(ds.data_vars) == list(reference.data_vars) == ["fused", "location"]
     # The session scores float16 cells (mapped from the store): within the compact bound.
