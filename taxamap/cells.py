@@ -83,6 +83,8 @@ class CellEmbeddings:
     computed_blocks: dict[str, int]
     #: Per modality, its source's describe() (what the satellite patches were: GeoTIFF tags).
     sources: dict[str, dict] = field(default_factory=dict)
+    #: Per modality with a precision choice (location, environment), its encoder's precision.
+    precisions: dict[str, str] = field(default_factory=dict)
 
 
 def _complete_store(location: str, key: str):
@@ -101,15 +103,18 @@ def _complete_store(location: str, key: str):
 
 
 def _fill_store(options: GridOptions, config: dict, modality: str, store, latlon: np.ndarray,
-                embedder, chunks: list[int] | None = None) -> int:
+                embedder, chunks: list[int] | None = None, precision: str = "fp32") -> int:
     """Compute ``store``'s unfinished blocks (or ``chunks``) here or on Dask; returns how many
-    this run computed."""
+    this run computed (``precision``: the one the store's key was made with)."""
     from taxamap import engine
 
     if options.dask:
         from taxamap.distributed import embed_on_dask
+        from taxamap.options import with_options
 
-        return embed_on_dask(options, config, modality, store, latlon, chunks=chunks)
+        # Pinned: a worker with other CPU flags must not pick another precision under "auto".
+        pinned = with_options(options, precision=precision)
+        return embed_on_dask(pinned, config, modality, store, latlon, chunks=chunks)
     return engine.embed_to_store(latlon, embedder, store, progress=options.progress, chunks=chunks)
 
 
@@ -126,11 +131,11 @@ def embed_cells(options: GridOptions, grid: Grid, config: dict,
     from taxamap.store import EmbeddingStore, damage_summary, store_key, store_location
 
     latlon = None
-    stores, refs, computed, sources = {}, {}, {}, {}
+    stores, refs, computed, sources, precisions = {}, {}, {}, {}, {}
     attribution = license_ = None
     for modality in options.modalities:
         plan = plan_modality(modality, options, config, device, grid.n_cells)
-        key = store_key(grid.definition(), modality, plan.model_ref, plan.source)
+        key = store_key(grid.definition(), modality, plan.model_ref, plan.source, plan.precision)
         location, chosen = store_location(options.store, grid.key(), modality, key, options.cache)
         store = None if verify else _complete_store(location, key)
         licence_notice(plan.attribution, plan.license)
@@ -144,7 +149,7 @@ def embed_cells(options: GridOptions, grid: Grid, config: dict,
                 location, key=key, n_cells=grid.n_cells, dim=embedder.dim,
                 attrs={"grid": grid.definition(), "modality": modality, "model": plan.model_ref,
                        "source": plan.source, "region": region,
-                       "resolution": grid.resolution},
+                       "resolution": grid.resolution, "precision": plan.precision},
                 must_match=chosen,
             )
             if latlon is None:
@@ -157,20 +162,25 @@ def embed_cells(options: GridOptions, grid: Grid, config: dict,
             if 0 < fresh and len(pending) < store.n_chunks:
                 log(f"resuming {modality}: {fresh} of {store.n_chunks} blocks left in {location}")
             computed[modality] = _fill_store(options, config, modality, store, latlon, embedder,
-                                             pending)
+                                             pending, plan.precision)
             missing = getattr(plan.stats, "cells_missing", 0) if plan.stats is not None else 0
             if missing:
                 asked = getattr(plan.stats, "cells", 0)
                 log(f"{modality}: {missing:,} of {asked:,} cells had no imagery (not found, or "
                     "still failing after retries); they are NaN in that band and fused over the "
                     "other modalities")
+        if not store.has_coordinates():
+            # New stores, and stores made before the coordinates: once (read-only ones skip).
+            store.write_coordinates(grid.cell_latlon() if latlon is None else latlon)
         store.touch()
         if plan.attribution:
             attribution, license_ = plan.attribution, plan.license
         stores[modality] = store
         refs[modality] = plan.model_ref
         sources[modality] = plan.source
-    return CellEmbeddings(stores, refs, attribution, license_, computed, sources)
+        if modality in ("location", "environment"):
+            precisions[modality] = plan.precision
+    return CellEmbeddings(stores, refs, attribution, license_, computed, sources, precisions)
 
 
 #: Rounds of "read, find a damaged block, embed it again" before a store is called failing.
@@ -203,7 +213,7 @@ def read_repairing(options: GridOptions, grid: Grid, config: dict, device: Calla
             damaged = dict(store.damaged)
             them = "it" if len(damaged) == 1 else "them"
             log(f"{damage_summary(store.location, damaged, store.n_chunks)}; re-embedding {them}")
-            embedder = plan_modality(modality, options, config, device, grid.n_cells).build()
-            n = _fill_store(options, config, modality, store, grid.cell_latlon(), embedder,
-                            sorted(damaged))
+            plan = plan_modality(modality, options, config, device, grid.n_cells)
+            n = _fill_store(options, config, modality, store, grid.cell_latlon(), plan.build(),
+                            sorted(damaged), plan.precision)
             cells.computed_blocks[modality] = cells.computed_blocks.get(modality, 0) + n

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from taxamap.errors import TaxamapError
+from taxamap.models.precision import cell_precision
 from taxamap.paths import cache_subdir
 from taxamap.surface import option
 
@@ -38,6 +39,9 @@ class ModalityPlan:
     #: The source object feeding the encoder (a satellite source's ``fetch`` returns the exact
     #: patches it was given), where the modality has one.
     data_source: object | None = None
+    #: The encoder's forward precision ("fp32" or "bf16-mixed", :mod:`taxamap.models.precision`):
+    #: part of the store's key and of the maps' tags.
+    precision: str = "fp32"
 
 
 #: A plan builder: (options, TaxaBind config, device getter, number of cells) -> plan.
@@ -54,10 +58,13 @@ def _location_plan(options, config: dict, device: Callable[[], str], n_cells: in
     from taxamap import engine
     from taxamap.models.location import CONFIG_KEY, LOCATION_FILES, load_location_encoder
 
+    precision = cell_precision(options.precision, options.device, device)
     return ModalityPlan(
         "location", _model_ref(options, config, CONFIG_KEY, LOCATION_FILES), {"kind": "coordinates"},
         lambda: engine.location_embedder(
-            load_location_encoder(options.models, device=device(), config=config)),
+            load_location_encoder(options.models, device=device(), config=config,
+                                  precision=precision)),
+        precision=precision,
     )
 
 
@@ -98,11 +105,14 @@ def _environment_plan(options, config: dict, device: Callable[[], str],
             f"{option('env-array', 'bioclim_elevation_scaled.npy')}"
         )
     features = WorldClimFeatures(options.worldclim, env_array=options.env_array)
+    precision = cell_precision(options.precision, options.device, device)
     return ModalityPlan(
         "environment", _model_ref(options, config, CONFIG_KEY, FILES), features.describe(),
         lambda: engine.environment_embedder(
-            load_environment_encoder(options.models, device=device(), config=config),
+            load_environment_encoder(options.models, device=device(), config=config,
+                                     precision=precision),
             features),
+        precision=precision,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from taxamap.errors import TaxamapError
 from taxamap.grid import DEFAULT_RESOLUTION
+from taxamap.models.precision import PRECISIONS, check_precision
 from taxamap.surface import option
 
 PathLike = str | os.PathLike
@@ -150,6 +151,12 @@ class GridOptions:
         None, EMBED, "models folder DIR/<org>/<repo>/ (default: $TAXAMAP_MODELS, else the "
         "Hugging Face cache, downloading on first use)", metavar="DIR")
     device: str = opt("auto", EMBED, "auto|cpu|cuda (default auto)")
+    precision: str = opt(
+        "auto", EMBED, "precision of the location and environment encoders: auto (default: "
+        "their MLP layers in bf16, projection and Fourier features in float32, where the "
+        "hardware runs bf16 natively: CPUs with AVX512-BF16/AMX, CUDA GPUs; float32 elsewhere) "
+        "or fp32 (force float32, as TaxaBind trained them). Stores and GeoTIFF tags record it, "
+        "so maps of either precision never mix", choices=PRECISIONS, parse=str.lower)
     cache: PathLike | None = opt(
         None, EMBED, "cache for tiles, taxonomy answers and embedding stores (default: the user "
         "cache dir, or $TAXAMAP_CACHE)", metavar="DIR")
@@ -201,6 +208,7 @@ class GridOptions:
         _set(self, "cells", check_cells(self.cells))
         _set(self, "modalities", tuple(parse_modalities(self.modalities)))
         _set(self, "device", str(self.device or "auto").strip().lower())
+        _set(self, "precision", check_precision(self.precision))
         _set(self, "workers", _positive(self.workers, "workers", "a whole number of 1 or more",
                                         int))
         if self.sat_source not in SAT_SOURCES:

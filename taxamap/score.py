@@ -90,3 +90,29 @@ def fuse(
     """:func:`fuse_many` for one query (D,): returns (fused (N,), {modality: (N,)})."""
     fused, per = fuse_many(embeddings, np.asarray(query).reshape(1, -1), fusion)
     return fused[0], {m: v[0] for m, v in per.items()}
+
+
+def fuse_scored(per: dict[str, np.ndarray], fusion: str = DEFAULT_FUSION,
+                sum_norms: np.ndarray | None = None) -> np.ndarray:
+    """The fused (S, N) map of per-modality cosines ``per`` (NaN where a cell has no embedding
+    of that modality), as :func:`fuse_many` fuses them: ``mean`` averages the cosines a cell
+    has; ``sum`` (TaxaBind's rule) is their sum over ``sum_norms``, the length of the sum of
+    the cell's unit embeddings (NaN where it has none): (sum of e_m / |e_m|) . q / |sum| is
+    exactly that, so the fused score needs no embedding but the per-modality scores."""
+    fusion = check_fusion(fusion)
+    maps = list(per.values())
+    if len(maps) == 1:
+        return maps[0].copy()
+    finite = [np.isfinite(m) for m in maps]
+    total = np.zeros_like(maps[0])
+    count = np.zeros(maps[0].shape, dtype=np.int32)
+    for m, ok in zip(maps, finite):
+        np.add(total, m, out=total, where=ok)
+        count += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if fusion == "mean":
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
+        if sum_norms is None:
+            raise ValueError("sum fusion of several modalities needs sum_norms")
+        return np.where(count > 0, total / sum_norms, np.nan).astype(np.float32)
+

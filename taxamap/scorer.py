@@ -9,7 +9,9 @@ scores queries either
   thread while the current one is scored, so memory holds a couple of blocks however large the
   grid; or
 * from memory (:meth:`Scorer.load`: ``taxamap.open_session``, the web app): every modality's
-  L2-normalised embeddings are read once and each query is one matrix product.
+  blocks are read once (CRC-checked, row lengths kept), then memory-mapped from the store as
+  float16 (:class:`CellMatrix`: no float32 copy of the grid), and each query (or several, as
+  one product) is one float16 matrix product per modality.
 
 Both end in :meth:`Scorer.dataset`, the only place a score Dataset is assembled
 (:func:`taxamap.dataset.scores_dataset`, with the request's provenance), and a block found
@@ -28,7 +30,7 @@ import numpy as np
 from taxamap.cells import (CellEmbeddings, build_grid, check_grid_paths, embed_cells, log,
                            read_repairing)
 from taxamap.errors import TaxamapError
-from taxamap.score import fuse_many
+from taxamap.score import fuse_many, fuse_scored, normalize
 from taxamap.surface import option
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,23 +66,111 @@ def check_scored(per: dict[str, np.ndarray]) -> None:
                 f"{option('worldclim')}) and run again")
 
 
-def _normalised(store) -> tuple[np.ndarray, np.ndarray]:
-    """A store's embeddings as one L2-normalised float32 (N, D) array, read block by block, and
-    the row norms to hand :func:`~taxamap.score.fuse_many` (1 for embedded cells, NaN for cells
-    the modality could not embed, whose rows are zeroed)."""
-    n, dim = store.n_cells, store.dim
-    out = np.empty((n, dim), dtype=np.float32)
-    norms = np.empty(n, dtype=np.float32)
+class CellMatrix:
+    """One modality's cells, held for scoring in memory without a float32 copy of the grid.
+
+    ``blocks``: (first row, float16 tensor of rows) per store block; a block is a
+    memory-mapped view of the store's chunk file where the store is a local folder of plain
+    bytes (:meth:`~taxamap.store.EmbeddingStore.mapped_block`: nothing copied, file cache
+    pages), else a float16 copy of its rows (the store's own bytes: scores are the same).
+    ``inv_norms``: 1 / row length in float32 (NaN for a cell the modality could not embed), so
+    a cosine is one float16 dot product scaled once, and the NaN cells stay NaN.
+    """
+
+    def __init__(self, n_cells: int, blocks: list, inv_norms: np.ndarray, mapped: list[bool]):
+        self.n_cells, self.blocks, self.inv_norms, self.mapped = n_cells, blocks, inv_norms, mapped
+
+    @classmethod
+    def from_store(cls, store) -> "CellMatrix":
+        """Each block of ``store`` read once (its CRC checked: :meth:`EmbeddingStore.read`) for
+        its row lengths, then mapped (or, where it cannot be, kept as float16)."""
+        import torch
+
+        inv = np.full(store.n_cells, np.nan, dtype=np.float32)
+        blocks, mapped = [], []
+        for b in range(store.n_chunks):
+            rows = store.chunk_slice(b)
+            block = store.read(rows)
+            length = np.sqrt(np.einsum("ij,ij->i", block, block))
+            ok = np.isfinite(length) & (length > 0)
+            inv[rows][ok] = 1.0 / length[ok]
+            view = store.mapped_block(b)
+            mapped.append(view is not None)
+            rows16 = view if view is not None else block.astype(np.float16)
+            del block
+            blocks.append((rows.start, torch.from_numpy(rows16)))
+        return cls(store.n_cells, blocks, inv, mapped)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes this process holds for these cells (the copies and the row lengths; mapped
+        blocks are the OS's file cache)."""
+        copies = sum(t.numel() * t.element_size()
+                     for (_, t), m in zip(self.blocks, self.mapped) if not m)
+        return int(copies + self.inv_norms.nbytes)
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of the store's chunk files mapped (read from the file cache while scoring)."""
+        return int(sum(t.numel() * t.element_size()
+                       for (_, t), m in zip(self.blocks, self.mapped) if m))
+
+    @property
+    def dtypes(self) -> set:
+        """The element types held (float16 only: no float32 copy of the cells)."""
+        return {t.dtype for _, t in self.blocks} | {self.inv_norms.dtype}
+
+    def cosines(self, queries: np.ndarray) -> np.ndarray:
+        """(S, N) float32 cosines of unit ``queries`` (S, D) with every cell (NaN where the cell
+        has no embedding).
+
+        Kernel: torch's float16 GEMV/GEMM on CPU (``torch.mv`` for one query, one
+        ``torch.mm`` per block for several), which reads the float16 rows once, widens them in
+        registers and accumulates in float32. Scoring is bound by reading the rows, so half the
+        bytes of float32 is about half the time; NumPy has no float16 BLAS kernel (its
+        ``matmul`` on float16 loops in C, ~60x slower) and a float32 copy would double the
+        memory. The float16 result (relative rounding 2^-11) is scaled by the row lengths in
+        float32.
+        """
+        import torch
+
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(torch.float16)
+        raw = torch.empty((q.shape[0], self.n_cells), dtype=torch.float16)
+        for start, rows in self.blocks:
+            stop = start + rows.shape[0]
+            if q.shape[0] == 1:
+                torch.mv(rows, q[0], out=raw[0, start:stop])  # no temporary per block
+            else:
+                raw[:, start:stop] = torch.mm(q, rows.T)
+        return (raw.float() * torch.from_numpy(self.inv_norms)).numpy()
+
+
+def sum_norms(cells: dict[str, CellMatrix]) -> np.ndarray:
+    """Per cell, the length of the sum of its modalities' unit embeddings (NaN where it has
+    none): what the ``sum`` fusion divides by (:func:`~taxamap.score.fuse_scored`)."""
+    n = next(iter(cells.values())).n_cells
+    out = np.full(n, np.nan, dtype=np.float32)
     for start in range(0, n, BLOCK_CELLS):
-        rows = slice(start, min(start + BLOCK_CELLS, n))
-        block = store.read(rows)
-        length = np.sqrt(np.einsum("ij,ij->i", block, block))
-        ok = np.isfinite(length) & (length > 0)
-        block[~ok] = 0.0
-        block[ok] /= length[ok, None]
-        out[rows] = block
-        norms[rows] = np.where(ok, 1.0, np.nan)
-    return out, norms
+        stop = min(start + BLOCK_CELLS, n)
+        total = np.zeros((stop - start, 1), dtype=np.float32)
+        held = np.zeros(stop - start, dtype=bool)
+        for matrix in cells.values():
+            inv = matrix.inv_norms[start:stop]
+            ok = np.isfinite(inv)
+            total = total + np.where(ok[:, None], _rows(matrix, start, stop) * inv[:, None], 0)
+            held |= ok
+        out[start:stop] = np.where(held, np.linalg.norm(total, axis=1), np.nan)
+    return out
+
+
+def _rows(matrix: CellMatrix, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``matrix`` as float32 (a block-sized copy)."""
+    parts = []
+    for first, block in matrix.blocks:
+        lo, hi = max(start, first), min(stop, first + block.shape[0])
+        if lo < hi:
+            parts.append(block[lo - first:hi - first].float().numpy())
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def score_stores(stores: dict, queries: np.ndarray, fusion: str,
@@ -128,7 +218,8 @@ class Scorer:
         self.config, self.config_ref = load_config(options.models)
         self.region, self.grid = build_grid(options)
         self.cells: CellEmbeddings | None = None
-        self._memory: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._memory: dict[str, CellMatrix] | None = None
+        self._sum_norms: np.ndarray | None = None  # the sum fusion's divisor, in memory
         # (extra bands, the first one-query Dataset with them): later ones are made like it
         self._template: tuple[tuple[str, ...], "xr.Dataset"] | None = None
         self._region_mess = None  # the cells' MESS against the region, made once per grid
@@ -151,20 +242,19 @@ class Scorer:
         return read_repairing(self.options, self.grid, self.config, self.device, self.cells, read)
 
     def load(self) -> None:
-        """Hold every modality's L2-normalised cell embeddings in memory (a block found damaged
-        on the way is embedded again first)."""
+        """Make every modality's cells ready to score from memory without a float32 copy of the
+        grid: each block is read once (its CRC checked; a block found damaged on the way is
+        embedded again first), its row lengths kept, its float16 rows memory-mapped from the
+        store (or copied as float16 where the store cannot be mapped): :class:`CellMatrix`."""
         def read() -> dict:
-            return {m: _normalised(store) for m, store in self.cells.stores.items()}
+            return {m: CellMatrix.from_store(store) for m, store in self.cells.stores.items()}
 
         self._memory = self._repairing(read)
-        for modality, (_, norms) in self._memory.items():
-            if not np.isfinite(norms).any():
-                check_scored({modality: norms})
-
-    def cell_arrays(self) -> dict[str, np.ndarray] | None:
-        """{modality: (N, D)} L2-normalised cell embeddings held in memory (rows of zeros where
-        a modality has no embedding), or None when scoring from disk."""
-        return None if self._memory is None else {m: e for m, (e, _) in self._memory.items()}
+        for modality, matrix in self._memory.items():
+            if not np.isfinite(matrix.inv_norms).any():
+                check_scored({modality: matrix.inv_norms})
+        if self.options.fusion == "sum" and len(self._memory) > 1:
+            self._sum_norms = sum_norms(self._memory)
 
     @property
     def in_memory(self) -> bool:
@@ -172,14 +262,25 @@ class Scorer:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of cell embeddings held in memory (0 when scoring from disk)."""
-        return int(sum(e.nbytes + n.nbytes for e, n in (self._memory or {}).values()))
+        """Bytes of cell data this process holds for in-memory scoring (float16 copies, row
+        lengths; 0 when scoring from disk). Mapped store files are :attr:`mapped_bytes`."""
+        extra = 0 if self._sum_norms is None else self._sum_norms.nbytes
+        return int(sum(m.held_bytes for m in (self._memory or {}).values()) + extra)
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of store files memory-mapped for in-memory scoring."""
+        return int(sum(m.mapped_bytes for m in (self._memory or {}).values()))
+
+    def held_dtypes(self) -> set:
+        """The element types of the cell data held for in-memory scoring."""
+        return set().union(*(m.dtypes for m in (self._memory or {}).values()))
 
     def embedded_cells(self) -> dict[str, int]:
         """Cells each modality has an embedding for (held in memory, or by the stores' check
         records)."""
         if self._memory is not None:
-            return {m: int(np.isfinite(n).sum()) for m, (_, n) in self._memory.items()}
+            return {m: int(np.isfinite(c.inv_norms).sum()) for m, c in self._memory.items()}
         stores = self.cells.stores if self.cells else {}
         return {m: int(s.embedded_cells() or 0) for m, s in stores.items()}
 
@@ -187,8 +288,8 @@ class Scorer:
         """Cells with an embedding from at least one modality held in memory: the cells a map
         can score."""
         held = np.zeros(self.grid.n_cells, dtype=bool)
-        for _, norms in (self._memory or {}).values():
-            held |= np.isfinite(norms)
+        for matrix in (self._memory or {}).values():
+            held |= np.isfinite(matrix.inv_norms)
         return int(held.sum())
 
     # ------------------------------------------------------------------ scores
@@ -199,8 +300,9 @@ class Scorer:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         fusion = self.options.fusion
         if self._memory is not None:
-            return fuse_many({m: e for m, (e, _) in self._memory.items()}, vectors, fusion,
-                             row_norms={m: n for m, (_, n) in self._memory.items()})
+            unit = normalize(vectors)
+            per = {m: matrix.cosines(unit) for m, matrix in self._memory.items()}
+            return fuse_scored(per, fusion, self._sum_norms), per
         return self._repairing(lambda: score_stores(self.cells.stores, vectors, fusion))
 
     def provenance(self, query_ref: str, modalities: Sequence[str]) -> dict[str, str]:
@@ -215,7 +317,8 @@ class Scorer:
             region_name=self.region.name, region_spec=region_spec(self.options),
             region_outline=self.region.outline, resolution=self.grid.resolution,
             cells=self.options.cells, attribution=cells.attribution, license_=cells.license,
-            extra=satellite_tags(cells.sources.get("satellite")),
+            extra={**satellite_tags(cells.sources.get("satellite")),
+                   **{f"precision_{m}": p for m, p in cells.precisions.items()}},
         )
 
     # ------------------------------------------------------------------ trust bands
@@ -348,6 +451,7 @@ def open_scorer(options: "MapOptions", *, in_memory: bool = False, verify: bool 
     if in_memory:
         scorer.load()
         log(f"cells ready in {time.perf_counter() - t0:.1f} s: "
-            f"{scorer.memory_bytes / 2**20:,.0f} MiB of cell embeddings in memory "
+            f"{scorer.mapped_bytes / 2**20:,.0f} MiB of float16 cell embeddings mapped from "
+            f"the stores, {scorer.memory_bytes / 2**20:,.0f} MiB held "
             f"({', '.join(scorer.modalities)})")
     return scorer

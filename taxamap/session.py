@@ -1,8 +1,9 @@
 """A map session: one grid kept ready to map any query in milliseconds (the web app's engine).
 
 :func:`taxamap.open_session` opens a :class:`~taxamap.scorer.Scorer` over one grid, completes its
-stores (embedding the missing blocks, with progress) and holds every modality's cell embeddings in
-memory. A :class:`MapSession` is that scorer plus the query encoders (text, photo, sound: loaded
+stores (embedding the missing blocks, with progress) and keeps every modality's cell embeddings
+ready in memory: float16 rows memory-mapped from the stores, 4 bytes per cell held
+(:class:`~taxamap.scorer.CellMatrix`). A :class:`MapSession` is that scorer plus the query encoders (text, photo, sound: loaded
 on first use, kept) and bounded caches of embedded species and of recent maps: each
 :meth:`MapSession.predict` is one matrix product per modality and returns the same
 ``xarray.Dataset`` as :func:`taxamap.predict` (:mod:`taxamap.dataset`).

@@ -61,22 +61,49 @@ STORE_FORMAT = 2
 #: rows. 0 means no record.
 CHECK_CRC32 = 1
 
+#: Each array's dimensions (Zarr v3 ``dimension_names``: what xarray reads a store's variables
+#: by; docs/store.md).
+DIMENSION_NAMES = {"emb": ("cell", "feature"), "check": ("block", "record"), "done": ("block",),
+                   "lat": ("cell",), "lon": ("cell",)}
+#: The attributes of ``emb``: CF ``coordinates`` make ``lat``/``lon`` its coordinates in xarray.
+EMB_ATTRS = {
+    "coordinates": "lat lon",
+    "long_name": "cell embedding",
+    "encoding": "float16 (IEEE half, little-endian) of the L2-normalised float32 embedding; a "
+                "row of NaN is a cell the modality could not embed",
+}
+#: Group attributes describing the layout (docs/store.md), in every store made or upgraded.
+LAYOUT_ATTRS = {
+    "encoding": "float16",
+    "cell_order": "the grid's kept cells in row-major order (north to south, then west to "
+                  "east): lat/lon give each cell's centre",
+    "docs": "docs/store.md in taxamap's source",
+}
+
 _FULL_HINT = ("free some space or pass --cache DIR (or --store DIR) on a disk with room; blocks "
               "already written are kept and the same command resumes")
 
 _log = logging.getLogger("taxamap")
 
 
-def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict | None) -> str:
-    """The identity of a store: a hash over everything that changes its contents."""
+def store_key(grid_definition: dict, modality: str, model_ref: str, source: dict | None,
+              precision: str = "fp32") -> str:
+    """The identity of a store: a hash over everything that changes its contents.
+
+    ``precision`` (the encoder's, :mod:`taxamap.models.precision`) enters the hash only when it
+    is not fp32, so float32 stores keep the keys they had before precisions existed, and bf16
+    and fp32 embeddings never share a store."""
+    identity = {
+        "format": KEY_FORMAT,
+        "grid": grid_definition,
+        "modality": modality,
+        "model": model_ref,
+        "source": source or {},
+    }
+    if precision != "fp32":
+        identity["precision"] = precision
     blob = json.dumps(
-        {
-            "format": KEY_FORMAT,
-            "grid": grid_definition,
-            "modality": modality,
-            "model": model_ref,
-            "source": source or {},
-        },
+        identity,
         sort_keys=True,
         default=str,
     ).encode()
@@ -217,7 +244,8 @@ def _n_chunks(n_cells: int, chunk_cells: int) -> int:
 
 def _create_check(group, n_chunks: int):
     return group.create_array("check", shape=(n_chunks, 3), chunks=(1, 3), dtype="uint64",
-                              fill_value=0, overwrite=True, compressors=None)
+                              fill_value=0, overwrite=True, compressors=None,
+                              dimension_names=DIMENSION_NAMES["check"])
 
 
 def _create_arrays(group, n_cells: int, dim: int, chunk_cells: int) -> None:
@@ -225,15 +253,17 @@ def _create_arrays(group, n_cells: int, dim: int, chunk_cells: int) -> None:
     n_chunks = _n_chunks(n_cells, chunk_cells)
     # Uncompressed: embeddings barely compress, and a warm query reads them all; a chunk file's
     # size is then known, so a cut-short one is seen without reading it.
-    group.create_array("emb", shape=(n_cells, dim), chunks=(chunk_cells, dim), dtype="float16",
-                       fill_value=np.nan, overwrite=True, compressors=None)
+    emb = group.create_array("emb", shape=(n_cells, dim), chunks=(chunk_cells, dim),
+                             dtype="float16", fill_value=np.nan, overwrite=True, compressors=None,
+                             dimension_names=DIMENSION_NAMES["emb"])
+    emb.attrs.update(EMB_ATTRS)
     _create_check(group, n_chunks)
     group.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                       overwrite=True, compressors=None)
+                       overwrite=True, compressors=None, dimension_names=DIMENSION_NAMES["done"])
 
 
 def _store_attrs(attrs: dict, key: str, n_cells: int, dim: int, chunk_cells: int) -> dict:
-    meta = dict(attrs)
+    meta = {**LAYOUT_ATTRS, **attrs}
     meta.update(key=key, chunk_cells=chunk_cells, taxamap_version=__version__,
                 format=STORE_FORMAT, n_cells=n_cells, dim=dim)
     return meta
@@ -509,6 +539,64 @@ class EmbeddingStore:
                       f"{'it' if len(lost) == 1 else 'them'} again")
             self.forget(lost)
 
+    def has_coordinates(self) -> bool:
+        """Whether the store holds each cell's ``lat``/``lon`` and the dimension names that let
+        xarray open it (stores made before them lack both)."""
+        try:
+            return "lat" in self.group and "lon" in self.group and bool(
+                self.emb.metadata.dimension_names)
+        except Exception:
+            return False
+
+    def write_coordinates(self, latlon: np.ndarray) -> bool:
+        """Give the store its per-cell ``lat``/``lon`` (``latlon``: (n_cells, 2) degrees, cell
+        centres) and its arrays their dimension names, so zarr and xarray users can open it
+        without taxamap (docs/store.md). An older store is upgraded in place; a read-only one,
+        or one at a URL whose arrays lack dimension names, is left as it is (False)."""
+        latlon = np.asarray(latlon, dtype=np.float64)
+        if latlon.shape != (self.n_cells, 2):
+            raise ValueError(f"latlon must be ({self.n_cells}, 2), got {latlon.shape}")
+        try:
+            for i, (name, units, long_name) in enumerate((
+                    ("lat", "degrees_north", "latitude of the cell centre"),
+                    ("lon", "degrees_east", "longitude of the cell centre, in [-180, 180)"))):
+                arr = self.group.create_array(
+                    name, shape=(self.n_cells,), chunks=(max(1, self.n_cells),), dtype="float64",
+                    overwrite=True, compressors=None, dimension_names=DIMENSION_NAMES[name])
+                arr[:] = latlon[:, i]
+                arr.attrs.update(units=units, long_name=long_name)
+            missing = {k: v for k, v in LAYOUT_ATTRS.items() if k not in self.group.attrs}
+            if missing:
+                self.group.attrs.update(missing)
+            if not self.emb.metadata.dimension_names:
+                return self._name_dimensions()
+        except Exception:  # read-only: used as it is
+            return False
+        return True
+
+    def _name_dimensions(self) -> bool:
+        """Add ``dimension_names`` (and ``emb``'s attributes) to a local store's array metadata
+        made before taxamap wrote them: each ``zarr.json`` rewritten atomically (the chunks are
+        untouched)."""
+        from taxamap.io import atomic_write
+
+        root = local_root(self.location)
+        if root is None:
+            return False
+        for name in ("emb", "check", "done"):
+            path = root / name / "zarr.json"
+            if not path.exists():
+                continue
+            doc = json.loads(path.read_bytes())
+            doc["dimension_names"] = list(DIMENSION_NAMES[name])
+            if name == "emb":
+                doc["attributes"] = {**EMB_ATTRS, **doc.get("attributes", {})}
+            atomic_write(path, json.dumps(doc, indent=2), what="naming the store's dimensions",
+                         hint=_FULL_HINT)
+        for name in ("emb", "check", "done"):
+            self.__dict__.pop(name, None)  # read again, with their names
+        return True
+
     # ------------------------------------------------------------------ blocks
 
     def chunk_slice(self, i: int) -> slice:
@@ -578,6 +666,24 @@ class EmbeddingStore:
         if size < want:
             return f"its chunk file is cut short, {size:,} of {want:,} bytes"
         return f"its chunk file holds {size:,} bytes, not {want:,}"
+
+    def mapped_block(self, i: int) -> np.ndarray | None:
+        """Block ``i``'s rows as a read-only float16 view of its chunk file, memory-mapped (the
+        pages are the OS's file cache: nothing is copied, and they are shared between processes
+        reading the same store), or None where it cannot be mapped: a store at a URL or in
+        another codec, a chunk file that is missing or not whole. Copy-on-write mapping, so
+        nothing taxamap does to the view can reach the file."""
+        path = self._chunk_file(i)
+        if path is None or self._file_problem(i, None) is not None:
+            return None
+        try:
+            if path.stat().st_size != self.chunk_cells * self.dim * 2:
+                return None
+            view = np.memmap(path, dtype="<f2", mode="c", shape=(self.chunk_cells, self.dim))
+        except (OSError, ValueError):
+            return None
+        sl = self.chunk_slice(i)
+        return view[:sl.stop - sl.start]
 
     @staticmethod
     def _record_problem(record) -> str | None:

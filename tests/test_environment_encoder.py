@@ -116,3 +116,54 @@ def test_worldclim_features_into_encoder(encoder, tmp_path):
     emb = encoder.encode(WorldClimFeatures(wc.folder).features(pts))
     # (0, 0) and the western band are open water in the fixture: masked, the rest embedded.
     assert np.isnan(emb[[0, 2]]).all() and not np.isnan(emb[[1, 3]]).any()
+
+
+# --- precision (issue 20): bf16 residual blocks where the hardware has bf16 ---
+
+def test_forced_fp32_is_bit_identical_to_the_float32_forward(models):
+    import torch
+
+    enc = load_environment_encoder(models_dir=models, precision="fp32")
+    assert enc.precision == "fp32"
+    assert all(p.dtype == torch.float32 for p in enc.model.parameters())
+    w = {k: torch.from_numpy(v)
+         for k, v in load_file(str(models / "MVRL/ecoclim/model.safetensors")).items()}
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(500, 20)).astype(np.float32))
+    h = torch.relu(torch.nn.functional.linear(x, w["feats.0.weight"], w["feats.0.bias"]))
+    for i in range(2, tiny_env.CONFIG["depth"] + 2):
+        y = torch.relu(torch.nn.functional.linear(h, w[f"feats.{i}.w1.weight"],
+                                                  w[f"feats.{i}.w1.bias"]))
+        y = torch.relu(torch.nn.functional.linear(y, w[f"feats.{i}.w2.weight"],
+                                                  w[f"feats.{i}.w2.bias"]))
+        h = h + y
+    expected = torch.nn.functional.normalize(h, dim=-1).numpy()
+    np.testing.assert_array_equal(enc.encode(x.numpy()), expected)
+
+
+def test_bf16_mixed_scores_within_bound_input_layer_float32(models, encoder):
+    import torch
+
+    mixed = load_environment_encoder(models_dir=models, precision="bf16-mixed")
+    assert mixed.precision == "bf16-mixed"
+    first, *blocks = [m for m in mixed.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert first.weight.dtype == torch.float32 and first.in_features == 20
+    assert len(blocks) == 2 * tiny_env.CONFIG["depth"]
+    assert all(m.weight.dtype == torch.bfloat16 for m in blocks)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 20)).astype(np.float32)
+    x[[5, 9]] = np.nan
+    a, b = encoder.encode(x), mixed.encode(x)
+    assert np.isnan(b[[5, 9]]).all() and b.dtype == np.float32
+    a, b = np.delete(a, [5, 9], axis=0), np.delete(b, [5, 9], axis=0)
+    assert not np.array_equal(a, b)  # the bf16 layers did run
+    assert np.sum(a * b, axis=1).min() >= 0.9999
+    random = rng.normal(size=(20, 512))
+    queries = np.r_[random / np.linalg.norm(random, axis=1, keepdims=True), a[:20]]
+    delta = np.abs((a[20:] - b[20:]) @ queries.T)
+    assert np.percentile(delta, 99) <= 0.002
+
+
+def test_unknown_precision_is_one_line_before_loading(models):
+    with pytest.raises(TaxamapError, match="choose auto") as err:
+        load_environment_encoder(models_dir=models, precision="half")
+    assert "\n" not in str(err.value)

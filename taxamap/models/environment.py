@@ -4,6 +4,10 @@ Input: the 20 scaled climate features of a place (see :mod:`taxamap.sources.worl
 Output: a 512-d embedding in TaxaBind's shared space, L2-normalised here (the network's output is
 not). Sizes come from the repo's ``config.json`` (``num_inputs``, ``num_filts``, ``depth``), so a
 small model written in the same layout loads through this same code.
+
+Precision (:mod:`taxamap.models.precision`): ``bf16-mixed`` runs the residual blocks' layers in
+bf16 and keeps the input layer (20 features, ~0.5 % of the work), the residual sums and the
+output in float32.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 
 from taxamap.errors import TaxamapError
 from taxamap.models.hub import encoder_repo, load_config, load_weights, read_json, resolve
+from taxamap.models.precision import cast_layers, check_precision, resolve_precision
 
 #: The TaxaBind config key naming this encoder's repo.
 CONFIG_KEY = "env_encoder"
@@ -37,9 +42,12 @@ def _build_network(num_inputs: int, num_filts: int, depth: int, dropout: float =
             self.dropout = nn.Dropout(dropout)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = torch.relu(self.w1(x))
+            # The layers run in their weights' dtype (bf16 under bf16-mixed), the residual sum
+            # in x's float32 so that rounding does not pile up over the blocks (.to is a no-op
+            # under fp32).
+            y = torch.relu(self.w1(x.to(self.w1.weight.dtype)))
             y = torch.relu(self.w2(self.dropout(y)))
-            return x + y
+            return x + y.to(x.dtype)
 
     class ResidualFCNet(nn.Module):
         def __init__(self) -> None:
@@ -62,9 +70,11 @@ FILES = ["config.json", "model.safetensors"]
 class EnvironmentEncoder:
     """Climate features ``(N, num_inputs)`` -> L2-normalised embeddings ``(N, 512)``."""
 
-    def __init__(self, model, ref: str, device, config: dict) -> None:
+    def __init__(self, model, ref: str, device, config: dict, precision: str = "fp32") -> None:
         self.model = model
         self.ref = ref
+        #: "fp32" or "bf16-mixed": what the forward pass runs, for store keys and GeoTIFF tags.
+        self.precision = precision
         self.device = str(device)
         self.config = config
         self.num_inputs = int(config["num_inputs"])
@@ -97,12 +107,16 @@ def load_environment_encoder(
     models_dir: str | os.PathLike | None = None,
     device="cpu",
     config: dict | None = None,
+    precision: str = "fp32",
 ) -> EnvironmentEncoder:
     """Load the environment encoder named by the TaxaBind config (default ``MVRL/ecoclim``).
 
     ``config`` is the TaxaBind entry config (from :func:`taxamap.models.hub.load_config`); it is
-    read from ``models_dir``/the Hub when not given.
+    read from ``models_dir``/the Hub when not given. ``precision``: "fp32", "bf16-mixed" or
+    "auto" (bf16-mixed where the hardware runs bf16 natively, see
+    :mod:`taxamap.models.precision`); the encoder's ``precision`` says which ran.
     """
+    check_precision(precision)
     if config is None:
         config, _ = load_config(models_dir)
     repo = resolve(encoder_repo(config, CONFIG_KEY), FILES,
@@ -139,4 +153,6 @@ def load_environment_encoder(
 
     dev = resolve_device(device)
     model = model.to(dev).eval()  # eval: the residual blocks' dropout must be off
-    return EnvironmentEncoder(model, repo.ref, dev, {**net_config, **sizes})
+    chosen = resolve_precision(precision, dev)
+    cast_layers(list(model.feats)[2:], chosen)  # the blocks; feats.0 takes the raw features
+    return EnvironmentEncoder(model, repo.ref, dev, {**net_config, **sizes}, precision=chosen)

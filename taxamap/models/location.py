@@ -8,6 +8,10 @@ output is not normalised by the model; :meth:`LocationEncoder.encode` normalises
 Layer sizes are read from the checkpoint's tensor shapes and the number of branches from the keys,
 so the released model, GeoCLIP's own ``location_encoder_weights.pth`` and a tiny test model all load
 through this one code path.
+
+Precision (:mod:`taxamap.models.precision`): ``fp32`` runs everything in float32; ``bf16-mixed``
+keeps the projection, the Fourier features and the sum of the branches in float32 and runs each
+branch's MLP and head in bf16.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from taxamap.errors import TaxamapError
 from taxamap.models import hub
+from taxamap.models.precision import cast_layers, resolve_precision
 
 #: The TaxaBind config key naming this encoder's repo.
 CONFIG_KEY = "location_encoder"
@@ -92,7 +97,13 @@ def _build_module(state: dict):
             self.head = nn.Sequential(nn.Linear(in_f, out_f))
 
         def forward(self, x):
-            return self.head(self.capsule(x))
+            # The Fourier features stay float32 (cos of ~1e3 radians); the layers after them run
+            # in their weights' dtype (bf16 under bf16-mixed; .to is a no-op under fp32).
+            rff, *mlp = self.capsule
+            h = rff(x).to(self.head[0].weight.dtype)
+            for layer in mlp:
+                h = layer(h)
+            return self.head(h).float()
 
     class GeoLocationEncoder(nn.Module):
         def __init__(self):
@@ -115,9 +126,12 @@ def _build_module(state: dict):
 class LocationEncoder:
     """Embeds (lat, lon) points; :meth:`encode` returns L2-normalised float32 (N, dim)."""
 
-    def __init__(self, state: dict, ref: str, device: str = "cpu", batch_size: int | None = None):
+    def __init__(self, state: dict, ref: str, device: str = "cpu", batch_size: int | None = None,
+                 precision: str = "fp32"):
         import torch
 
+        #: "fp32" or "bf16-mixed": what the forward pass runs, for store keys and GeoTIFF tags.
+        self.precision = resolve_precision(precision, device)
         # Some hub-mixin exports prefix every key; strip a common "model." prefix if present.
         if state and all(k.startswith("model.") for k in state):
             state = {k[len("model."):]: v for k, v in state.items()}
@@ -128,6 +142,8 @@ class LocationEncoder:
                 f"location checkpoint {ref} is missing weights: {', '.join(missing[:5])}"
             )
         self.module.eval().to(device)
+        cast_layers([m for m in self.module.modules() if isinstance(m, torch.nn.Linear)],
+                    self.precision)
         self.ref = ref
         self.device = str(device)
         # On CPU, batches of ~1k points keep each layer's activations (N x 1024 floats) in cache:
@@ -164,21 +180,25 @@ def load_location_encoder(
     device: str = "cpu",
     config: dict | None = None,
     checkpoint: str | os.PathLike | None = None,
+    precision: str = "fp32",
 ) -> LocationEncoder:
     """Load TaxaBind's location encoder.
 
     ``checkpoint`` may name a state-dict file directly (``.safetensors`` or ``.pth``, e.g.
     GeoCLIP's ``location_encoder_weights.pth``); otherwise the repo named by the TaxaBind config
     (``MVRL/ecogeo``) is resolved from the models folder or the Hugging Face cache.
+    ``precision``: "fp32", "bf16-mixed" or "auto" (bf16-mixed where the hardware runs bf16
+    natively, see :mod:`taxamap.models.precision`); the encoder's ``precision`` says which ran.
     """
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise TaxamapError(f"location checkpoint {path} does not exist")
-        return LocationEncoder(hub.load_weights(path), ref=f"file:{path.name}", device=device)
+        return LocationEncoder(hub.load_weights(path), ref=f"file:{path.name}", device=device,
+                               precision=precision)
     if config is None:
         config, _ = hub.load_config(models_dir)
     repo = hub.resolve(hub.encoder_repo(config, CONFIG_KEY), LOCATION_FILES, models_dir=models_dir)
     hub.read_json(repo.file("config.json"))  # validates it is readable; sizes come from weights
     state = hub.load_weights(repo.file("model.safetensors"))
-    return LocationEncoder(state, ref=repo.ref, device=device)
+    return LocationEncoder(state, ref=repo.ref, device=device, precision=precision)

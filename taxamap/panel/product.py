@@ -126,7 +126,7 @@ class GridPanel:
         scorer = self.scorer
         return relative_scores(self.reference, scorer.cells.stores, fused, list(prompts),
                                self.options.fusion, cache_dir=self.cache,
-                               cell_source=scorer.cell_arrays(), progress=self.progress)
+                               progress=self.progress)
 
     def relative_band(self, fused: np.ndarray, queries: Sequence) -> tuple[np.ndarray, list[dict]]:
         """The ``relative`` (S, N) of ``queries`` (with ``.prompt`` and ``.label``) scored
@@ -149,9 +149,10 @@ class GridPanel:
         from taxamap.panel.reference import species_at
 
         scorer = self.scorer
-        cells = scorer.cell_arrays() or scorer.cells.stores
-        return species_at(self.reference, scorer.grid, cells, lat, lon, self.options.fusion,
-                          top)
+        # One cell's rows, read from the stores (a session's cells are float16 blocks mapped
+        # from them, not arrays to index).
+        return species_at(self.reference, scorer.grid, scorer.cells.stores, lat, lon,
+                          self.options.fusion, top)
 
 
 def mark_verdicts(ds, verdicts: list[dict]):
