@@ -53,6 +53,18 @@ PRODUCT_BANDS = {
     "mess_variable": "index of the most dissimilar WorldClim variable (see MESS_VARIABLES)",
 }
 
+#: The order of the bands after ``fused`` and the modalities (DESIGN.md's band contract): the
+#: panel-relative standing, the zero-shot trust bands, then a fit's bands.
+BAND_ORDER = ("relative", "disagreement", "mess", "mess_variable", "fitted", "combined",
+              "uncertainty", "novelty")
+
+
+def in_band_order(bands: dict) -> dict:
+    """``bands`` ({name: values}) in :data:`BAND_ORDER`, any other names after them as given."""
+    rank = {name: i for i, name in enumerate(BAND_ORDER)}
+    return dict(sorted(bands.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
 #: The trust bands (issue 19): what a high value means, for band tags and legends. A band
 #: here is not a suitability: it says where the map can be trusted.
 TRUST_BANDS = {

@@ -372,7 +372,7 @@ class Scorer:
         ``fused``, one variable per modality, then ``extra`` (S, N) bands; provenance attrs
         (plus ``more_attrs``). ``scores`` are :meth:`score`'s result when the caller has them.
         TaxamapError when a modality has no embedded cell at all."""
-        from taxamap.dataset import scores_dataset
+        from taxamap.dataset import in_band_order, scores_dataset
 
         queries = list(queries)
         if not queries:
@@ -391,7 +391,7 @@ class Scorer:
                               {k: v[0] for k, v in (extra or {}).items()}, attrs)
         ds = scores_dataset(self.grid, fused, per, labels=[q.label for q in queries],
                             prompts=[q.prompt for q in queries], slugs=[q.slug for q in queries],
-                            attrs=attrs, extra={**(extra or {}), **trust} or None)
+                            attrs=attrs, extra=in_band_order({**(extra or {}), **trust}) or None)
         if len(queries) > 1:
             ds = ds.assign_coords(taxonomy=("species", [q.source for q in queries]))
         elif bands in ((), ("relative",)):  # the web session's maps: with or without relative

@@ -142,7 +142,12 @@ class MapSession:
         """The Dataset's score variables: ``fused``, each modality, the trust bands
         (``disagreement`` with two or more modalities; ``mess``, ``mess_variable`` with the
         environment modality), then ``relative`` when the session has it."""
-        return [*self.scorer.band_names(), *(["relative"] if self.options.relative else [])]
+        from taxamap.dataset import in_band_order
+
+        first = ["fused", *self.modalities]
+        rest = [b for b in self.scorer.band_names() if b not in first]
+        rest += ["relative"] if self.options.relative else []
+        return [*first, *in_band_order(dict.fromkeys(rest))]
 
     @property
     def n_cells(self) -> int:
