@@ -458,3 +458,15 @@ def test_threshold_mask_drops_novel_cells(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "names band 'disagreement', which m.tif lacks" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_bands_follow_the_design_order_whatever_order_they_are_made_in():
+    """A fitted multimodal map with a panel makes its bands in three places (panel, fit, the
+    scorer's trust bands); the Dataset and the GeoTIFF list them in DESIGN.md's order."""
+    from taxamap.dataset import in_band_order
+
+    made = {"relative": 0, "fitted": 1, "combined": 2, "uncertainty": 3, "novelty": 4,
+            "mess": 5, "mess_variable": 6, "disagreement": 7, "other": 8}
+    assert list(in_band_order(made)) == [
+        "relative", "disagreement", "mess", "mess_variable", "fitted", "combined",
+        "uncertainty", "novelty", "other"]
