@@ -35,3 +35,14 @@ def test_a_library_logging_through_the_root_logger_does_not_double_every_line(ca
         root.handlers = saved
     err = capsys.readouterr().err.splitlines()
     assert err == ["prompt: Animalia Chordata Aves", "iNaturalist answered HTTP 502"]
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`taxamap regions | head -1`: the reader leaves early; no BrokenPipe traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"{sys.executable} -m taxamap.cli regions | head -1", shell=True,
+                          capture_output=True, text=True)
+    assert proc.stdout.count("\n") == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
