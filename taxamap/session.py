@@ -87,8 +87,6 @@ class MapSession:
         self._satellite = None  # the satellite source, made on the first patch asked for
         self._species = functools.lru_cache(maxsize=max(prompt_cache, 0))(self._embed_name)
         self._maps = functools.lru_cache(maxsize=max(map_cache, 0))(self._map_of)
-        self._pixel_cell = np.full(self.grid.height * self.grid.width, -1, dtype=np.int64)
-        self._pixel_cell[self.grid.cell_index()] = np.arange(self.grid.n_cells)
         self.load_seconds = time.perf_counter() - t0
         log(f"session ready in {self.load_seconds:.1f} s")
 
@@ -154,7 +152,7 @@ class MapSession:
         col = int(np.floor((lon - g.west) / g.resolution))
         if not (0 <= row < g.height and 0 <= col < g.width):
             return None
-        if self._pixel_cell[row * g.width + col] < 0:
+        if g.cells_at(np.array([row]), np.array([col]))[0] < 0:
             return None
         return row, col
 
