@@ -39,6 +39,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Cells read from a store per block: while scoring from disk, and while loading into memory.
 BLOCK_CELLS = 65536
+#: Above this many cells a session scores from the stores rather than holding every cell's
+#: embeddings in memory (2.5 M cells of 512-d float32 are ~5 GB); the web app draws such grids
+#: as map tiles from the embedding pyramids.
+MEMORY_CELLS = 2_500_000
+#: Scoring a few cells from disk (a map tile's), cells closer than this are read in one span.
+SPAN_GAP = 256
 
 
 def satellite_tags(source: dict | None) -> dict[str, str]:
@@ -196,6 +202,34 @@ class Scorer:
                              row_norms={m: n for m, (_, n) in self._memory.items()})
         return self._repairing(lambda: score_stores(self.cells.stores, vectors, fusion))
 
+    def score_cells(self, vectors: np.ndarray, cells: np.ndarray
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """As :meth:`score`, over the cells numbered ``cells`` only (sorted, unique): what a map
+        tile shows. From memory it gathers their rows; from disk it reads the spans of the
+        stores that hold them (cells are row-major, so a tile's cells come in short runs)."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        cells = np.asarray(cells, dtype=np.int64)
+        fusion = self.options.fusion
+        if self._memory is not None:
+            return fuse_many({m: e[cells] for m, (e, _) in self._memory.items()}, vectors,
+                             fusion, row_norms={m: n[cells] for m, (_, n) in self._memory.items()})
+
+        def read() -> dict:
+            # one read per span of cells closer than SPAN_GAP to each other
+            breaks = np.flatnonzero(np.diff(cells) > SPAN_GAP) + 1
+            out = {}
+            for m, store in self.cells.stores.items():
+                parts = []
+                for span in np.split(cells, breaks):
+                    if span.size:
+                        block = store.read(slice(int(span[0]), int(span[-1]) + 1))
+                        parts.append(block[span - span[0]])
+                out[m] = (np.concatenate(parts) if parts
+                          else np.zeros((0, store.dim), dtype=np.float32))
+            return out
+
+        return fuse_many(self._repairing(read), vectors, fusion)
+
     def provenance(self, query_ref: str, modalities: Sequence[str]) -> dict[str, str]:
         """The provenance attrs of a map of this grid made with the query encoder ``query_ref``
         (see :func:`taxamap.dataset.provenance`)."""
@@ -270,12 +304,18 @@ def region_spec(options) -> str:
     return ";".join(parts)
 
 
-def open_scorer(options: "MapOptions", *, in_memory: bool = False, verify: bool = False
+def open_scorer(options: "MapOptions", *, in_memory: bool | None = False, verify: bool = False
                 ) -> Scorer:
-    """A :class:`Scorer` with its stores complete (and, ``in_memory``, loaded)."""
+    """A :class:`Scorer` with its stores complete (and, ``in_memory``, loaded; None: loaded when
+    the grid has at most :data:`MEMORY_CELLS` cells)."""
     t0 = time.perf_counter()
     scorer = Scorer(options)
     scorer.embed_cells(verify=verify)
+    if in_memory is None:
+        in_memory = scorer.grid.n_cells <= MEMORY_CELLS
+        if not in_memory:
+            log(f"{scorer.grid.n_cells:,} cells: more than the {MEMORY_CELLS:,} held in memory, "
+                "so maps are scored from the stores (and drawn as tiles)")
     if in_memory:
         scorer.load()
         log(f"cells ready in {time.perf_counter() - t0:.1f} s: "

@@ -75,10 +75,11 @@ class MapSession:
     """
 
     def __init__(self, options: MapOptions, *, prompt_cache: int = 1024, map_cache: int = 32,
-                 compute_slots: int | None = None):
+                 compute_slots: int | None = None, in_memory: bool | None = None):
         t0 = time.perf_counter()
         self.options = options
-        self.scorer = open_scorer(options, in_memory=True)
+        # None: in memory unless the grid is too large for it (the world at 0.05 deg)
+        self.scorer = open_scorer(options, in_memory=in_memory)
         self.encoders = QueryEncoders(options, self.scorer.config, self.scorer.device)
         # One query embedded at a time: the encoders are not all thread-safe (the NumPy text
         # tower narrows BLAS threads process-wide while it runs), and each takes milliseconds.
