@@ -43,8 +43,6 @@ BLOCK_CELLS = 65536
 #: embeddings in memory (2.5 M cells of 512-d float32 are ~5 GB); the web app draws such grids
 #: as map tiles from the embedding pyramids.
 MEMORY_CELLS = 2_500_000
-#: Scoring a few cells from disk (a map tile's), cells closer than this are read in one span.
-SPAN_GAP = 256
 
 
 def satellite_tags(source: dict | None) -> dict[str, str]:
@@ -205,30 +203,16 @@ class Scorer:
     def score_cells(self, vectors: np.ndarray, cells: np.ndarray
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """As :meth:`score`, over the cells numbered ``cells`` only (sorted, unique): what a map
-        tile shows. From memory it gathers their rows; from disk it reads the spans of the
-        stores that hold them (cells are row-major, so a tile's cells come in short runs)."""
+        tile shows. From memory it gathers their rows; from disk, the stores' memory-mapped
+        pages of those cells (:meth:`~taxamap.store.EmbeddingStore.gather`)."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         cells = np.asarray(cells, dtype=np.int64)
         fusion = self.options.fusion
         if self._memory is not None:
             return fuse_many({m: e[cells] for m, (e, _) in self._memory.items()}, vectors,
                              fusion, row_norms={m: n[cells] for m, (_, n) in self._memory.items()})
-
-        def read() -> dict:
-            # one read per span of cells closer than SPAN_GAP to each other
-            breaks = np.flatnonzero(np.diff(cells) > SPAN_GAP) + 1
-            out = {}
-            for m, store in self.cells.stores.items():
-                parts = []
-                for span in np.split(cells, breaks):
-                    if span.size:
-                        block = store.read(slice(int(span[0]), int(span[-1]) + 1))
-                        parts.append(block[span - span[0]])
-                out[m] = (np.concatenate(parts) if parts
-                          else np.zeros((0, store.dim), dtype=np.float32))
-            return out
-
-        return fuse_many(self._repairing(read), vectors, fusion)
+        return fuse_many({m: store.gather(cells) for m, store in self.cells.stores.items()},
+                         vectors, fusion)
 
     def provenance(self, query_ref: str, modalities: Sequence[str]) -> dict[str, str]:
         """The provenance attrs of a map of this grid made with the query encoder ``query_ref``

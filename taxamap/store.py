@@ -265,6 +265,7 @@ class EmbeddingStore:
     _verified: set = field(default_factory=set, repr=False)
     _flags: np.ndarray | None = field(default=None, repr=False)
     _records: np.ndarray | None = field(default=None, repr=False)
+    _mapped: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def emb(self):
@@ -758,6 +759,36 @@ class EmbeddingStore:
         if damaged:
             self.forget(damaged)
             raise StoreDamaged(self, damaged)
+        return out
+
+    def gather(self, cells: np.ndarray) -> np.ndarray:
+        """Embeddings as float32 of the cells numbered ``cells`` (sorted): a map tile's few
+        cells. The blocks of a local store of plain bytes are memory-mapped, so only the pages
+        of those cells are read; they pass the cheap checks of :meth:`pending_chunks` (record,
+        file size), their CRC is checked by :meth:`read` and ``--verify``. Cells of unfinished
+        or damaged blocks read as NaN (not embedded); other stores read the spans holding them."""
+        cells = np.asarray(cells, dtype=np.int64)
+        out = np.full((cells.size, self.dim), np.nan, dtype=np.float32)
+        if self._flags is None:
+            self.pending_chunks()
+        blocks = cells // self.chunk_cells
+        bounds = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1], True])
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            b = int(blocks[lo])
+            if not self._flags[b] or b in self.damaged:
+                continue
+            mapped = self._mapped.get(b)
+            if mapped is None:
+                path = self._chunk_file(b)
+                if path is None:
+                    out[lo:hi] = self.read(slice(int(cells[lo]), int(cells[hi - 1]) + 1))[
+                        cells[lo:hi] - cells[lo]]
+                    continue
+                if not path.exists():  # a block of cells none embedded: no file
+                    continue
+                mapped = np.memmap(path, dtype="<f2", mode="r", shape=(self.chunk_cells, self.dim))
+                self._mapped[b] = mapped
+            out[lo:hi] = mapped[cells[lo:hi] - b * self.chunk_cells]
         return out
 
     def touch(self) -> None:

@@ -88,3 +88,18 @@ def test_default_levels_stop_at_a_tile_wide():
     world = Grid(-180.0, 90.0, 0.05, 7200, 3600, mask=np.zeros((3600, 7200), bool))
     assert default_factors(world) == [2, 4, 8, 16, 32]
     assert default_factors(_grid()) == []
+
+
+def test_gather_reads_the_cells_asked_for(tmp_path):
+    """A map tile's cells from a store on disk: the rows read() gives; unfinished blocks NaN."""
+    grid = _grid(4)
+    store = _store(tmp_path, grid)
+    values = np.random.default_rng(5).normal(size=(grid.n_cells, 8)).astype(np.float32)
+    for i in range(store.n_chunks - 1):  # the last block is not done
+        store.write_chunk(i, values[store.chunk_slice(i)])
+    cells = np.array([0, 3, 17, 18, 40, grid.n_cells - 1])
+    got = store.gather(cells)
+    full = store.read()
+    done = cells < store.chunk_slice(store.n_chunks - 1).start
+    assert np.array_equal(got[done], full[cells[done]])
+    assert np.isnan(got[~done]).all()
