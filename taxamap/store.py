@@ -803,8 +803,8 @@ class EmbeddingStore:
 
 
 def delete_store(location: str | os.PathLike) -> None:
-    """Delete a local store with its lock and claims, under its creation lock (a run opening it
-    meanwhile waits, then makes it anew)."""
+    """Delete a local store with its lock, claims and embedding pyramid, under its creation lock
+    (a run opening it meanwhile waits, then makes it anew)."""
     location = str(location)
     root = local_root(location)
     if root is None:
@@ -812,6 +812,7 @@ def delete_store(location: str | os.PathLike) -> None:
     with _creation_lock(location):
         remove_tree(root)
         remove_tree(beside(location, ".claims"))
+        remove_tree(beside(location, ".pyramid"))
     beside(location, ".lock").unlink(missing_ok=True)
 
 

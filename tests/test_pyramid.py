@@ -103,3 +103,20 @@ def test_gather_reads_the_cells_asked_for(tmp_path):
     done = cells < store.chunk_slice(store.n_chunks - 1).start
     assert np.array_equal(got[done], full[cells[done]])
     assert np.isnan(got[~done]).all()
+
+
+def test_the_cache_lists_stores_not_pyramids_and_deletes_both(tmp_path):
+    from taxamap.store_cache import cached_stores, clear_stores
+
+    grid = Grid(-5.0, 10.0, 0.5, 21, 13, mask=np.ones((13, 21), bool))
+    location = tmp_path / "stores" / "g1" / "location-k"
+    store = EmbeddingStore.open(location, key="k", n_cells=grid.n_cells, dim=8, attrs={},
+                                chunk_cells=64)
+    for i in range(store.n_chunks):
+        store.write_chunk(i, np.ones((store.chunk_slice(i).stop - store.chunk_slice(i).start, 8),
+                                     np.float32))
+    ensure_pyramid(store, grid, factors=[2])
+    assert (tmp_path / "stores" / "g1" / "location-k.pyramid").is_dir()
+    assert [s.path.name for s in cached_stores(tmp_path)] == ["location-k"]
+    clear_stores(tmp_path)
+    assert not (tmp_path / "stores" / "g1").exists()
