@@ -212,9 +212,39 @@ def embed(args) -> dict:
             "blocks": cells.computed_blocks, "peak_rss_mb": round(rss_mb()[1])}
 
 
+def screenshot(args) -> dict:
+    """The page in headless chromium over a tiled world session (cells embedded for real with
+    ``--models``; the session is made to score from the stores whatever the grid's size), a
+    species typed: docs/world.png."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from taxamap.session import MapSession
+    from tests.helpers.browser import CHROMIUM
+    from tests.helpers.serveserver import ServeServer
+
+    session = MapSession(options(args), in_memory=False)
+    with ServeServer(session) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"])
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(server.url)
+        expect(page.locator("#status")).to_contain_text("type a species", timeout=60000)
+        page.fill("#species", args.species)
+        t0 = time.perf_counter()
+        page.press("#species", "Enter")
+        expect(page.locator("#status")).to_have_text("ready", timeout=120000)
+        painted = time.perf_counter() - t0
+        page.wait_for_timeout(500)
+        page.screenshot(path=args.out)
+        browser.close()
+    return {"screenshot": args.out, "enter_to_painted_s": round(painted, 2),
+            "cells": session.n_cells}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["synth", "startup", "tiles", "pan", "embed"])
+    parser.add_argument("step", choices=["synth", "startup", "tiles", "pan", "embed",
+                                           "screenshot"])
     parser.add_argument("--cache", required=True)
     parser.add_argument("--models", default="/tmp/panel-bench/models-full")
     parser.add_argument("--resolution", type=float, default=0.05)
@@ -223,6 +253,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--band", default="-180,0,180,1.5")
     parser.add_argument("--dask", default=None)
+    parser.add_argument("--species", default="Cardinalis cardinalis")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "world.png"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
