@@ -36,12 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def rss_mb() -> tuple[float, float]:
     """(current, peak) resident set size in MB."""
-    current = 0.0
+    return memory()["rss"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory() -> dict:
+    """Resident MB now: all, anonymous (the process's own) and file-backed (memory-mapped store
+    and pyramid pages: page cache the kernel reclaims under pressure)."""
+    out = {}
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                current = int(line.split()[1]) / 1024
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            for key, name in (("VmRSS:", "rss"), ("RssAnon:", "anon"), ("RssFile:", "file")):
+                if line.startswith(key):
+                    out[name] = round(int(line.split()[1]) / 1024)
+    return out
 
 
 def options(args, **more):
@@ -95,6 +102,7 @@ def startup(args) -> dict:
     current, peak = rss_mb()
     levels = [lv.factor for p in service.tiler.pyramids.values() for lv in p.levels]
     return {"startup_s": round(seconds, 2), "rss_mb": round(current), "peak_rss_mb": round(peak),
+            "memory_mb": memory(),
             "in_memory": service.session.scorer.in_memory, "levels": levels,
             "cells": service.session.n_cells}
 
@@ -139,7 +147,7 @@ def tiles(args) -> dict:
                   "p95_ms": round(np.percentile(times, 95), 1), "n": len(times)}
         print(f"zoom {z:2d} (level {out[z]['level']:2d}x): p50 {out[z]['p50_ms']:7.1f} ms, "
               f"p95 {out[z]['p95_ms']:7.1f} ms", flush=True)
-    return {"tiles": out, "rss_mb": round(rss_mb()[0])}
+    return {"tiles": out, "memory_mb": memory()}
 
 
 def pan(args) -> dict:
@@ -190,7 +198,7 @@ def pan(args) -> dict:
             "errors": len(errors), "first_errors": errors[:3],
             "p50_ms": round(float(np.percentile(latencies, 50)), 1),
             "p95_ms": round(float(np.percentile(latencies, 95)), 1),
-            "rss_mb": round(rss_mb()[0])}
+            "memory_mb": memory()}
 
 
 def embed(args) -> dict:

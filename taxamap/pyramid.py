@@ -116,14 +116,44 @@ class Pyramid:
         return next(lv for lv in self.levels if lv.factor == factor)
 
 
-def _single_chunk(group, name: str, shape: tuple, dtype: str, fill) -> np.ndarray:
-    """A Zarr array of one uncompressed chunk, its bytes memory-mapped for writing (Zarr v3
+class _ChunkFile:
+    """The single uncompressed chunk of a Zarr v3 array as a file read and written by row ranges
+    (``pread``/``pwrite``): building a level maps nothing, so its pages stay page cache, not the
+    builder's resident memory."""
+
+    def __init__(self, path: Path, shape: tuple, dtype: str, create: bool = False):
+        self.path, self.shape = path, shape
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.truncate(shape[0] * self.row_bytes)
+        self.writable = create
+        self._fd = os.open(path, os.O_RDWR if create else os.O_RDONLY)
+
+    def __setitem__(self, rows: slice, values: np.ndarray) -> None:
+        data = np.ascontiguousarray(values, dtype=self.dtype).tobytes()
+        os.pwrite(self._fd, data, rows.start * self.row_bytes)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        n = rows.stop - rows.start
+        data = os.pread(self._fd, n * self.row_bytes, rows.start * self.row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((n, *self.shape[1:]))
+
+    def close(self) -> None:
+        if self.writable:
+            os.fsync(self._fd)
+        os.close(self._fd)
+
+
+def _single_chunk(group, name: str, shape: tuple, dtype: str, fill) -> _ChunkFile:
+    """A Zarr array of one uncompressed chunk, its file open for writing by rows (Zarr v3
     keeps the chunk at ``<name>/c/0[/0]`` as raw little-endian C-order bytes)."""
     group.create_array(name, shape=shape, chunks=shape, dtype=dtype, compressors=None,
                        fill_value=fill)
     path = Path(group.store.root) / group.path / name / "c" / "/".join("0" * len(shape))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="w+", shape=shape)
+    return _ChunkFile(path, shape, dtype, create=True)
 
 
 def _map_chunk(root: Path, name: str, shape: tuple, dtype: str) -> np.ndarray:
@@ -147,7 +177,7 @@ def _base_block(store, grid: Grid, cells: slice, pending: set[int]):
 def _level_block(level: Level, cells: slice):
     """Sums (mean x count) of a finer level's ``cells`` and their counts."""
     counts = np.asarray(level.count[cells], dtype=np.float32)
-    vectors = np.array(level.emb[cells], dtype=np.float32)
+    vectors = np.array(level.emb[cells], dtype=np.float32)  # a copy: zeroed below
     vectors[counts == 0] = 0.0
     return vectors * counts[:, None], counts
 
@@ -210,9 +240,12 @@ def build_pyramid(store, grid: Grid, factors: list[int] | None = None) -> Pyrami
         else:
             _aggregate(previous.grid, coarse, f // previous.factor,
                        lambda c, p=previous: _level_block(p, c), emb, count)
-        emb.flush()
-        count.flush()
+        if previous is not None:
+            previous.emb.close()
+            previous.count.close()
         previous = Level(f, coarse, emb, count)
+    previous.emb.close()
+    previous.count.close()
     remove_tree(root)
     os.replace(building, root)
     return open_pyramid(store, grid, stamp)
