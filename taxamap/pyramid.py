@@ -35,8 +35,9 @@ records: a resumed or repaired store gets a new one and its pyramid is built aga
 ``factors``; one group ``level_<f>`` per level (attrs ``factor``, ``resolution``, ``width``,
 ``height``) with ``emb`` float32 (n, dim) mean unit embeddings, ``count`` int32 (n,), and the
 level's cells as runs (``row``, ``col``, ``length``, ``row_runs``, see :class:`~taxamap.grid.Runs`).
-``emb`` and ``count`` are single uncompressed chunks, so taxamap memory-maps them and a map tile
-reads only the pages of its own cells.
+``emb`` and ``count`` are single uncompressed chunks, so a map tile reads only the byte ranges of
+its own cells (``pread``; nothing is memory-mapped, so a server's resident memory does not grow
+with what it has read).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import numpy as np
 
 from taxamap.grid import Grid, Runs
 from taxamap.io import remove_tree
-from taxamap.store import beside
+from taxamap.store import beside, gather_rows
 
 _log = logging.getLogger("taxamap")
 
@@ -90,11 +91,12 @@ def pyramid_path(store) -> Path | None:
 
 @dataclass
 class Level:
-    """One level: its coarse grid, mean unit embeddings (n, dim) and counts (n,), memory-mapped."""
+    """One level: its coarse grid, mean unit embeddings (n, dim; read from the file by the rows
+    a tile needs) and counts (n,)."""
 
     factor: int
     grid: Grid
-    emb: np.ndarray
+    emb: "_ChunkFile"
     count: np.ndarray
 
     def vectors(self, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +104,7 @@ class Level:
         :func:`~taxamap.score.fuse_many` (1, or NaN where no fine cell was embedded): the score
         is then ``mean . q``, the exact mean of the fine scores."""
         cells = np.asarray(cells, dtype=np.int64)
-        return np.asarray(self.emb[cells]), np.where(self.count[cells] > 0, 1.0, np.nan)
+        return self.emb.rows(cells), np.where(self.count[cells] > 0, 1.0, np.nan)
 
 
 @dataclass
@@ -141,6 +143,10 @@ class _ChunkFile:
         data = os.pread(self._fd, n * self.row_bytes, rows.start * self.row_bytes)
         return np.frombuffer(data, dtype=self.dtype).reshape((n, *self.shape[1:]))
 
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted) as float32, read by spans (:func:`~taxamap.store.gather_rows`)."""
+        return gather_rows(self._fd, rows, self.shape[1:], self.dtype)
+
     def close(self) -> None:
         if self.writable:
             os.fsync(self._fd)
@@ -156,9 +162,8 @@ def _single_chunk(group, name: str, shape: tuple, dtype: str, fill) -> _ChunkFil
     return _ChunkFile(path, shape, dtype, create=True)
 
 
-def _map_chunk(root: Path, name: str, shape: tuple, dtype: str) -> np.ndarray:
-    path = root / name / "c" / "/".join("0" * len(shape))
-    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r", shape=shape)
+def _chunk_path(root: Path, name: str, ndim: int) -> Path:
+    return root / name / "c" / "/".join("0" * ndim)
 
 
 def _base_block(store, grid: Grid, cells: slice, pending: set[int]):
@@ -274,10 +279,12 @@ def open_pyramid(store, grid: Grid, stamp: str | None = None) -> Pyramid | None:
                                    np.diff(sub["row_runs"][:], prepend=0))
             coarse = Grid(grid.west, grid.north, float(a["resolution"]), int(a["width"]),
                           int(a["height"]), crs=grid.crs, cells=grid.cells, runs=runs)
-            n = int(a["n_cells"])
-            levels.append(Level(int(f), coarse, _map_chunk(root / f"level_{f}", "emb",
-                                                             (n, int(attrs["dim"])), "float32"),
-                                _map_chunk(root / f"level_{f}", "count", (n,), "int32")))
+            n, folder = int(a["n_cells"]), root / f"level_{f}"
+            emb = _ChunkFile(_chunk_path(folder, "emb", 2), (n, int(attrs["dim"])), "float32")
+            count = np.fromfile(_chunk_path(folder, "count", 1), dtype="<i4", count=n)
+            if count.size != n:
+                raise ValueError(f"level {f}: {count.size} counts for {n} cells")
+            levels.append(Level(int(f), coarse, emb, count))
     except (OSError, KeyError, ValueError) as exc:
         _log.info("pyramid %s unreadable (%s); building it again", root, exc)
         return None

@@ -203,8 +203,8 @@ class Scorer:
     def score_cells(self, vectors: np.ndarray, cells: np.ndarray
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """As :meth:`score`, over the cells numbered ``cells`` only (sorted, unique): what a map
-        tile shows. From memory it gathers their rows; from disk, the stores' memory-mapped
-        pages of those cells (:meth:`~taxamap.store.EmbeddingStore.gather`)."""
+        tile shows. From memory it gathers their rows; from disk, the spans of the stores that
+        hold them (:meth:`~taxamap.store.EmbeddingStore.gather`)."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         cells = np.asarray(cells, dtype=np.int64)
         fusion = self.options.fusion
