@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from taxamap.grid import Grid
@@ -120,3 +122,22 @@ def test_the_cache_lists_stores_not_pyramids_and_deletes_both(tmp_path):
     assert [s.path.name for s in cached_stores(tmp_path)] == ["location-k"]
     clear_stores(tmp_path)
     assert not (tmp_path / "stores" / "g1").exists()
+
+
+def test_taxamap_embed_builds_the_pyramid_with_the_store(models_dir, tmp_path):
+    import taxamap
+    from taxamap.store import EmbeddingStore as Store
+
+    # 300 columns at 0.1 deg: wider than a map tile, so one 2x level
+    stores = taxamap.embed(bbox=(-100.0, 40.0, -70.0, 41.0), resolution=0.1, models=models_dir,
+                           cache=tmp_path, progress=False)
+    location = stores["location"]
+    store = Store.open_existing(location, Path(location).name.split("-", 1)[1])
+    from taxamap.cells import build_grid
+    from taxamap.options import GridOptions
+
+    _, grid = build_grid(GridOptions(bbox=(-100.0, 40.0, -70.0, 41.0), resolution=0.1,
+                                     cache=tmp_path))
+    pyramid = open_pyramid(store, grid)
+    assert pyramid is not None and [lv.factor for lv in pyramid.levels] == [2]
+    assert int(pyramid.levels[0].count.sum()) == grid.n_cells
