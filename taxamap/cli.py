@@ -36,10 +36,12 @@ EXAMPLES_SERVE = """examples:
   taxamap serve --region ohio --modalities location,satellite --port 8080
   taxamap serve --bbox -84,39,-82,41 --models ~/taxabind-models --host 0.0.0.0
   taxamap serve --region usa --max-upload 10 --max-uploads 2 --upload-timeout 60
+  taxamap serve --region world --resolution 0.05      # drawn as map tiles (8.5 M cells)
 
 HTTP API (what the page uses; scripts may too):
   GET  /api/health | /api/search?q=TEXT | /api/map?species=NAME[&band=B]
   GET  /api/cell?species=NAME&lat=LAT&lon=LON
+  GET  /tiles/NAME/Z/X/Y.png[?band=B]  (256-px Web Mercator map tiles, any zoom)
   GET  /api/download?species=NAME&format=tif|png|gpkg[&threshold=percentile:90]
   POST /api/query  (multipart field 'file': a photo or a recording)
        413: larger than --max-upload; 503 + Retry-After: --max-uploads already arriving;
@@ -111,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "that are missing or cut short are embedded again; --verify reads every block back and "
         "checks its checksum too.",
         epilog="examples:\n  taxamap embed --region usa --resolution 0.05\n"
-        "  taxamap embed --region usa --resolution 0.05 --verify   # check (and repair) the store",
+        "  taxamap embed --region usa --resolution 0.05 --verify   # check (and repair) the store\n"
+        "  taxamap embed --region world --resolution 0.05 --modalities location"
+        "   # and its tile pyramids",
     )
     _grid_options(p)
     p.add_argument("--verify", action="store_true",

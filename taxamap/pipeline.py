@@ -429,7 +429,15 @@ def fit_one_species() -> str:
 
 def embed(opts: GridOptions, verify: bool = False) -> CellEmbeddings:
     """``taxamap embed``: fill the stores for a grid without making a map; with ``verify``, read
-    every stored block back and embed again the ones that fail their check."""
+    every stored block back and embed again the ones that fail their check. Grids wider than a
+    map tile get their stores' embedding pyramids too (built once; again after a resume)."""
     from taxamap.options import MapOptions, build, values_of
+    from taxamap.pyramid import ensure_pyramid
 
-    return open_scorer(build(MapOptions, values_of(opts)), verify=verify).cells
+    scorer = open_scorer(build(MapOptions, values_of(opts)), verify=verify)
+    for store in scorer.cells.stores.values():
+        try:
+            ensure_pyramid(store, scorer.grid)
+        except OSError as exc:  # a read-only store: taxamap serve scores the grid's own cells
+            log(f"no embedding pyramid beside {store.location}: {exc.strerror or exc}")
+    return scorer.cells

@@ -41,6 +41,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Cells read from a store per block: while scoring from disk, and while loading into memory.
 BLOCK_CELLS = 65536
+#: Above this many cells a session scores from the stores rather than holding every cell's
+#: embeddings in memory (2.5 M cells of 512-d float32 are ~5 GB); the web app draws such grids
+#: as map tiles from the embedding pyramids.
+MEMORY_CELLS = 2_500_000
 
 
 def satellite_tags(source: dict | None) -> dict[str, str]:
@@ -143,6 +147,18 @@ class CellMatrix:
             else:
                 raw[:, start:stop] = torch.mm(q, rows.T)
         return (raw.float() * torch.from_numpy(self.inv_norms)).numpy()
+
+    def cosines_at(self, queries: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """(S, len(cells)) float32 cosines of unit ``queries`` with the cells numbered ``cells``
+        (sorted): a map tile's cells, gathered from the blocks that hold them."""
+        out = np.full((queries.shape[0], cells.size), np.nan, dtype=np.float32)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        for start, rows in self.blocks:
+            lo, hi = np.searchsorted(cells, [start, start + rows.shape[0]])
+            if hi > lo:
+                picked = rows.numpy()[cells[lo:hi] - start].astype(np.float32)
+                out[:, lo:hi] = q @ picked.T
+        return out * self.inv_norms[cells]
 
 
 def sum_norms(cells: dict[str, CellMatrix]) -> np.ndarray:
@@ -305,6 +321,22 @@ class Scorer:
             return fuse_scored(per, fusion, self._sum_norms), per
         return self._repairing(lambda: score_stores(self.cells.stores, vectors, fusion))
 
+    def score_cells(self, vectors: np.ndarray, cells: np.ndarray
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """As :meth:`score`, over the cells numbered ``cells`` only (sorted, unique): what a map
+        tile shows. From memory it gathers their rows; from disk, the spans of the stores that
+        hold them (:meth:`~taxamap.store.EmbeddingStore.gather`)."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        cells = np.asarray(cells, dtype=np.int64)
+        fusion = self.options.fusion
+        if self._memory is not None:
+            unit = normalize(vectors)
+            per = {m: matrix.cosines_at(unit, cells) for m, matrix in self._memory.items()}
+            norms = None if self._sum_norms is None else self._sum_norms[cells]
+            return fuse_scored(per, fusion, norms), per
+        return fuse_many({m: store.gather(cells) for m, store in self.cells.stores.items()},
+                         vectors, fusion)
+
     def provenance(self, query_ref: str, modalities: Sequence[str]) -> dict[str, str]:
         """The provenance attrs of a map of this grid made with the query encoder ``query_ref``
         (see :func:`taxamap.dataset.provenance`)."""
@@ -442,12 +474,18 @@ def region_spec(options) -> str:
     return ";".join(parts)
 
 
-def open_scorer(options: "MapOptions", *, in_memory: bool = False, verify: bool = False
+def open_scorer(options: "MapOptions", *, in_memory: bool | None = False, verify: bool = False
                 ) -> Scorer:
-    """A :class:`Scorer` with its stores complete (and, ``in_memory``, loaded)."""
+    """A :class:`Scorer` with its stores complete (and, ``in_memory``, loaded; None: loaded when
+    the grid has at most :data:`MEMORY_CELLS` cells)."""
     t0 = time.perf_counter()
     scorer = Scorer(options)
     scorer.embed_cells(verify=verify)
+    if in_memory is None:
+        in_memory = scorer.grid.n_cells <= MEMORY_CELLS
+        if not in_memory:
+            log(f"{scorer.grid.n_cells:,} cells: more than the {MEMORY_CELLS:,} held in memory, "
+                "so maps are scored from the stores (and drawn as tiles)")
     if in_memory:
         scorer.load()
         log(f"cells ready in {time.perf_counter() - t0:.1f} s: "

@@ -77,10 +77,11 @@ class MapSession:
     """
 
     def __init__(self, options: MapOptions, *, prompt_cache: int = 1024, map_cache: int = 32,
-                 compute_slots: int | None = None):
+                 compute_slots: int | None = None, in_memory: bool | None = None):
         t0 = time.perf_counter()
         self.options = options
-        self.scorer = open_scorer(options, in_memory=True)
+        # None: in memory unless the grid is too large for it (the world at 0.05 deg)
+        self.scorer = open_scorer(options, in_memory=in_memory)
         self.encoders = QueryEncoders(options, self.scorer.config, self.scorer.device)
         # One query embedded at a time: the encoders are not all thread-safe (the NumPy text
         # tower narrows BLAS threads process-wide while it runs), and each takes milliseconds.
@@ -89,8 +90,6 @@ class MapSession:
         self._satellite = None  # the satellite source, made on the first patch asked for
         self._species = functools.lru_cache(maxsize=max(prompt_cache, 0))(self._embed_name)
         self._maps = functools.lru_cache(maxsize=max(map_cache, 0))(self._map_of)
-        self._pixel_cell = np.full(self.grid.height * self.grid.width, -1, dtype=np.int64)
-        self._pixel_cell[self.grid.cell_index()] = np.arange(self.grid.n_cells)
         self.panel = self._open_panel()
         self.load_seconds = time.perf_counter() - t0
         log(f"session ready in {self.load_seconds:.1f} s")
@@ -179,7 +178,7 @@ class MapSession:
         col = int(np.floor((lon - g.west) / g.resolution))
         if not (0 <= row < g.height and 0 <= col < g.width):
             return None
-        if self._pixel_cell[row * g.width + col] < 0:
+        if g.cells_at(np.array([row]), np.array([col]))[0] < 0:
             return None
         return row, col
 

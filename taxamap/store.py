@@ -125,6 +125,34 @@ def block_record(values: np.ndarray) -> tuple[int, int]:
     return zlib.crc32(data), int(np.isfinite(data[:, 0]).sum())
 
 
+#: Gathering rows by ``pread``: rows fewer than this apart are read in one span.
+GATHER_GAP = 32
+
+
+def gather_rows(fd: int, rows: np.ndarray, row_shape: tuple, dtype, offset: int = 0,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``rows`` (sorted) of a raw C-order array in the file ``fd`` (starting at byte
+    ``offset``), as ``dtype``; rows close together are read in one ``pread`` span. Nothing is
+    mapped: the bytes read stay page cache, not the reader's resident memory, however much of
+    a large file a server reads over time."""
+    dtype = np.dtype(dtype)
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+    rows = np.asarray(rows, dtype=np.int64)
+    if out is None:
+        out = np.empty((rows.size, *row_shape), dtype=np.float32)
+    if not rows.size:
+        return out
+    breaks = np.flatnonzero(np.diff(rows) > GATHER_GAP) + 1
+    starts = np.r_[0, breaks]
+    stops = np.r_[breaks, rows.size]
+    for a, b in zip(starts, stops):
+        first, last = int(rows[a]), int(rows[b - 1])
+        data = os.pread(fd, (last - first + 1) * row_bytes, offset + first * row_bytes)
+        span = np.frombuffer(data, dtype=dtype).reshape((-1, *row_shape))
+        out[a:b] = span[rows[a:b] - first]
+    return out
+
+
 def _short(exc: BaseException) -> str:
     """An exception as a few words for a one-line message."""
     text = " ".join(str(exc).split())
@@ -886,6 +914,38 @@ class EmbeddingStore:
             raise StoreDamaged(self, damaged)
         return out
 
+    def gather(self, cells: np.ndarray) -> np.ndarray:
+        """Embeddings as float32 of the cells numbered ``cells`` (sorted): a map tile's few
+        cells. The blocks of a local store of plain bytes are read by spans of those cells
+        (:func:`gather_rows`, nothing mapped); they pass the cheap checks of :meth:`pending_chunks` (record,
+        file size), their CRC is checked by :meth:`read` and ``--verify``. Cells of unfinished
+        or damaged blocks read as NaN (not embedded); other stores read the spans holding them."""
+        cells = np.asarray(cells, dtype=np.int64)
+        out = np.full((cells.size, self.dim), np.nan, dtype=np.float32)
+        if self._flags is None:
+            self.pending_chunks()
+        blocks = cells // self.chunk_cells
+        bounds = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1], True])
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            b = int(blocks[lo])
+            if not self._flags[b] or b in self.damaged:
+                continue
+            path = self._chunk_file(b)
+            if path is None:
+                out[lo:hi] = self.read(slice(int(cells[lo]), int(cells[hi - 1]) + 1))[
+                    cells[lo:hi] - cells[lo]]
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # a block of cells none embedded: no file
+                continue
+            try:
+                gather_rows(fd, cells[lo:hi] - b * self.chunk_cells, (self.dim,), "<f2",
+                            out=out[lo:hi])
+            finally:
+                os.close(fd)
+        return out
+
     def touch(self) -> None:
         """Record a use (``taxamap cache info``'s last use, ``cache clear --older-than``): the
         modification time of the lock file beside a local store."""
@@ -898,8 +958,8 @@ class EmbeddingStore:
 
 
 def delete_store(location: str | os.PathLike) -> None:
-    """Delete a local store with its lock and claims, under its creation lock (a run opening it
-    meanwhile waits, then makes it anew)."""
+    """Delete a local store with its lock, claims and embedding pyramid, under its creation lock
+    (a run opening it meanwhile waits, then makes it anew)."""
     location = str(location)
     root = local_root(location)
     if root is None:
@@ -908,6 +968,7 @@ def delete_store(location: str | os.PathLike) -> None:
         remove_tree(root)
         remove_tree(beside(location, ".claims"))
         remove_tree(derived_folder(location))
+        remove_tree(beside(location, ".pyramid"))
     beside(location, ".lock").unlink(missing_ok=True)
 
 

@@ -91,7 +91,7 @@ def cached_stores(cache_dir: str | os.PathLike | None = None) -> list[CachedStor
                 continue
             for path in grid_dir.iterdir():
                 if (path.is_dir() and "-" in path.name and not path.name.startswith(".")
-                        and not path.name.endswith(".claims")):
+                        and not path.name.endswith((".claims", ".pyramid"))):
                     found.append(_describe(path))
     return sorted(found, key=lambda s: (s.region.lower(), s.resolution or 0, s.modality,
                                         str(s.path)))

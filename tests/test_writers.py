@@ -572,3 +572,27 @@ def test_results_replace_existing_files_with_normal_permissions(tmp_path, scorem
         assert target.read_bytes() != b"stale"
         assert target.stat().st_mode & 0o044  # readable by others, unlike a mkstemp file
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for _, n in WRITERS)
+
+
+def test_large_geotiff_is_built_on_disk_in_row_blocks(tmp_path, monkeypatch):
+    """Past IN_MEMORY_PIXELS (the world at 0.05 deg) the COG is staged on disk row block by row
+    block: the same valid COG, overviews and tags as the in-memory build, nothing left beside."""
+    from taxamap.writers import geotiff
+
+    sm = _scoremap(geometry=shapely.box(-20.0, 20.0, 10.0, 35.0), resolution=0.05,
+                   modalities=("location",))
+    in_memory = write_geotiff(sm, tmp_path / "memory.tif")
+    monkeypatch.setattr(geotiff, "IN_MEMORY_PIXELS", 1000)
+    monkeypatch.setattr(geotiff, "ROW_BLOCK", 37)  # blocks that do not divide the rows
+    on_disk = write_geotiff(sm, tmp_path / "disk.tif")
+    valid, errors, warnings = cog_validate(str(on_disk))
+    assert valid and not errors and not warnings, (errors, warnings)
+    with rasterio.open(in_memory) as a, rasterio.open(on_disk) as b:
+        for i in (1, 2):
+            assert np.array_equal(a.read(i), b.read(i), equal_nan=True)
+        assert b.overviews(1) == a.overviews(1) and b.overviews(1)
+        assert b.descriptions == a.descriptions and b.transform == a.transform
+        assert {k: v for k, v in b.tags().items() if k != "CREATED"} == {
+            k: v for k, v in a.tags().items() if k != "CREATED"}
+        assert b.tags(2) == a.tags(2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.tif", "memory.tif"]

@@ -79,6 +79,11 @@ OVERLAY_PNG_LEVEL = 1
 
 STATIC = Path(__file__).resolve().parent / "static"
 
+#: Map tiles kept (PNG bytes, least recently used out): a few MB for a session of panning.
+TILES_HELD = 4096
+#: XYZ tile coordinates: a few digits, nothing else.
+_TILE_NUMBER = re.compile(r"^[0-9]{1,8}$")
+
 #: Threshold rules a request may give (maxtss would name a file: never from a request).
 _RULE = re.compile(r"^(percentile|value):\s*-?(\d+(\.\d*)?|\.\d+)$", re.IGNORECASE)
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{24}$")
@@ -186,6 +191,12 @@ def encode_png(rgba: np.ndarray, level: int = OVERLAY_PNG_LEVEL) -> bytes:
 
 _IMAGE_MAGIC = ((b"\xff\xd8\xff", "JPEG", ".jpg"), (b"\x89PNG\r\n\x1a\n", "PNG", ".png"))
 _AUDIO_FORMATS = {"WAV": ".wav", "FLAC": ".flac", "OGG": ".ogg", "MP3": ".mp3"}
+
+
+@functools.lru_cache(maxsize=1)
+def _empty_tile() -> bytes:
+    """A fully transparent 256-px tile (no cell under it)."""
+    return encode_png(np.zeros((256, 256, 4), dtype=np.uint8))
 
 
 def sniff_upload(path: Path) -> tuple[str, str]:
@@ -313,6 +324,11 @@ class MapService:
         self._overlays = functools.lru_cache(maxsize=64)(self._draw_overlay)
         self._ranges = functools.lru_cache(maxsize=32)(self._range_geojson)
         self._patches = functools.lru_cache(maxsize=256)(self._patch_png)
+        self._tiles = functools.lru_cache(maxsize=TILES_HELD)(self._tile_png)
+        self._stretches = functools.lru_cache(maxsize=256)(self._stretch)
+        self.tiler = self._tile_scorer(session)
+        # A grid too large for memory is drawn only as tiles (no whole-grid overlay).
+        self.tiled = not session.scorer.in_memory
         self.uploads: dict[str, "EmbeddedQuery"] = {}
         self.species = SpeciesIndex()
         self._land = None
@@ -324,6 +340,16 @@ class MapService:
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _tile_scorer(session):
+        from taxamap.serve.tiles import TileScorer
+
+        try:
+            return TileScorer(session)
+        except OSError as exc:  # e.g. a read-only store: tiles from the grid's own cells
+            log.warning("no embedding pyramid (%s); tiles score the grid's own cells", exc)
+            return TileScorer(session, factors=[])
 
     def warm_up(self) -> None:
         """Map one species of the shipped table and draw the land once, so the text encoder and
@@ -396,10 +422,45 @@ class MapService:
             answer.pop("timings_ms", None)
         return answer
 
+    def tile_template(self, key: dict, band: str, percentile: float) -> str:
+        """The Leaflet URL template of a query's tiles."""
+        from urllib.parse import quote
+
+        name = key.get("upload") or key["species"]
+        return (f"/tiles/{quote(name, safe='')}/{{z}}/{{x}}/{{y}}.png?"
+                + urlencode({"band": band, "stretch": f"{percentile:g}"}))
+
+    def _tiled_answer(self, embedded, key: dict, band: str, percentile: float) -> dict:
+        """``/api/map`` of a grid drawn only as tiles: band statistics and the stretch over the
+        coarsest pyramid level (exact means of the cells), no whole-grid overlay."""
+        t0 = time.perf_counter()
+        stats = {}
+        with self._compute:
+            for name in self.session.bands:
+                values = self.tiler.overview(embedded.query.vector, name)
+                valid = values[np.isfinite(values)]
+                stats[name] = ({"min": float(valid.min()), "max": float(valid.max()),
+                                "mean": float(valid.mean())} if valid.size else
+                               {"min": None, "max": None, "mean": None})
+        stretch = self._stretches(embedded, band, percentile)
+        g = self.session.grid
+        return {
+            "query": embedded.label, "prompt": embedded.query.prompt or None,
+            "slug": embedded.query.slug, "band": band,
+            "bounds": [[g.south, g.west], [g.north, g.east]], "bands": stats,
+            "stretch": {"percentile": percentile, "vmin": stretch.vmin, "vmax": stretch.vmax,
+                        "cells": stretch.valid},
+            "overlay": None, "tiles": self.tile_template(key, band, percentile),
+            **({"upload": key["upload"]} if "upload" in key else {}),
+            "timings_ms": {"score": round((time.perf_counter() - t0) * 1000.0, 1)},
+        }
+
     def _new_map_answer(self, embedded, key: tuple, band: str, percentile: float) -> dict:
         from taxamap.dataset import signal_note
 
         key = dict(key)
+        if self.tiled:
+            return self._tiled_answer(embedded, key, band, percentile)
         t0 = time.perf_counter()
         ds = self.dataset(embedded)
         t1 = time.perf_counter()
@@ -425,6 +486,7 @@ class MapService:
             **({"legend": overlay["legend"]} if "legend" in overlay else {}),
             "overlay": "/api/overlay.png?" + urlencode(query),
             "no_signal": signal_note(ds),
+            "tiles": self.tile_template(key, band, percentile),
             **({"upload": key["upload"]} if "upload" in key else {}),
             # Where the server's time went (scoring every cell, statistics, drawing the PNG).
             "timings_ms": {"score": round((t1 - t0) * 1000.0, 1),
@@ -469,6 +531,49 @@ class MapService:
         percentile = number_param(params, "stretch", STRETCH_PERCENTILE, 0.0, 99.99)
         return self.overlay(embedded, key, band, percentile)["png"]
 
+    def _stretch(self, embedded, band: str, percentile: float):
+        """The display stretch of a query's tiles: the overlay's (every cell) where the session
+        holds its cells, else over the coarsest pyramid level."""
+        from taxamap.writers.style import stretch_of
+
+        if not self.tiled:
+            return stretch_of(np.asarray(self.dataset(embedded)[band].values), percentile)
+        with self._compute:
+            return stretch_of(self.tiler.overview(embedded.query.vector, band), percentile)
+
+    def tile_png(self, query: str, z: str, x: str, y: str, params) -> bytes:
+        """``/tiles/{query}/{z}/{x}/{y}.png``: one 256-px Web Mercator tile of a band (transparent
+        off the cells), scored at the pyramid level of its zoom; cached."""
+        from taxamap.serve.tiles import MAX_ZOOM
+        from taxamap.writers.style import STRETCH_PERCENTILE
+
+        numbers = []
+        for name, text in (("zoom", z), ("x", x), ("y", y)):
+            if not _TILE_NUMBER.match(text or ""):
+                raise ApiError(400, f"tile {name} must be a whole number, got {text[:20]!r}")
+            numbers.append(int(text))
+        zoom, tx, ty = numbers
+        if zoom > MAX_ZOOM:
+            raise ApiError(400, f"zoom must be 0 to {MAX_ZOOM}, got {zoom}")
+        if tx >= 2 ** zoom or ty >= 2 ** zoom:
+            raise ApiError(400, f"tile {zoom}/{tx}/{ty} is out of range: at zoom {zoom} x and y "
+                           f"run from 0 to {2 ** zoom - 1}")
+        key = {"upload": query} if _UPLOAD_ID.match(query or "") else {"species": query}
+        embedded, _key = self.query_of(key)
+        band = self.band_of(params)
+        percentile = number_param(params, "stretch", STRETCH_PERCENTILE, 0.0, 99.99)
+        return self._tiles(embedded, band, round(percentile, 4), zoom, tx, ty)
+
+    def _tile_png(self, embedded, band: str, percentile: float, z: int, x: int, y: int) -> bytes:
+        from taxamap.writers.style import colorize
+
+        stretch = self._stretches(embedded, band, percentile)
+        with self._compute:
+            values = self.tiler.tile(embedded.query.vector, band, z, x, y)
+            if values is None:
+                return _empty_tile()
+            return encode_png(colorize(values, stretch))
+
     def cell(self, params) -> dict:
         """``/api/cell``: every band's score at the cell holding (lat, lon); 404 outside."""
         lat = number_param(params, "lat", lo=-90.0, hi=90.0)
@@ -478,6 +583,8 @@ class MapService:
         if where is None:
             raise ApiError(404, f"no cell of this grid at lat {lat:.4f}, lon {lon:.4f}")
         row, col = where
+        if self.tiled:  # one cell scored from the stores, not the whole grid
+            return self._one_cell(embedded, row, col, lat, lon)
         ds = self.dataset(embedded)
         scores = {}
         for name in self.session.bands:
@@ -509,6 +616,21 @@ class MapService:
             raise ApiError(400, _one_line(exc)) from None
         answer = ranking_json(table)
         answer["elapsed_ms"] = round((time.perf_counter() - t0) * 1000.0, 1)
+        return answer
+
+    def _one_cell(self, embedded, row: int, col: int, lat: float, lon: float) -> dict:
+        g = self.session.grid
+        cell = g.cells_at(np.array([row]), np.array([col]))
+        fused, per = self.session.scorer.score_cells(embedded.query.vector, cell)
+        scores = {}
+        for name in self.session.bands:
+            band = fused if name == "fused" else per.get(name)
+            value = float(band[0, 0]) if band is not None else math.nan  # not made per cell
+            scores[name] = value if math.isfinite(value) else None
+        answer = {"lat": float(g.row_lats()[row]), "lon": float(g.column_lons()[col]),
+                  "scores": scores, "query": embedded.label}
+        if self.patches:
+            answer["patch"] = "/api/patch?" + urlencode({"lat": f"{lat:.6f}", "lon": f"{lon:.6f}"})
         return answer
 
     def range_answer(self, params) -> dict:
@@ -681,8 +803,10 @@ class MapService:
 
         g = self.session.grid
         # "cells": what the session really holds (a cell no modality could embed is no cell).
-        return {"status": "ok", "cells": self.session.cells_held,
-                "grid_cells": self.session.n_cells, "embedded": self.session.embedded_cells,
+        embedded = self.session.embedded_cells
+        held = self.session.cells_held if not self.tiled else max(embedded.values(), default=0)
+        return {"status": "ok", "cells": held, "tiles": self.tiled,
+                "grid_cells": self.session.n_cells, "embedded": embedded,
                 "modalities": self.session.modalities, "region": self.session.region.name,
                 "bands": self.session.bands, "resolution": g.resolution,
                 "bounds": [[g.south, g.west], [g.north, g.east]],
@@ -771,6 +895,14 @@ def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
     def species(request) -> Response:
         return json_response(service.species_answer(request.query_params))
 
+    def tile(request) -> Response:
+        p = request.path_params
+        png = service.tile_png(p["query"], p["z"], p["x"], p["y"], request.query_params)
+        # A query's tiles change only when the server restarts on other stores.
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=600",
+                                 "X-Content-Type-Options": "nosniff"})
+
     def range_(request) -> Response:
         return JSONResponse(service.range_answer(request.query_params),
                             media_type="application/geo+json", headers=no_store)
@@ -825,6 +957,7 @@ def create_app(session: "MapSession", *, max_upload: int = DEFAULT_MAX_UPLOAD,
         Route("/api/map", map_),
         Route("/api/overlay.png", overlay),
         Route("/api/cell", cell),
+        Route("/tiles/{query}/{z}/{x}/{y}.png", tile),
         Route("/api/range", range_),
         Route("/api/species", species),
         Route("/api/land", land),

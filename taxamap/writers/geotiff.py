@@ -35,6 +35,14 @@ COG_OPTIONS = {
 }
 
 
+#: Above this many pixels (all bands) the COG is built on disk, from bands written in row
+#: blocks, rather than in memory: the world at 0.05 deg is 25 M pixels a band.
+IN_MEMORY_PIXELS = 16_000_000
+#: Rows written at a time when building on disk, and GDAL's block cache meanwhile (MB).
+ROW_BLOCK = 1024
+GDAL_CACHE_MB = 256
+
+
 #: Dataset attrs that are not GeoTIFF tags: the file name stem, where a map was read from, and
 #: the region's outline (drawn, not recorded).
 NOT_TAGS = ("slug", "source_path", OUTLINE_ATTR)
@@ -78,17 +86,16 @@ def _write_cog(path, grid, bands: list[tuple[str, np.ndarray]], tags: dict[str, 
         "transform": grid.transform,
         "nodata": float("nan"),
     }
+    if grid.width * grid.height * len(bands) > IN_MEMORY_PIXELS:
+        return _write_cog_on_disk(path, profile, bands, tags, band_tags, units)
     # Build the bands in memory, then let GDAL's COG driver lay out tiles and overviews, also in
     # memory: the file is then written by Python in one go, so a full disk is an OSError we can
     # name (GDAL would print its own lines and fail with "TIFFAppendToStrip: Seek error").
     with MemoryFile() as mem:
         with mem.open(**profile) as ds:
-            for i, (name, raster) in enumerate(bands, start=1):
+            for i, (_, raster) in enumerate(bands, start=1):
                 ds.write(np.asarray(raster, dtype=np.float32), i)
-                ds.set_band_description(i, name)
-                ds.set_band_unit(i, units[i - 1] if units else "cosine similarity")
-                ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
-            ds.update_tags(**tags)
+            _describe(ds, bands, tags, band_tags, units)
         with mem.open() as src, MemoryFile() as cog:
             rasterio.shutil.copy(src, cog.name, driver="COG", **COG_OPTIONS)
             data = cog.read()
@@ -101,6 +108,45 @@ def write_bands(path: str | os.PathLike, grid, bands: list[tuple[str, np.ndarray
     ``tags`` and per-band tags and units: a stack that is not a score map (``richness
     --stack``)."""
     return _write_cog(path, grid, bands, tags, band_tags, units)
+
+
+def _describe(ds, bands, tags, band_tags, units) -> None:
+    for i, (name, _) in enumerate(bands, start=1):
+        ds.set_band_description(i, name)
+        ds.set_band_unit(i, units[i - 1] if units else "cosine similarity")
+        ds.update_tags(i, **(band_tags[i - 1] if band_tags else {"MODALITY": name}))
+    ds.update_tags(**tags)
+
+
+def _write_cog_on_disk(path, profile: dict, bands, tags, band_tags, units) -> Path:
+    """A large COG: the bands go to a tiled GeoTIFF beside the output ``ROW_BLOCK`` rows at a
+    time, GDAL's COG driver lays out tiles and overviews from it (reading blocks, its cache
+    bounded), into a temporary name renamed onto ``path``. Memory stays at a few row blocks
+    whatever the grid's size (the bands may be memory-mapped or lazily computed arrays)."""
+    import rasterio
+    import rasterio.shutil
+    from rasterio.windows import Window
+
+    from taxamap.writers.style import atomic_path
+
+    height, width = profile["height"], profile["width"]
+    need = height * width * len(bands) * 4  # the staging bands; the COG is about as large
+    with atomic_path(path, need=2 * need) as tmp:
+        staging = tmp.with_name(tmp.name + ".bands.tif")
+        try:
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+                with rasterio.open(staging, "w", **profile, tiled=True, blockxsize=BLOCKSIZE,
+                                   blockysize=BLOCKSIZE, BIGTIFF="IF_SAFER") as ds:
+                    for i, (_, raster) in enumerate(bands, start=1):
+                        for r0 in range(0, height, ROW_BLOCK):
+                            r1 = min(height, r0 + ROW_BLOCK)
+                            ds.write(np.asarray(raster[r0:r1], dtype=np.float32), i,
+                                     window=Window(0, r0, width, r1 - r0))
+                    _describe(ds, bands, tags, band_tags, units)
+                rasterio.shutil.copy(staging, tmp, driver="COG", **COG_OPTIONS)
+        finally:
+            staging.unlink(missing_ok=True)
+    return Path(path)
 
 
 def write_geotiff(ds, path: str | os.PathLike) -> Path:

@@ -173,7 +173,25 @@
     }
   }
 
+  // A grid too large for one overlay (the world) comes as map tiles scored at the zoom's
+  // pyramid level; #status says "ready" once the visible tiles have loaded.
+  function paintTiles(view, answer) {
+    return new Promise(function (resolve) {
+      var layer = L.tileLayer(answer.tiles, {
+        opacity: 0.85, pane: "scores", className: "score-tiles", maxZoom: 18,
+        bounds: answer.bounds, keepBuffer: 1
+      });
+      layer.once("load", function () {
+        if (view.overlay) view.map.removeLayer(view.overlay);
+        view.overlay = layer;
+        nextFrame().then(resolve);
+      });
+      layer.addTo(view.map);
+    });
+  }
+
   function paintOverlay(view, answer) {
+    if (!answer.overlay && answer.tiles) return paintTiles(view, answer);
     return new Promise(function (resolve, reject) {
       var layer = L.imageOverlay(answer.overlay, answer.bounds, {
         opacity: 0.85, pane: "scores", className: "overlay", interactive: false
