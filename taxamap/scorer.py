@@ -150,15 +150,21 @@ class CellMatrix:
 
     def cosines_at(self, queries: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """(S, len(cells)) float32 cosines of unit ``queries`` with the cells numbered ``cells``
-        (sorted): a map tile's cells, gathered from the blocks that hold them."""
-        out = np.full((queries.shape[0], cells.size), np.nan, dtype=np.float32)
-        q = np.ascontiguousarray(queries, dtype=np.float32)
+        (sorted): a map tile's cells, gathered from the blocks that hold them and scored with
+        :meth:`cosines`' kernel, so a tile shows the very values of the map."""
+        import torch
+
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(torch.float16)
+        raw = torch.full((q.shape[0], cells.size), float("nan"), dtype=torch.float16)
         for start, rows in self.blocks:
-            lo, hi = np.searchsorted(cells, [start, start + rows.shape[0]])
+            lo, hi = (int(v) for v in np.searchsorted(cells, [start, start + rows.shape[0]]))
             if hi > lo:
-                picked = rows.numpy()[cells[lo:hi] - start].astype(np.float32)
-                out[:, lo:hi] = q @ picked.T
-        return out * self.inv_norms[cells]
+                picked = rows[torch.from_numpy(cells[lo:hi] - start)]
+                if q.shape[0] == 1:
+                    raw[0, lo:hi] = torch.mv(picked, q[0])
+                else:
+                    raw[:, lo:hi] = torch.mm(q, picked.T)
+        return (raw.float() * torch.from_numpy(self.inv_norms[cells])).numpy()
 
 
 def sum_norms(cells: dict[str, CellMatrix]) -> np.ndarray:

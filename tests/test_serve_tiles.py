@@ -48,8 +48,11 @@ def from_disk(models_dir, cache, in_memory):
 
 
 @pytest.fixture(scope="module")
-def raster(in_memory):
-    return np.asarray(in_memory.predict(species=SPECIES)["fused"].values)
+def rasters(in_memory, from_disk):
+    """Each session's own fused map: the in-memory session scores float16 cells (within the
+    compact bound of the stores' float32 scores), the other scores the stores themselves."""
+    return {"in_memory": np.asarray(in_memory.predict(species=SPECIES)["fused"].values),
+            "from_disk": np.asarray(from_disk.predict(species=SPECIES)["fused"].values)}
 
 
 def _tile_xy(lat: float, lon: float, z: int) -> tuple[int, int]:
@@ -87,10 +90,13 @@ def test_zoom_picks_the_coarsest_level_no_larger_than_a_pixel(in_memory):
 
 @pytest.mark.parametrize("which", ["in_memory", "from_disk"])
 @pytest.mark.parametrize("z, factor", [(7, 1), (2, 2)])
-def test_tile_is_the_map_cells_or_their_exact_mean(request, raster, which, z, factor):
+def test_tile_is_the_map_cells_or_their_exact_mean(request, rasters, which, z, factor):
     """Zoom 7 shows the grid's own cells, zoom 2 the 2x level: each pixel is the mean of the
-    finite fine cells under its coarse cell, exactly (float32 rounding aside)."""
+    finite fine cells under its coarse cell, exactly (float32 rounding aside). The fine level
+    is the session's own map; coarse levels come from the pyramid's float32 means, whatever
+    the session holds, so they are the means of the stores' float32 scores."""
     session = request.getfixturevalue(which)
+    raster = rasters[which] if factor == 1 else rasters["from_disk"]
     tiler = TileScorer(session)
     x, y = _tile_xy(40.0, -83.0, z)
     got = tiler.tile(session.embed(SPECIES).query.vector, "fused", z, x, y)
@@ -136,10 +142,10 @@ def test_tiled_session_maps_as_tiles(client):
     assert (empty[..., 3] == 0).all()
 
 
-def test_cell_of_a_tiled_session_is_scored_from_the_stores(client, in_memory):
+def test_cell_of_a_tiled_session_is_scored_from_the_stores(client, from_disk):
     got = client.get("/api/cell", params={"species": SPECIES, "lat": 40.05, "lon": -83.05}).json()
-    ds = in_memory.predict(species=SPECIES)
-    row, col = in_memory.cell_at(40.05, -83.05)
+    ds = from_disk.predict(species=SPECIES)
+    row, col = from_disk.cell_at(40.05, -83.05)
     assert got["scores"]["fused"] == pytest.approx(float(ds["fused"].values[row, col]), abs=2e-6)
 
 
