@@ -31,7 +31,8 @@ N_CELLS = 16_900
 
 
 def _store_dir(cache: Path) -> Path:
-    (found,) = [p for p in (cache / "stores").glob("*/location-*") if (p / "zarr.json").exists()]
+    (found,) = [p for p in (cache / "stores").glob("*/location-*")
+                if (p / "zarr.json").exists() and p.suffix != ".pyramid"]
     return found
 
 
@@ -438,7 +439,8 @@ def test_cache_info_lists_stored_grids_and_clear_selects_them(models_dir, tmp_pa
     assert rc == 2 and "no stored grid of region 'atlantis'" in err and "Ohio" in err
     rc, out, _ = _cli(capsys, "cache", "clear", "--older-than", "1", "--cache", str(cache))
     assert rc == 0 and out.startswith("removed 0 embedding stores")
-    indiana = [p for p in (cache / "stores").glob("*/location-*") if (p / "zarr.json").exists()
+    indiana = [p for p in (cache / "stores").glob("*/location-*")
+               if (p / "zarr.json").exists() and p.suffix != ".pyramid"
                and json.loads((p / "zarr.json").read_text())["attributes"]["region"] == "Indiana"]
     old = time.time() - 3 * 86400
     os.utime(f"{indiana[0]}.lock", (old, old))
