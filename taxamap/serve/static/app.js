@@ -429,7 +429,7 @@
           });
           li.appendChild(a);
           li.appendChild(document.createTextNode(
-            " " + fmt(sp.score, 3) + " · above " + Math.round(sp.relative * 100) + "% of the panel"));
+            " " + fmt(sp.score, 3) + " · above " + (Math.floor(sp.relative * 1000) / 10) + "% of the panel"));
           list.appendChild(li);
         });
         box.appendChild(list);
