@@ -4,8 +4,8 @@ novelty, and masks that drop the cells a model cannot vouch for.
 * :func:`disagreement`: per cell, the spread of the per-modality scores (population standard
   deviation over the modalities that scored the cell); 0 when all modalities agree. It works on
   whatever scale it is given: raw cosines (as ``taxamap predict`` writes them) or the
-  panel-relative standing (``relative``, 0-1) where that exists; the caller says which in
-  ``scale`` and the band's tags (:func:`disagreement_tags`).
+  panel-relative standing (``relative``, 0-1) where that exists; the caller records which
+  (:data:`DISAGREEMENT_SCALES`; the Dataset attr ``disagreement_scale``).
 * :func:`mess`: the multivariate environmental similarity surface of Elith, Kearney & Phillips
   (2010, Methods Ecol. Evol. 1: 330-342, appendix S3) of each cell's climate against a
   reference set of cells, and the most dissimilar variable (``mess_variable``).
@@ -63,17 +63,6 @@ def disagreement(scores: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.
     out = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
     out[count < 2] = np.nan
     return out
-
-
-def disagreement_tags(scale: str, modalities: Sequence[str]) -> dict[str, str]:
-    """Band tags of ``disagreement``: its unit (which scale) and what high means."""
-    if scale not in DISAGREEMENT_SCALES:
-        raise TaxamapError(f"disagreement scale must be one of {', '.join(DISAGREEMENT_SCALES)}, "
-                           f"not {scale!r}")
-    return {"UNITS": DISAGREEMENT_SCALES[scale], "SCALE": scale,
-            "MODALITIES": ",".join(modalities),
-            "MEANING": "0 = the modalities agree; high = location, satellite and climate tell "
-                       "different stories about this cell"}
 
 
 # --- MESS (Elith et al. 2010) -------------------------------------------------------------------
