@@ -212,6 +212,8 @@ def wait_for_blocks(store: EmbeddingStore, claims: BlockClaims, blocks: list[int
                     mine.append(b)
                 continue
             holder = claims.holder(b)
+            if holder is None and b in store.finished([b]):
+                continue  # its run wrote it, then gave the claim up, since we looked: next round
             if holder is None or holder["quiet_s"] > TIMEOUT_S:
                 left.remove(b)
                 mine.append(b)

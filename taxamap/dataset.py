@@ -399,6 +399,9 @@ def open_map(path: str | os.PathLike) -> "xr.Dataset":
                 raise TaxamapError(f"map {path} has no CRS; taxamap maps are EPSG:4326 (assign "
                                    "one, e.g. gdal_edit.py -a_srs EPSG:4326)")
             bands = rioxarray.open_rasterio(src, mask_and_scale=True).load()
+            # Closed here, values kept: a file manager left to the interpreter's shutdown makes
+            # Python 3.13 print "Error in sys.excepthook" after the command's last line.
+            bands.close()
             # Tags and descriptions as written: rioxarray's attrs turn numeric-looking tags into
             # numbers and mix band 1's tags in.
             names = [(d or f"band{i}") for i, d in enumerate(src.descriptions, start=1)]

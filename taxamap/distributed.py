@@ -120,7 +120,7 @@ def embed_on_dask(options, config: dict, modality: str, store, latlon: np.ndarra
                 else:
                     elsewhere.append(futures[future])
             todo = wait_for_blocks(store, claims, elsewhere) if elsewhere else []
-            redo.update(todo)
+            redo.update(store.damaged)  # as embed_to_store: damaged blocks only
             round_ += 1
         bar.close()
         return computed

@@ -237,7 +237,9 @@ def embed_to_store(
                 raise exc.needing(int(exc.per_cell * store.cells_left())) from None
             others = [i for i in work if i not in computed]
             work = wait_for_blocks(store, claims, others) if others else []
-            redo.update(work)
+            # Only blocks that landed damaged skip the claim's "finished since" check: a block
+            # whose run ended without it is computed anyway, and one that lands meanwhile is not.
+            redo.update(store.damaged)
             progress = False  # one bar; later rounds are the few blocks other runs dropped
     if failed:
         logging.getLogger("taxamap").info(f"{embedder.modality}: {failed:,} cells failed to fetch and are NaN in this map; their "

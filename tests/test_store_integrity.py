@@ -452,3 +452,36 @@ def test_cache_info_lists_stored_grids_and_clear_selects_them(models_dir, tmp_pa
     rc, out, _ = _cli(capsys, "cache", "clear", "--region", "ohio", "--cache", str(cache))
     assert rc == 0 and out.startswith("removed 1 embedding stores")
     assert not list((cache / "stores").iterdir())
+
+
+def test_a_block_that_lands_while_its_holder_is_looked_up_is_not_computed_again(tmp_path):
+    """The window CI hit (two embeds computed 6 blocks of 5): the waiting run looked at the
+    flags (block not finished), then the other run wrote the block and gave its claim up, then
+    the waiting run asked who held it (nobody) and computed it a second time."""
+    from taxamap.claims import BlockClaims, wait_for_blocks
+
+    kw = dict(key="k", n_cells=10, dim=4, attrs={}, chunk_cells=4)
+    store = EmbeddingStore.open(tmp_path / "s", **kw)
+    for i in (0, 1):
+        store.write_chunk(i, np.ones((4, 4), np.float32))
+    other = BlockClaims(str(tmp_path / "s"))  # "another run", embedding block 3
+    assert other.take(2)
+
+    class LandsRightAfterTheFlagsAreRead(EmbeddingStore):
+        looks = 0
+
+        def finished(self, blocks):
+            seen = super().finished(blocks)
+            LandsRightAfterTheFlagsAreRead.looks += 1
+            if LandsRightAfterTheFlagsAreRead.looks == 1:  # the other run finishes just now
+                EmbeddingStore.open(tmp_path / "s", **kw).write_chunk(2, np.ones((2, 4)))
+                other.release(2)
+            return seen
+
+    waiting = EmbeddingStore.open(tmp_path / "s", **kw)
+    waiting.__class__ = LandsRightAfterTheFlagsAreRead
+    with BlockClaims(str(tmp_path / "s")) as claims:
+        assert wait_for_blocks(waiting, claims, [2]) == []  # landed, checked: nothing to compute
+    assert LandsRightAfterTheFlagsAreRead.looks >= 2
+    assert EmbeddingStore.open(tmp_path / "s", **kw).pending_chunks() == []
+    other.close()
