@@ -152,6 +152,30 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, what: str | None
     return Path(path)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike | None) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on the file ``path``, made if needed, while
+    the block runs: other processes taking the same lock wait. ``None`` (a store at a URL) and
+    systems without ``fcntl`` go without. The kernel drops the lock when its process ends, so a
+    crashed holder never leaves it taken."""
+    if path is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def remove_tree(folder: str | os.PathLike) -> None:
     """Delete ``folder`` so that nothing ever sees it half-deleted: it is renamed aside first
     (a dot name no reader looks for), then removed. Missing is fine."""

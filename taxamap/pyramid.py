@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from taxamap.grid import Grid, Runs
-from taxamap.io import remove_tree
+from taxamap.io import exclusive_lock, remove_tree
 from taxamap.store import beside, gather_rows
 
 _log = logging.getLogger("taxamap")
@@ -212,20 +212,36 @@ def _aggregate(source_grid: Grid, coarse: Grid, k: int, read, emb, count) -> Non
         count[dest] = n.astype(np.int32)
 
 
+def _build_lock(store) -> Path | None:
+    """``<store>.pyramid.lock``: held while a pyramid is built, so two servers starting on one
+    store build it once (the second waits, then opens the first one's)."""
+    return beside(store.location, ".pyramid.lock")
+
+
 def build_pyramid(store, grid: Grid, factors: list[int] | None = None) -> Pyramid | None:
     """Build (again) the pyramid of ``store`` over ``grid`` from the store's public reads; cells
     of unfinished blocks count as not embedded. Written aside and renamed into place, so a reader
-    never sees half a pyramid. None for a store at a URL or a grid with no level to build."""
-    import zarr
-
+    never sees half a pyramid; one build at a time per store. None for a store at a URL or a grid
+    with no level to build."""
     factors = default_factors(grid) if factors is None else sorted(factors)
     root = pyramid_path(store)
     if root is None or not factors:
         return None
+    with exclusive_lock(_build_lock(store)):
+        return _build(store, grid, factors, root)
+
+
+def _build(store, grid: Grid, factors: list[int], root: Path) -> Pyramid:
+    """The build itself, under the store's pyramid lock."""
+    import zarr
+
     stamp = fingerprint(store)
     pending = set(store.pending_chunks())
+    # Under the lock no other build is running: any half-built folder is a crashed build's.
+    for pattern in (f".{root.name}.*.building", f".{root.name}.*.replaced"):
+        for leftover in root.parent.glob(pattern):
+            remove_tree(leftover)
     building = root.with_name(f".{root.name}.{os.getpid()}.building")
-    remove_tree(building)
     group = zarr.open_group(str(building), mode="w")
     group.attrs.update({"format": PYRAMID_FORMAT, "store_key": store.key, "fingerprint": stamp,
                         "factors": factors, "dim": store.dim})
@@ -251,8 +267,15 @@ def build_pyramid(store, grid: Grid, factors: list[int] | None = None) -> Pyrami
         previous = Level(f, coarse, emb, count)
     previous.emb.close()
     previous.count.close()
-    remove_tree(root)
+    # The old pyramid goes aside in one rename and the new one takes its place in another: a
+    # reader finds one or the other (or, for an instant, none: it then waits on the lock).
+    old = root.with_name(f".{root.name}.{os.getpid()}.replaced")
+    try:
+        os.replace(root, old)
+    except FileNotFoundError:
+        pass
     os.replace(building, root)
+    remove_tree(old)
     return open_pyramid(store, grid, stamp)
 
 
@@ -300,6 +323,11 @@ def ensure_pyramid(store, grid: Grid, factors: list[int] | None = None) -> Pyram
     found = open_pyramid(store, grid, stamp)
     if found is not None and [lv.factor for lv in found.levels] == factors:
         return found
-    _log.info("building the embedding pyramid of %s (%d levels, %s x coarser at the top)",
-              store.location, len(factors), factors[-1])
-    return build_pyramid(store, grid, factors)
+    with exclusive_lock(_build_lock(store)):
+        # Another process may have built it while this one waited for the lock.
+        found = open_pyramid(store, grid)
+        if found is not None and [lv.factor for lv in found.levels] == factors:
+            return found
+        _log.info("building the embedding pyramid of %s (%d levels, %s x coarser at the top)",
+                  store.location, len(factors), factors[-1])
+        return _build(store, grid, factors, pyramid_path(store))

@@ -34,7 +34,6 @@ from then on); read-only, they are used as they are, checked for readability onl
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +48,7 @@ import numpy as np
 
 from taxamap.version import __version__
 from taxamap.errors import TaxamapError
-from taxamap.io import disk_full_guard, disk_full_reason, remove_tree
+from taxamap.io import disk_full_guard, disk_full_reason, exclusive_lock, remove_tree
 
 DEFAULT_CHUNK_CELLS = 16384
 #: In every store key: changing it gives every grid a new store (embedded again from scratch).
@@ -229,26 +228,10 @@ def derived_folder(location: str) -> Path | None:
     return None if root is None else root.with_name(f".{root.name}.derived")
 
 
-@contextlib.contextmanager
 def _creation_lock(location: str):
     """An exclusive advisory lock (``<store>.lock`` beside a local store) while a store is opened
     or created; URL stores and systems without ``fcntl`` go without."""
-    lock_path = beside(location, ".lock")
-    if lock_path is None:
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(beside(location, ".lock"))
 
 
 def _zarr_store(location: str):
@@ -969,6 +952,7 @@ def delete_store(location: str | os.PathLike) -> None:
         remove_tree(beside(location, ".claims"))
         remove_tree(derived_folder(location))
         remove_tree(beside(location, ".pyramid"))
+        beside(location, ".pyramid.lock").unlink(missing_ok=True)
     beside(location, ".lock").unlink(missing_ok=True)
 
 

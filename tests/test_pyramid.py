@@ -141,3 +141,49 @@ def test_taxamap_embed_builds_the_pyramid_with_the_store(models_dir, tmp_path):
     pyramid = open_pyramid(store, grid)
     assert pyramid is not None and [lv.factor for lv in pyramid.levels] == [2]
     assert int(pyramid.levels[0].count.sum()) == grid.n_cells
+
+
+def _filled(tmp_path, grid: Grid) -> EmbeddingStore:
+    store = _store(tmp_path, grid)
+    values = np.random.default_rng(7).normal(size=(grid.n_cells, 8)).astype(np.float32)
+    for i in range(store.n_chunks):
+        store.write_chunk(i, values[store.chunk_slice(i)])
+    return store
+
+
+def test_two_servers_starting_together_build_the_pyramid_once(tmp_path, caplog):
+    """Before: both built it and raced at the final rename (the loser served no pyramid)."""
+    import logging
+    import threading
+
+    from taxamap.io import exclusive_lock
+
+    grid = _grid(6)
+    store = _filled(tmp_path, grid)
+    got = []
+    caplog.set_level(logging.INFO, logger="taxamap")
+    # Both find no pyramid while a third party holds the build lock, then race for it.
+    with exclusive_lock(tmp_path / "store.pyramid.lock"):
+        starts = [threading.Thread(target=lambda: got.append(ensure_pyramid(store, grid, [2])))
+                  for _ in range(2)]
+        for t in starts:
+            t.start()
+    for t in starts:
+        t.join(60)
+    assert len(got) == 2 and all(p is not None for p in got)
+    assert got[0].fingerprint == got[1].fingerprint
+    built = [r for r in caplog.records if "building the embedding pyramid" in r.getMessage()]
+    assert len(built) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "store", "store.lock", "store.pyramid", "store.pyramid.lock"]
+
+
+def test_a_crashed_builds_leftovers_are_cleared_by_the_next_build(tmp_path):
+    grid = _grid(8)
+    store = _filled(tmp_path, grid)
+    crashed = tmp_path / ".store.pyramid.4242.building"
+    (crashed / "level_2").mkdir(parents=True)
+    (crashed / "zarr.json").write_text("{")
+    assert ensure_pyramid(store, grid, factors=[2]) is not None
+    assert not crashed.exists()
+    assert open_pyramid(store, grid) is not None
