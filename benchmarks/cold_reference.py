@@ -1,8 +1,8 @@
 """Cold ``taxamap predict`` over the USA at 0.05° vs GeoCLIP's reference location encoder on the
 same points, in the same run; warm vs cold; encoder points/s vs the fp32 and bf16 GEMM bounds.
 
-    flock /work/wt/bench.lock nice python benchmarks/cold_reference.py \
-        --models /tmp/panel-bench/models-full [--baseline-root TREE] [--json OUT]
+    nice python benchmarks/cold_reference.py \
+        --models DIR [--baseline-root TREE] [--also-fp32] [--json OUT]
 
 Cold = an empty cache (every cell embedded by the full-size location encoder, GeoCLIP's real
 weights; ``--precision auto``, which is fp32 on a CPU without AVX512-BF16/AMX); the reference is
@@ -28,12 +28,14 @@ import numpy as np
 from common import ROOT, gemm_flops, machine
 
 
-def predict(tree: Path, models: str, cache: str, species: str, out: str) -> float:
+def predict(tree: Path, models: str, cache: str, species: str, out: str,
+            precision: str = "auto") -> float:
     env = dict(os.environ, PYTHONPATH=str(tree), HF_HUB_OFFLINE="1", TAXAMAP_OFFLINE="1")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "taxamap.cli", "predict", "--species", species,
                            "--region", "usa", "--resolution", "0.05", "--models", models,
-                           "--cache", cache, "--out", out, "--no-progress"],
+                           "--cache", cache, "--out", out, "--no-progress",
+                           "--precision", precision],
                           env=env, cwd=tree, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -64,6 +66,8 @@ def main() -> None:
     p.add_argument("--models", required=True)
     p.add_argument("--baseline-root")
     p.add_argument("--json")
+    p.add_argument("--also-fp32", action="store_true",
+                   help="also time a cold --precision fp32 predict of this tree in the same run")
     args = p.parse_args()
 
     import torch
@@ -92,11 +96,19 @@ def main() -> None:
             out[name] = {"cold_s": round(cold, 1), "warm_s": [round(w, 2) for w in warm],
                          "cold_over_warm": round(cold / min(warm), 1)}
             print(name, out[name], flush=True)
+    if args.also_fp32:
+        with tempfile.TemporaryDirectory(prefix="cold-fp32-") as tmp:
+            cold = predict(ROOT, args.models, f"{tmp}/cache", "Cardinalis cardinalis",
+                           f"{tmp}/out", precision="fp32")
+        out["this"]["cold_fp32_s"] = round(cold, 1)
+        print("this, --precision fp32: cold", out["this"]["cold_fp32_s"], flush=True)
     ref = reference_seconds(latlon)
     out["reference_encoder_s"] = round(ref, 1)
     out["reference_pts_s"] = round(len(latlon) / ref)
     for name, _ in trees:
         out[name]["reference_over_cold"] = round(ref / out[name]["cold_s"], 2)
+    if "cold_fp32_s" in out["this"]:
+        out["this"]["reference_over_cold_fp32"] = round(ref / out["this"]["cold_fp32_s"], 2)
     from taxamap.models.location import load_location_encoder
 
     enc = load_location_encoder(args.models, precision="auto")
