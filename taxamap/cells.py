@@ -55,34 +55,46 @@ def build_grid(options: GridOptions):
     the mask removed.
     """
     from taxamap.geography import resolve_region
-    from taxamap.grid import MAX_CELLS, count_cells
 
     region = resolve_region(options.region, options.bbox, cells=options.cells)
-    grid = cached_grid(region, options.resolution, options.cache)
+    grid, outline_cells = cached_grid(region, options.resolution, options.cache)
     log(f"region {region.name}: {grid.n_cells:,} cells of {grid.resolution} deg "
         f"({grid.width} x {grid.height} grid)")
-    if region.cells != "all":
-        west, south, east, north = region.outline.bounds
-        # Counting the outline's cells is one more pass over its frame: skip it where that frame
-        # is far larger than any grid taxamap accepts.
-        if (east - west) * (north - south) / options.resolution ** 2 <= MAX_CELLS:
-            removed = count_cells(region.outline, options.resolution) - grid.n_cells
-            other = "water" if region.cells == "land" else "land"
-            if removed > 0:  # a box wholly on land needs no word about the mask
-                log(f"{region.cells} mask: {removed:,} {other} cells removed")
+    if outline_cells is not None and outline_cells > grid.n_cells:
+        # a box wholly on land needs no word about the mask
+        other = "water" if region.cells == "land" else "land"
+        log(f"{region.cells} mask: {outline_cells - grid.n_cells:,} {other} cells removed")
     return region, grid
 
 
 #: Grids over frames of more cells than this are kept in the cache (``<cache>/grids``): laying
-#: the world at 0.05 deg tests 25 M cell centres (~25 s), reading its runs back takes ~0.1 s.
-GRID_CACHE_FRAME = 4_000_000
+#: the world at 0.05 deg tests 25 M cell centres (~25 s), reading its runs back takes ~0.1 s;
+#: the USA at 0.05 deg (a 575,688-cell frame) took 1.9 s of a 5 s warm predict (the layout and
+#: the count of the cells its land mask removed), read back 5 ms. Smaller frames lay out in a
+#: fraction of a second and leave no file.
+GRID_CACHE_FRAME = 200_000
 #: Bumped when the layout of a cached grid file changes.
-GRID_CACHE_FORMAT = 1
+GRID_CACHE_FORMAT = 2
 
 
-def cached_grid(region, resolution: float, cache=None) -> Grid:
-    """:func:`~taxamap.grid.make_grid` over ``region``, read from the cache when a large frame
-    was laid out before (keyed on the geometry's bytes, the resolution and the cell choice)."""
+def _outline_cells(region, resolution: float) -> int | None:
+    """How many cells the region's outline holds before its land (or water) mask: what the
+    mask removed is this less the grid's cells. None where no mask applies, or where counting
+    means another pass over a frame far larger than any grid taxamap accepts."""
+    from taxamap.grid import MAX_CELLS, count_cells
+
+    if region.cells == "all":
+        return None
+    west, south, east, north = region.outline.bounds
+    if (east - west) * (north - south) / resolution ** 2 > MAX_CELLS:
+        return None
+    return count_cells(region.outline, resolution)
+
+
+def cached_grid(region, resolution: float, cache=None) -> tuple[Grid, int | None]:
+    """:func:`~taxamap.grid.make_grid` over ``region`` and :func:`_outline_cells`, read from the
+    cache when a large frame was laid out before (keyed on the geometry's bytes, the outline's,
+    the resolution and the cell choice)."""
     import hashlib
 
     from taxamap.grid import Runs, check_resolution
@@ -92,10 +104,12 @@ def cached_grid(region, resolution: float, cache=None) -> Grid:
     check_resolution(resolution, region.geometry.bounds)
     west, south, east, north = region.geometry.bounds
     if (east - west) * (north - south) / resolution ** 2 <= GRID_CACHE_FRAME:
-        return make_grid(region.geometry, resolution, cells=region.cells)
+        return (make_grid(region.geometry, resolution, cells=region.cells),
+                _outline_cells(region, resolution))
     import shapely
 
     digest = hashlib.sha1(shapely.to_wkb(region.geometry, output_dimension=2))
+    digest.update(shapely.to_wkb(region.outline, output_dimension=2))
     digest.update(f"{GRID_CACHE_FORMAT}|{resolution!r}|{region.cells}".encode())
     path = cache_subdir("grids", cache) / f"{digest.hexdigest()[:20]}.npz"
     try:
@@ -103,21 +117,24 @@ def cached_grid(region, resolution: float, cache=None) -> Grid:
             frame = f["frame"]
             runs = Runs.from_parts([f["row"]], [f["col"]], [f["length"]], np.diff(f["row_runs"],
                                                                            prepend=0))
-        return Grid(float(frame[0]), float(frame[1]), resolution, int(frame[2]), int(frame[3]),
-                    cells=region.cells, runs=runs)
+            outline = int(f["outline_cells"])
+        return (Grid(float(frame[0]), float(frame[1]), resolution, int(frame[2]), int(frame[3]),
+                     cells=region.cells, runs=runs), outline if outline >= 0 else None)
     except (OSError, KeyError, ValueError):  # absent or unreadable: lay it out again
         pass
     log(f"laying out the {resolution} deg grid over {region.name} (kept in the cache for next "
         "time)")
     grid = make_grid(region.geometry, resolution, cells=region.cells)
+    outline = _outline_cells(region, resolution)
     with contextlib.suppress(OSError, TaxamapError):  # a read-only or full cache only costs the next run the layout
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, what="caching the grid") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, frame=np.array([grid.west, grid.north, grid.width, grid.height]),
                          row=grid.runs.row, col=grid.runs.col, length=grid.runs.length,
-                         row_runs=grid.runs.row_runs)
-    return grid
+                         row_runs=grid.runs.row_runs,
+                         outline_cells=np.int64(-1 if outline is None else outline))
+    return grid, outline
 
 
 @dataclass

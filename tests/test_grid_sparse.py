@@ -96,3 +96,30 @@ def test_world_at_005_builds_and_is_cached(tmp_path):
     _, again = build_grid(options)
     assert again.key() == grid.key() and again.n_cells == grid.n_cells
     assert isinstance(again.runs, Runs)
+
+
+def test_a_region_grid_is_cached_with_the_count_its_land_mask_removed(tmp_path, caplog):
+    """A warm predict over the USA at 0.05 deg spent 1.9 s of 5 laying the grid out again and
+    counting the water cells its land mask removed; both now come from the cache."""
+    import logging
+
+    import numpy as np
+
+    from taxamap.cells import GRID_CACHE_FRAME, build_grid
+    from taxamap.options import GridOptions
+
+    options = GridOptions(bbox="-84,39,-74,44", resolution=0.01, cache=str(tmp_path))
+    assert 1000 * 500 > GRID_CACHE_FRAME
+    caplog.set_level(logging.INFO, logger="taxamap")
+    _, grid = build_grid(options)
+    first = [r.getMessage() for r in caplog.records if "mask:" in r.getMessage()]
+    [cached] = (tmp_path / "grids").glob("*.npz")
+    with np.load(cached) as f:
+        outline = int(f["outline_cells"])
+    assert outline == 1000 * 500 and outline > grid.n_cells  # the box, less Lake Erie and sea
+    assert first == [f"land mask: {outline - grid.n_cells:,} water cells removed"]
+    caplog.clear()
+    _, again = build_grid(options)
+    assert again.key() == grid.key()
+    assert [r.getMessage() for r in caplog.records if "mask:" in r.getMessage()] == first
+    assert not any("laying out" in r.getMessage() for r in caplog.records)
