@@ -272,12 +272,26 @@ class Grid:
         lon = self.west + (cols + 0.5) * self.resolution
         return np.stack([lat, wrap_lon(lon)], axis=1)
 
+    #: Grids of at most this many cells keep their cells' flat pixel index once made (4 bytes a
+    #: cell): every map of a web session is scattered into a raster, 7 ms -> 1.5 ms for the USA
+    #: at 0.05 deg. Larger grids are written in row blocks (:meth:`rows_raster`) instead.
+    RASTER_INDEX_CELLS = 4_000_000
+
+    @functools.cached_property
+    def _raster_index(self) -> np.ndarray:
+        index = self.cell_index()
+        return index.astype(np.int32) if self.width * self.height < 2**31 else index
+
     def to_raster(self, values: np.ndarray) -> np.ndarray:
         """Scatter per-cell ``values`` (N,) into a (height, width) float32 raster, NaN elsewhere."""
         values = np.asarray(values)
         if values.shape[0] != self.n_cells:
             raise ValueError(f"expected {self.n_cells} values, got {values.shape[0]}")
-        return self.rows_raster(values, 0, self.height)
+        if self.n_cells > self.RASTER_INDEX_CELLS:
+            return self.rows_raster(values, 0, self.height)
+        out = np.full(self.width * self.height, np.nan, dtype=np.float32)
+        out[self._raster_index] = values
+        return out.reshape(self.height, self.width)
 
     def rows_raster(self, values: np.ndarray, r0: int, r1: int) -> np.ndarray:
         """Rows ``r0 .. r1 - 1`` of the raster: ``values`` are the cells of those rows

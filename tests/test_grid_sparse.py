@@ -123,3 +123,24 @@ def test_a_region_grid_is_cached_with_the_count_its_land_mask_removed(tmp_path, 
     assert again.key() == grid.key()
     assert [r.getMessage() for r in caplog.records if "mask:" in r.getMessage()] == first
     assert not any("laying out" in r.getMessage() for r in caplog.records)
+
+
+def test_to_raster_scatters_as_the_row_blocks_do():
+    """The cached flat index (small grids) and the row-block path (large ones) agree."""
+    import numpy as np
+
+    from taxamap.grid import Grid
+
+    rng = np.random.default_rng(11)
+    mask = rng.random((37, 53)) < 0.4
+    grid = Grid(-10.0, 5.0, 0.1, 53, 37, mask=mask)
+    values = rng.normal(size=grid.n_cells).astype(np.float32)
+    want = np.full(mask.shape, np.nan, np.float32)
+    want[mask] = values  # cells are row-major
+    assert np.array_equal(grid.to_raster(values), want, equal_nan=True)
+    assert np.array_equal(grid.to_raster(values), want, equal_nan=True)  # index reused
+    assert np.array_equal(grid.rows_raster(values, 0, grid.height), want, equal_nan=True)
+    big = Grid(-10.0, 5.0, 0.1, 53, 37, mask=mask)
+    big.RASTER_INDEX_CELLS = 10  # the row-block path
+    assert np.array_equal(big.to_raster(values), want, equal_nan=True)
+    assert "_raster_index" not in vars(big)

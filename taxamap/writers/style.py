@@ -7,6 +7,7 @@ is for the PNG and HTML only, and every display that uses it states it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -119,20 +120,32 @@ def display_of(name: str, raster: np.ndarray,
                          f"{lo_p:g}th to {hi_p:g}th percentile of valid cells")
 
 
-def colorize(raster: np.ndarray, stretch: Stretch, cmap: str = COLORMAP) -> np.ndarray:
-    """(H, W) floats -> (H, W, 4) uint8 RGBA with the stretch and colour map; NaN transparent."""
+@functools.lru_cache(maxsize=16)
+def _packed_lut(cmap: str) -> np.ndarray:
+    """The colour map as 257 RGBA pixels packed in uint32: 256 colours, then the first colour
+    fully transparent (for NaN)."""
     import matplotlib
 
     # A 256-entry lookup table is what matplotlib's colour maps use internally; indexing it
     # directly is several times faster on world-sized rasters.
     lut = matplotlib.colormaps[cmap].resampled(256)(np.linspace(0.0, 1.0, 256), bytes=True)
+    lut = np.concatenate([lut, lut[:1]]).astype(np.uint8)
+    lut[256, 3] = 0
+    packed = np.ascontiguousarray(lut).view(np.uint32).reshape(257)
+    packed.setflags(write=False)
+    return packed
+
+
+def colorize(raster: np.ndarray, stretch: Stretch, cmap: str = COLORMAP) -> np.ndarray:
+    """(H, W) floats -> (H, W, 4) uint8 RGBA with the stretch and colour map; NaN transparent."""
     raster = np.asarray(raster, dtype=np.float32)
-    finite = np.isfinite(raster)
-    scaled = (np.where(finite, raster, stretch.vmin) - stretch.vmin) * (
+    scaled = (raster - np.float32(stretch.vmin)) * np.float32(
         255.0 / (stretch.vmax - stretch.vmin))
-    rgba = lut[np.clip(np.rint(scaled), 0, 255).astype(np.uint8)]
-    rgba[..., 3] = np.where(finite, 255, 0)
-    return rgba
+    np.clip(scaled, 0, 255, out=scaled)
+    np.rint(scaled, out=scaled)
+    # One 4-byte pixel per cell from the packed table (a gather of 4-byte rows is ~3x slower).
+    index = np.where(np.isfinite(raster), scaled, np.float32(256)).astype(np.intp, order="C")
+    return _packed_lut(cmap)[index].view(np.uint8).reshape(*raster.shape, 4)
 
 
 def gradient_css(cmap: str = COLORMAP, stops: int = 11) -> str:
