@@ -162,7 +162,7 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 def test_encode_text_equals_load_clip(tiny_models):
-    fast = load_text_encoder(tiny_models, config=dict(DEFAULT_CONFIG))
+    fast = load_text_encoder(tiny_models, config=dict(DEFAULT_CONFIG), backend="numpy")
     slow = load_clip(tiny_models, config=dict(DEFAULT_CONFIG))
     prompts = TEXTS[:12] + TEXTS[-3:]
     ours, ref = fast.encode_text(prompts), slow.encode_text(prompts)
@@ -242,11 +242,21 @@ def test_half_precision_safetensors(tmp_path, dtype):
 
 def test_backend_choice(tiny_models):
     cfg = dict(DEFAULT_CONFIG)
-    assert load_text_encoder(tiny_models, device="auto", config=cfg).backend == "numpy"
-    assert load_text_encoder(tiny_models, device=None, config=cfg).backend == "numpy"
-    assert load_text_encoder(tiny_models, device=torch.device("cpu"), config=cfg).backend == "numpy"
+    # torch is imported in this process: "auto" uses it on the CPU (it costs nothing more)...
+    assert load_text_encoder(tiny_models, device="auto", config=cfg).backend == "torch"
+    assert load_text_encoder(tiny_models, device=None, config=cfg).backend == "torch"
+    assert load_text_encoder(tiny_models, device=torch.device("cpu"), config=cfg).backend == "torch"
+    assert load_text_encoder(tiny_models, config=cfg, backend="numpy").backend == "numpy"
     with pytest.raises(TaxamapError, match="CPU only"):
         load_text_encoder(tiny_models, device="cuda", config=cfg, backend="numpy")
+    # ...and NumPy where torch is not imported yet (a warm predict never imports it).
+    script = ("import sys\nfrom taxamap.models.text import load_text_encoder\n"
+              f"enc = load_text_encoder({str(tiny_models)!r}, config={cfg!r})\n"
+              "print(enc.backend, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["numpy", "False"]
     with pytest.raises(TaxamapError, match="unknown text backend"):
         load_text_encoder(tiny_models, config=cfg, backend="jax")
     if not torch.cuda.is_available():  # device="cuda" means torch, which then says there is no GPU
