@@ -260,9 +260,12 @@ OUTLINE_ATTR = "region_outline"
 
 def outline_text(outline: Any, resolution: float | None = None) -> str:
     """A region outline as WKT for :data:`OUTLINE_ATTR`: simplified by a tenth of a cell (never
-    visible beside the cells) and rounded to 1e-6 degrees."""
+    visible beside the cells) and rounded to 1e-6 degrees. A string is taken as WKT made so
+    already (a session makes it once, not once per map)."""
     import shapely
 
+    if isinstance(outline, str):
+        return outline
     if resolution:
         outline = outline.simplify(float(resolution) / 10.0, preserve_topology=True)
     return shapely.to_wkt(outline, rounding_precision=6)
