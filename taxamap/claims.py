@@ -200,6 +200,7 @@ def wait_for_blocks(store: EmbeddingStore, claims: BlockClaims, blocks: list[int
     announced = False
     while True:
         mine: list[int] = []
+        released: list[int] = []
         landed = store.finished(left)
         for b in list(left):
             if b in landed:
@@ -212,11 +213,19 @@ def wait_for_blocks(store: EmbeddingStore, claims: BlockClaims, blocks: list[int
                     mine.append(b)
                 continue
             holder = claims.holder(b)
-            if holder is None and b in store.finished([b]):
-                continue  # its run wrote it, then gave the claim up, since we looked: next round
-            if holder is None or holder["quiet_s"] > TIMEOUT_S:
+            if holder is None:
+                released.append(b)
+            elif holder["quiet_s"] > TIMEOUT_S:
                 left.remove(b)
                 mine.append(b)
+        # A claim given up since the flags were read is a block written meanwhile (its run
+        # writes, then releases) or one its run dropped: one more look at the flags tells which.
+        if released:
+            written = store.finished(released)
+            for b in released:
+                if b not in written:
+                    left.remove(b)
+                    mine.append(b)  # the written ones are checked next round
         if mine or not left:
             return mine
         if not announced:

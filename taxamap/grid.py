@@ -127,6 +127,12 @@ class Runs:
         lo = start - int(first[0])
         return rows[lo:lo + stop - start], cols[lo:lo + stop - start]
 
+    @functools.cached_property
+    def _search_keys(self) -> tuple[int, np.ndarray]:
+        """(span, sorted key of each run's start): made once, not per tile or click."""
+        span = int(self.col.max()) + int(self.length.max()) + 1
+        return span, self.row.astype(np.int64) * span + self.col
+
     def lookup(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Cell number of each (row, col), -1 where no cell is kept (out of the frame too)."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -136,8 +142,7 @@ class Runs:
         ok = (rows >= 0) & (rows < height) & (cols >= 0)
         if not self.col.size or not ok.any():
             return out
-        span = int(self.col.max()) + int(self.length.max()) + 1
-        keys = self.row.astype(np.int64) * span + self.col
+        span, keys = self._search_keys
         key = rows[ok] * span + np.minimum(cols[ok], span - 1)
         j = np.searchsorted(keys, key, side="right") - 1
         jj = np.maximum(j, 0)

@@ -158,7 +158,7 @@ def _single_chunk(group, name: str, shape: tuple, dtype: str, fill) -> _ChunkFil
     keeps the chunk at ``<name>/c/0[/0]`` as raw little-endian C-order bytes)."""
     group.create_array(name, shape=shape, chunks=shape, dtype=dtype, compressors=None,
                        fill_value=fill)
-    path = Path(group.store.root) / group.path / name / "c" / "/".join("0" * len(shape))
+    path = _chunk_path(Path(group.store.root) / group.path, name, len(shape))
     return _ChunkFile(path, shape, dtype, create=True)
 
 
@@ -218,24 +218,12 @@ def _build_lock(store) -> Path | None:
     return beside(store.location, ".pyramid.lock")
 
 
-def build_pyramid(store, grid: Grid, factors: list[int] | None = None) -> Pyramid | None:
-    """Build (again) the pyramid of ``store`` over ``grid`` from the store's public reads; cells
-    of unfinished blocks count as not embedded. Written aside and renamed into place, so a reader
-    never sees half a pyramid; one build at a time per store. None for a store at a URL or a grid
-    with no level to build."""
-    factors = default_factors(grid) if factors is None else sorted(factors)
-    root = pyramid_path(store)
-    if root is None or not factors:
-        return None
-    with exclusive_lock(_build_lock(store)):
-        return _build(store, grid, factors, root)
-
-
-def _build(store, grid: Grid, factors: list[int], root: Path) -> Pyramid:
-    """The build itself, under the store's pyramid lock."""
+def _build(store, grid: Grid, factors: list[int], root: Path, stamp: str) -> Pyramid:
+    """Build (again) the pyramid of ``store`` over ``grid`` from the store's public reads, under
+    the store's pyramid lock; cells of unfinished blocks count as not embedded. Written aside and
+    renamed into place, so a reader never sees half a pyramid."""
     import zarr
 
-    stamp = fingerprint(store)
     pending = set(store.pending_chunks())
     # Under the lock no other build is running: any half-built folder is a crashed build's.
     for pattern in (f".{root.name}.*.building", f".{root.name}.*.replaced"):
@@ -325,9 +313,9 @@ def ensure_pyramid(store, grid: Grid, factors: list[int] | None = None) -> Pyram
         return found
     with exclusive_lock(_build_lock(store)):
         # Another process may have built it while this one waited for the lock.
-        found = open_pyramid(store, grid)
+        found = open_pyramid(store, grid, stamp)
         if found is not None and [lv.factor for lv in found.levels] == factors:
             return found
         _log.info("building the embedding pyramid of %s (%d levels, %s x coarser at the top)",
                   store.location, len(factors), factors[-1])
-        return _build(store, grid, factors, pyramid_path(store))
+        return _build(store, grid, factors, pyramid_path(store), stamp)

@@ -685,9 +685,9 @@ class EmbeddingStore:
         another codec, a chunk file that is missing or not whole. Copy-on-write mapping, so
         nothing taxamap does to the view can reach the file."""
         path = self._chunk_file(i)
-        if path is None or self._file_problem(i, None) is not None:
+        if path is None:
             return None
-        try:
+        try:  # a missing or partial chunk file fails here
             if path.stat().st_size != self.chunk_cells * self.dim * 2:
                 return None
             view = np.memmap(path, dtype="<f2", mode="c", shape=(self.chunk_cells, self.dim))

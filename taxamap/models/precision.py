@@ -18,6 +18,7 @@ of a store's identity. ``benchmarks/precision_encoders.py`` measures both paths.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from taxamap.errors import TaxamapError
@@ -32,6 +33,7 @@ PRECISIONS = ("auto", FP32, BF16_MIXED)
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
+@functools.lru_cache(maxsize=4)  # read once per process: every store open asks
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags as the kernel reports them (empty where there is no cpuinfo)."""
     try:

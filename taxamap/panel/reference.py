@@ -54,14 +54,12 @@ def prepare_panel(panel: Panel, encoder, cache_dir: str | os.PathLike | None = N
 def relative_scores(reference: ReferencePanel, stores: Mapping[str, object],
                     query_scores: np.ndarray, query_prompts: Sequence[str | None], fusion: str,
                     *, cache_dir: str | os.PathLike | None = None,
-                    cell_source: Mapping[str, np.ndarray] | None = None,
                     progress: bool = True) -> np.ndarray:
     """``relative`` (S, N) of queries with fused scores ``query_scores`` (S, N) and prompts
     ``query_prompts`` (None for a photo or a sound) over the cells of ``stores`` (one grid's
     EmbeddingStores). The default panel, and any panel of more than
     :data:`EXACT_MAX_SPECIES`, reads its per-cell statistics (computed and kept beside the
-    stores the first time); smaller panels are counted exactly. ``cell_source``:
-    the same cells as arrays in memory (a web session), read instead of the stores."""
+    stores the first time); smaller panels are counted exactly."""
     from taxamap.panel.cells import blocks
     from taxamap.panel.relative import exact_relative, load_or_build_stats
 
@@ -69,10 +67,9 @@ def relative_scores(reference: ReferencePanel, stores: Mapping[str, object],
     if reference.panel.default or len(reference) > EXACT_MAX_SPECIES:
         stats = load_or_build_stats(stores, reference.ref, reference.panel.digest,
                                     reference.vectors, fusion, cache_dir=cache_dir,
-                                    cell_source=cell_source, progress=progress)
+                                    progress=progress)
         return stats.relative(query_scores, members)
-    source = cell_source if cell_source is not None else stores
-    return exact_relative(blocks(source), reference.vectors, query_scores, fusion, members)
+    return exact_relative(blocks(stores), reference.vectors, query_scores, fusion, members)
 
 
 def species_at(reference: ReferencePanel, grid, stores: Mapping[str, object], lat: float,

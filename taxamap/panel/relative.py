@@ -287,11 +287,10 @@ def _write_stats(path: Path, knots: np.ndarray, meta: dict) -> None:
 def load_or_build_stats(stores: Mapping[str, object], text_ref: str, panel_digest: str,
                         vectors: np.ndarray, fusion: str, *,
                         cache_dir: str | os.PathLike | None = None,
-                        cell_source: Mapping[str, np.ndarray] | None = None,
                         knots: int = STATS_KNOTS, progress: bool = True) -> PanelStats:
     """The default panel's statistics over ``stores`` (EmbeddingStores of one grid): read from
-    beside the stores when they match the stores as they are now, else computed (from
-    ``cell_source``, arrays of the same cells held in memory, when given) and kept there."""
+    beside the stores when they match the stores as they are now, else computed from them and
+    kept there."""
     from taxamap.panel.cells import blocks
 
     keys = {m: str(s.key) for m, s in stores.items()}
@@ -314,8 +313,7 @@ def load_or_build_stats(stores: Mapping[str, object], text_ref: str, panel_diges
                   "again")
     _log.info(f"computing the reference panel's statistics over {n:,} cells (once per grid, "
               "model and panel)")
-    source = cell_source if cell_source is not None else stores
-    built = build_knots(blocks(source), n, vectors, fusion, knots, progress)
+    built = build_knots(blocks(stores), n, vectors, fusion, knots, progress)
     _write_stats(path, built, {"format": STATS_FORMAT, "key": key, "family": family,
                                "stores": keys, "records": records, "text": text_ref,
                                "panel": panel_digest, "fusion": fusion, "knots": knots,

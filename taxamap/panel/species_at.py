@@ -43,11 +43,11 @@ def cell_number(grid, lat: float, lon: float) -> int:
     if not (0 <= row < grid.height and 0 <= col < grid.width):
         raise TaxamapError(f"lat {lat:g}, lon {lon:g} is outside the grid ({where}); give a "
                            "point inside the region")
-    flat = row * grid.width + col
-    if not grid.mask.reshape(-1)[flat]:
+    cell = int(grid.cells_at(np.array([row]), np.array([col]))[0])
+    if cell < 0:
         raise TaxamapError(f"lat {lat:g}, lon {lon:g} falls on no cell of the grid (outside "
                            f"the region or its {grid.cells} cells; {where})")
-    return int(np.count_nonzero(grid.mask.reshape(-1)[:flat]))
+    return cell
 
 
 @dataclass(frozen=True)
